@@ -1,0 +1,322 @@
+"""A loopback stand-in of the Vantiq server side, for `demo`, tests and benchmarks.
+
+It speaks the server half of the extension-source protocol over a real websocket (aiohttp) and serves
+the two document endpoints with bearer-token checks. Knobs let tests inject faults."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+log = logging.getLogger(__name__)
+WS_PATH = "/api/v1/wsock/websocket"
+
+
+@dataclass
+class QueryResult:
+    """Every reply a query received, in order; the last one is terminal."""
+    replies: list[dict[str, Any]]
+
+    @property
+    def status(self) -> int:
+        return self.replies[-1]["status"]
+
+    @property
+    def body(self) -> Any:
+        return self.replies[-1].get("body")
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.body["pythonCallResults"]
+
+    @property
+    def error_code(self) -> str | None:
+        body = self.body
+        return body.get("messageCode") if self.status >= 300 and isinstance(body, dict) else None
+
+
+@dataclass
+class Document:
+    name: str
+    content: bytes
+    modified: str
+    incomplete: bool = False
+    content_size: int | None = None   # what the metadata claims; None: the true size
+
+
+@dataclass
+class _SourceState:
+    config: dict[str, Any] = field(default_factory=lambda: {"pythonExecConfig": {"general": {}}})
+    ws: web.WebSocketResponse | None = None
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
+    connects: int = 0           # connectExtension frames received
+    refusal: tuple[int, str, str] | None = None   # (status, code, message) answered to connectExtension
+
+
+class DevServer:
+    def __init__(self, *, token: str = "dev-token", sources: tuple[str, ...] = ("pythonSource",),
+                 max_message_bytes: int = 256 * 1024 * 1024):
+        self.token = token
+        self._sources: dict[str, _SourceState] = {name: _SourceState() for name in sources}
+        self.documents: dict[str, Document] = {}
+        self.notifications: dict[str, list[Any]] = defaultdict(list)
+        self._notified = asyncio.Condition()
+        self._replies: dict[str, asyncio.Queue] = {}
+        self._addresses = itertools.count(1)
+        self.validations = 0
+        self.document_requests: list[str] = []
+        self.stray_replies: list[dict[str, Any]] = []   # replies to addresses nobody waits for
+        self.bad_frames = 0
+        self.silent_validate = False     # knob: accept the socket but never answer validate
+        self._max = max_message_bytes
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+        self.port: int | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application(client_max_size=self._max)
+        app.router.add_get(WS_PATH, self._websocket)
+        app.router.add_get("/api/v1/resources/documents/{name:.+}", self._document_meta)
+        app.router.add_get("/docs/{name:.+}", self._document_content)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> DevServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- what tests and the demo call --------------------------------------------------------
+    def source(self, name: str) -> _SourceState:
+        return self._sources.setdefault(name, _SourceState())
+
+    def set_source_config(self, source: str, general: dict[str, Any] | None = None, *,
+                          document: Any = None) -> None:
+        self.source(source).config = document if document is not None else {"pythonExecConfig": {
+            "general": general or {}}}
+
+    def refuse(self, source: str, status: int = 404, code: str = "io.vantiq.resource.not.found",
+               message: str = "The source {0} does not exist.") -> None:
+        self.source(source).refusal = (status, code, message)
+
+    def accept(self, source: str) -> None:
+        self.source(source).refusal = None
+
+    def put_document(self, name: str, text: str | bytes, *, modified: str | None = None,
+                     incomplete: bool = False, content_size: int | None = None) -> Document:
+        content = text.encode() if isinstance(text, str) else text
+        stamp = modified or datetime.now(UTC).isoformat(timespec="microseconds")
+        doc = Document(name, content, stamp, incomplete, content_size)
+        self.documents[name] = doc
+        return doc
+
+    async def wait_attached(self, source: str = "pythonSource", timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self.source(source).attached.wait()
+
+    def attached(self, source: str = "pythonSource") -> bool:
+        return self.source(source).attached.is_set()
+
+    def connects(self, source: str = "pythonSource") -> int:
+        return self.source(source).connects
+
+    async def send_query(self, source: str, params: Any, *, address: str | None = None) -> str:
+        """Send a query frame; returns its reply address (collect replies with `replies_for`)."""
+        address = address or f"reply-{next(self._addresses)}"
+        self._replies[address] = asyncio.Queue()
+        await self.send_frame(source, {"op": "query", "resourceName": "sources", "resourceId": source,
+                                       "object": params, "messageHeaders": {"REPLY_ADDR_HEADER": address}})
+        return address
+
+    async def replies_for(self, address: str, timeout: float = 10.0) -> QueryResult:
+        queue = self._replies[address]
+        replies: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                reply = await queue.get()
+                replies.append(reply)
+                if reply.get("status") != 100:
+                    break
+        del self._replies[address]
+        return QueryResult(replies)
+
+    async def query(self, params: Any, source: str = "pythonSource", timeout: float = 10.0) -> QueryResult:
+        """A VAIL SELECT ... FROM SOURCE source WITH params, as the server sends it; all its replies."""
+        address = await self.send_query(source, params)
+        return await self.replies_for(address, timeout)
+
+    async def send_frame(self, source: str, frame: Any) -> None:
+        await self.send_raw(source, json.dumps(frame))
+
+    async def send_raw(self, source: str, data: str | bytes) -> None:
+        ws = await self._socket(source)
+        if isinstance(data, bytes):
+            await ws.send_bytes(data)
+        else:
+            await ws.send_str(data)
+
+    async def request_reconnect(self, source: str = "pythonSource") -> None:
+        """Send reconnectRequired on the live socket."""
+        state = self.source(source)
+        state.attached.clear()
+        await self.send_frame(source, {"op": "reconnectRequired", "resourceName": "sources", "resourceId": source})
+
+    async def reconfigure(self, source: str, general: dict[str, Any]) -> None:
+        self.set_source_config(source, general)
+        await self._send_configure(source, await self._socket(source))
+
+    async def drop(self, source: str = "pythonSource") -> None:
+        """Close the source's socket abruptly, as a failing server or proxy would."""
+        state = self.source(source)
+        ws = state.ws
+        state.attached.clear()
+        state.ws = None
+        if ws is not None:
+            await ws.close(code=1011, message=b"dropped by devserver")
+
+    async def wait_notifications(self, source: str, count: int, timeout: float = 10.0) -> list[Any]:
+        async with asyncio.timeout(timeout):
+            async with self._notified:
+                await self._notified.wait_for(lambda: len(self.notifications[source]) >= count)
+        return self.notifications[source]
+
+    async def _socket(self, source: str, timeout: float = 10.0) -> web.WebSocketResponse:
+        state = self.source(source)
+        async with asyncio.timeout(timeout):
+            while state.ws is None:
+                await asyncio.sleep(0.01)
+        return state.ws
+
+    # ---- the server side of the protocol ------------------------------------------------------
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=self._max, autoping=True)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        validated = False
+        try:
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                try:
+                    frame = json.loads(msg.data)
+                except ValueError:
+                    self.bad_frames += 1
+                    continue
+                if not isinstance(frame, dict):
+                    self.bad_frames += 1
+                    continue
+                op = frame.get("op")
+                if op == "validate":
+                    if self.silent_validate:
+                        continue
+                    self.validations += 1
+                    validated = frame.get("object") == self.token
+                    if validated:
+                        await ws.send_json({"status": 200, "body": {"username": "dev", "namespace": "dev"}})
+                    else:
+                        await ws.send_json({"status": 401, "body": [{
+                            "code": "io.vantiq.authentication.failed", "message": "Invalid access token.",
+                            "params": []}]})
+                elif not validated:
+                    await ws.send_json({"status": 401, "body": [{"code": "io.vantiq.not.authenticated",
+                                                                "message": "Validate first.", "params": []}]})
+                elif op == "connectExtension":
+                    await self._connect_extension(ws, frame)
+                elif op == "notification":
+                    async with self._notified:
+                        self.notifications[frame.get("resourceId")].append(frame.get("object"))
+                        self._notified.notify_all()
+                elif "status" in frame and isinstance(frame.get("headers"), dict):
+                    address = frame["headers"].get("X-Reply-Address")
+                    queue = self._replies.get(address)
+                    if queue is None:
+                        self.stray_replies.append(frame)
+                    else:
+                        queue.put_nowait(frame)
+                else:
+                    self.bad_frames += 1
+        finally:
+            self._sockets.discard(ws)
+            for state in self._sources.values():
+                if state.ws is ws:
+                    state.ws = None
+                    state.attached.clear()
+        return ws
+
+    async def _connect_extension(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
+        source = frame.get("resourceId")
+        state = self.source(source)
+        state.connects += 1
+        if state.refusal is not None:
+            status, code, message = state.refusal
+            await ws.send_json({"status": status, "body": [{"code": code, "message": message,
+                                                            "params": [source]}]})
+            return
+        secret = (frame.get("parameters") or {}).get("reconnectSecret", "")
+        if not str(secret).startswith(f"{source}_"):
+            await ws.send_json({"status": 400, "body": [{"code": "io.vantiq.bad.secret",
+                                                         "message": "Bad reconnect secret.", "params": []}]})
+            return
+        state.ws = ws
+        await self._send_configure(source, ws)
+
+    async def _send_configure(self, source: str, ws: web.WebSocketResponse) -> None:
+        state = self.source(source)
+        await ws.send_json({"op": "configureExtension", "resourceName": "sources", "resourceId": source,
+                            "object": {"config": state.config}})
+        state.attached.set()
+
+    # ---- documents --------------------------------------------------------------------------
+    def _authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.token}"
+
+    async def _document_meta(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.document_requests.append(f"meta:{name}")
+        if not self._authorised(request):
+            return web.json_response([{"code": "io.vantiq.authentication.failed",
+                                       "message": "Invalid access token.", "params": []}], status=401)
+        doc = self.documents.get(name)
+        if doc is None:
+            return web.json_response([{"code": "io.vantiq.resource.not.found",
+                                       "message": f"The requested instance ('{name}') of the documents "
+                                                  "resource could not be found.", "params": [name]}], status=404)
+        size = doc.content_size if doc.content_size is not None else len(doc.content)
+        return web.json_response({"name": name, "contentSize": size, "isIncomplete": doc.incomplete,
+                                  "content": f"/docs/{name:.+}", "fileType": "text/x-python",
+                                  "ars_createdAt": doc.modified, "ars_modifiedAt": doc.modified})
+
+    async def _document_content(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.document_requests.append(f"content:{name}")
+        if not self._authorised(request):
+            return web.Response(status=401)
+        doc = self.documents.get(name)
+        if doc is None:
+            return web.Response(status=404)
+        return web.Response(body=doc.content, content_type="text/x-python")

@@ -1,0 +1,132 @@
+"""Python scripts stored as Vantiq documents, fetched over REST with aiohttp."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import aiohttp
+from cachetools import LRUCache
+
+from . import errors
+from .errors import QueryError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FETCH_TIMEOUT = 60.0
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    text: str
+    modified: Any      # ars_modifiedAt, else ars_createdAt: the cache fingerprint
+
+
+class DocumentStore:
+    """Fetches scripts, skipping the download while the cached copy's modification time is current.
+    One aiohttp session per source, closed with `close()`."""
+
+    def __init__(self, rest_base: str, token: str, *, ssl: Any = None, cache_capacity: int = 128,
+                 timeout: float = DEFAULT_FETCH_TIMEOUT, max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
+        self._base = rest_base.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._ssl = ssl
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_bytes = max_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._texts: LRUCache[str, Script] = LRUCache(maxsize=cache_capacity)
+        self.fetches = 0        # document metadata requests
+        self.downloads = 0      # content downloads
+
+    def reconfigure(self, cache_capacity: int) -> None:
+        self._texts = LRUCache(maxsize=cache_capacity)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def get(self, name: str, *, force: bool = False) -> Script:
+        """The script `name`: metadata always, content only when it changed (or `force`)."""
+        meta = await self._request_json(f"{self._base}/api/v1/resources/documents/{quote(name, safe='')}", name)
+        self.fetches += 1
+        if not isinstance(meta, dict):
+            raise QueryError(errors.DOC_FETCH, "The document {0} has unexpected metadata.", [name])
+        if meta.get("isIncomplete"):
+            raise QueryError(errors.DOC_INCOMPLETE, "The document {0} is incomplete (still uploading?).", [name])
+        modified = meta.get("ars_modifiedAt") or meta.get("ars_createdAt")
+        cached = self._texts.get(name)
+        if not force and cached is not None and modified is not None and cached.modified == modified:
+            return cached
+        content = meta.get("content")
+        if not isinstance(content, str) or not content:
+            raise QueryError(errors.DOC_INCOMPLETE, "The document {0} has no content reference.", [name])
+        raw = await self._download(self._content_url(content, name), name)
+        expected = meta.get("contentSize")
+        if isinstance(expected, int) and expected != len(raw):
+            raise QueryError(errors.DOC_LENGTH,
+                             "The document {0} should hold {1} bytes but {2} arrived.", [name, expected, len(raw)])
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            raise QueryError(errors.DOC_EMPTY, "The document {0} is empty.", [name])
+        script = Script(name, text, modified)
+        self.downloads += 1
+        if modified is not None:
+            self._texts[name] = script
+        return script
+
+    def _content_url(self, content: str, name: str) -> str:
+        url = urljoin(self._base + "/", content.lstrip("/")) if not content.startswith("http") else content
+        if urlsplit(url).netloc != urlsplit(self._base).netloc:
+            # The bearer token goes only to the server it belongs to.
+            raise QueryError(errors.DOC_FETCH, "The document {0} points at another host: {1}", [name, content])
+        return url
+
+    async def _request_json(self, url: str, name: str) -> Any:
+        raw = await self._download(url, name)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise QueryError(errors.DOC_FETCH, "The server's answer for the document {0} is not JSON.",
+                             [name]) from None
+
+    async def _download(self, url: str, name: str) -> bytes:
+        try:
+            async with self._client().get(url, ssl=self._ssl) as response:
+                body = await response.content.read(self._max_bytes + 1)
+                if len(body) > self._max_bytes:
+                    raise QueryError(errors.DOC_LENGTH, "The document {0} is larger than {1} bytes.",
+                                     [name, self._max_bytes])
+                if response.status >= 300:
+                    raise _server_error(response.status, body, name)
+                return body
+        except QueryError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("fetching document %s failed: %s", name, type(exc).__name__)
+            raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: {1}",
+                             [name, f"{type(exc).__name__}: {exc}"]) from None
+
+
+def _server_error(status: int, body: bytes, name: str) -> QueryError:
+    """The server's own error code and message: [{"code", "message", "params"}]."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    first = parsed[0] if isinstance(parsed, list) and parsed else parsed
+    if isinstance(first, dict) and first.get("code"):
+        params = first.get("params")
+        return QueryError(str(first["code"]), str(first.get("message") or ""),
+                          params if isinstance(params, list) else [])
+    return QueryError(errors.DOC_FETCH, "Fetching the document {0} failed with HTTP status {1}.", [name, status])

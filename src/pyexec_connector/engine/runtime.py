@@ -1,0 +1,198 @@
+"""Running compiled user code: shared by every engine (inline here, and inside worker processes)."""
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextvars
+import inspect
+import json
+import traceback
+import types
+from time import perf_counter
+from typing import Any
+
+from .. import errors
+from ..cache import CodeCache
+from ..errors import QueryError
+from .base import Job
+
+COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
+                              "__builtins__"})
+_SKIPPED_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                  type, types.CoroutineType, types.GeneratorType, set, frozenset, asyncio.Future)
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def compile_code(source: str, filename: str) -> types.CodeType:
+    try:
+        return compile(source, filename, "exec", flags=COMPILE_FLAGS, dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:   # ValueError: NUL bytes in the source
+        if isinstance(exc, SyntaxError):
+            params = [type(exc).__name__, exc.filename or filename, exc.lineno, exc.offset,
+                      (exc.text or "").rstrip("\n")]
+            detail = exc.msg
+        else:
+            params = [type(exc).__name__, filename, None, None, str(exc)]
+            detail = str(exc)
+        raise QueryError(errors.SYNTAX_ERROR,
+                         "Compiling {1} failed with {0} at line {2}, offset {3}: {4}  (" + detail.replace(
+                             "{", "(").replace("}", ")") + ")", params) from None
+
+
+def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None) -> types.CodeType:
+    """The code object for the job, from the cache when current, else compiled (and cached when asked)."""
+    request = job.request
+    key = request.cache_key
+    if key is not None and request.replace:
+        cache.drop(key)
+    if job.source_text is None:                       # only a name: must be cached
+        entry = cache.get(key, any_version=True) if key is not None else None
+        if entry is None:
+            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
+                             [key])
+        _note(info, using_cached=True, newCacheEntry=False)
+        return entry.code
+    if key is not None and request.cache_code:
+        entry = cache.get(key, job.fingerprint)
+        if entry is not None:
+            _note(info, using_cached=True, newCacheEntry=False)
+            return entry.code
+    started = perf_counter()
+    code = compile_code(job.source_text, request.filename)
+    stored = key is not None and request.cache_code
+    if stored:
+        cache.put(key, code, job.fingerprint)
+    _note(info, using_cached=False, newCacheEntry=stored, compileTime=perf_counter() - started)
+    return code
+
+
+def _note(info: dict[str, Any] | None, **values: Any) -> None:
+    if info is not None:
+        info.update(values)
+
+
+def execution_error(exc: BaseException) -> QueryError:
+    """An exception from user code as the reply the caller sees: its type and the user's traceback."""
+    if isinstance(exc, QueryError):
+        return exc
+    tb = exc.__traceback__
+    # Drop the connector's own frames: the caller wants the trace from their code down.
+    while tb is not None and not _is_user_frame(tb.tb_frame):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return QueryError(errors.EXECUTION_EXCEPTION, "Executing the code raised {0}: {1}",
+                      [type(exc).__name__, text])
+
+
+def _is_user_frame(frame: types.FrameType) -> bool:
+    return "pyexec_connector" not in frame.f_code.co_filename
+
+
+def make_globals(job: Job, connection: Any, context: Any) -> dict[str, Any]:
+    run_globals: dict[str, Any] = {
+        "__name__": "__main__",
+        "__file__": job.request.filename,
+        "connector_connection": connection,
+        "connector_context": context,
+    }
+    run_globals.update(job.request.preset_values)
+    return run_globals
+
+
+async def execute(code: types.CodeType, run_globals: dict[str, Any]) -> None:
+    """Run the module code; top-level `await` is allowed. User exceptions come out as QueryError."""
+    try:
+        result = eval(code, run_globals)  # noqa: S307 - running user code is this connector's job
+        if code.co_flags & inspect.CO_COROUTINE:
+            await result
+    except QueryError:
+        raise
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        raise execution_error(exc) from None
+
+
+def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None) -> str:
+    """pythonCallResults: every global JSON can encode, as JSON text. One encode in the common case;
+    value by value only when that fails."""
+    if limit is None:
+        names = [k for k in run_globals if k not in RESERVED_GLOBALS]
+    else:
+        names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
+    candidates = {k: v for k in names if not isinstance(v := run_globals[k], _SKIPPED_TYPES)}
+    try:
+        return _encode(candidates)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        pass
+    parts = []
+    for key, value in candidates.items():
+        try:
+            parts.append(f"{_encode(key)}:{_encode(value)}")
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            continue   # not JSON: left out silently, as upstream does
+    return "{" + ",".join(parts) + "}"
+
+
+class RunTracker:
+    """The asyncio tasks one run's code scheduled (directly or through tasks of its own), so that a
+    codeHandlesReturn query is known to be finished — or known to have failed without replying."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    def track(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        # keep failed tasks: their exception is the query's answer
+        if task.cancelled() or task.exception() is None:
+            self.tasks.discard(task)
+
+    def failure(self) -> BaseException | None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    def pending(self) -> set[asyncio.Task]:
+        return {t for t in self.tasks if not t.done()}
+
+    def cancel_all(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+CURRENT_RUN: contextvars.ContextVar[RunTracker | None] = contextvars.ContextVar("pyexec_run", default=None)
+
+
+def install_task_tracking(loop: asyncio.AbstractEventLoop) -> None:
+    """Make every task created while a run's context is current belong to that run."""
+    previous = loop.get_task_factory()
+    if getattr(previous, "_pyexec_tracking", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro, **kwargs):
+        task = previous(loop, coro, **kwargs) if previous else asyncio.Task(coro, loop=loop, **kwargs)
+        run = CURRENT_RUN.get()
+        if run is not None:
+            run.track(task)
+        return task
+
+    factory._pyexec_tracking = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
+async def await_code_reply(tracker: RunTracker, done: asyncio.Future) -> None:
+    """Wait until the code sent its terminal reply; raise if its tasks failed or ended without one."""
+    while not done.done():
+        failure = tracker.failure()
+        if failure is not None:
+            raise execution_error(failure)
+        pending = tracker.pending()
+        if not pending:
+            raise QueryError(errors.NO_REPLY, "The code set codeHandlesReturn but finished without sending "
+                                              "a final reply (status 200 or 204) or an error.")
+        await asyncio.wait(pending | {done}, return_when=asyncio.FIRST_COMPLETED)

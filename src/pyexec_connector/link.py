@@ -1,0 +1,315 @@
+"""SourceLink: the one websocket of one source. Handshake, message loop, reconnects with capped
+exponential backoff and jitter, and an ordered outbox that survives reconnects.
+
+Only this module owns a websocket."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from . import protocol
+from .config import ServerConfig, websocket_options
+from .errors import AuthenticationError
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 30.0
+OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
+PING_INTERVAL = 20.0
+
+
+class LinkState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"    # opening the socket and validating the token
+    ATTACHING = "attaching"      # connectExtension sent, waiting for configureExtension
+    READY = "ready"              # configured: queries flow, the outbox drains
+    BACKOFF = "backoff"          # waiting before the next attempt
+    CLOSED = "closed"
+
+
+class LinkHandler(Protocol):
+    def on_query(self, frame: protocol.QueryFrame) -> None: ...
+    def on_configure(self, config: Any) -> None: ...
+
+
+class ConnectionFailed(Exception):
+    """A connection attempt failed and failOnConnectionError says not to retry."""
+
+
+class _Refused(Exception):
+    """The server refused connectExtension (source unknown, already served...): retry later."""
+
+
+class _ProtocolViolation(Exception):
+    """The server said something that makes this socket unusable: reconnect."""
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: each delay is drawn from [ceiling/2, ceiling], the ceiling
+    doubling per failure up to `maximum`. Jitter keeps many connectors from reconnecting in lockstep."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 60.0, factor: float = 2.0,
+                 rng: Callable[[], float] = random.random):
+        self.initial, self.maximum, self.factor, self._rng = initial, maximum, factor, rng
+        self.attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        return ceiling / 2 + self._rng() * ceiling / 2
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _RedactFilter(logging.Filter):
+    """websockets logs frames at DEBUG; the validate frame carries the token."""
+
+    def __init__(self, secret: str):
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record must not break logging
+            return True
+        if "system.credentials" in text or self._secret in text:
+            record.msg = "(frame redacted: it carries the access token)" if "system.credentials" in text \
+                else text.replace(self._secret, "***")
+            record.args = None
+        return True
+
+
+class SourceLink:
+    def __init__(self, source_name: str, config: ServerConfig, handler: LinkHandler, *,
+                 reconnect_secret: str, backoff: Backoff | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 on_state: Callable[[str, LinkState], None] | None = None):
+        self.source_name = source_name
+        self._config = config
+        self._handler = handler
+        self._secret = reconnect_secret
+        self._backoff = backoff or Backoff()
+        self._handshake_timeout = handshake_timeout
+        self._on_state = on_state
+        self.state = LinkState.IDLE
+        self._outbox: deque[str] = deque()
+        self._has_output = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = False
+        self._ws: ClientConnection | None = None
+        self._last_refusal: str | None = None
+        self.reconnects = 0          # sockets opened after the first
+        self._wire_log = logging.getLogger(f"pyexec_connector.wire.{source_name}")
+        self._wire_log.addFilter(_RedactFilter(config.auth_token))
+
+    # ---- sending --------------------------------------------------------------------------
+    def send(self, frame: str) -> None:
+        """Queue a frame. Frames go out in the order queued, after reconnects if need be; none is dropped."""
+        self._outbox.append(frame)
+        self._has_output.set()
+        if len(self._outbox) > OUTBOX_HIGH_WATER:
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
+        if not self._drained.is_set():
+            await self._drained.wait()
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self._outbox)
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every queued frame went out (or the timeout). True if the outbox is empty."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._outbox and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._outbox
+
+    async def _writer(self, ws: ClientConnection) -> None:
+        while True:
+            if not self._outbox:
+                self._has_output.clear()
+                await self._has_output.wait()
+                continue
+            await self._ready.wait()
+            await ws.send(self._outbox[0])
+            self._outbox.popleft()     # only once sent: a frame cut off by a drop goes out again later
+            if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
+                self._drained.set()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _set_state(self, state: LinkState) -> None:
+        if state is not self.state:
+            self.state = state
+            if self._on_state is not None:
+                self._on_state(self.source_name, state)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is LinkState.READY
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        """Connect and serve until `close()`. Raises AuthenticationError for a refused token and
+        ConnectionFailed when failOnConnectionError forbids retrying."""
+        first = True
+        while not self._stopping:
+            if not first:
+                self.reconnects += 1
+            first = False
+            try:
+                await self._serve_one_socket()
+            except AuthenticationError:
+                raise
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                if self._stopping:
+                    break
+                if self._config.fail_on_connection_error:
+                    raise ConnectionFailed(f"source {self.source_name}: connecting to "
+                                           f"{self._config.websocket_url} failed: {_describe(exc)}") from None
+                log.warning("source %s: connection to %s failed: %s", self.source_name,
+                            self._config.websocket_url, _describe(exc))
+            except _Refused as exc:
+                message = str(exc)
+                level = logging.WARNING if message != self._last_refusal else logging.DEBUG
+                log.log(level, "source %s: the server refused the connection: %s (retrying with backoff)",
+                        self.source_name, message)
+                self._last_refusal = message
+            except _ProtocolViolation as exc:
+                log.warning("source %s: %s; reconnecting", self.source_name, exc)
+            except ConnectionClosed as exc:
+                if not self._stopping:
+                    log.warning("source %s: connection closed (%s); reconnecting", self.source_name,
+                                _describe(exc))
+            finally:
+                self._ready.clear()
+                self._ws = None
+            if self._stopping:
+                break
+            self._set_state(LinkState.BACKOFF)
+            delay = self._backoff.next()
+            log.info("source %s: reconnecting in %.2f s", self.source_name, delay)
+            await asyncio.sleep(delay)
+        self._set_state(LinkState.CLOSED)
+
+    async def close(self, code: int = 1000, reason: str = "connector stopping") -> None:
+        """Stop reconnecting and close the socket with a normal close."""
+        self._stopping = True
+        self._ready.clear()
+        ws = self._ws
+        if ws is not None:
+            await ws.close(code, reason)
+        self._set_state(LinkState.CLOSED)
+
+    # ---- one socket -------------------------------------------------------------------------
+    async def _serve_one_socket(self) -> None:
+        self._set_state(LinkState.CONNECTING)
+        options: dict[str, Any] = {
+            "ping_interval": PING_INTERVAL if self._config.send_pings else None,
+            "ping_timeout": PING_INTERVAL,
+            "max_size": self._config.max_message_bytes,
+            "open_timeout": self._handshake_timeout,
+            "close_timeout": 5,
+            "logger": self._wire_log,
+        }
+        ssl_context = self._config.ssl_context()
+        if ssl_context is not None:
+            options["ssl"] = ssl_context
+        options.update(websocket_options(self._config))
+        async with connect(self._config.websocket_url, **options) as ws:
+            self._ws = ws
+            if self._stopping:
+                return
+            await self._validate(ws)
+            writer = asyncio.create_task(self._writer(ws), name=f"writer-{self.source_name}")
+            try:
+                await self._attach(ws)
+                await self._receive(ws)
+            finally:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+    async def _validate(self, ws: ClientConnection) -> None:
+        await ws.send(protocol.validate_frame(self._config.auth_token))
+        async with asyncio.timeout(self._handshake_timeout):
+            while True:
+                frame = protocol.parse_frame(await ws.recv())
+                if isinstance(frame, protocol.StatusFrame):
+                    break
+                log.warning("source %s: ignored %s while validating the token", self.source_name,
+                            _frame_kind(frame))
+        if frame.status >= 300:
+            raise AuthenticationError(f"the server at {self._config.target_server} refused the access token "
+                                      f"(status {frame.status}: {protocol.status_messages(frame.body)}); "
+                                      "check authToken in server.config or CONNECTOR_AUTH_TOKEN")
+
+    async def _attach(self, ws: ClientConnection) -> None:
+        self._set_state(LinkState.ATTACHING)
+        self._ready.clear()
+        await ws.send(protocol.connect_frame(self.source_name, self._secret))
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        while True:
+            if self._ready.is_set():
+                raw = await ws.recv()
+            else:
+                try:
+                    async with asyncio.timeout(self._handshake_timeout):
+                        raw = await ws.recv()
+                except TimeoutError:
+                    raise _ProtocolViolation(f"no configureExtension within {self._handshake_timeout:g} s "
+                                             "of connectExtension") from None
+            await self._dispatch(ws, protocol.parse_frame(raw))
+
+    async def _dispatch(self, ws: ClientConnection, frame: protocol.Frame) -> None:
+        if isinstance(frame, protocol.QueryFrame):
+            self._handler.on_query(frame)
+        elif isinstance(frame, protocol.ConfigureFrame):
+            self._handler.on_configure(frame.config)
+            if not self._ready.is_set():
+                log.info("source %s: connected and configured", self.source_name)
+            self._backoff.reset()
+            self._last_refusal = None
+            self._set_state(LinkState.READY)
+            self._ready.set()
+        elif isinstance(frame, protocol.ReconnectRequiredFrame):
+            log.info("source %s: the server asked for a reconnect; attaching again", self.source_name)
+            await self._attach(ws)
+        elif isinstance(frame, protocol.StatusFrame):
+            if frame.status >= 300:
+                if not self._ready.is_set():
+                    raise _Refused(f"status {frame.status}: {protocol.status_messages(frame.body)}")
+                log.warning("source %s: the server reported status %d: %s", self.source_name, frame.status,
+                            protocol.status_messages(frame.body))
+        elif isinstance(frame, protocol.PublishFrame):
+            log.info("source %s: ignored a publish (this source only runs queries)", self.source_name)
+        else:
+            log.warning("source %s: skipped a frame: %s", self.source_name, frame.reason)
+
+
+def _frame_kind(frame: protocol.Frame) -> str:
+    return type(frame).__name__.removesuffix("Frame").lower() + " frame"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+

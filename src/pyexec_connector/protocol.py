@@ -1,0 +1,139 @@
+"""The wire format of the Vantiq extension-source protocol: frames in and out, as pure functions.
+No I/O here."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import QueryError
+
+STATUS_PARTIAL = 100
+STATUS_COMPLETE = 200
+STATUS_EMPTY = 204
+STATUS_ERROR = 400
+TERMINAL_STATUSES = frozenset({STATUS_COMPLETE, STATUS_EMPTY})
+QUERY_RESPONSE_CODES = frozenset({STATUS_PARTIAL, STATUS_COMPLETE, STATUS_EMPTY})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_loads = json.loads
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON (no NaN), compact."""
+    return _dumps(value)
+
+
+# ---- frames from the server ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class QueryFrame:
+    reply_address: str
+    params: Any          # the WITH clause; validated later, may be anything
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureFrame:
+    config: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectRequiredFrame:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFrame:
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFrame:
+    status: int
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame:
+    """Anything we cannot act on; `reason` is for the log."""
+    reason: str
+    reply_address: str | None = None
+
+
+Frame = QueryFrame | ConfigureFrame | ReconnectRequiredFrame | PublishFrame | StatusFrame | BadFrame
+
+
+def parse_frame(raw: str | bytes) -> Frame:
+    """One websocket message (text or binary) into a Frame. Never raises."""
+    try:
+        message = _loads(raw)
+    except (ValueError, TypeError) as exc:   # includes UnicodeDecodeError
+        return BadFrame(f"not JSON: {exc}")
+    if not isinstance(message, dict):
+        return BadFrame(f"a JSON {type(message).__name__}, not an object")
+    op = message.get("op")
+    if op == "query":
+        headers = message.get("messageHeaders")
+        address = headers.get("REPLY_ADDR_HEADER") if isinstance(headers, dict) else None
+        if not isinstance(address, str) or not address:
+            return BadFrame("query without messageHeaders.REPLY_ADDR_HEADER")
+        return QueryFrame(address, message.get("object"))
+    if op == "configureExtension":
+        obj = message.get("object")
+        return ConfigureFrame(obj.get("config") if isinstance(obj, dict) else None)
+    if op == "reconnectRequired":
+        return ReconnectRequiredFrame()
+    if op == "publish":
+        return PublishFrame(message.get("object"))
+    if op is None and "status" in message:
+        status = message.get("status")
+        if isinstance(status, int) and not isinstance(status, bool):
+            return StatusFrame(status, message.get("body"))
+        return BadFrame(f"status that is not a number: {status!r}")
+    return BadFrame(f"unknown op {op!r}")
+
+
+def status_messages(body: Any) -> str:
+    """The human text of an error body: [{"code", "message", "params"}] or a single such object."""
+    items = body if isinstance(body, list) else [body]
+    texts = []
+    for item in items:
+        if isinstance(item, dict):
+            code = item.get("code") or item.get("messageCode")
+            text = item.get("message") or item.get("messageTemplate") or ""
+            texts.append(f"{code}: {text}" if code else str(text))
+        elif item is not None:
+            texts.append(str(item))
+    return "; ".join(texts) or "(no message)"
+
+
+# ---- frames to the server --------------------------------------------------------------------
+
+def validate_frame(token: str) -> str:
+    return dumps({"op": "validate", "resourceName": "system.credentials", "object": token})
+
+
+def connect_frame(source: str, reconnect_secret: str) -> str:
+    return dumps({"op": "connectExtension", "resourceName": "sources", "resourceId": source,
+                  "parameters": {"reconnectSecret": reconnect_secret}})
+
+
+def reply_frame(reply_address: str, status: int, body: Any = None) -> str:
+    frame: dict[str, Any] = {"status": status, "headers": {"X-Reply-Address": reply_address}}
+    if status != STATUS_EMPTY:
+        frame["body"] = body
+    return dumps(frame)
+
+
+def reply_frame_raw(reply_address: str, status: int, body_json: str) -> str:
+    """A reply whose body is already JSON text: spares decoding and re-encoding it."""
+    return '{"status":%d,"headers":{"X-Reply-Address":%s},"body":%s}' % (
+        status, _dumps(reply_address), body_json)
+
+
+def error_frame(reply_address: str, error: QueryError) -> str:
+    return reply_frame(reply_address, STATUS_ERROR, error.to_body())
+
+
+def notification_frame(source: str, obj: Any) -> str:
+    return dumps({"op": "notification", "resourceName": "sources", "resourceId": source, "object": obj})

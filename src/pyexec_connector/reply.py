@@ -1,0 +1,84 @@
+"""One query's reply channel: at most one terminal reply, whoever tries to send it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .errors import QueryError
+
+log = logging.getLogger(__name__)
+
+
+class ConnectorAPIError(RuntimeError):
+    """Misuse of connector_connection by user code (bad status code, missing body, bad context)."""
+
+
+class QueryContext(dict):
+    """`connector_context`: the dict upstream scripts receive (source_name, response_address), carrying
+    the channel its replies go through."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, source_name: str, reply_address: str, channel: ReplyChannel | None):
+        super().__init__(source_name=source_name, response_address=reply_address)
+        self.channel = channel
+
+    def __reduce__(self):  # a context pickled into a worker travels without its channel
+        return (QueryContext, (self["source_name"], self["response_address"], None))
+
+
+class ReplyChannel:
+    """Sends one query's replies through `send` (the link's ordered outbox). After the first terminal
+    reply (200, 204 or an error) everything else for this query is dropped and logged."""
+
+    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status")
+
+    def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str):
+        self._send = send
+        self.reply_address = reply_address
+        self.source_name = source_name
+        self.terminated = False
+        self.status: int | None = None       # the terminal status sent, for logs and metrics
+        self._done: asyncio.Future | None = None
+        self.context = QueryContext(source_name, reply_address, self)
+
+    def _emit(self, frame: str, terminal: bool, status: int) -> bool:
+        if self.terminated:
+            log.warning("source %s: reply %d for %s dropped: the query was already answered",
+                        self.source_name, status, self.reply_address)
+            return False
+        if terminal:
+            self.terminated = True
+            self.status = status
+            if self._done is not None and not self._done.done():
+                self._done.set_result(status)
+        self._send(frame)
+        return True
+
+    def send(self, status: int, body: Any = None) -> bool:
+        """A query response as upstream's send_query_response: 100 partial, 200 last, 204 empty."""
+        if status not in protocol.QUERY_RESPONSE_CODES:
+            raise ConnectorAPIError(f"send_query_response: status must be 100, 200 or 204, not {status!r}")
+        if status != protocol.STATUS_EMPTY and body is None:
+            raise ConnectorAPIError("send_query_response: a 100 or 200 reply needs a body (a dict or list)")
+        frame = protocol.reply_frame(self.reply_address, status, body)
+        return self._emit(frame, status != protocol.STATUS_PARTIAL, status)
+
+    def complete_raw(self, body_json: str) -> bool:
+        """The 200 reply with a body already encoded as JSON text."""
+        return self._emit(protocol.reply_frame_raw(self.reply_address, protocol.STATUS_COMPLETE, body_json),
+                          True, protocol.STATUS_COMPLETE)
+
+    def error(self, error: QueryError) -> bool:
+        return self._emit(protocol.error_frame(self.reply_address, error), True, protocol.STATUS_ERROR)
+
+    def done_future(self) -> asyncio.Future:
+        """Resolves when the terminal reply has been sent."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.terminated:
+                self._done.set_result(self.status)
+        return self._done

@@ -1,0 +1,119 @@
+"""The WITH clause of a query, parsed and validated into one QueryRequest or one QueryError. Pure."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .config import FALSE_WORDS, TRUE_WORDS
+from .errors import QueryError, bad_parameter
+
+KNOWN_PARAMETERS = frozenset({
+    "code", "name", "script", "presetValues", "codeHandlesReturn", "limitReturnTo", "cache_code", "replace",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    code: str | None
+    name: str | None
+    script: str | None
+    preset_values: dict[str, Any]
+    code_handles_return: bool
+    limit_return_to: tuple[str, ...] | None
+    cache_code: bool
+    replace: bool
+
+    @property
+    def cache_key(self) -> str | None:
+        """The name the compiled code is cached under: the script's, else the given name."""
+        return self.script or self.name
+
+    @property
+    def filename(self) -> str:
+        """`__file__` of the run: the name or script the caller gave."""
+        return self.cache_key or "<query code>"
+
+
+def _boolean(params: dict[str, Any], key: str, default: bool) -> bool:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise bad_parameter(key, "a boolean (true/false)", value)
+
+
+def _string(params: dict[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_parameter(key, "a string", value)
+    return value
+
+
+def _limit_return_to(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise QueryError(errors.BAD_RETURN_VALUES,
+                     "The limitReturnTo parameter must be a list of strings or a comma-separated string, "
+                     "not {0}.", [type(value).__name__])
+
+
+def parse_query(params: Any) -> QueryRequest:
+    """Validate the query object. Raises QueryError (a 400 for the caller) naming what is wrong."""
+    if not isinstance(params, dict):
+        raise QueryError(errors.BAD_QUERY, "The query object must be a JSON object of WITH parameters, not {0}.",
+                         [type(params).__name__ if params is not None else "null"])
+
+    limit = _limit_return_to(params.get("limitReturnTo"))
+    handles_return = _boolean(params, "codeHandlesReturn", False)
+    if limit is not None and handles_return:
+        raise QueryError(errors.CONFLICTING_RETURN,
+                         "limitReturnTo cannot be used with codeHandlesReturn: the code sends its own replies.")
+
+    presets = params.get("presetValues")
+    if presets is None:
+        presets = {}
+    elif not isinstance(presets, dict):
+        raise QueryError(errors.BAD_GLOBAL_PRESET,
+                         "The presetValues parameter must be an object of global names to values, not {0}.",
+                         [type(presets).__name__])
+
+    code = _string(params, "code")
+    name = _string(params, "name")
+    script = _string(params, "script")
+    if code is None and script is None and name is None:
+        raise QueryError(errors.NO_CODE, "The query must provide code, a script document, or the name of "
+                                         "cached code.")
+    if code is not None and script is not None:
+        raise QueryError(errors.AMBIGUOUS_CODE,
+                         "The query provides both code and script ({0}); provide one.", [script])
+    if script is not None and name is not None and name != script:
+        raise QueryError(errors.AMBIGUOUS_NAME,
+                         "The script {0} and the name {1} differ; a script is cached under its own name.",
+                         [script, name])
+
+    return QueryRequest(
+        code=code,
+        name=name,
+        script=script,
+        preset_values=presets,
+        code_handles_return=handles_return,
+        limit_return_to=limit,
+        cache_code=_boolean(params, "cache_code", (name or script) is not None),
+        replace=_boolean(params, "replace", False),
+    )
