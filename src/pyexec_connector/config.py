@@ -238,10 +238,14 @@ def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:
     """Every configure is a fresh configuration. Unknown keys: a warning. Wrong types: an error in the
     log and the defaults."""
     section = document.get("pythonExecConfig") if isinstance(document, dict) else None
-    general = (section or {}).get("general") if isinstance(section or {}, dict) else None
-    general = {} if general is None else general
+    if section is None:
+        return SourceConfig()
+    general = section.get("general") if isinstance(section, dict) else section
+    if general is None:
+        return SourceConfig()
     if not isinstance(general, dict):
-        log.error("source %s: pythonExecConfig.general must be an object; using the defaults", source_name)
+        log.error("source %s: pythonExecConfig.general must be an object, not %s; using the defaults",
+                  source_name, type(general).__name__)
         return SourceConfig()
     known = set(SourceConfig.model_fields)
     for key in general:
