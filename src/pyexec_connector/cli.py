@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from . import __version__
 from .config import ServerConfig, load_server_config

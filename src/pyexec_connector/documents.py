@@ -1,7 +1,6 @@
 """Python scripts stored as Vantiq documents, fetched over REST with aiohttp."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -112,7 +111,7 @@ class DocumentStore:
                 return body
         except QueryError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("fetching document %s failed: %s", name, type(exc).__name__)
             raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: {1}",
                              [name, f"{type(exc).__name__}: {exc}"]) from None
