@@ -308,7 +308,7 @@ class DevServer:
                                                   "resource could not be found.", "params": [name]}], status=404)
         size = doc.content_size if doc.content_size is not None else len(doc.content)
         return web.json_response({"name": name, "contentSize": size, "isIncomplete": doc.incomplete,
-                                  "content": f"/docs/{name:.+}", "fileType": "text/x-python",
+                                  "content": f"/docs/{name}", "fileType": "text/x-python",
                                   "ars_createdAt": doc.modified, "ars_modifiedAt": doc.modified})
 
     async def _document_content(self, request: web.Request) -> web.Response:
