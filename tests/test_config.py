@@ -1,0 +1,147 @@
+import subprocess
+
+import pytest
+from pydantic import ValidationError
+
+from pyexec_connector.config import (
+    ServerConfig,
+    SourceConfig,
+    build_server_config,
+    load_server_config,
+    parse_source_config,
+    websocket_options,
+)
+from pyexec_connector.errors import ConfigError
+
+from .conftest import console_command
+
+BASE = {"targetServer": "https://dev.vantiq.com", "authToken": "abc", "sources": "one"}
+
+
+def props(**changes):
+    values = dict(BASE)
+    values.update(changes)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def test_java_properties_syntax(tmp_path):
+    path = tmp_path / "server.config"
+    path.write_text(
+        "# a comment\n! another\n"
+        "targetServer: https://dev.vantiq.com\n"
+        "authToken=abc\\\n  def\n"
+        "sources = one,\\\n   two , three\n"
+        "sendPings = TRUE\n"
+        "failOnConnectionError yes\n"
+        "tcpProbePort=9001\n"
+        'connectKWArgs = {"disableSslVerification": true, "open_timeout": 5}\n'
+        "reconnectSecret = fixed\n")
+    config = load_server_config(path, env={})
+    assert config.auth_token == "abcdef"
+    assert config.sources == ("one", "two", "three")
+    assert config.send_pings is True and config.fail_on_connection_error is True
+    assert config.tcp_probe_port == 9001
+    assert config.verify_tls is False
+    assert websocket_options(config) == {"open_timeout": 5}
+    assert config.reconnect_secret == "fixed"
+    assert "authToken" not in config.public_properties
+    assert config.public_properties["sources"].startswith("one")
+
+
+def test_defaults():
+    config = build_server_config(props(), env={})
+    assert (config.send_pings, config.fail_on_connection_error, config.tcp_probe_port) == (False, False, 8000)
+    assert config.connect_kwargs == {} and config.reconnect_secret is None
+    assert config.max_message_bytes >= 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("target, ws, rest", [
+    ("https://dev.vantiq.com", "wss://dev.vantiq.com/api/v1/wsock/websocket", "https://dev.vantiq.com"),
+    ("http://localhost:8080/", "ws://localhost:8080/api/v1/wsock/websocket", "http://localhost:8080"),
+    ("https://h.example/some/path", "wss://h.example/api/v1/wsock/websocket", "https://h.example"),
+    ("https://h.example/api/v2/wsock/websocket", "wss://h.example/api/v2/wsock/websocket", "https://h.example"),
+    ("wss://h.example", "wss://h.example/api/v1/wsock/websocket", "https://h.example"),
+])
+def test_url_normalisation(target, ws, rest):
+    config = build_server_config(props(targetServer=target), env={})
+    assert config.websocket_url == ws
+    assert config.rest_base == rest
+
+
+def test_token_from_environment():
+    config = build_server_config(props(authToken=None), env={"CONNECTOR_AUTH_TOKEN": "from-env"})
+    assert config.auth_token == "from-env"
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"sources": " , "}, "sources"),
+    ({"sources": None}, "sources"),
+    ({"authToken": None}, "authToken"),
+    ({"targetServer": "not a url"}, "targetServer"),
+    ({"targetServer": "ftp://x.example"}, "targetServer"),
+    ({"targetServer": "https://x.example:notaport"}, "targetServer"),
+    ({"sendPings": "maybe"}, "sendPings"),
+    ({"tcpProbePort": "70000"}, "tcpProbePort"),
+    ({"connectKWArgs": "{not json"}, "connectKWArgs"),
+    ({"connectKWArgs": "[1]"}, "connectKWArgs"),
+    ({"connectKWArgs": '{"bogus": 1}'}, "connectKWArgs.bogus"),
+])
+def test_bad_config_names_the_key(changes, key):
+    with pytest.raises(ConfigError) as info:
+        build_server_config(props(**changes), env={}, file="x/server.config")
+    assert info.value.key == key
+    assert "x/server.config" in str(info.value) and key in str(info.value)
+
+
+def test_config_is_frozen():
+    config = build_server_config(props(), env={})
+    with pytest.raises(ValidationError):
+        config.sources = ("other",)
+    assert isinstance(config, ServerConfig)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no server.config found"),
+    ("targetServer=https://dev.vantiq.com\nauthToken=abc\nsources=\n", "key 'sources'"),
+    ("targetServer=https://dev.vantiq.com\nsources=a\n", "key 'authToken'"),
+    ("targetServer=https//broken\nauthToken=abc\nsources=a\n", "key 'targetServer'"),
+])
+def test_console_command_refuses_bad_config(tmp_path, content, needle):
+    if content is not None:
+        (tmp_path / "serverConfig").mkdir()
+        (tmp_path / "serverConfig" / "server.config").write_text(content)
+    env = {"PATH": "/usr/bin:/bin"}
+    done = subprocess.run(console_command(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert needle in lines[0]
+    if content is not None:
+        assert "serverConfig/server.config" in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_source_config_defaults_and_values(caplog):
+    assert parse_source_config(None) == SourceConfig()
+    assert parse_source_config({}) == SourceConfig()
+    config = parse_source_config({"pythonExecConfig": {"general": {"codeCacheSize": 7,
+                                                                   "returnRuntimeInformation": True}}})
+    assert (config.codeCacheSize, config.returnRuntimeInformation) == (7, True)
+
+
+def test_source_config_unknown_key_warns(caplog):
+    config = parse_source_config({"pythonExecConfig": {"general": {"codeCacheSize": 3, "bogus": 1}}}, "src")
+    assert config.codeCacheSize == 3
+    assert any("pythonExecConfig.general.bogus" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("document", [
+    {"pythonExecConfig": {"general": {"codeCacheSize": "lots"}}},
+    {"pythonExecConfig": {"general": {"codeCacheSize": 0}}},
+    {"pythonExecConfig": {"general": [1, 2]}},
+    {"pythonExecConfig": "nonsense"},
+])
+def test_source_config_wrong_types_keep_defaults(caplog, document):
+    assert parse_source_config(document, "src") == SourceConfig()
+    assert any(r.levelname == "ERROR" and "src" in r.getMessage() for r in caplog.records)

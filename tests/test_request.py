@@ -1,0 +1,63 @@
+import pytest
+
+from pyexec_connector import errors
+from pyexec_connector.errors import QueryError
+from pyexec_connector.request import parse_query
+
+
+def code_of(params):
+    with pytest.raises(QueryError) as info:
+        parse_query(params)
+    return info.value.code
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"code": "x=1", "limitReturnTo": 5}, errors.BAD_RETURN_VALUES),
+    ({"code": "x=1", "limitReturnTo": ["a", 1]}, errors.BAD_RETURN_VALUES),
+    ({"code": "x=1", "limitReturnTo": ["a"], "codeHandlesReturn": True}, errors.CONFLICTING_RETURN),
+    ({"code": "x=1", "limitReturnTo": "a", "codeHandlesReturn": "yes"}, errors.CONFLICTING_RETURN),
+    ({"code": "x=1", "presetValues": [1]}, errors.BAD_GLOBAL_PRESET),
+    ({"code": "x=1", "presetValues": "a=1"}, errors.BAD_GLOBAL_PRESET),
+    ({}, errors.NO_CODE),
+    ({"presetValues": {}}, errors.NO_CODE),
+    ({"code": "x=1", "script": "s.py"}, errors.AMBIGUOUS_CODE),
+    ({"script": "s.py", "name": "other"}, errors.AMBIGUOUS_NAME),
+    (None, errors.BAD_QUERY),
+    ([1, 2], errors.BAD_QUERY),
+    ("code", errors.BAD_QUERY),
+    ({"code": 5}, errors.BAD_PARAMETER),
+    ({"code": "x=1", "name": ["n"]}, errors.BAD_PARAMETER),
+    ({"script": {"a": 1}}, errors.BAD_PARAMETER),
+    ({"code": "x=1", "codeHandlesReturn": "perhaps"}, errors.BAD_PARAMETER),
+    ({"code": "x=1", "cache_code": 3}, errors.BAD_PARAMETER),
+    ({"code": "x=1", "replace": {}}, errors.BAD_PARAMETER),
+])
+def test_rules(params, code):
+    assert code_of(params) == code
+
+
+def test_bad_parameter_names_the_parameter():
+    with pytest.raises(QueryError) as info:
+        parse_query({"code": "x=1", "codeHandlesReturn": [True]})
+    assert info.value.params[0] == "codeHandlesReturn"
+
+
+@pytest.mark.parametrize("word, value", [("true", True), ("YES", True), ("t", True), ("1", True),
+                                         ("false", False), ("no", False), ("0", False), (True, True)])
+def test_boolean_words(word, value):
+    assert parse_query({"code": "x=1", "codeHandlesReturn": word}).code_handles_return is value
+
+
+def test_defaults_and_names():
+    request = parse_query({"code": "x=1"})
+    assert request.cache_code is False and request.replace is False and request.preset_values == {}
+    assert request.limit_return_to is None and request.cache_key is None
+    named = parse_query({"code": "x=1", "name": "n.py"})
+    assert named.cache_code is True and named.filename == "n.py" and named.cache_key == "n.py"
+    script = parse_query({"script": "s.py", "name": "s.py"})
+    assert script.cache_key == "s.py" and script.filename == "s.py"
+
+
+def test_limit_return_to_forms():
+    assert parse_query({"code": "x", "limitReturnTo": "a, b,,c"}).limit_return_to == ("a", "b", "c")
+    assert parse_query({"code": "x", "limitReturnTo": ["a"]}).limit_return_to == ("a",)
