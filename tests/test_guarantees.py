@@ -1,0 +1,49 @@
+"""Every query gets exactly one terminal reply, even when the connector itself fails."""
+import asyncio
+
+from pyexec_connector import errors
+
+from .conftest import SOURCE
+
+
+class _BrokenEngine:
+    """Stands in for a connector bug: the one thing here that cannot be produced for real."""
+
+    async def run(self, job, channel):
+        raise RuntimeError("engine bug")
+
+    def reconfigure(self, cache_capacity):
+        pass
+
+    async def close(self):
+        pass
+
+
+async def test_internal_error_still_answers(connected):
+    server, running = connected
+    running.session.engine = _BrokenEngine()
+    result = await server.query({"code": "x = 1"})
+    assert result.status == 400 and result.error_code == errors.INTERNAL_ERROR
+    assert "RuntimeError: engine bug" in result.body["parameters"][0]
+
+
+async def test_stopping_answers_queries_in_flight(connected):
+    server, running = connected
+    address = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(30)"})
+    await asyncio.sleep(0.2)
+    stopping = asyncio.create_task(running.stop())
+    result = await server.replies_for(address, timeout=10)
+    await stopping
+    assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN
+
+
+async def test_code_handles_return_tasks_cancelled_when_stopping(connected):
+    server, running = connected
+    code = ("import asyncio\nasync def forever():\n    await asyncio.sleep(60)\n"
+            "asyncio.get_event_loop().create_task(forever())")
+    address = await server.send_query(SOURCE, {"code": code, "codeHandlesReturn": True})
+    await asyncio.sleep(0.2)
+    stopping = asyncio.create_task(running.stop())
+    result = await server.replies_for(address, timeout=10)
+    await stopping
+    assert result.status == 400
