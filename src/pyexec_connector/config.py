@@ -32,6 +32,8 @@ def parse_bool(value: Any, *, name: str) -> bool:
     """Vantiq and properties files send booleans as words too: true/yes/t/1 (any case)."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
         if word in TRUE_WORDS:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import errors
-from .config import FALSE_WORDS, TRUE_WORDS
+from .config import parse_bool
 from .errors import QueryError, bad_parameter
 
 KNOWN_PARAMETERS = frozenset({
@@ -39,17 +39,10 @@ def _boolean(params: dict[str, Any], key: str, default: bool) -> bool:
     value = params.get(key)
     if value is None:
         return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise bad_parameter(key, "a boolean (true/false)", value)
+    try:
+        return parse_bool(value, name=key)
+    except ValueError:
+        raise bad_parameter(key, "a boolean (true/false)", value) from None
 
 
 def _string(params: dict[str, Any], key: str) -> str | None:
