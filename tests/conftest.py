@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ async def start_connector(server):
     started: list[Running] = []
 
     async def start(wait: bool = True, sources: str = SOURCE, **properties) -> Running:
-        props = {"targetServer": server.url, "authToken": TOKEN, "sources": sources}
+        props = {"targetServer": server.url, "authToken": TOKEN, "sources": sources, "shutdownGraceSeconds": "2"}
         props.update({k: str(v) for k, v in properties.items()})
         config = build_server_config(props, env={})
         connector = Connector(config, backoff_initial=0.02, backoff_max=0.2, handshake_timeout=2.0)
@@ -83,3 +84,10 @@ def console_command() -> list[str]:
     """The installed console script, or the module when running from a source tree."""
     exe = Path(sys.executable).parent / "pyexec-connector"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "pyexec_connector"]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a subprocess's metricsPort or tcpProbePort)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,15 +4,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import uuid
 
 from . import __version__
-from .config import ServerConfig, load_server_config
+from .config import ServerConfig, config_problems, load_server_config, read_config_sources
 from .connector import Connector
 from .errors import AuthenticationError, ConfigError
-from .link import ConnectionFailed
-from .logsetup import configure_logging, redact_everywhere
+from .link import CheckResult, ConnectionFailed, SourceLink
+from .logsetup import LOG_FORMATS, configure_logging, redact_everywhere
 
 log = logging.getLogger("pyexec_connector")
 
@@ -36,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Connect every source listed in server.config and serve queries until "
                                      "stopped (SIGINT/SIGTERM).")
     _connector_options(run, argparse.SUPPRESS)
+    check = sub.add_parser("check", help="check the configuration and each source's handshake, then exit",
+                           description="Read the configuration (server.config and CONNECTOR_* environment "
+                                       "variables) and report every problem with its key; then, for each "
+                                       "source, try the handshake (validate, connectExtension, "
+                                       "configureExtension) once and print one line: connected, bad token, "
+                                       "source unknown, refused, host unreachable or TLS failure. Exit code 0 "
+                                       "only when everything passes (2: configuration, 3: token refused, "
+                                       "1: any other failure).")
+    check.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="the server.config file")
+    check.add_argument("--timeout", metavar="SECONDS", type=float, default=15.0,
+                       help="how long each handshake may take (default 15)")
     demo = sub.add_parser("demo", help="a full round trip against a built-in loopback stand-in of Vantiq",
                           description="Start the built-in stand-in of a Vantiq server on a free loopback port, "
                                       "connect the connector to it and run example queries, printing each "
@@ -50,6 +63,9 @@ def _connector_options(parser: argparse.ArgumentParser, default: object) -> None
                         help="the server.config file (default: serverConfig/server.config, then ./server.config)")
     parser.add_argument("--log-level", metavar="LEVEL", default=default,
                         help="override the log level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=default,
+                        help="text (default) or json: one JSON object per line (serverConfig/logger.ini, "
+                             "when present, wins)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,16 +74,59 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from .demo import run_demo
         return run_demo(log_level=getattr(args, "log_level", None) or "WARNING")
-    return run_connector(getattr(args, "config", None), getattr(args, "log_level", None))
+    if command == "check":
+        return run_check(getattr(args, "config", None), args.timeout)
+    return run_connector(getattr(args, "config", None), getattr(args, "log_level", None),
+                         getattr(args, "log_format", None) or "text")
 
 
-def run_connector(config_path: str | None, log_level: str | None) -> int:
+def run_check(config_path: str | None, timeout: float) -> int:
+    """`pyexec-connector check`: every configuration problem, then one handshake line per source."""
+    try:
+        properties, file = read_config_sources(config_path)
+    except ConfigError as exc:
+        print(f"configuration: {exc}")
+        return EXIT_CONFIG
+    config, problems = config_problems(properties, file=file)
+    where = file or "the environment (no server.config)"
+    if problems:
+        for problem in problems:
+            print(f"configuration: {problem}")
+        return EXIT_CONFIG
+    assert config is not None
+    print(f"configuration: ok ({where}); target {config.websocket_url}")
+    logging.basicConfig(level=logging.CRITICAL)    # the lines below say everything; no log noise
+    results = asyncio.run(_check_sources(config, timeout))
+    width = max(len(name) for name in results)
+    for name, result in results.items():
+        print(f"source {name:<{width}}  {result.outcome}: {result.detail}")
+    if all(r.ok for r in results.values()):
+        return EXIT_OK
+    return EXIT_AUTH if any(r.outcome == "bad token" for r in results.values()) else EXIT_FAILURE
+
+
+async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, CheckResult]:
+    secret = config.reconnect_secret or uuid.uuid4().hex
+    results = {}
+    for name in config.sources:      # one after the other: the lines come out in the file's order
+        link = SourceLink(name, config, _NoQueries(), reconnect_secret=f"{name}_{secret}",
+                          handshake_timeout=timeout)
+        results[name] = await link.check()
+    return results
+
+
+class _NoQueries:
+    def on_query(self, frame) -> None: ...
+    def on_configure(self, config) -> None: ...
+
+
+def run_connector(config_path: str | None, log_level: str | None, log_format: str = "text") -> int:
     try:
         config = load_server_config(config_path)
     except ConfigError as exc:
         print(f"pyexec-connector: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging_source = configure_logging(log_level)
+    logging_source = configure_logging(log_level, log_format=log_format)
     redact_everywhere(config.auth_token)
     log.info("pyexec-connector %s starting; logging: %s", __version__, logging_source)
     return asyncio.run(serve(config))
@@ -76,9 +135,22 @@ def run_connector(config_path: str | None, log_level: str | None) -> int:
 async def serve(config: ServerConfig) -> int:
     connector = Connector(config)
     loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s received: shutting down gracefully (send it again to exit at once)", sig.name)
+            connector.stop()
+            return
+        log.warning("%s received again: exiting at once; in-flight queries are not answered", sig.name)
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, connector.stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):   # not the main thread, or not POSIX
             pass
     try:

@@ -26,6 +26,8 @@ TRUE_WORDS = frozenset({"true", "yes", "t", "1", "y", "on"})
 FALSE_WORDS = frozenset({"false", "no", "f", "0", "n", "off", ""})
 _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_SHUTDOWN_GRACE = 30.0
+ENV_PREFIX = "CONNECTOR_"
 
 
 def parse_bool(value: Any, *, name: str) -> bool:
@@ -57,8 +59,17 @@ class ServerConfig(BaseModel):
     connect_kwargs: dict[str, Any] = Field(default_factory=dict, alias="connectKWArgs")
     reconnect_secret: str | None = Field(default=None, alias="reconnectSecret")
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, alias="maxMessageBytes", ge=1024)
+    # HTTP /healthz, /readyz and /metrics; off when absent.
+    metrics_port: int | None = Field(default=None, alias="metricsPort", ge=1, le=65535)
+    # How long a stopping connector lets in-flight queries finish before answering them with an error.
+    shutdown_grace_seconds: float = Field(default=DEFAULT_SHUTDOWN_GRACE, alias="shutdownGraceSeconds", ge=0)
     # Everything the file said, minus the token: what user code sees through get_server_config().
     public_properties: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _optional_port(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("target_server")
     @classmethod
@@ -188,41 +199,103 @@ def read_properties(path: Path) -> dict[str, str]:
         raise ConfigError(f"cannot be read: {exc}", file=str(path)) from exc
 
 
-_KEY_FOR_FIELD = {name: (f.alias or name) for name, f in ServerConfig.model_fields.items()}
+_KEY_FOR_FIELD = {name: (f.alias or name) for name, f in ServerConfig.model_fields.items()
+                  if name != "public_properties"}
+REQUIRED_KEYS = ("targetServer", "authToken", "sources")
+
+
+def env_name(key: str) -> str:
+    """The environment variable for a server.config key: targetServer -> CONNECTOR_TARGET_SERVER,
+    connectKWArgs -> CONNECTOR_CONNECT_KW_ARGS."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z]|$)|[A-Z]?[a-z0-9]+|[A-Z]+", key)
+    return ENV_PREFIX + "_".join(w.upper() for w in words)
+
+
+ENV_FOR_KEY = {key: env_name(key) for key in _KEY_FOR_FIELD.values()}   # authToken -> CONNECTOR_AUTH_TOKEN
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def merge_environment(properties: Mapping[str, str], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's properties plus, for each key the file lacks (or leaves empty), the value of its
+    CONNECTOR_<KEY> environment variable. Returns (values, {key: variable} for those taken from env)."""
+    values: dict[str, Any] = dict(properties)
+    from_env: dict[str, str] = {}
+    for key, variable in ENV_FOR_KEY.items():
+        if _blank(values.get(key)) and not _blank(env.get(variable)):
+            values[key] = env[variable]
+            from_env[key] = variable
+    return values, from_env
+
+
+def _origin(key: str, from_env: Mapping[str, str], file: str | None) -> str | None:
+    return f"environment variable {from_env[key]}" if key in from_env else file
+
+
+def config_problems(properties: Mapping[str, str], env: Mapping[str, str] | None = None,
+                    *, file: str | None = None) -> tuple[ServerConfig | None, list[ConfigError]]:
+    """Validate everything and collect every problem (for `pyexec-connector check`), each naming its key
+    and where the value came from (the file or the environment variable)."""
+    env = os.environ if env is None else env
+    values, from_env = merge_environment(properties, env)
+    problems: list[ConfigError] = []
+    for required in REQUIRED_KEYS:
+        if _blank(values.get(required)):
+            problems.append(ConfigError(f"is required (or set the environment variable {ENV_FOR_KEY[required]})",
+                                        key=required, file=file))
+    if problems:
+        return None, problems
+    values["public_properties"] = {k: str(v) for k, v in values.items() if k != "authToken"}
+    try:
+        config = ServerConfig.model_validate(values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            key = _KEY_FOR_FIELD.get(field, field)
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(ConfigError(message, key=key, file=_origin(key, from_env, file)))
+        return None, problems
+    try:
+        _check_connect_keys(config.connect_kwargs, _origin("connectKWArgs", from_env, file))
+    except ConfigError as exc:
+        return None, [exc]
+    return config, []
 
 
 def build_server_config(properties: Mapping[str, str], env: Mapping[str, str] | None = None,
                         *, file: str | None = None) -> ServerConfig:
-    """Validate raw properties (plus the token from the environment) into a ServerConfig."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = dict(properties)
-    if not values.get("authToken") and env.get(TOKEN_ENV):
-        values["authToken"] = env[TOKEN_ENV]
-    for required in ("targetServer", "authToken", "sources"):
-        if not str(values.get(required, "")).strip():
-            hint = f" (or set {TOKEN_ENV})" if required == "authToken" else ""
-            raise ConfigError(f"is required{hint}", key=required, file=file)
-    values["public_properties"] = {k: v for k, v in properties.items() if k != "authToken"}
-    try:
-        config = ServerConfig.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        key = _KEY_FOR_FIELD.get(field, field)
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(message, key=key, file=file) from None
-    _check_connect_keys(config.connect_kwargs, file)
+    """Validate raw properties (plus CONNECTOR_* environment variables for keys the file lacks) into a
+    ServerConfig. Raises the first ConfigError."""
+    config, problems = config_problems(properties, env, file=file)
+    if problems:
+        raise problems[0]
+    assert config is not None
     return config
+
+
+def read_config_sources(path: str | os.PathLike | None = None,
+                        env: Mapping[str, str] | None = None) -> tuple[dict[str, str], str | None]:
+    """The properties of server.config (found as `find_config_file` does) and the file's name. With no
+    file, empty properties, as long as the environment supplies the required keys."""
+    env = os.environ if env is None else env
+    found = find_config_file(path)
+    if found is None:
+        if all(not _blank(env.get(ENV_FOR_KEY[k])) for k in REQUIRED_KEYS):
+            return {}, None
+        missing = [ENV_FOR_KEY[k] for k in REQUIRED_KEYS if _blank(env.get(ENV_FOR_KEY[k]))]
+        raise ConfigError("no server.config found (looked in " + ", ".join(str(p) for p in CONFIG_LOCATIONS)
+                          + ") and the environment does not supply it (missing: " + ", ".join(missing) + ")")
+    return read_properties(found), str(found)
 
 
 def load_server_config(path: str | os.PathLike | None = None,
                        env: Mapping[str, str] | None = None) -> ServerConfig:
-    """Find, read and validate server.config. Raises ConfigError naming the file and key."""
-    found = find_config_file(path)
-    if found is None:
-        raise ConfigError("no server.config found (looked in "
-                          + ", ".join(str(p) for p in CONFIG_LOCATIONS) + ")")
-    return build_server_config(read_properties(found), env, file=str(found))
+    """Find, read and validate server.config (or the environment alone). Raises ConfigError naming the
+    file (or environment variable) and key."""
+    properties, file = read_config_sources(path, env)
+    return build_server_config(properties, env, file=file)
 
 
 # ---- per-source configuration (configureExtension) ---------------------------------------------

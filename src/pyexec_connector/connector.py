@@ -1,41 +1,59 @@
-"""The Connector: one SourceSession per source, started and stopped together. The lifecycle lives here."""
+"""The Connector: one SourceSession per source, started and stopped together. The lifecycle lives here:
+start-up (sessions, HTTP endpoints, TCP probe), serving, and the graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
+from collections.abc import Mapping
 
 from .config import ServerConfig
 from .connection import Health
+from .engine.base import Engine
+from .health import HttpEndpoints, Metrics, TcpProbe, engine_stats
 from .link import Backoff
 from .session import SourceSession
 
 log = logging.getLogger(__name__)
 
+KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
+
 
 class Connector:
     def __init__(self, config: ServerConfig, *, backoff_initial: float = 1.0, backoff_max: float = 60.0,
-                 handshake_timeout: float | None = None):
+                 handshake_timeout: float | None = None, environ: Mapping[str, str] | None = None):
         self.config = config
         self.health = Health()
+        self.metrics = Metrics(lambda: self.sessions)
         secret = config.reconnect_secret or uuid.uuid4().hex
         self.sessions: dict[str, SourceSession] = {
             name: SourceSession(name, config, reconnect_secret=secret, health=self.health,
                                 backoff=Backoff(backoff_initial, backoff_max),
-                                handshake_timeout=handshake_timeout)
+                                handshake_timeout=handshake_timeout, observer=self.metrics.observe)
             for name in config.sources
         }
+        self.http = HttpEndpoints(self, config.metrics_port) if config.metrics_port else None
+        self.probe = TcpProbe(config.tcp_probe_port)
+        self.health.listeners.append(self.probe.set)
+        environ = os.environ if environ is None else environ
+        self._under_kubernetes = bool(environ.get(KUBERNETES_ENV))
+        self.shutting_down = False
         self._stop = asyncio.Event()
         self._closed = False
 
     async def run(self) -> None:
-        """Serve every source until `stop()`. A fatal link error (bad token, failOnConnectionError)
-        stops the rest and is raised."""
+        """Serve every source until `stop()`, then shut down gracefully. A fatal link error (bad token,
+        failOnConnectionError) stops the rest and is raised."""
         log.info("connecting %d source(s) to %s: %s", len(self.sessions), self.config.websocket_url,
                  ", ".join(self.sessions))
         links = {asyncio.create_task(s.run(), name=f"source-{n}"): n for n, s in self.sessions.items()}
         stopper = asyncio.create_task(self._stop.wait())
         try:
+            if self.http is not None:
+                await self.http.start()
+            if self._under_kubernetes:
+                await self.probe.start()
             pending = set(links) | {stopper}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -52,6 +70,10 @@ class Connector:
             await asyncio.gather(*links, return_exceptions=True)
 
     def stop(self) -> None:
+        """Begin the graceful shutdown (what SIGTERM and SIGINT do)."""
+        if not self._stop.is_set():
+            log.info("stopping: no new queries; in-flight queries get up to %g s",
+                     self.config.shutdown_grace_seconds)
         self._stop.set()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -61,10 +83,52 @@ class Connector:
 
     @property
     def ready(self) -> bool:
-        return all(s.link.ready for s in self.sessions.values())
+        return not self.shutting_down and all(s.link.ready for s in self.sessions.values())
+
+    def not_ready(self) -> dict[str, str]:
+        """The sources that cannot take queries now, and why (their link state, or shutting down)."""
+        if self.shutting_down:
+            return {name: "shutting down" for name in self.sessions}
+        return {name: s.link.state.value for name, s in self.sessions.items() if not s.link.ready}
+
+    def health_problems(self) -> list[str]:
+        """Why the process is not healthy (empty when it is): a script declared it unhealthy, or an
+        engine says it cannot run code."""
+        problems = []
+        if self.health.declared is False:
+            problems.append("declared unhealthy (connector_connection.declare_unhealthy())")
+        seen: set[int] = set()
+        for name, session in self.sessions.items():
+            engine: Engine = session.engine
+            if id(engine) in seen:
+                continue
+            seen.add(id(engine))
+            if getattr(engine, "healthy", True) is False:
+                problems.append(f"source {name}: the engine reports it is not healthy")
+            if engine_stats(engine).get("workers_alive", 1) == 0:
+                problems.append(f"source {name}: no engine worker alive")
+        return problems
 
     async def close(self) -> None:
+        """The graceful shutdown: refuse new queries ("shutting down"), let in-flight ones finish within
+        shutdownGraceSeconds, answer the rest with an error, send what is queued, close every websocket
+        normally, then engines, HTTP sessions, endpoints and the probe."""
         if self._closed:
             return
         self._closed = True
+        self.shutting_down = True
+        for session in self.sessions.values():
+            session.stop_accepting()
+        running = sum(len(s.in_flight) for s in self.sessions.values())
+        if running:
+            log.info("waiting up to %g s for %d in-flight quer%s", self.config.shutdown_grace_seconds, running,
+                     "y" if running == 1 else "ies")
+        left = await asyncio.gather(*(s.finish(self.config.shutdown_grace_seconds)
+                                      for s in self.sessions.values()))
+        if sum(left):
+            log.warning("shutdown grace (%g s) over: answering %d still-running quer%s with an error",
+                        self.config.shutdown_grace_seconds, sum(left), "y" if sum(left) == 1 else "ies")
         await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
+        await self.probe.stop()

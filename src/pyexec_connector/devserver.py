@@ -74,6 +74,7 @@ class DevServer:
         self.document_requests: list[str] = []
         self.stray_replies: list[dict[str, Any]] = []   # replies to addresses nobody waits for
         self.bad_frames = 0
+        self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
         self.silent_validate = False     # knob: accept the socket but never answer validate
         self._max = max_message_bytes
         self._runner: web.AppRunner | None = None
@@ -261,6 +262,7 @@ class DevServer:
                 else:
                     self.bad_frames += 1
         finally:
+            self.close_codes.append(ws.close_code)
             self._sockets.discard(ws)
             for state in self._sources.values():
                 if state.ws is ws:

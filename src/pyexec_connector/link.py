@@ -8,12 +8,14 @@ import asyncio
 import enum
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import protocol
 from .config import ServerConfig, websocket_options
@@ -38,6 +40,18 @@ class LinkState(enum.Enum):
 class LinkHandler(Protocol):
     def on_query(self, frame: protocol.QueryFrame) -> None: ...
     def on_configure(self, config: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One source's handshake, for `pyexec-connector check`. outcome: connected, bad token, source
+    unknown, refused, host unreachable or TLS failure."""
+    outcome: str
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "connected"
 
 
 class ConnectionFailed(Exception):
@@ -217,9 +231,38 @@ class SourceLink:
             await ws.close(code, reason)
         self._set_state(LinkState.CLOSED)
 
+    async def check(self) -> CheckResult:
+        """One handshake (validate, connectExtension, configureExtension) and a normal close, with no
+        retry: what `pyexec-connector check` reports for this source."""
+        try:
+            async with connect(self._config.websocket_url, **self._connect_options()) as ws:
+                await self._validate(ws)
+                await self._attach(ws)
+                async with asyncio.timeout(self._handshake_timeout):
+                    while True:
+                        frame = protocol.parse_frame(await ws.recv())
+                        if isinstance(frame, protocol.ConfigureFrame):
+                            break
+                        if isinstance(frame, protocol.StatusFrame) and frame.status >= 300:
+                            outcome = "source unknown" if frame.status == 404 else "refused"
+                            return CheckResult(outcome, f"status {frame.status}: "
+                                                        f"{protocol.status_messages(frame.body)}")
+                await ws.close(1000, "check done")
+            return CheckResult("connected", "validated, attached and configured")
+        except AuthenticationError as exc:
+            return CheckResult("bad token", str(exc))
+        except ssl.SSLError as exc:
+            return CheckResult("TLS failure", _describe(exc))
+        except InvalidStatus as exc:
+            return CheckResult("host unreachable", f"{self._config.websocket_url} is not a Vantiq websocket "
+                                                   f"endpoint ({_describe(exc)})")
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed) as exc:
+            return CheckResult("host unreachable", f"{self._config.websocket_url}: {_describe(exc)}")
+        finally:
+            self._set_state(LinkState.CLOSED)
+
     # ---- one socket -------------------------------------------------------------------------
-    async def _serve_one_socket(self) -> None:
-        self._set_state(LinkState.CONNECTING)
+    def _connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "ping_interval": PING_INTERVAL if self._config.send_pings else None,
             "ping_timeout": PING_INTERVAL,
@@ -232,7 +275,11 @@ class SourceLink:
         if ssl_context is not None:
             options["ssl"] = ssl_context
         options.update(websocket_options(self._config))
-        async with connect(self._config.websocket_url, **options) as ws:
+        return options
+
+    async def _serve_one_socket(self) -> None:
+        self._set_state(LinkState.CONNECTING)
+        async with connect(self._config.websocket_url, **self._connect_options()) as ws:
             self._ws = ws
             if self._stopping:
                 return

@@ -1,6 +1,7 @@
-"""Logging set-up: serverConfig/logger.ini when present, else a plain format on stdout."""
+"""Logging set-up: serverConfig/logger.ini when present, else text or JSON lines on stdout."""
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import sys
@@ -9,21 +10,51 @@ from pathlib import Path
 from .config import LOGGER_INI
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+# Structured fields a record may carry (passed as `extra=` where a query ends), copied into JSON lines.
+STRUCTURED_FIELDS = ("source", "replyAddress", "duration", "outcome", "status", "messageCode")
 
 
-def configure_logging(level: str | None = None, logger_ini: Path | None = None) -> str:
-    """Returns what configured logging, for the start-up line."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the structured
+    fields when the record has them (source, replyAddress, duration, outcome, status, messageCode)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in STRUCTURED_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        from datetime import UTC, datetime
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def configure_logging(level: str | None = None, logger_ini: Path | None = None, log_format: str = "text") -> str:
+    """Returns what configured logging, for the start-up line. logger.ini, when present, wins over
+    `log_format`."""
     ini = logger_ini if logger_ini is not None else LOGGER_INI
     if ini.is_file():
         logging.config.fileConfig(ini, disable_existing_loggers=False)
-        source = str(ini)
+        source = str(ini) + (f" (it wins over --log-format {log_format})" if log_format != "text" else "")
     else:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(DEFAULT_FORMAT))
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(DEFAULT_FORMAT))
         root = logging.getLogger()
         root.handlers[:] = [handler]
         root.setLevel(logging.INFO)
-        source = "default (stdout)"
+        source = f"default ({log_format} on stdout)"
     if level:
         logging.getLogger().setLevel(level.upper())
     # websockets and aiohttp are chatty at DEBUG; they stay at INFO unless asked for by name in logger.ini

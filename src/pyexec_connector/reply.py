@@ -34,7 +34,7 @@ class ReplyChannel:
     """Sends one query's replies through `send` (the link's ordered outbox). After the first terminal
     reply (200, 204 or an error) everything else for this query is dropped and logged."""
 
-    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status")
+    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status", "error_code")
 
     def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str):
         self._send = send
@@ -42,6 +42,7 @@ class ReplyChannel:
         self.source_name = source_name
         self.terminated = False
         self.status: int | None = None       # the terminal status sent, for logs and metrics
+        self.error_code: str | None = None   # the messageCode of the terminal error, for logs and metrics
         self._done: asyncio.Future | None = None
         self.context = QueryContext(source_name, reply_address, self)
 
@@ -73,6 +74,8 @@ class ReplyChannel:
                           True, protocol.STATUS_COMPLETE)
 
     def error(self, error: QueryError) -> bool:
+        if not self.terminated:
+            self.error_code = error.code
         return self._emit(protocol.error_frame(self.reply_address, error), True, protocol.STATUS_ERROR)
 
     def done_future(self) -> asyncio.Future:

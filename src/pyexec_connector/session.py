@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -21,10 +23,29 @@ from .request import QueryRequest, parse_query
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class QueryEnded:
+    """What one finished query tells its observer (metrics): known only in `answer()`'s finally."""
+    source: str
+    reply_address: str
+    status: int | None          # the terminal status sent: 200, 204 or 400
+    message_code: str | None    # the error's messageCode, for a 400
+    duration: float             # seconds, from the query frame to the terminal reply
+
+    @property
+    def outcome(self) -> str:
+        return "ok" if self.status in (200, 204) else "error"
+
+
+QueryObserver = Callable[[QueryEnded], None]
+
+
 class SourceSession:
     def __init__(self, source_name: str, config: ServerConfig, *, reconnect_secret: str, health: Health,
-                 backoff: Backoff | None = None, handshake_timeout: float | None = None):
+                 backoff: Backoff | None = None, handshake_timeout: float | None = None,
+                 observer: QueryObserver | None = None):
         self.source_name = source_name
+        self.observer = observer
         self.server_config = config
         self.source_config = SourceConfig()
         link_options: dict[str, Any] = {"backoff": backoff}
@@ -85,6 +106,24 @@ class SourceSession:
             if not channel.terminated:
                 channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
             self.queries_answered += 1
+            self._ended(QueryEnded(self.source_name, frame.reply_address, channel.status, channel.error_code,
+                                   perf_counter() - started))
+
+    def _ended(self, ended: QueryEnded) -> None:
+        """The one place a query ends: its log line (with structured fields) and its observer."""
+        error = ended.status == protocol.STATUS_ERROR
+        if log.isEnabledFor(logging.INFO if error else logging.DEBUG):
+            log.log(logging.INFO if error else logging.DEBUG,
+                    "source %s: query %s answered %s%s in %.3f s", ended.source, ended.reply_address,
+                    ended.status, f" ({ended.message_code})" if error else "", ended.duration,
+                    extra={"source": ended.source, "replyAddress": ended.reply_address,
+                           "duration": round(ended.duration, 6), "outcome": ended.outcome,
+                           "status": ended.status, "messageCode": ended.message_code})
+        if self.observer is not None:
+            try:
+                self.observer(ended)
+            except Exception:  # noqa: BLE001 - metrics must never cost a reply
+                log.exception("source %s: the query observer failed", self.source_name)
 
     async def _job(self, request: QueryRequest) -> Job:
         if request.script is not None:
@@ -105,13 +144,29 @@ class SourceSession:
     async def run(self) -> None:
         await self.link.run()
 
-    async def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """From now on every new query is answered at once with a "shutting down" error."""
+        self.accepting = False
+
+    async def finish(self, timeout: float) -> int:
+        """Let in-flight queries finish for up to `timeout` seconds. Returns how many are still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.wait(set(self.in_flight), timeout=deadline - loop.time())
+        return len(self.in_flight)
+
+    async def close(self, flush_timeout: float = 5.0) -> None:
+        """Answer whatever still runs with an error, send what is queued, close the websocket normally
+        (1000), then the document session and the engine."""
         self.accepting = False
         for task in list(self.in_flight):
             task.cancel()
         if self.in_flight:
             await asyncio.gather(*self.in_flight, return_exceptions=True)
-        await self.link.flush(timeout=2.0)
+        if not await self.link.flush(timeout=flush_timeout):
+            log.warning("source %s: %d frame(s) could not be sent before closing", self.source_name,
+                        self.link.pending_frames)
         await self.link.close()
         await self.documents.close()
         await self.engine.close()

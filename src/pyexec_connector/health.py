@@ -1,0 +1,210 @@
+"""What an operator sees: the upstream-compatible TCP probe, and HTTP /healthz, /readyz and /metrics
+(Prometheus text format) on `metricsPort`, served with aiohttp on the connector's own loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .session import QueryEnded
+
+if TYPE_CHECKING:
+    from .session import SourceSession
+
+log = logging.getLogger(__name__)
+
+PREFIX = "pyexec"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# engine.stats() keys -> (metric name, help, counter?)
+ENGINE_FIGURES = {
+    "workers_alive": ("engine_workers_alive", "Worker processes alive", False),
+    "worker_restarts": ("engine_worker_restarts", "Worker processes restarted", True),
+    "timeouts": ("engine_timeouts", "Queries stopped for running past their time limit", True),
+    "queue_depth": ("engine_queue_depth", "Queries waiting for a worker", False),
+}
+
+
+class Metrics:
+    """One connector's metrics, in its own CollectorRegistry (several connectors in one process do not
+    collide). Queries are counted through `observe` (the sessions' observer hook); everything else is
+    read from the sessions when scraped."""
+
+    def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.queries = Counter(f"{PREFIX}_queries", "Queries answered, by source and outcome (ok, error)",
+                               ["source", "outcome"], registry=self.registry)
+        self.duration = Histogram(f"{PREFIX}_query_duration_seconds",
+                                  "Time from a query's arrival to its terminal reply", ["source"],
+                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        self.errors = Counter(f"{PREFIX}_query_errors", "Error replies, by source and messageCode",
+                              ["source", "message_code"], registry=self.registry)
+        self.registry.register(_SessionCollector(sessions))
+
+    def observe(self, ended: QueryEnded) -> None:
+        self.queries.labels(ended.source, ended.outcome).inc()
+        self.duration.labels(ended.source).observe(ended.duration)
+        if ended.message_code is not None:
+            self.errors.labels(ended.source, ended.message_code).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def engine_stats(engine: Any) -> dict[str, Any]:
+    """engine.stats() when the engine has it (the process engine does; the inline engine need not)."""
+    stats = getattr(engine, "stats", None)
+    if not callable(stats):
+        return {}
+    try:
+        figures = stats()
+    except Exception:  # noqa: BLE001 - a scrape must not fail because an engine is restarting
+        log.debug("engine.stats() failed", exc_info=True)
+        return {}
+    return figures if isinstance(figures, dict) else {}
+
+
+class _SessionCollector(Collector):
+    def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]]):
+        self._sessions = sessions
+
+    def describe(self) -> Iterable[Any]:
+        return []      # values are read at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterable[Any]:
+        sessions = self._sessions()
+        connected = GaugeMetricFamily(f"{PREFIX}_source_connected",
+                                      "1 while the source is connected and configured", labels=["source"])
+        in_flight = GaugeMetricFamily(f"{PREFIX}_queries_in_flight", "Queries being answered", labels=["source"])
+        reconnects = CounterMetricFamily(f"{PREFIX}_link_reconnects", "Websocket reconnects", labels=["source"])
+        fetches = CounterMetricFamily(f"{PREFIX}_document_fetches",
+                                      "Document metadata requests (a script query checks the document each time)",
+                                      labels=["source"])
+        downloads = CounterMetricFamily(f"{PREFIX}_document_downloads", "Document contents downloaded",
+                                        labels=["source"])
+        hits = CounterMetricFamily(f"{PREFIX}_code_cache_hits", "Compiled-code cache hits", labels=["source"])
+        misses = CounterMetricFamily(f"{PREFIX}_code_cache_misses", "Compiled-code cache misses",
+                                     labels=["source"])
+        size = GaugeMetricFamily(f"{PREFIX}_code_cache_size", "Entries in the compiled-code cache",
+                                 labels=["source"])
+        capacity = GaugeMetricFamily(f"{PREFIX}_code_cache_capacity", "Capacity of the compiled-code cache",
+                                     labels=["source"])
+        engine_families = {
+            key: (CounterMetricFamily if counter else GaugeMetricFamily)(f"{PREFIX}_{name}", text, labels=["source"])
+            for key, (name, text, counter) in ENGINE_FIGURES.items()}
+        engines: dict[int, tuple[Any, list[str]]] = {}
+        for name, session in sessions.items():
+            connected.add_metric([name], 1.0 if session.link.ready else 0.0)
+            in_flight.add_metric([name], len(session.in_flight))
+            reconnects.add_metric([name], session.link.reconnects)
+            fetches.add_metric([name], session.documents.fetches)
+            downloads.add_metric([name], session.documents.downloads)
+            engines.setdefault(id(session.engine), (session.engine, []))[1].append(name)
+        for engine, names in engines.values():
+            label = ",".join(names)    # an engine shared by several sources is reported once
+            stats = engine_stats(engine)
+            cache = getattr(engine, "cache", None)
+            figures = {
+                "cache_hits": stats.get("cache_hits", getattr(cache, "hits", None)),
+                "cache_misses": stats.get("cache_misses", getattr(cache, "misses", None)),
+                "cache_size": stats.get("cache_size", len(cache) if cache is not None else None),
+                "cache_capacity": stats.get("cache_capacity", getattr(cache, "capacity", None)),
+            }
+            for family, key in ((hits, "cache_hits"), (misses, "cache_misses"), (size, "cache_size"),
+                                (capacity, "cache_capacity")):
+                if isinstance(figures[key], int | float):
+                    family.add_metric([label], figures[key])
+            for key, family in engine_families.items():
+                value = stats.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    family.add_metric([label], value)
+        yield from (connected, in_flight, reconnects, fetches, downloads, hits, misses, size, capacity)
+        yield from (f for f in engine_families.values() if f.samples)
+
+
+class HttpEndpoints:
+    """GET /healthz, /readyz and /metrics on `port`, on the running loop."""
+
+    def __init__(self, connector: Any, port: int, host: str = "0.0.0.0"):
+        self._connector = connector
+        self._port = port
+        self._host = host
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        problems = self._connector.health_problems()
+        body = {"status": "unhealthy" if problems else "ok", "problems": problems}
+        return web.json_response(body, status=503 if problems else 200)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        not_ready = self._connector.not_ready()
+        body = {"status": "not ready" if not_ready else "ready", "notReady": not_ready}
+        return web.json_response(body, status=503 if not_ready else 200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._connector.metrics.exposition())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+
+class TcpProbe:
+    """The upstream-compatible plain TCP probe: a listener that accepts and closes. Open while healthy."""
+
+    def __init__(self, port: int, host: str = "0.0.0.0"):
+        self._port = port
+        self._host = host
+        self._server: asyncio.Server | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._server is not None
+
+    async def set(self, healthy: bool) -> None:
+        if healthy:
+            await self.start()
+        else:
+            await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        try:
+            self._server = await asyncio.start_server(self._accept, self._host, self._port, reuse_address=True)
+        except OSError as exc:
+            log.error("the TCP health probe cannot listen on port %d: %s", self._port, exc)
+            return
+        log.info("TCP health probe listening on port %d", self._port)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+            log.info("TCP health probe on port %d closed", self._port)
+
+    @staticmethod
+    async def _accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
