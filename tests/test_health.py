@@ -1,0 +1,157 @@
+"""Health, readiness, metrics and the TCP probe on real connectors in this process; refusal logging."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyexec_connector.config import build_server_config
+from pyexec_connector.connector import Connector
+
+from .conftest import SOURCE, TOKEN, free_port
+
+
+def scrape(connector: Connector) -> dict[tuple[str, frozenset], float]:
+    text = connector.metrics.exposition().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def can_connect(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def test_two_connectors_in_one_process_keep_their_own_metrics(server, start_connector):
+    first = await start_connector()
+    second = await start_connector(sources="second")
+    assert first.connector.metrics.registry is not second.connector.metrics.registry
+    assert (await server.query({"code": "x = 1"})).status == 200
+    assert (await server.query({"code": "x = 1"}, source="second")).status == 200
+    assert (await server.query({"code": "x = 2"}, source="second")).status == 200
+    one, two = scrape(first.connector), scrape(second.connector)
+    assert one[("pyexec_queries_total", frozenset({("source", SOURCE), ("outcome", "ok")}))] == 1
+    assert two[("pyexec_queries_total", frozenset({("source", "second"), ("outcome", "ok")}))] == 2
+    assert not any(dict(labels).get("source") == "second" for _, labels in one)
+
+
+async def test_engine_figures_come_from_engine_stats_when_it_has_them(connected):
+    server, running = connected
+    names = {name for name, _ in scrape(running.connector)}
+    assert "pyexec_engine_workers_alive" not in names          # the inline engine has no stats()
+    figures = {"workers_alive": 2, "worker_restarts": 1, "timeouts": 3, "queue_depth": 0}
+    running.session.engine.stats = lambda: figures             # what the process engine provides
+    metrics = scrape(running.connector)
+    label = frozenset({("source", SOURCE)})
+    assert metrics[("pyexec_engine_workers_alive", label)] == 2
+    assert metrics[("pyexec_engine_worker_restarts_total", label)] == 1
+    assert metrics[("pyexec_engine_timeouts_total", label)] == 3
+    assert metrics[("pyexec_engine_queue_depth", label)] == 0
+    assert running.connector.health_problems() == []
+    figures["workers_alive"] = 0
+    assert "no engine worker alive" in running.connector.health_problems()[0]
+
+
+async def test_healthz_follows_declared_health_and_readyz_names_sources(server, start_connector):
+    port = free_port()
+    running = await start_connector(sources=f"{SOURCE}, other", metricsPort=port)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+        server.refuse("other", 409, "io.vantiq.source.already.served", "Someone else serves {0}.")
+        await server.drop("other")
+        for _ in range(200):
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                if response.status == 503:
+                    body = await response.json()
+                    break
+            await asyncio.sleep(0.02)
+        assert list(body["notReady"]) == ["other"]
+        assert (await server.query({"code": "await connector_connection.declare_unhealthy()"})).status == 200
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 503
+            assert "declared unhealthy" in (await response.json())["problems"][0]
+        await running.stop()
+        with pytest.raises(aiohttp.ClientError):          # the endpoints close with the connector
+            await http.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_tcp_probe_under_kubernetes_and_declared_health(server, start_connector, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    running = await start_connector(tcpProbePort=port)
+    assert await can_connect(port)
+    assert (await server.query({"code": "await connector_connection.declare_unhealthy()"})).status == 200
+    assert not await can_connect(port)
+    assert (await server.query({"code": "await connector_connection.declare_healthy()"})).status == 200
+    assert await can_connect(port)
+    await running.stop()
+    assert not await can_connect(port)
+
+
+async def test_tcp_probe_waits_for_declare_healthy_outside_kubernetes(server, start_connector, monkeypatch):
+    port = free_port()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    running = await start_connector(tcpProbePort=port)
+    assert not await can_connect(port)
+    assert (await server.query({"code": "await connector_connection.declare_healthy()"})).status == 200
+    assert await can_connect(port)
+    await running.stop()
+
+
+async def test_refusals_warn_once_per_state_change(server, start_connector, caplog):
+    caplog.set_level(logging.DEBUG, logger="pyexec_connector.link")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and "refused the connection" in r.getMessage()]
+
+    async def attempts(count: int) -> None:
+        start = server.connects(SOURCE)
+        async with asyncio.timeout(10):
+            while server.connects(SOURCE) < start + count:
+                await asyncio.sleep(0.02)
+
+    server.refuse(SOURCE, 404, "io.vantiq.resource.not.found", "The source {0} does not exist.")
+    running = await start_connector(wait=False)
+    await attempts(4)
+    assert len(warnings()) == 1 and "does not exist" in warnings()[0]
+    server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "Another connector serves {0}.")
+    await attempts(4)
+    assert len(warnings()) == 2 and "Another connector" in warnings()[1]     # a new state: one more
+    server.accept(SOURCE)
+    await running.connector.wait_ready(timeout=10)
+    server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "Another connector serves {0}.")
+    await server.drop(SOURCE)
+    await attempts(4)
+    assert len(warnings()) == 3          # the same refusal again after being connected: a state change
+
+
+async def test_shutdown_refuses_new_queries_and_closes_normally(server, start_connector):
+    running = await start_connector()
+    slow = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(0.5)\nz = 1"})
+    await asyncio.sleep(0.1)
+    running.connector.stop()
+    await asyncio.sleep(0.05)
+    assert not running.connector.ready and running.connector.not_ready() == {SOURCE: "shutting down"}
+    late = await server.query({"code": "x = 1"})
+    assert late.error_code == "io.vantiq.pyexecsource.shuttingdown"
+    assert (await server.replies_for(slow)).results["z"] == 1
+    await asyncio.wait_for(running.task, 10)
+    await asyncio.sleep(0.1)
+    assert server.close_codes[-1] == 1000
+
+
+def test_metrics_port_is_off_unless_configured():
+    config = build_server_config({"targetServer": "http://127.0.0.1:1", "authToken": TOKEN, "sources": "s"}, env={})
+    assert config.metrics_port is None and Connector(config).http is None
+    config = build_server_config({"targetServer": "http://127.0.0.1:1", "authToken": TOKEN, "sources": "s",
+                                  "metricsPort": "9090", "shutdownGraceSeconds": "5"}, env={})
+    assert config.metrics_port == 9090 and config.shutdown_grace_seconds == 5
