@@ -1,22 +1,33 @@
 # pyexec-connector image. Add the packages your scripts import to localRequirements.txt, then:
 #   docker build -t pyexec-connector .
-#   docker run -v $PWD/serverConfig:/home/connector/serverConfig pyexec-connector
+#   docker run -v $PWD/serverConfig:/home/connector/serverConfig -e CONNECTOR_AUTH_TOKEN=... pyexec-connector
+# Give it time to finish in-flight queries when stopping: docker stop -t 40 (above shutdownGraceSeconds).
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# CONNECTOR_METRICS_PORT turns on /healthz, /readyz and /metrics (the HEALTHCHECK below asks /healthz).
+# metricsPort in server.config, when set, wins over it.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CONNECTOR_METRICS_PORT=9090
 
-RUN useradd --create-home --uid 10001 connector
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
 
 # Users' extra packages first: this layer is rebuilt only when the list changes.
 COPY localRequirements.txt /tmp/localRequirements.txt
-RUN pip install -r /tmp/localRequirements.txt
+RUN pip install -r /tmp/localRequirements.txt && rm /tmp/localRequirements.txt
 
+# The project itself, from the build context.
 COPY pyproject.toml README.md /tmp/build/
 COPY src /tmp/build/src
 RUN pip install /tmp/build && rm -rf /tmp/build
 
+# server.config and logger.ini are mounted here (or come from CONNECTOR_* environment variables).
+RUN mkdir -p /home/connector/serverConfig && chown connector:connector /home/connector/serverConfig
 USER connector
 WORKDIR /home/connector
-# server.config and logger.ini are mounted here.
 VOLUME ["/home/connector/serverConfig"]
+# 9090: HTTP health and metrics; 8000: the plain TCP probe (tcpProbePort).
+EXPOSE 9090 8000
+
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pyexec-connector", "healthcheck"]
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["pyexec-connector"]

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="the server.config file")
     check.add_argument("--timeout", metavar="SECONDS", type=float, default=15.0,
                        help="how long each handshake may take (default 15)")
+    health = sub.add_parser("healthcheck", help="ask the running connector's /healthz (for Docker's HEALTHCHECK)",
+                            description="GET /healthz on 127.0.0.1:<metricsPort> of the configuration; exit 0 "
+                                        "when it answers 200, 1 otherwise. With no metricsPort configured there "
+                                        "is nothing to ask, and the answer is 0.")
+    health.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="the server.config file")
     demo = sub.add_parser("demo", help="a full round trip against a built-in loopback stand-in of Vantiq",
                           description="Start the built-in stand-in of a Vantiq server on a free loopback port, "
                                       "connect the connector to it and run example queries, printing each "
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(log_level=getattr(args, "log_level", None) or "WARNING")
     if command == "check":
         return run_check(getattr(args, "config", None), args.timeout)
+    if command == "healthcheck":
+        return run_healthcheck(getattr(args, "config", None))
     return run_connector(getattr(args, "config", None), getattr(args, "log_level", None),
                          getattr(args, "log_format", None) or "text")
 
@@ -103,6 +110,29 @@ def run_check(config_path: str | None, timeout: float) -> int:
     if all(r.ok for r in results.values()):
         return EXIT_OK
     return EXIT_AUTH if any(r.outcome == "bad token" for r in results.values()) else EXIT_FAILURE
+
+
+def run_healthcheck(config_path: str | None) -> int:
+    import urllib.error
+    import urllib.request
+    try:
+        config = load_server_config(config_path)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    if config.metrics_port is None:
+        print("metricsPort is not set: no /healthz to ask")
+        return EXIT_OK
+    url = f"http://127.0.0.1:{config.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:      # noqa: S310 - loopback, fixed scheme
+            print(f"{url}: {response.status}")
+            return EXIT_OK if response.status == 200 else EXIT_FAILURE
+    except urllib.error.HTTPError as exc:
+        print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"{url}: {exc}")
+    return EXIT_FAILURE
 
 
 async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, CheckResult]:

@@ -1,0 +1,196 @@
+"""The Docker image and the Kubernetes manifests: no Docker engine or cluster here, so the Dockerfile is
+parsed (the `dockerfile` package) and the YAML loaded, and the image's install steps are replayed in a
+fresh venv (slow: run with `pytest -m slow`, as .ci/run does)."""
+from __future__ import annotations
+
+import asyncio
+import logging.config
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dockerfile
+import pytest
+import yaml
+
+from pyexec_connector.config import build_server_config, read_properties
+
+from .conftest import ROOT, SOURCE, TOKEN, console_command, free_port
+
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def instructions() -> list[dockerfile.Command]:
+    return list(dockerfile.parse_file(str(ROOT / "Dockerfile")))
+
+
+def first(cmd: str) -> list[dockerfile.Command]:
+    return [c for c in instructions() if c.cmd == cmd]
+
+
+def test_dockerfile_base_user_and_entrypoint():
+    commands = instructions()
+    (base,) = first("FROM")
+    image, _, tag = base.value[0].partition(":")
+    assert image == "python" and tag.endswith("-slim")
+    users = first("USER")
+    assert users and users[-1].value[0] not in ("root", "0")
+    names = [c.cmd for c in commands]
+    assert names.index("USER") > max(i for i, c in enumerate(commands) if c.cmd == "RUN" and "pip" in c.value[0])
+    (entry,) = first("ENTRYPOINT")
+    assert entry.json and entry.value == ("pyexec-connector",)
+    (volume,) = first("VOLUME")
+    assert any(v.rstrip("/").endswith("/serverConfig") for v in volume.value)
+    (workdir,) = first("WORKDIR")
+    assert volume.value[0].startswith(workdir.value[0])        # serverConfig/ relative to the working dir
+
+
+def test_dockerfile_installs_local_requirements_then_the_project():
+    assert (ROOT / "localRequirements.txt").is_file()
+    commands = instructions()
+    copies = [c for c in commands if c.cmd == "COPY"]
+    runs = [c.value[0] for c in commands if c.cmd == "RUN"]
+    assert any(c.value[0] == "localRequirements.txt" for c in copies)
+    assert any("pip install -r /tmp/localRequirements.txt" in r for r in runs)
+    sources = {v for c in copies for v in c.value[:-1]}
+    assert {"pyproject.toml", "src"} <= sources                # the project from the build context
+    local_at = next(i for i, r in enumerate(runs) if "localRequirements" in r)
+    project_at = next(i for i, r in enumerate(runs) if "pip install /tmp/build" in r)
+    assert local_at < project_at                               # users' packages in their own, earlier layer
+
+
+def test_dockerfile_healthcheck_asks_healthz():
+    (check,) = first("HEALTHCHECK")
+    assert "pyexec-connector" in check.original and "healthcheck" in check.original
+    env = dict(zip(first("ENV")[0].value[::2], first("ENV")[0].value[1::2], strict=True))
+    assert env["CONNECTOR_METRICS_PORT"].isdigit()              # the endpoints are on in the image
+
+
+async def test_healthcheck_command(server, tmp_path):
+    port = free_port()
+    config = tmp_path / "server.config"
+    config.write_text(f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {SOURCE}\nmetricsPort = {port}\n")
+
+    async def healthcheck() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(*console_command(), "healthcheck", "--config", str(config),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode()
+
+    code, out = await healthcheck()
+    assert code == 1, out                                      # nothing listening yet
+    connector = await asyncio.create_subprocess_exec(*console_command(), "--config", str(config), cwd=tmp_path,
+                                                     stdout=asyncio.subprocess.DEVNULL)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        code, out = await healthcheck()
+        assert code == 0 and "/healthz: 200" in out
+    finally:
+        connector.terminate()
+        assert await asyncio.wait_for(connector.wait(), 30) == 0
+
+
+@pytest.mark.slow
+def test_image_install_steps_in_a_fresh_venv(tmp_path):
+    """Replay the Dockerfile's COPY and pip RUN steps: a copy of the build context, a fresh venv,
+    `pip install -r localRequirements.txt`, the project, then `pyexec-connector --help`."""
+    context = tmp_path / "context"
+    root = tmp_path / "root"                                    # stands in for the image's filesystem
+    ignored = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist")
+    shutil.copytree(ROOT, context, ignore=ignored)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    for command in instructions():
+        if command.cmd == "COPY":
+            *sources, dest = command.value
+            target = root / dest.lstrip("/")
+            for source in sources:
+                path = context / source
+                if dest.endswith("/"):
+                    target.mkdir(parents=True, exist_ok=True)
+                    destination = target / path.name
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    destination = target
+                if path.is_dir():
+                    shutil.copytree(path, destination)
+                else:
+                    shutil.copy(path, destination)
+        elif command.cmd == "RUN" and command.value[0].startswith("pip "):
+            line = command.value[0].replace("/tmp/", f"{root}/tmp/")
+            done = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+    help_text = subprocess.run([str(venv / "bin" / "pyexec-connector"), "--help"], capture_output=True, text=True,
+                               timeout=60)
+    assert help_text.returncode == 0 and "check" in help_text.stdout
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------------
+
+def manifests() -> dict[str, dict]:
+    found = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                found[doc["kind"]] = doc
+    return found
+
+
+def test_kubernetes_deployment():
+    docs = manifests()
+    assert {"Secret", "ConfigMap", "Deployment"} <= set(docs)
+    deployment = docs["Deployment"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        http = container[probe]["httpGet"]
+        assert http["path"] == path
+        assert ports.get(http["port"], http["port"]) == 9090
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert any(ref["secretRef"]["name"] == docs["Secret"]["metadata"]["name"] for ref in container["envFrom"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_volume = next(n for n, v in volumes.items() if "configMap" in v)
+    assert volumes[config_volume]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert mounts[config_volume] == "/home/connector/serverConfig"
+
+
+def test_kubernetes_configuration_is_valid_and_consistent(tmp_path):
+    docs = manifests()
+    secret = docs["Secret"]["stringData"]
+    assert secret["CONNECTOR_AUTH_TOKEN"]
+    assert secret["CONNECTOR_RECONNECT_SECRET"].strip()          # fixed: a restarted pod takes over
+    data = docs["ConfigMap"]["data"]
+    (tmp_path / "server.config").write_text(data["server.config"])
+    properties = read_properties(tmp_path / "server.config")
+    assert "authToken" not in properties                       # the token lives in the Secret only
+    config = build_server_config(properties, env=secret)
+    assert config.reconnect_secret == secret["CONNECTOR_RECONNECT_SECRET"]
+    assert config.metrics_port == 9090
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > config.shutdown_grace_seconds
+    (tmp_path / "logger.ini").write_text(data["logger.ini"])
+    root, ours = logging.getLogger(), logging.getLogger("pyexec_connector")
+    saved = root.handlers[:], root.level, ours.level
+    try:
+        logging.config.fileConfig(tmp_path / "logger.ini", disable_existing_loggers=False)
+        assert type(root.handlers[0].formatter).__name__ == "JsonFormatter"
+    finally:
+        root.handlers[:], root.level, ours.level = saved
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert all(Path(K8S / name).is_file() for name in listed)
