@@ -155,3 +155,17 @@ def test_metrics_port_is_off_unless_configured():
     config = build_server_config({"targetServer": "http://127.0.0.1:1", "authToken": TOKEN, "sources": "s",
                                   "metricsPort": "9090", "shutdownGraceSeconds": "5"}, env={})
     assert config.metrics_port == 9090 and config.shutdown_grace_seconds == 5
+
+
+async def test_cache_counters_survive_a_reconfigure(connected):
+    server, running = connected
+    for _ in range(3):
+        assert (await server.query({"code": "x = 1", "name": "same"})).status == 200
+    label = frozenset({("source", SOURCE)})
+    before = scrape(running.connector)[("pyexec_code_cache_hits_total", label)]
+    assert before >= 2
+    await server.reconfigure(SOURCE, {"codeCacheSize": 8})
+    assert (await server.query({"code": "x = 1"})).status == 200       # after the configure arrived
+    metrics = scrape(running.connector)
+    assert metrics[("pyexec_code_cache_hits_total", label)] >= before
+    assert metrics[("pyexec_code_cache_capacity", label)] == 8

@@ -187,7 +187,7 @@ async def test_sigterm_answers_the_query_in_flight_and_exits_0(server, spawn):
 async def test_new_queries_during_shutdown_get_shutting_down(server, spawn):
     proc = await spawn(config=config_text(server, shutdownGraceSeconds=20))
     await server.wait_attached(SOURCE, timeout=30)
-    slow = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(3)\ndone = 1"})
+    slow = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(1.5)\ndone = 1"})
     await asyncio.sleep(0.3)
     proc.signal(signal.SIGINT)
     await asyncio.sleep(0.3)
@@ -324,3 +324,17 @@ async def test_json_log_lines_parse_back(server, spawn):
     assert by_address[bad]["outcome"] == "error" and by_address[bad]["level"] == "INFO"
     assert by_address[bad]["messageCode"] == errors.EXECUTION_EXCEPTION
     assert TOKEN not in proc.output
+
+
+async def test_logger_ini_wins_over_log_format(server, spawn, tmp_path):
+    (tmp_path / "serverConfig").mkdir()
+    (tmp_path / "serverConfig" / "logger.ini").write_text(
+        "[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=f\n"
+        "[logger_root]\nlevel=INFO\nhandlers=h\n"
+        "[handler_h]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stdout,)\n"
+        "[formatter_f]\nformat=INI|%(levelname)s|%(message)s\n")
+    proc = await spawn("--log-format", "json", config=config_text(server))
+    await server.wait_attached(SOURCE, timeout=30)
+    proc.signal()
+    assert await proc.wait() == 0, proc.output
+    assert proc.lines and all(line.startswith("INI|") for line in proc.lines if line.strip())

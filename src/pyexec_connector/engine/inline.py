@@ -21,7 +21,10 @@ class InlineEngine:
         self._tracking_installed = False
 
     def reconfigure(self, cache_capacity: int) -> None:
+        old = self.cache
         self.cache = CodeCache(cache_capacity)
+        # hits and misses count over the process's life (/metrics counters never go back)
+        self.cache.hits, self.cache.misses = old.hits, old.misses
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
         if not self._tracking_installed:
