@@ -58,7 +58,7 @@ async def start_connector(server):
     started: list[Running] = []
 
     async def start(wait: bool = True, sources: str = SOURCE, **properties) -> Running:
-        props = {"targetServer": server.url, "authToken": TOKEN, "sources": sources, "shutdownGraceSeconds": "2"}
+        props = {"targetServer": server.url, "authToken": TOKEN, "sources": sources, "shutdownGraceSeconds": "0.5"}
         props.update({k: str(v) for k, v in properties.items()})
         config = build_server_config(props, env={})
         connector = Connector(config, backoff_initial=0.02, backoff_max=0.2, handshake_timeout=2.0)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 
 import aiohttp
@@ -167,6 +168,16 @@ async def test_metric_values_move_after_known_queries(server, spawn):
     assert "# TYPE pyexec_query_duration_seconds histogram" in text
     proc.signal()
     assert await proc.wait() == 0, proc.output
+
+
+async def test_a_busy_metrics_port_is_a_configuration_error(server, spawn):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = await spawn(config=config_text(server, metricsPort=port))
+        assert await proc.wait() == 2, proc.output
+    assert "metricsPort" in proc.output and f"cannot listen on port {port}" in proc.output
 
 
 # ---- graceful shutdown ---------------------------------------------------------------------------

@@ -188,6 +188,9 @@ async def serve(config: ServerConfig) -> int:
     except AuthenticationError as exc:
         log.error("%s", exc)
         return EXIT_AUTH
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
     except ConnectionFailed as exc:
         log.error("%s (failOnConnectionError is true, so the connector stops)", exc)
         return EXIT_FAILURE

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import ConfigError
 from .session import QueryEnded
 
 if TYPE_CHECKING:
@@ -145,7 +146,11 @@ class HttpEndpoints:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"cannot listen on port {self._port}: {exc.strerror or exc}", key="metricsPort") from None
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", self._host, self.port)
 
