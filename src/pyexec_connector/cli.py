@@ -95,7 +95,7 @@ def run_check(config_path: str | None, timeout: float) -> int:
         print(f"configuration: {exc}")
         return EXIT_CONFIG
     config, problems = config_problems(properties, file=file)
-    where = file or "the environment (no server.config)"
+    where = file or "no server.config: everything from CONNECTOR_* variables"
     if problems:
         for problem in problems:
             print(f"configuration: {problem}")

@@ -104,7 +104,7 @@ class ServerConfig(BaseModel):
     @field_validator("send_pings", "fail_on_connection_error", mode="before")
     @classmethod
     def _bools(cls, value: Any, info) -> bool:
-        return parse_bool(value, name=info.field_name)
+        return parse_bool(value, name=cls.model_fields[info.field_name].alias or info.field_name)
 
     @field_validator("connect_kwargs", mode="before")
     @classmethod

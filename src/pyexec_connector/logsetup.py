@@ -5,6 +5,7 @@ import json
 import logging
 import logging.config
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import LOGGER_INI
@@ -37,7 +38,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        from datetime import UTC, datetime
         return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
