@@ -349,3 +349,12 @@ async def test_logger_ini_wins_over_log_format(server, spawn, tmp_path):
     proc.signal()
     assert await proc.wait() == 0, proc.output
     assert proc.lines and all(line.startswith("INI|") for line in proc.lines if line.strip())
+
+
+def test_help_names_the_operations_commands_and_options():
+    import subprocess
+    done = subprocess.run(console_command() + ["--help"], capture_output=True, text=True, timeout=60)
+    for word in ("check", "doctor", "healthcheck", "--log-format"):
+        assert word in done.stdout
+    doctor = subprocess.run(console_command() + ["doctor", "--help"], capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 0 and "connectExtension" in doctor.stdout

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Connect every source listed in server.config and serve queries until "
                                      "stopped (SIGINT/SIGTERM).")
     _connector_options(run, argparse.SUPPRESS)
-    check = sub.add_parser("check", help="check the configuration and each source's handshake, then exit",
+    check = sub.add_parser("check", aliases=["doctor"],
+                           help="check the configuration and each source's handshake, then exit",
                            description="Read the configuration (server.config and CONNECTOR_* environment "
                                        "variables) and report every problem with its key; then, for each "
                                        "source, try the handshake (validate, connectExtension, "
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from .demo import run_demo
         return run_demo(log_level=getattr(args, "log_level", None) or "WARNING")
-    if command == "check":
+    if command in ("check", "doctor"):
         return run_check(getattr(args, "config", None), args.timeout)
     if command == "healthcheck":
         return run_healthcheck(getattr(args, "config", None))
