@@ -88,6 +88,7 @@ async def test_tcp_probe_under_kubernetes_and_declared_health(server, start_conn
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     running = await start_connector(tcpProbePort=port)
     assert await can_connect(port)
+    assert (await server.query({"code": "h = connector_connection.is_healthy()"})).results["h"] is True
     assert (await server.query({"code": "await connector_connection.declare_unhealthy()"})).status == 200
     assert not await can_connect(port)
     assert (await server.query({"code": "await connector_connection.declare_healthy()"})).status == 200

@@ -291,6 +291,13 @@ async def test_check_reports_an_unreachable_host(spawn):
     assert "source a  host unreachable" in proc.output
 
 
+async def test_check_reports_a_server_that_never_answers(server, spawn):
+    server.silent_validate = True
+    proc = await spawn("check", "--timeout", "1", config=config_text(server))
+    assert await proc.wait() == 1, proc.output
+    assert f"source {SOURCE}  host unreachable" in proc.output and "no answer within 1 s" in proc.output
+
+
 async def test_check_reports_a_tls_failure(spawn):
     ca = trustme.CA()                            # a CA the client does not trust
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

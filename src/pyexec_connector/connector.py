@@ -52,8 +52,10 @@ class Connector:
         try:
             if self.http is not None:
                 await self.http.start()
-            if self._under_kubernetes:
-                await self.probe.start()
+            if self._under_kubernetes:        # as upstream: healthy from the start (is_healthy() is True)
+                log.info("running under Kubernetes: declaring healthy (TCP probe on port %d)",
+                         self.config.tcp_probe_port)
+                await self.health.declare(True)
             pending = set(links) | {stopper}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -176,22 +176,25 @@ class HttpEndpoints:
 
 
 class TcpProbe:
-    """The upstream-compatible plain TCP probe: a listener that accepts and closes. Open while healthy."""
+    """The upstream-compatible plain TCP probe: a listener on every interface that accepts and closes.
+    Open while healthy."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0"):
+    def __init__(self, port: int, host: str | None = None):
         self._port = port
         self._host = host
         self._server: asyncio.Server | None = None
+        self._lock = asyncio.Lock()     # declare_healthy/unhealthy from concurrent queries
 
     @property
     def open(self) -> bool:
         return self._server is not None
 
     async def set(self, healthy: bool) -> None:
-        if healthy:
-            await self.start()
-        else:
-            await self.stop()
+        async with self._lock:
+            if healthy:
+                await self.start()
+            else:
+                await self.stop()
 
     async def start(self) -> None:
         if self._server is not None:

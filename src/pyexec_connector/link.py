@@ -256,7 +256,10 @@ class SourceLink:
         except InvalidStatus as exc:
             return CheckResult("host unreachable", f"{self._config.websocket_url} is not a Vantiq websocket "
                                                    f"endpoint ({_describe(exc)})")
-        except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed) as exc:
+        except TimeoutError:
+            return CheckResult("host unreachable", f"{self._config.websocket_url}: no answer within "
+                                                   f"{self._handshake_timeout:g} s")
+        except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
             return CheckResult("host unreachable", f"{self._config.websocket_url}: {_describe(exc)}")
         finally:
             self._set_state(LinkState.CLOSED)
