@@ -47,15 +47,17 @@ class Connector:
         failOnConnectionError) stops the rest and is raised."""
         log.info("connecting %d source(s) to %s: %s", len(self.sessions), self.config.websocket_url,
                  ", ".join(self.sessions))
-        links = {asyncio.create_task(s.run(), name=f"source-{n}"): n for n, s in self.sessions.items()}
+        links: dict[asyncio.Task, str] = {}
         stopper = asyncio.create_task(self._stop.wait())
         try:
+            # The endpoints and the probe first: /readyz answers 503 while the sources connect.
             if self.http is not None:
                 await self.http.start()
             if self._under_kubernetes:        # as upstream: healthy from the start (is_healthy() is True)
                 log.info("running under Kubernetes: declaring healthy (TCP probe on port %d)",
                          self.config.tcp_probe_port)
                 await self.health.declare(True)
+            links = {asyncio.create_task(s.run(), name=f"source-{n}"): n for n, s in self.sessions.items()}
             pending = set(links) | {stopper}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
