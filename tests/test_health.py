@@ -136,17 +136,22 @@ async def test_refusals_warn_once_per_state_change(server, start_connector, capl
 
 
 async def test_shutdown_refuses_new_queries_and_closes_normally(server, start_connector):
-    running = await start_connector()
-    slow = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(0.5)\nz = 1"})
-    await asyncio.sleep(0.1)
+    running = await start_connector(shutdownGraceSeconds=20)
+    code = "import asyncio\nawait connector_connection.send_notification(1)\nawait asyncio.sleep(0.5)\nz = 1"
+    slow = await server.send_query(SOURCE, {"code": code})
+    await server.wait_notifications(SOURCE, 1)           # running
     running.connector.stop()
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):
+        while not running.connector.shutting_down:
+            await asyncio.sleep(0.01)
     assert not running.connector.ready and running.connector.not_ready() == {SOURCE: "shutting down"}
     late = await server.query({"code": "x = 1"})
     assert late.error_code == "io.vantiq.pyexecsource.shuttingdown"
     assert (await server.replies_for(slow)).results["z"] == 1
     await asyncio.wait_for(running.task, 10)
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(10):
+        while not server.close_codes:
+            await asyncio.sleep(0.01)
     assert server.close_codes[-1] == 1000
 
 

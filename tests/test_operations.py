@@ -20,7 +20,13 @@ from pyexec_connector.devserver import DevServer
 
 from .conftest import SOURCE, TOKEN, console_command, free_port
 
-SLEEPY = "import asyncio\nawait asyncio.sleep(1)\nslept = True"
+STARTED = "import asyncio\nawait connector_connection.send_notification({'started': True})\n"
+SLEEPY = STARTED + "await asyncio.sleep(1)\nslept = True"
+
+
+def sleeping(seconds: float, result: str = "done = 1") -> str:
+    """Code that says it started (a notification), then sleeps with top-level await."""
+    return STARTED + f"await asyncio.sleep({seconds})\n{result}"
 
 
 class Proc:
@@ -35,6 +41,11 @@ class Proc:
         assert self.proc.stdout is not None
         async for line in self.proc.stdout:
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    async def wait_for_line(self, text: str, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(text in line for line in self.lines):
+                await asyncio.sleep(0.02)
 
     @property
     def output(self) -> str:
@@ -186,22 +197,24 @@ async def test_sigterm_answers_the_query_in_flight_and_exits_0(server, spawn):
     proc = await spawn(config=config_text(server))
     await server.wait_attached(SOURCE, timeout=30)
     address = await server.send_query(SOURCE, {"code": SLEEPY})
-    await asyncio.sleep(0.3)                     # the query is running
+    await server.wait_notifications(SOURCE, 1, timeout=30)        # the query is running
     proc.signal(signal.SIGTERM)
     result = await server.replies_for(address, timeout=30)
     assert result.status == 200 and result.results["slept"] is True
     assert await proc.wait() == 0, proc.output
-    await asyncio.sleep(0.2)
-    assert server.close_codes and server.close_codes[-1] == 1000      # a normal close
+    async with asyncio.timeout(10):
+        while not server.close_codes:
+            await asyncio.sleep(0.01)
+    assert server.close_codes[-1] == 1000      # a normal close
 
 
 async def test_new_queries_during_shutdown_get_shutting_down(server, spawn):
     proc = await spawn(config=config_text(server, shutdownGraceSeconds=20))
     await server.wait_attached(SOURCE, timeout=30)
-    slow = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(1.5)\ndone = 1"})
-    await asyncio.sleep(0.3)
+    slow = await server.send_query(SOURCE, {"code": sleeping(1.5)})
+    await server.wait_notifications(SOURCE, 1, timeout=30)
     proc.signal(signal.SIGINT)
-    await asyncio.sleep(0.3)
+    await proc.wait_for_line("SIGINT received")
     late = [await server.send_query(SOURCE, {"code": "x = 1"}) for _ in range(3)]
     for address in late:
         result = await server.replies_for(address, timeout=10)
@@ -213,8 +226,8 @@ async def test_new_queries_during_shutdown_get_shutting_down(server, spawn):
 async def test_queries_still_running_when_the_grace_ends_are_answered_with_an_error(server, spawn):
     proc = await spawn(config=config_text(server, shutdownGraceSeconds=1))
     await server.wait_attached(SOURCE, timeout=30)
-    address = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(120)"})
-    await asyncio.sleep(0.3)
+    address = await server.send_query(SOURCE, {"code": sleeping(120)})
+    await server.wait_notifications(SOURCE, 1, timeout=30)
     proc.signal()
     result = await server.replies_for(address, timeout=30)
     assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN
@@ -225,10 +238,11 @@ async def test_queries_still_running_when_the_grace_ends_are_answered_with_an_er
 async def test_a_second_signal_exits_at_once(server, spawn):
     proc = await spawn(config=config_text(server, shutdownGraceSeconds=120))
     await server.wait_attached(SOURCE, timeout=30)
-    await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(120)"})
-    await asyncio.sleep(0.3)
+    await server.send_query(SOURCE, {"code": sleeping(120)})
+    await server.wait_notifications(SOURCE, 1, timeout=30)
     proc.signal()
-    await asyncio.sleep(0.5)
+    await proc.wait_for_line("SIGTERM received")
+    await asyncio.sleep(0.3)
     assert proc.proc.returncode is None          # still draining
     proc.signal()
     assert await proc.wait(timeout=20) == 1
