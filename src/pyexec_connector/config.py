@@ -9,12 +9,13 @@ import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import javaproperties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .booleans import FALSE_WORDS, TRUE_WORDS, parse_bool  # noqa: F401 - re-exported
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,27 +23,10 @@ log = logging.getLogger(__name__)
 CONFIG_LOCATIONS = (Path("serverConfig") / "server.config", Path("server.config"))
 LOGGER_INI = Path("serverConfig") / "logger.ini"
 TOKEN_ENV = "CONNECTOR_AUTH_TOKEN"
-TRUE_WORDS = frozenset({"true", "yes", "t", "1", "y", "on"})
-FALSE_WORDS = frozenset({"false", "no", "f", "0", "n", "off", ""})
 _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 ENV_PREFIX = "CONNECTOR_"
-
-
-def parse_bool(value: Any, *, name: str) -> bool:
-    """Vantiq and properties files send booleans as words too: true/yes/t/1 (any case)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-    raise ValueError(f"{name} must be true or false, not {value!r}")
 
 
 class ServerConfig(BaseModel):
@@ -300,6 +284,14 @@ def load_server_config(path: str | os.PathLike | None = None,
 
 # ---- per-source configuration (configureExtension) ---------------------------------------------
 
+class CodeGuardConfig(BaseModel):
+    """codeGuard: names, attributes and modules user code may not use (checked on the AST)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    forbid: tuple[str, ...] = ()
+
+
 class SourceConfig(BaseModel):
     """pythonExecConfig.general of the source's configuration document."""
 
@@ -307,6 +299,24 @@ class SourceConfig(BaseModel):
 
     codeCacheSize: int = Field(default=128, ge=1, le=1_000_000)
     returnRuntimeInformation: bool = False
+    # Where user code runs: "process" (a pool of worker processes, protected) or "inline" (the
+    # connector's own loop, as upstream; not protected).
+    executionMode: Literal["process", "inline"] = "process"
+    workers: int | None = Field(default=None, ge=1, le=512)           # None: os.cpu_count()
+    queriesPerWorker: int = Field(default=16, ge=1, le=10_000)       # concurrent queries one worker takes
+    executionTimeout: float = Field(default=300.0, ge=0)             # seconds; 0: no limit
+    memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
+    maxQueuedQueries: int = Field(default=1000, ge=0)                # waiting for a worker; beyond: "busy"
+    codeGuard: CodeGuardConfig | None = None
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def pool_shape(self) -> tuple[Any, ...]:
+        """What a worker pool is built from: a change here needs a new pool, anything else does not."""
+        return (self.executionMode, self.worker_count, self.memoryLimitMB or None)
 
 
 def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:

@@ -23,6 +23,12 @@ DOC_INCOMPLETE = "io.vantiq.pyexecsource.docincomplete"
 DOC_LENGTH = "io.vantiq.pyexecsource.doclength"
 DOC_EMPTY = "io.vantiq.pyexecsource.doccontent.empty"
 DOC_FETCH = "io.vantiq.pyexecsource.docfetch.failed"
+# isolation and limits (execution engines)
+TIMEOUT = "io.vantiq.pyexecsource.execution.timeout"
+WORKER_DIED = "io.vantiq.pyexecsource.worker.died"
+MEMORY_LIMIT = "io.vantiq.pyexecsource.execution.memorylimit"
+BUSY = "io.vantiq.pyexecsource.busy"
+GUARD_VIOLATION = "io.vantiq.pyexecsource.codeguard.violation"
 
 
 class QueryError(Exception):

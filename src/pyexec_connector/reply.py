@@ -56,8 +56,16 @@ class ReplyChannel:
             self.status = status
             if self._done is not None and not self._done.done():
                 self._done.set_result(status)
-        self._send(frame)
+        self._deliver(frame, terminal, status)
         return True
+
+    def _deliver(self, frame: str, terminal: bool, status: int) -> None:
+        """Where an accepted frame goes (a worker process overrides this to reach the connector)."""
+        self._send(frame)
+
+    def forward(self, frame: str, terminal: bool, status: int) -> bool:
+        """A frame some other channel already built and checked (a worker's): the same once-only rule."""
+        return self._emit(frame, terminal, status)
 
     def send(self, status: int, body: Any = None) -> bool:
         """A query response as upstream's send_query_response: 100 partial, 200 last, 204 empty."""

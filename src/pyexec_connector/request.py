@@ -1,15 +1,17 @@
 """The WITH clause of a query, parsed and validated into one QueryRequest or one QueryError. Pure."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from . import errors
-from .config import parse_bool
+from .booleans import parse_bool
 from .errors import QueryError, bad_parameter
 
 KNOWN_PARAMETERS = frozenset({
     "code", "name", "script", "presetValues", "codeHandlesReturn", "limitReturnTo", "cache_code", "replace",
+    "timeout", "captureOutput", "dryRun",
 })
 
 
@@ -23,6 +25,9 @@ class QueryRequest:
     limit_return_to: tuple[str, ...] | None
     cache_code: bool
     replace: bool
+    timeout: float | None = None      # seconds, from the WITH clause; None: the source's executionTimeout
+    capture_output: bool = False      # reply with what the run printed (pythonOutput)
+    dry_run: bool = False             # compile and guard only; nothing runs
 
     @property
     def cache_key(self) -> str | None:
@@ -52,6 +57,23 @@ def _string(params: dict[str, Any], key: str) -> str | None:
     if not isinstance(value, str):
         raise bad_parameter(key, "a string", value)
     return value
+
+
+def _timeout(params: dict[str, Any]) -> float | None:
+    value = params.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad_parameter("timeout", "a number of seconds", value) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise bad_parameter("timeout", "a number of seconds", value)
+    if value < 0:
+        raise QueryError(errors.BAD_PARAMETER, "The WITH parameter {0} must be {1}, not {2}.",
+                         ["timeout", "0 (no limit) or a positive number of seconds", value])
+    return float(value)
 
 
 def _limit_return_to(value: Any) -> tuple[str, ...] | None:
@@ -86,6 +108,11 @@ def parse_query(params: Any) -> QueryRequest:
                          "The presetValues parameter must be an object of global names to values, not {0}.",
                          [type(presets).__name__])
 
+    capture_output = _boolean(params, "captureOutput", False)
+    if capture_output and handles_return:
+        raise QueryError(errors.CONFLICTING_RETURN,
+                         "captureOutput cannot be used with codeHandlesReturn: the code sends its own replies.")
+
     code = _string(params, "code")
     name = _string(params, "name")
     script = _string(params, "script")
@@ -109,4 +136,7 @@ def parse_query(params: Any) -> QueryRequest:
         limit_return_to=limit,
         cache_code=_boolean(params, "cache_code", (name or script) is not None),
         replace=_boolean(params, "replace", False),
+        timeout=_timeout(params),
+        capture_output=capture_output,
+        dry_run=_boolean(params, "dryRun", False),
     )

@@ -13,8 +13,9 @@ from . import errors, protocol
 from .config import ServerConfig, SourceConfig, parse_source_config
 from .connection import ConnectorConnection, Health
 from .documents import DocumentStore
-from .engine import Engine, Job
+from .engine import Engine, Job, Outcome
 from .engine.inline import InlineEngine
+from .engine.process import ProcessEngine
 from .errors import QueryError
 from .link import Backoff, LinkState, SourceLink
 from .reply import ReplyChannel
@@ -58,7 +59,9 @@ class SourceSession:
             functools.partial(protocol.notification_frame, source_name), config.public_properties, health)
         self.documents = DocumentStore(config.rest_base, config.auth_token, ssl=config.ssl_context(),
                                        cache_capacity=self.source_config.codeCacheSize)
-        self.engine: Engine = InlineEngine(self.connection, self.source_config.codeCacheSize)
+        self.health = health
+        self.engine: Engine | None = None          # built by the first configure
+        self._retiring: dict[asyncio.Task, Engine] = {}   # engines a reconfigure replaced, finishing up
         self.in_flight: set[asyncio.Task] = set()
         self.accepting = True
         self.configured = asyncio.Event()
@@ -69,10 +72,36 @@ class SourceSession:
 
     # ---- LinkHandler -----------------------------------------------------------------------
     def on_configure(self, config: Any) -> None:
+        previous = self.source_config
         self.source_config = parse_source_config(config, self.source_name)
-        self.engine.reconfigure(self.source_config.codeCacheSize)
+        self._rebuild_engine(previous)
         self.documents.reconfigure(self.source_config.codeCacheSize)
         self.configured.set()
+
+    def _rebuild_engine(self, previous: SourceConfig) -> None:
+        """Same pool shape: the engine reconfigures in place (workers and their module state stay).
+        A new shape: a new engine takes new queries; the old one finishes what it has, then closes."""
+        config = self.source_config
+        if self.engine is not None and config.pool_shape == previous.pool_shape:
+            self.engine.reconfigure(config)
+            return
+        old = self.engine
+        self.engine = self._make_engine(config)
+        log.info("source %s: executing code %s", self.source_name,
+                 "inline, on the connector's loop (not protected)" if config.executionMode == "inline"
+                 else f"in {config.worker_count} worker process(es)")
+        if old is not None:
+            retire = getattr(old, "retire", None)
+            task = asyncio.create_task(retire() if retire is not None else old.close())
+            self._retiring[task] = old
+            task.add_done_callback(self._retiring.pop)
+
+    def _make_engine(self, config: SourceConfig) -> Engine:
+        if config.executionMode == "inline":
+            return InlineEngine(self.connection, config)
+        return ProcessEngine(config, source_name=self.source_name, send=self.link.send,
+                             drained=self.link.drained, health=self.health,
+                             server_config=self.server_config.public_properties)
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
         task = asyncio.create_task(self.answer(frame))
@@ -89,10 +118,13 @@ class SourceSession:
                 raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
                                                        "once it is back.")
             request = parse_query(frame.params)
+            engine = self.engine
+            if engine is None:
+                raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query again.")
             job = await self._job(request)
-            outcome = await self.engine.run(job, channel)
+            outcome = await engine.run(job, channel)
             if not request.code_handles_return:
-                channel.complete_raw(self._body(outcome.results_json or "{}", outcome.runtime, started))
+                channel.complete_raw(self._body(outcome, started))
         except QueryError as exc:
             channel.error(exc)
         except asyncio.CancelledError:
@@ -131,14 +163,20 @@ class SourceSession:
             text, fingerprint = script.text, script.modified
         else:
             text, fingerprint = request.code, request.code
-        return Job(request, text, fingerprint, self.source_config.returnRuntimeInformation)
+        limit = request.timeout if request.timeout is not None else self.source_config.executionTimeout
+        return Job(request, text, fingerprint, self.source_config.returnRuntimeInformation, limit or None)
 
     @staticmethod
-    def _body(results_json: str, runtime: dict[str, Any] | None, started: float) -> str:
-        if runtime is None:
-            return '{"pythonCallResults":' + results_json + "}"
-        runtime["totalTime"] = perf_counter() - started
-        return '{"pythonCallResults":' + results_json + ',"connectorRuntimeInfo":' + protocol.dumps(runtime) + "}"
+    def _body(outcome: Outcome, started: float) -> str:
+        body = '{"pythonCallResults":' + (outcome.results_json or "{}")
+        if outcome.runtime is not None:
+            outcome.runtime["totalTime"] = perf_counter() - started
+            body += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
+        if outcome.output is not None:
+            body += ',"pythonOutput":' + protocol.dumps(outcome.output)
+        if outcome.dry_run is not None:
+            body += ',"dryRun":' + protocol.dumps(outcome.dry_run)
+        return body + "}"
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -169,4 +207,8 @@ class SourceSession:
                         self.link.pending_frames)
         await self.link.close()
         await self.documents.close()
-        await self.engine.close()
+        if self.engine is not None:
+            await self.engine.close()
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await old.close()

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..reply import ReplyChannel
-from ..request import QueryRequest
+if TYPE_CHECKING:   # at run time too heavy for worker processes, which only unpickle Jobs
+    from ..config import SourceConfig
+    from ..reply import ReplyChannel
+    from ..request import QueryRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +17,7 @@ class Job:
     source_text: str | None      # None: the query named cached code only
     fingerprint: Any             # what a cached entry must match: the code text, or the document's time
     runtime_info: bool           # the source asked for connectorRuntimeInformation
+    timeout: float | None = None  # seconds the run may take (None: no limit)
 
 
 @dataclass(slots=True)
@@ -23,17 +26,24 @@ class Outcome:
     (None when the code handled its own replies)."""
     results_json: str | None = None
     runtime: dict[str, Any] | None = None
+    output: dict[str, str] | None = None      # captureOutput: {"stdout": ..., "stderr": ...}
+    dry_run: dict[str, Any] | None = None     # dryRun: what was checked
 
 
 class Engine(Protocol):
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
-        """Run the job. Raises QueryError for anything the caller should be told about. For
-        codeHandlesReturn jobs, returns once the code's terminal reply went out through `channel`."""
+        """Run the job. Raises QueryError for anything the caller should be told about (a timeout too).
+        For codeHandlesReturn jobs, returns once the code's terminal reply went out through `channel`."""
         ...
 
-    def reconfigure(self, cache_capacity: int) -> None:
-        """A fresh source configuration: rebuild what depends on it."""
+    def reconfigure(self, config: SourceConfig) -> None:
+        """A fresh source configuration of the same pool shape: rebuild what depends on it."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """workers_alive, worker_restarts, timeouts, queue_depth (for metrics)."""
         ...
 
     async def close(self) -> None:
+        """Stop. Every query still running gets its terminal reply (an error) before this returns."""
         ...

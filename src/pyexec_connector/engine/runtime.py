@@ -14,7 +14,9 @@ from typing import Any
 from .. import errors
 from ..cache import CodeCache
 from ..errors import QueryError
-from .base import Job
+from . import output
+from .base import Job, Outcome
+from .guard import CodeGuard
 
 COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
@@ -24,9 +26,14 @@ _SKIPPED_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionTyp
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
-def compile_code(source: str, filename: str) -> types.CodeType:
+def compile_code(source: str, filename: str, guard: CodeGuard | None = None) -> types.CodeType:
+    """Compile (top-level await allowed), checking the syntax tree against the guard first."""
     try:
-        return compile(source, filename, "exec", flags=COMPILE_FLAGS, dont_inherit=True)
+        if not guard:
+            return compile(source, filename, "exec", flags=COMPILE_FLAGS, dont_inherit=True)
+        tree = compile(source, filename, "exec", flags=COMPILE_FLAGS | ast.PyCF_ONLY_AST, dont_inherit=True)
+        guard.check(tree, filename)
+        return compile(tree, filename, "exec", flags=COMPILE_FLAGS, dont_inherit=True)
     except (SyntaxError, ValueError) as exc:   # ValueError: NUL bytes in the source
         if isinstance(exc, SyntaxError):
             params = [type(exc).__name__, exc.filename or filename, exc.lineno, exc.offset,
@@ -40,7 +47,8 @@ def compile_code(source: str, filename: str) -> types.CodeType:
                              "{", "(").replace("}", ")") + ")", params) from None
 
 
-def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None) -> types.CodeType:
+def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None,
+                 guard: CodeGuard | None = None) -> types.CodeType:
     """The code object for the job, from the cache when current, else compiled (and cached when asked)."""
     request = job.request
     key = request.cache_key
@@ -59,7 +67,7 @@ def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None) -> typ
             _note(info, using_cached=True, newCacheEntry=False)
             return entry.code
     started = perf_counter()
-    code = compile_code(job.source_text, request.filename)
+    code = compile_code(job.source_text, request.filename, guard)
     stored = key is not None and request.cache_code
     if stored:
         cache.put(key, code, job.fingerprint)
@@ -76,6 +84,9 @@ def execution_error(exc: BaseException) -> QueryError:
     """An exception from user code as the reply the caller sees: its type and the user's traceback."""
     if isinstance(exc, QueryError):
         return exc
+    if isinstance(exc, MemoryError):
+        return QueryError(errors.MEMORY_LIMIT, "The code ran out of memory (memoryLimitMB, or the machine's): {0}",
+                          [str(exc) or "MemoryError"])
     tb = exc.__traceback__
     # Drop the connector's own frames: the caller wants the trace from their code down.
     while tb is not None and not _is_user_frame(tb.tb_frame):
@@ -196,3 +207,53 @@ async def await_code_reply(tracker: RunTracker, done: asyncio.Future) -> None:
             raise QueryError(errors.NO_REPLY, "The code set codeHandlesReturn but finished without sending "
                                               "a final reply (status 200 or 204) or an error.")
         await asyncio.wait(pending | {done}, return_when=asyncio.FIRST_COMPLETED)
+
+
+def dry_run(cache: CodeCache, job: Job, guard: CodeGuard | None) -> Outcome:
+    """dryRun: compile and guard only. Nothing runs and the cache is left as it was."""
+    request = job.request
+    started = perf_counter()
+    if job.source_text is None:
+        key = request.cache_key
+        if key is None or key not in cache:
+            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
+                             [key])
+        report: dict[str, Any] = {"name": request.filename, "compiled": False, "cached": True}
+    else:
+        compile_code(job.source_text, request.filename, guard)
+        report = {"name": request.filename, "compiled": True, "compileTime": perf_counter() - started}
+    report["codeGuard"] = "passed" if guard else "off"
+    return Outcome(results_json="{}", dry_run=report)
+
+
+async def run_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
+                  guard: CodeGuard | None = None) -> Outcome:
+    """One query, start to end, on the current loop: the same steps inline and in a worker process."""
+    if job.request.dry_run:
+        return dry_run(cache, job, guard)
+    info: dict[str, Any] | None = {"name": job.request.cache_key} if job.runtime_info else None
+    code = resolve_code(cache, job, info, guard)
+    run_globals = make_globals(job, connection, channel.context)
+
+    captured = output.Captured() if job.request.capture_output else None
+    tracker = RunTracker()
+    run_token = CURRENT_RUN.set(tracker)
+    capture_token = output.CAPTURE.set(captured)
+    started = perf_counter()
+    try:
+        await execute(code, run_globals)
+    finally:
+        CURRENT_RUN.reset(run_token)
+        output.CAPTURE.reset(capture_token)
+    if job.request.code_handles_return:
+        try:
+            await await_code_reply(tracker, channel.done_future())
+        finally:
+            if not channel.terminated:
+                tracker.cancel_all()
+        return Outcome()
+    executed = perf_counter() - started
+    results = results_json(run_globals, job.request.limit_return_to)
+    if info is not None:
+        info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity)
+    return Outcome(results, info, captured.result() if captured is not None else None)

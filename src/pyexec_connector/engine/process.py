@@ -1,0 +1,459 @@
+"""Process engine: user code runs in a pool of long-lived worker processes, never on the connector's loop.
+
+Each worker is a fresh interpreter (spawned: a new `python -m pyexec_connector.engine.worker`, never a
+fork of the connector) with its own asyncio loop and code cache. A query goes to the least-busy worker;
+when every worker has `queriesPerWorker` queries, it waits in a queue of at most `maxQueuedQueries`,
+and beyond that it is answered "busy" at once. A worker that dies (exit, signal, out of memory) fails
+only its own queries and is replaced; one that does not give up a query after its timeout is killed.
+
+The pool belongs to one source: each source has its own configuration (workers, memory limit, guard),
+its own link and its own health, and a runaway in one source cannot starve another."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cachetools import LRUCache
+
+from .. import errors
+from ..config import SourceConfig
+from ..connection import Health
+from ..errors import QueryError
+from ..reply import ReplyChannel
+from . import wire
+from .base import Job, Outcome
+from .inline import timeout_error
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE = 1.0          # seconds a worker has to give up a timed-out query before it is killed
+START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
+STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
+RESTART_DELAY_MAX = 30.0
+_COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Query:
+    qid: int
+    channel: ReplyChannel
+    future: asyncio.Future
+
+
+class _Worker:
+    """The connector's handle on one worker process."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.ready = False
+        self.alive = True
+        self.inflight: dict[int, _Query] = {}
+        self.reserved = 0               # slots promised to queued queries that have not resumed yet
+        self.kill_reason: str | None = None
+        self.reader_task: asyncio.Task | None = None
+        self.restarts = 0               # deaths in a row before becoming ready (for the restart backoff)
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight) + self.reserved
+
+    def send(self, message: Any) -> None:
+        if self.writer is None or self.writer.is_closing():
+            return
+        try:
+            self.writer.write(wire.pack(message))
+        except (ConnectionError, RuntimeError):
+            pass    # it is dying; its watcher fails its queries
+
+    def kill(self, reason: str) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill_reason = self.kill_reason or reason
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "unknown exit"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        hint = " (likely the out-of-memory killer)" if -returncode == signal.SIGKILL else ""
+        return f"killed by signal {name} ({-returncode}){hint}"
+    return f"exit code {returncode}"
+
+
+class ProcessEngine:
+    def __init__(self, config: SourceConfig, *, source_name: str, send: Callable[[str], None],
+                 drained: Callable[[], Awaitable[None]], health: Health, server_config: dict[str, str]):
+        self.source_name = source_name
+        self._send_link = send
+        self._drained = drained
+        self._health = health
+        self._server_config = dict(server_config)
+        self._shape = config.pool_shape
+        self._apply(config)
+        self._workers: list[_Worker] = []
+        self._waiting: deque[asyncio.Future] = deque()
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._started = asyncio.Event()
+        self.worker_restarts = 0
+        self.timeouts = 0
+        health.listeners.append(self._health_changed)
+        for index in range(config.worker_count):
+            self._workers.append(_Worker(index))
+        self._background(self._start_all(), "start")
+
+    # ---- configuration ----------------------------------------------------------------------
+    def _apply(self, config: SourceConfig) -> None:
+        self._config = config
+        self._per_worker = config.queriesPerWorker
+        self._max_queued = config.maxQueuedQueries
+        self._forbid = tuple(config.codeGuard.forbid) if config.codeGuard else ()
+        # what each cached name was compiled from, so that a name-only query can run on any worker
+        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=config.codeCacheSize)
+
+    def reconfigure(self, config: SourceConfig) -> None:
+        if config.pool_shape != self._shape:
+            raise ValueError("a new pool shape needs a new engine")
+        self._apply(config)
+        for worker in self._workers:
+            worker.send(("configure", config.codeCacheSize, self._forbid))
+        self._dispatch_waiting()
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers_alive": sum(1 for w in self._workers if w.alive and w.ready),
+                "worker_restarts": self.worker_restarts, "timeouts": self.timeouts,
+                "queue_depth": len(self._waiting)}
+
+    # ---- one query --------------------------------------------------------------------------
+    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
+        await self._started.wait()
+        if self._closed:
+            raise _shutting_down()
+        job = self._with_source(job)
+        worker = await self._acquire()
+        query = _Query(next(self._ids), channel, asyncio.get_running_loop().create_future())
+        worker.inflight[query.qid] = query
+        worker.send(("run", query.qid, job, channel.reply_address))
+        try:
+            async with asyncio.timeout(job.timeout):
+                outcome = await query.future
+        except TimeoutError:
+            self.timeouts += 1
+            self._abandon(worker, query, f"its timeout of {job.timeout:g} s passed")
+            raise timeout_error(job.timeout) from None
+        except QueryError as exc:
+            if exc.code not in _COMPILE_ERRORS:
+                self._remember(job)
+            raise
+        except asyncio.CancelledError:
+            self._abandon(worker, query, "the connector stopped waiting for it")
+            raise
+        self._remember(job)
+        return outcome
+
+    def _with_source(self, job: Job) -> Job:
+        """Name-only queries carry the code text the name was last cached with: any worker can run them."""
+        request = job.request
+        key = request.cache_key
+        if key is None:
+            return job
+        if request.replace:
+            self._known.pop(key, None)
+        if job.source_text is not None:
+            return job
+        known = self._known.get(key)
+        if known is None:
+            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
+                             [key])
+        return dataclasses.replace(job, source_text=known[0], fingerprint=known[1])
+
+    def _remember(self, job: Job) -> None:
+        request = job.request
+        if request.cache_key is not None and request.cache_code and not request.dry_run \
+                and job.source_text is not None:
+            self._known[request.cache_key] = (job.source_text, job.fingerprint)
+
+    def _abandon(self, worker: _Worker, query: _Query, why: str) -> None:
+        """Stop a query the caller no longer waits for; kill its worker if it does not let go in time."""
+        if not worker.alive or query.qid not in worker.inflight:
+            return
+        worker.send(("cancel", query.qid))
+        reason = f"it did not stop the query {query.channel.reply_address} within {KILL_GRACE:g} s after {why}"
+
+        def kill_if_stuck() -> None:
+            if worker.alive and query.qid in worker.inflight:
+                log.warning("source %s: killing worker %d: %s", self.source_name, worker.index, reason)
+                worker.kill(f"the connector stopped it: {reason}")
+
+        asyncio.get_running_loop().call_later(KILL_GRACE, kill_if_stuck)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+    def _least_busy(self) -> _Worker | None:
+        best = None
+        for worker in self._workers:
+            if worker.alive and worker.ready and worker.load < self._per_worker:
+                if best is None or worker.load < best.load:
+                    best = worker
+        return best
+
+    async def _acquire(self) -> _Worker:
+        while True:
+            worker = self._least_busy()
+            if worker is not None and not self._waiting:
+                return worker
+            if len(self._waiting) >= self._max_queued:
+                running = sum(len(w.inflight) for w in self._workers)
+                raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
+                                              "waiting (maxQueuedQueries). Try again later.",
+                                 [self.source_name, running, len(self._waiting)])
+            ticket = asyncio.get_running_loop().create_future()
+            self._waiting.append(ticket)
+            self._dispatch_waiting()
+            try:
+                worker = await ticket
+            except asyncio.CancelledError:
+                if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
+                    ticket.result().reserved -= 1
+                    self._dispatch_waiting()
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(ticket)
+                raise
+            worker.reserved -= 1
+            if worker.alive:
+                return worker
+
+    def _dispatch_waiting(self) -> None:
+        while self._waiting:
+            worker = self._least_busy()
+            if worker is None:
+                return
+            ticket = self._waiting.popleft()
+            if ticket.done():
+                continue
+            worker.reserved += 1
+            ticket.set_result(worker)
+
+    # ---- workers ----------------------------------------------------------------------------
+    def _background(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"pyexec-{self.source_name}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_all(self) -> None:
+        try:
+            await asyncio.gather(*(self._start(w) for w in self._workers), return_exceptions=True)
+        finally:
+            self._started.set()
+
+    async def _start(self, worker: _Worker, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._closed:
+            worker.alive = False
+            return
+        parent_end, child_end = socket.socketpair()
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()),
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            parent_end.close()
+            log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
+            self._replace_later(worker, f"it could not be started: {exc}")
+            return
+        finally:
+            child_end.close()
+        worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=2 ** 20)
+        self._background(self._watch(worker), f"watch-{worker.index}")
+        worker.send(("init", {
+            "source_name": self.source_name, "server_config": self._server_config,
+            "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
+            "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB}))
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                hello = await wire.read(worker.reader, trusted=False)
+            if hello[0] != "ready":
+                raise ValueError(f"unexpected first message {hello[0]!r}")
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
+            log.error("source %s: worker %d did not start: %s", self.source_name, worker.index,
+                      type(exc).__name__)
+            worker.kill("it did not start")
+            return
+        worker.ready = True
+        worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
+        log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello[1])
+        self._dispatch_waiting()
+
+    async def _read(self, worker: _Worker) -> None:
+        """Everything a worker says, handled in the order it said it."""
+        while True:
+            try:
+                message = await wire.read(worker.reader, trusted=False)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            except Exception as exc:   # noqa: BLE001 - a garbled stream: the worker cannot be trusted
+                log.error("source %s: worker %d sent a bad message (%s); replacing it", self.source_name,
+                          worker.index, exc)
+                worker.kill(f"it sent a malformed message ({type(exc).__name__})")
+                return
+            try:
+                self._handle(worker, message)
+            except Exception:   # noqa: BLE001
+                log.exception("source %s: bad message from worker %d", self.source_name, worker.index)
+                worker.kill("it sent a malformed message")
+                return
+            await self._drained()     # the link is slow: stop reading, and the worker's writes wait
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "reply":
+            _, qid, frame, terminal, status = message
+            query = worker.inflight.get(qid)
+            if query is None:
+                log.warning("source %s: reply %s from worker %d for a finished query dropped",
+                            self.source_name, status, worker.index)
+            else:
+                query.channel.forward(frame, terminal, status)
+        elif kind == "link":
+            self._send_link(message[1])
+        elif kind == "done":
+            _, qid, results, runtime, output, dry_run = message
+            self._finish(worker, qid, Outcome(results, runtime, output, dry_run), None)
+        elif kind == "failed":
+            error = message[2]
+            if not isinstance(error, QueryError):
+                raise TypeError("failed without a QueryError")
+            self._finish(worker, message[1], None, error)
+        elif kind == "cancelled":
+            self._finish(worker, message[1], None, None)
+        elif kind == "health":
+            self._background(self._health.declare(bool(message[1])), "health")
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+    def _finish(self, worker: _Worker, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
+        query = worker.inflight.pop(qid, None)
+        if query is not None and not query.future.done():
+            if error is not None:
+                query.future.set_exception(error)
+            elif outcome is not None:
+                query.future.set_result(outcome)
+            else:
+                query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
+        self._dispatch_waiting()
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Wait for the worker's end: fail its queries (after reading what it said last), replace it."""
+        returncode = await worker.proc.wait()
+        if worker.reader_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(worker.reader_task), 1.0)
+            worker.reader_task.cancel()
+        worker.alive = False
+        if worker.writer is not None:
+            worker.writer.close()
+        what = describe_exit(returncode)
+        if worker.kill_reason:
+            what = f"{what}; {worker.kill_reason}"
+        if not self._closed:
+            level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
+            log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
+                    self.source_name, worker.index, what, len(worker.inflight))
+        error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.", [what]) \
+            if not self._closed else _shutting_down()
+        for query in worker.inflight.values():
+            if not query.future.done():
+                query.future.set_exception(error)
+        worker.inflight.clear()
+        if not self._closed:
+            self._replace_later(worker, what)
+        self._dispatch_waiting()
+
+    def _replace_later(self, worker: _Worker, why: str) -> None:
+        worker.alive = False
+        index = worker.index
+        fresh = _Worker(index)
+        fresh.restarts = 0 if worker.ready else worker.restarts + 1
+        self._workers[index] = fresh
+        self.worker_restarts += 1
+        # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
+        delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** fresh.restarts) if fresh.restarts else 0.0
+        if not any(w.ready and w.alive for w in self._workers):
+            self._fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
+        self._background(self._start(fresh, delay), f"start-{index}")
+
+    def _fail_waiting(self, error: QueryError) -> None:
+        while self._waiting:
+            ticket = self._waiting.popleft()
+            if not ticket.done():
+                ticket.set_exception(error)
+
+    async def _health_changed(self, healthy: bool) -> None:
+        for worker in self._workers:
+            worker.send(("health", healthy))
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Answer everything still waiting or running (shutting down), then stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError):
+            self._health.listeners.remove(self._health_changed)
+        self._fail_waiting(_shutting_down())
+        for worker in self._workers:
+            for query in worker.inflight.values():
+                if not query.future.done():
+                    query.future.set_exception(_shutting_down())
+            worker.send(("stop",))
+        procs = [w.proc for w in self._workers if w.proc is not None and w.proc.returncode is None]
+        if procs:
+            done, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs],
+                                               timeout=STOP_GRACE)
+            for proc in procs:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for task in pending:
+                with contextlib.suppress(Exception):
+                    await task
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self._workers:
+            if worker.writer is not None:
+                worker.writer.close()
+        self._started.set()
+
+    async def retire(self) -> None:
+        """After a reconfigure changed the pool: let the queries already here finish, then close."""
+        while any(w.inflight or w.reserved for w in self._workers) or self._waiting:
+            await asyncio.sleep(0.05)
+        await self.close()
+
+
+def _shutting_down() -> QueryError:
+    return QueryError(errors.SHUTTING_DOWN, "The connector stopped the source's workers before the query "
+                                            "finished; send the query again.")

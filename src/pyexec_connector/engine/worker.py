@@ -1,0 +1,150 @@
+"""A worker process: its own interpreter and asyncio loop, running queries the connector sends it.
+
+Started by the process engine as `python -m pyexec_connector.engine.worker FD`, FD being its end of a
+socket pair. `connector_connection` here is the ordinary ConnectorConnection whose frames travel over
+that socket to the connector, which sends them out through the query's ReplyChannel or the link, in
+the order the code sent them. Module-level state (sys.modules) lives as long as the worker."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from .. import errors, protocol
+from ..cache import CodeCache
+from ..connection import ConnectorConnection, Health
+from ..errors import QueryError
+from ..reply import ReplyChannel
+from . import output, runtime, wire
+from .base import Job
+from .guard import CodeGuard
+
+log = logging.getLogger("pyexec_connector.worker")
+
+
+class PipeChannel(ReplyChannel):
+    """A query's replies as the code sends them: checked here (status, body, once-only), then passed to
+    the connector, whose own channel for the query decides again (it may have answered with a timeout)."""
+
+    __slots__ = ("_worker", "_qid")
+
+    def __init__(self, worker: Worker, qid: int, reply_address: str, source_name: str):
+        super().__init__(worker.send_frame, reply_address, source_name)
+        self._worker = worker
+        self._qid = qid
+
+    def _deliver(self, frame: str, terminal: bool, status: int) -> None:
+        self._worker.send(("reply", self._qid, frame, terminal, status))
+
+
+class Worker:
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._writer: asyncio.StreamWriter | None = None
+        self.runs: dict[int, asyncio.Task] = {}
+        self.cache = CodeCache()
+        self.guard = CodeGuard(())
+
+    def send(self, message: Any) -> None:
+        self._writer.write(wire.pack(message))
+
+    def send_frame(self, frame: str) -> None:
+        self.send(("link", frame))
+
+    async def drained(self) -> None:
+        await self._writer.drain()
+
+    async def serve(self) -> None:
+        sock = socket.socket(fileno=self._fd)
+        reader, self._writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
+        _, settings = await wire.read(reader, trusted=True)
+        self._configure(settings["cache_capacity"], settings["forbid"])
+        source = settings["source_name"]
+        health = Health()
+        health.declared = settings["healthy"]
+
+        async def report_health(healthy: bool) -> None:
+            self.send(("health", healthy))
+
+        health.listeners.append(report_health)
+        self.connection = ConnectorConnection(source, self.send_frame, self.drained,
+                                              functools.partial(protocol.notification_frame, source),
+                                              settings["server_config"], health)
+        self.source_name = source
+        runtime.install_task_tracking(asyncio.get_running_loop())
+        output.install()
+        _limit_memory(settings["memory_limit_mb"])
+        self.send(("ready", os.getpid()))
+        while True:
+            try:
+                message = await wire.read(reader, trusted=True)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return                     # the connector is gone
+            kind = message[0]
+            if kind == "run":
+                _, qid, job, reply_address = message
+                self.runs[qid] = asyncio.create_task(self._run(qid, job, reply_address))
+            elif kind == "cancel":
+                task = self.runs.get(message[1])
+                if task is not None:
+                    task.cancel()
+            elif kind == "health":
+                health.declared = message[1]
+            elif kind == "configure":
+                self._configure(message[1], message[2])
+            elif kind == "stop":
+                return
+
+    def _configure(self, cache_capacity: int, forbid: tuple[str, ...]) -> None:
+        self.cache = CodeCache(cache_capacity)
+        self.guard = CodeGuard(forbid)
+
+    async def _run(self, qid: int, job: Job, reply_address: str) -> None:
+        channel = PipeChannel(self, qid, reply_address, self.source_name)
+        try:
+            outcome = await runtime.run_job(self.cache, job, self.connection, channel, self.guard)
+            self.send(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run))
+        except asyncio.CancelledError:
+            self.send(("cancelled", qid))
+        except QueryError as exc:
+            self.send(("failed", qid, _sendable(exc)))
+        except Exception as exc:     # noqa: BLE001 - the connector must hear of every failure
+            log.exception("query %s failed inside the worker", reply_address)
+            self.send(("failed", qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running "
+                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"])))
+        finally:
+            self.runs.pop(qid, None)
+
+
+def _sendable(error: QueryError) -> QueryError:
+    """A QueryError whose parameters the connector can receive and encode (user code may raise odd ones)."""
+    try:
+        protocol.dumps(error.params)
+        return error
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return QueryError(error.code, error.template, [repr(p) for p in error.params])
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if not megabytes:
+        return
+    import resource
+    limit = megabytes * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        limit = hard
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
+    asyncio.run(Worker(int(sys.argv[1])).serve())
+
+
+if __name__ == "__main__":
+    main()
