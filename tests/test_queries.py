@@ -9,6 +9,19 @@ from pyexec_connector import errors
 from .conftest import SOURCE, example
 
 
+@pytest.fixture(params=["process", "inline"])
+def mode(request):
+    """Every query test runs in both execution modes."""
+    return request.param
+
+
+@pytest.fixture
+async def connected(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode})
+    running = await start_connector()
+    return server, running
+
+
 async def test_globals_are_returned(connected):
     server, _ = connected
     result = await server.query({"code": "import math\nx = a + 1\nroot = math.sqrt(x)\nf = lambda: 1\ns = {1}",
@@ -123,7 +136,7 @@ async def test_user_query_error(connected):
     assert result.body == {"messageCode": "my.app.code", "messageTemplate": "bad value {0}", "parameters": [42]}
 
 
-async def test_system_exit_is_caught_inline(connected):
+async def test_system_exit_is_caught(connected):
     server, _ = connected
     result = await server.query({"code": "import sys\nsys.exit(3)"})
     assert result.error_code == errors.EXECUTION_EXCEPTION
@@ -193,8 +206,8 @@ async def test_only_one_terminal_reply(connected):
     assert server.stray_replies == []
 
 
-async def test_runtime_information(server, start_connector):
-    server.set_source_config(SOURCE, {"returnRuntimeInformation": True, "codeCacheSize": 2})
+async def test_runtime_information(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "returnRuntimeInformation": True, "codeCacheSize": 2})
     await start_connector()
     first = await server.query({"code": "x = 1", "name": "a"})
     info = first.body["connectorRuntimeInfo"]
@@ -216,8 +229,8 @@ async def runtime(server, params):
     return (await server.query(params)).body["connectorRuntimeInfo"]
 
 
-async def test_code_cache_rules(server, start_connector):
-    server.set_source_config(SOURCE, {"returnRuntimeInformation": True, "codeCacheSize": 2})
+async def test_code_cache_rules(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "returnRuntimeInformation": True, "codeCacheSize": 2})
     await start_connector()
     assert (await runtime(server, {"code": "v = 1", "name": "n"}))["newCacheEntry"] is True
     # name only: the cached code runs
@@ -240,11 +253,11 @@ async def test_code_cache_rules(server, start_connector):
     assert (await runtime(server, {"name": "b"}))["currentCacheSize"] == 2
 
 
-async def test_reconfigure_rebuilds_the_cache(server, start_connector):
-    server.set_source_config(SOURCE, {"returnRuntimeInformation": True, "codeCacheSize": 5})
+async def test_reconfigure_rebuilds_the_cache(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "returnRuntimeInformation": True, "codeCacheSize": 5})
     await start_connector()
     await server.query({"code": "a = 1", "name": "a"})
-    await server.reconfigure(SOURCE, {"returnRuntimeInformation": True, "codeCacheSize": 9})
+    await server.reconfigure(SOURCE, {"executionMode": mode, "returnRuntimeInformation": True, "codeCacheSize": 9})
     await asyncio.sleep(0.1)
     info = await runtime(server, {"code": "a = 1", "name": "a"})
     assert info["cacheCapacity"] == 9 and info["using_cached"] is False

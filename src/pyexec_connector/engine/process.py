@@ -65,6 +65,7 @@ class _Worker:
         self.kill_reason: str | None = None
         self.reader_task: asyncio.Task | None = None
         self.restarts = 0               # deaths in a row before becoming ready (for the restart backoff)
+        self.cancelling: set[int] = set()   # queries told to stop: no new work until it lets go of them
 
     @property
     def load(self) -> int:
@@ -85,7 +86,7 @@ class _Worker:
                 self.proc.kill()
 
 
-def describe_exit(returncode: int | None) -> str:
+def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
     if returncode is None:
         return "unknown exit"
     if returncode < 0:
@@ -93,7 +94,7 @@ def describe_exit(returncode: int | None) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "unknown signal"
-        hint = " (likely the out-of-memory killer)" if -returncode == signal.SIGKILL else ""
+        hint = " (likely the out-of-memory killer)" if -returncode == signal.SIGKILL and not killed_by_us else ""
         return f"killed by signal {name} ({-returncode}){hint}"
     return f"exit code {returncode}"
 
@@ -197,6 +198,7 @@ class ProcessEngine:
         if not worker.alive or query.qid not in worker.inflight:
             return
         worker.send(("cancel", query.qid))
+        worker.cancelling.add(query.qid)    # it may be stuck in synchronous code: send it nothing new
         reason = f"it did not stop the query {query.channel.reply_address} within {KILL_GRACE:g} s after {why}"
 
         def kill_if_stuck() -> None:
@@ -210,7 +212,7 @@ class ProcessEngine:
     def _least_busy(self) -> _Worker | None:
         best = None
         for worker in self._workers:
-            if worker.alive and worker.ready and worker.load < self._per_worker:
+            if worker.alive and worker.ready and not worker.cancelling and worker.load < self._per_worker:
                 if best is None or worker.load < best.load:
                     best = worker
         return best
@@ -355,6 +357,7 @@ class ProcessEngine:
 
     def _finish(self, worker: _Worker, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
+        worker.cancelling.discard(qid)
         if query is not None and not query.future.done():
             if error is not None:
                 query.future.set_exception(error)
@@ -374,7 +377,7 @@ class ProcessEngine:
         worker.alive = False
         if worker.writer is not None:
             worker.writer.close()
-        what = describe_exit(returncode)
+        what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
         if worker.kill_reason:
             what = f"{what}; {worker.kill_reason}"
         if not self._closed:
@@ -400,7 +403,8 @@ class ProcessEngine:
         self.worker_restarts += 1
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
         delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** fresh.restarts) if fresh.restarts else 0.0
-        if not any(w.ready and w.alive for w in self._workers):
+        if fresh.restarts and not any(w.ready and w.alive for w in self._workers):
+            # workers die before they are ready: queued queries would wait for nothing
             self._fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
         self._background(self._start(fresh, delay), f"start-{index}")
 

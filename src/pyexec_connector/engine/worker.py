@@ -46,6 +46,7 @@ class Worker:
         self._fd = fd
         self._writer: asyncio.StreamWriter | None = None
         self.runs: dict[int, asyncio.Task] = {}
+        self.cancelled: set[int] = set()      # runs the connector told to stop
         self.cache = CodeCache()
         self.guard = CodeGuard(())
 
@@ -91,6 +92,7 @@ class Worker:
             elif kind == "cancel":
                 task = self.runs.get(message[1])
                 if task is not None:
+                    self.cancelled.add(message[1])
                     task.cancel()
             elif kind == "health":
                 health.declared = message[1]
@@ -109,7 +111,8 @@ class Worker:
             outcome = await runtime.run_job(self.cache, job, self.connection, channel, self.guard)
             self.send(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run))
         except asyncio.CancelledError:
-            self.send(("cancelled", qid))
+            if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
+                self.send(("cancelled", qid))
         except QueryError as exc:
             self.send(("failed", qid, _sendable(exc)))
         except Exception as exc:     # noqa: BLE001 - the connector must hear of every failure
@@ -118,6 +121,7 @@ class Worker:
                                                  "the query: {0}", [f"{type(exc).__name__}: {exc}"])))
         finally:
             self.runs.pop(qid, None)
+            self.cancelled.discard(qid)
 
 
 def _sendable(error: QueryError) -> QueryError:
