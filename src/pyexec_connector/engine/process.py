@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from .. import errors
-from ..config import SourceConfig
+from ..config import TOKEN_ENV, SourceConfig
 from ..connection import Health
 from ..errors import QueryError
 from ..reply import ReplyChannel
@@ -279,7 +280,7 @@ class ProcessEngine:
         try:
             worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()),
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_environment())
         except OSError as exc:
             parent_end.close()
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
@@ -456,6 +457,11 @@ class ProcessEngine:
         while any(w.inflight or w.reserved for w in self._workers) or self._waiting:
             await asyncio.sleep(0.05)
         await self.close()
+
+
+def _worker_environment() -> dict[str, str]:
+    """The connector's environment without the access token: user code never sees it."""
+    return {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
 
 
 def _shutting_down() -> QueryError:
