@@ -279,7 +279,7 @@ class ProcessEngine:
         parent_end, child_end = socket.socketpair()
         try:
             worker.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()),
+                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()), str(os.getpid()),
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_environment())
         except OSError as exc:
             parent_end.close()

@@ -144,7 +144,22 @@ def _limit_memory(megabytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _die_with_the_connector(connector_pid: int) -> None:
+    """Linux: the kernel kills this worker when the connector ends, even by SIGKILL, even while user code
+    spins in a loop that never reads the socket again."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != connector_pid:            # it ended before the line above
+        os._exit(1)
+
+
 def main() -> None:
+    _die_with_the_connector(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
     asyncio.run(Worker(int(sys.argv[1])).serve())
