@@ -290,6 +290,9 @@ class ProcessEngine:
             child_end.close()
         worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=2 ** 20)
         self._background(self._watch(worker), f"watch-{worker.index}")
+        if self._closed:                  # close() ran while it was starting
+            worker.kill("the engine closed")
+            return
         worker.send(("init", {
             "source_name": self.source_name, "server_config": self._server_config,
             "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
