@@ -270,3 +270,15 @@ async def test_workers_do_not_see_the_token(server, start_connector, monkeypatch
 async def test_stats_keys(server, start_connector):
     running = await start(server, start_connector, executionMode="inline")
     assert set(stats(running)) == {"workers_alive", "worker_restarts", "timeouts", "queue_depth"}
+
+
+async def test_name_only_query_runs_on_a_worker_that_never_saw_the_code(server, start_connector):
+    await start(server, start_connector, workers=2, returnRuntimeInformation=True)
+    first = await server.query({"code": "import os\npid = os.getpid()", "name": "cached"})
+    assert first.body["connectorRuntimeInfo"]["newCacheEntry"] is True
+    slow = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 0.5}})   # occupies worker 0
+    await asyncio.sleep(0.1)
+    second = await server.query({"name": "cached"})
+    assert second.results["pid"] != first.results["pid"]
+    assert second.body["connectorRuntimeInfo"]["using_cached"] is False      # compiled there from the text
+    await server.replies_for(slow)

@@ -12,7 +12,7 @@ class _BrokenEngine:
     async def run(self, job, channel):
         raise RuntimeError("engine bug")
 
-    def reconfigure(self, cache_capacity):
+    def reconfigure(self, config):
         pass
 
     async def close(self):
@@ -21,7 +21,8 @@ class _BrokenEngine:
 
 async def test_internal_error_still_answers(connected):
     server, running = connected
-    running.session.engine = _BrokenEngine()
+    replaced, running.session.engine = running.session.engine, _BrokenEngine()
+    await replaced.close()      # its worker processes, if any
     result = await server.query({"code": "x = 1"})
     assert result.status == 400 and result.error_code == errors.INTERNAL_ERROR
     assert "RuntimeError: engine bug" in result.body["parameters"][0]

@@ -115,13 +115,15 @@ class ProcessEngine:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._closing = asyncio.Event()
+        self._starting: set[asyncio.Task] = set()   # spawns under way: close() waits for them, never cancels
         self._started = asyncio.Event()
         self.worker_restarts = 0
         self.timeouts = 0
         health.listeners.append(self._health_changed)
         for index in range(config.worker_count):
             self._workers.append(_Worker(index))
-        self._background(self._start_all(), "start")
+        self._spawn_task(self._start_all(), "start")
 
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
@@ -264,6 +266,13 @@ class ProcessEngine:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _spawn_task(self, coro: Awaitable[Any], name: str) -> None:
+        # cancelling a spawn midway would leave a process nobody watches
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"pyexec-{self.source_name}-{name}")
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
     async def _start_all(self) -> None:
         try:
             await asyncio.gather(*(self._start(w) for w in self._workers), return_exceptions=True)
@@ -272,7 +281,8 @@ class ProcessEngine:
 
     async def _start(self, worker: _Worker, delay: float = 0.0) -> None:
         if delay:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
         if self._closed:
             worker.alive = False
             return
@@ -410,7 +420,7 @@ class ProcessEngine:
         if fresh.restarts and not any(w.ready and w.alive for w in self._workers):
             # workers die before they are ready: queued queries would wait for nothing
             self._fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
-        self._background(self._start(fresh, delay), f"start-{index}")
+        self._spawn_task(self._start(fresh, delay), f"start-{index}")
 
     def _fail_waiting(self, error: QueryError) -> None:
         while self._waiting:
@@ -428,6 +438,7 @@ class ProcessEngine:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         with contextlib.suppress(ValueError):
             self._health.listeners.remove(self._health_changed)
         self._fail_waiting(_shutting_down())
@@ -436,6 +447,8 @@ class ProcessEngine:
                 if not query.future.done():
                     query.future.set_exception(_shutting_down())
             worker.send(("stop",))
+        if self._starting:
+            await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
         procs = [w.proc for w in self._workers if w.proc is not None and w.proc.returncode is None]
         if procs:
             done, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs],
@@ -447,6 +460,8 @@ class ProcessEngine:
             for task in pending:
                 with contextlib.suppress(Exception):
                     await task
+        if self._starting:       # their processes are gone now: they end at once
+            await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
