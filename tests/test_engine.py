@@ -282,3 +282,19 @@ async def test_name_only_query_runs_on_a_worker_that_never_saw_the_code(server, 
     assert second.results["pid"] != first.results["pid"]
     assert second.body["connectorRuntimeInfo"]["using_cached"] is False      # compiled there from the text
     await server.replies_for(slow)
+
+
+async def test_a_crafted_message_from_user_code_runs_nothing_in_the_connector(server, start_connector, tmp_path):
+    await start(server, start_connector, workers=1)
+    marker = tmp_path / "pwned"
+    code = ("import os, pickle, struct, sys\n"
+            "class Evil:\n"
+            "    def __reduce__(self):\n"
+            "        return (os.system, ('touch ' + marker,))\n"
+            "data = pickle.dumps(('done', 1, Evil()))\n"
+            "os.write(int(sys.argv[1]), struct.pack('!I', len(data)) + data)\n"
+            "import time\ntime.sleep(1)")
+    result = await server.query({"code": code, "presetValues": {"marker": str(marker)}})
+    assert result.error_code == errors.WORKER_DIED and "malformed" in result.body["parameters"][0]
+    assert not marker.exists()
+    assert (await server.query({"code": "ok = 1"})).results == {"ok": 1}

@@ -59,7 +59,8 @@ class _Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reader: asyncio.StreamReader | None = None
-        self.ready = False
+        self.ready = False              # takes queries now
+        self.became_ready = False       # ever said it was ready (else a death is a failed start)
         self.alive = True
         self.inflight: dict[int, _Query] = {}
         self.reserved = 0               # slots promised to queued queries that have not resumed yet
@@ -317,7 +318,7 @@ class ProcessEngine:
                       type(exc).__name__)
             worker.kill("it did not start")
             return
-        worker.ready = True
+        worker.ready = worker.became_ready = True
         worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello[1])
         self._dispatch_waiting()
@@ -384,6 +385,7 @@ class ProcessEngine:
     async def _watch(self, worker: _Worker) -> None:
         """Wait for the worker's end: fail its queries (after reading what it said last), replace it."""
         returncode = await worker.proc.wait()
+        worker.ready = False              # no new queries while its last words are read
         if worker.reader_task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(worker.reader_task), 1.0)
@@ -412,7 +414,7 @@ class ProcessEngine:
         worker.alive = False
         index = worker.index
         fresh = _Worker(index)
-        fresh.restarts = 0 if worker.ready else worker.restarts + 1
+        fresh.restarts = 0 if worker.became_ready else worker.restarts + 1
         self._workers[index] = fresh
         self.worker_restarts += 1
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
