@@ -37,7 +37,7 @@ from .inline import timeout_error
 
 log = logging.getLogger(__name__)
 
-KILL_GRACE = 1.0          # seconds a worker has to give up a timed-out query before it is killed
+KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
 RESTART_DELAY_MAX = 30.0
