@@ -17,7 +17,9 @@ def mode(request):
 
 @pytest.fixture
 async def connected(server, start_connector, mode):
-    server.set_source_config(SOURCE, {"executionMode": mode})
+    # one worker: spawning costs time on a shared machine; test_engine.py covers several workers, and the
+    # tests below that configure the source themselves run with the default pool
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
     running = await start_connector()
     return server, running
 
