@@ -42,10 +42,11 @@ async def test_two_connectors_in_one_process_keep_their_own_metrics(server, star
     assert not any(dict(labels).get("source") == "second" for _, labels in one)
 
 
-async def test_engine_figures_come_from_engine_stats_when_it_has_them(connected):
-    server, running = connected
+async def test_engine_figures_come_from_engine_stats_when_it_has_them(server, start_connector):
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    running = await start_connector()
     names = {name for name, _ in scrape(running.connector)}
-    assert "pyexec_engine_workers_alive" not in names          # the inline engine has no stats()
+    assert "pyexec_engine_workers_alive" not in names          # the inline engine has no workers
     figures = {"workers_alive": 2, "worker_restarts": 1, "timeouts": 3, "queue_depth": 0}
     running.session.engine.stats = lambda: figures             # what the process engine provides
     metrics = scrape(running.connector)

@@ -63,8 +63,10 @@ class ReplyChannel:
         """Where an accepted frame goes (a worker process overrides this to reach the connector)."""
         self._send(frame)
 
-    def forward(self, frame: str, terminal: bool, status: int) -> bool:
+    def forward(self, frame: str, terminal: bool, status: int, error_code: str | None = None) -> bool:
         """A frame some other channel already built and checked (a worker's): the same once-only rule."""
+        if error_code is not None and not self.terminated:
+            self.error_code = error_code
         return self._emit(frame, terminal, status)
 
     def send(self, status: int, body: Any = None) -> bool:

@@ -68,6 +68,8 @@ class _Worker:
         self.reader_task: asyncio.Task | None = None
         self.restarts = 0               # deaths in a row before becoming ready (for the restart backoff)
         self.cancelling: set[int] = set()   # queries told to stop: no new work until it lets go of them
+        self.cache_counts = (0, 0)      # its code cache's hits and misses, as it last reported them
+        self.backing_off = False        # waiting to start again after failed starts
 
     @property
     def load(self) -> int:
@@ -121,6 +123,8 @@ class ProcessEngine:
         self._started = asyncio.Event()
         self.worker_restarts = 0
         self.timeouts = 0
+        self._cache_hits = 0            # of workers gone, and names the connector knew nothing of
+        self._cache_misses = 0
         health.listeners.append(self._health_changed)
         for index in range(config.worker_count):
             self._workers.append(_Worker(index))
@@ -144,9 +148,14 @@ class ProcessEngine:
         self._dispatch_waiting()
 
     def stats(self) -> dict[str, Any]:
-        return {"workers_alive": sum(1 for w in self._workers if w.alive and w.ready),
+        """For metrics and readiness. workers_alive counts processes alive or starting (not those waiting
+        to retry after failed starts): 0 means this source cannot run code."""
+        return {"workers_alive": sum(1 for w in self._workers if w.alive and not w.backing_off),
                 "worker_restarts": self.worker_restarts, "timeouts": self.timeouts,
-                "queue_depth": len(self._waiting)}
+                "queue_depth": len(self._waiting),
+                "cache_hits": self._cache_hits + sum(w.cache_counts[0] for w in self._workers),
+                "cache_misses": self._cache_misses + sum(w.cache_counts[1] for w in self._workers),
+                "cache_size": len(self._known), "cache_capacity": int(self._known.maxsize)}
 
     # ---- one query --------------------------------------------------------------------------
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
@@ -187,6 +196,7 @@ class ProcessEngine:
             return job
         known = self._known.get(key)
         if known is None:
+            self._cache_misses += 1
             raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
                              [key])
         return dataclasses.replace(job, source_text=known[0], fingerprint=known[1])
@@ -282,8 +292,10 @@ class ProcessEngine:
 
     async def _start(self, worker: _Worker, delay: float = 0.0) -> None:
         if delay:
+            worker.backing_off = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
+            worker.backing_off = False
         if self._closed:
             worker.alive = False
             return
@@ -335,6 +347,12 @@ class ProcessEngine:
                           worker.index, exc)
                 worker.kill(f"it sent a malformed message ({type(exc).__name__})")
                 return
+            if isinstance(message, tuple) and len(message) == 2 and message[0] == "health":
+                try:        # awaited here: it takes effect before the code's next reply goes out
+                    await self._health.declare(bool(message[1]))
+                except Exception:   # noqa: BLE001 - a failing health listener is not the worker's fault
+                    log.exception("source %s: declaring health failed", self.source_name)
+                continue
             try:
                 self._handle(worker, message)
             except Exception:   # noqa: BLE001
@@ -346,27 +364,25 @@ class ProcessEngine:
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "reply":
-            _, qid, frame, terminal, status = message
+            _, qid, frame, terminal, status, error_code = message
             query = worker.inflight.get(qid)
             if query is None:
                 log.warning("source %s: reply %s from worker %d for a finished query dropped",
                             self.source_name, status, worker.index)
             else:
-                query.channel.forward(frame, terminal, status)
+                query.channel.forward(frame, terminal, status, error_code)
         elif kind == "link":
             self._send_link(message[1])
         elif kind == "done":
-            _, qid, results, runtime, output, dry_run = message
+            _, qid, results, runtime, output, dry_run, worker.cache_counts = message
             self._finish(worker, qid, Outcome(results, runtime, output, dry_run), None)
         elif kind == "failed":
-            error = message[2]
+            _, qid, error, worker.cache_counts = message
             if not isinstance(error, QueryError):
                 raise TypeError("failed without a QueryError")
-            self._finish(worker, message[1], None, error)
+            self._finish(worker, qid, None, error)
         elif kind == "cancelled":
             self._finish(worker, message[1], None, None)
-        elif kind == "health":
-            self._background(self._health.declare(bool(message[1])), "health")
         else:
             raise ValueError(f"unknown message {kind!r}")
 
@@ -412,6 +428,8 @@ class ProcessEngine:
 
     def _replace_later(self, worker: _Worker, why: str) -> None:
         worker.alive = False
+        self._cache_hits += worker.cache_counts[0]
+        self._cache_misses += worker.cache_counts[1]
         index = worker.index
         fresh = _Worker(index)
         fresh.restarts = 0 if worker.became_ready else worker.restarts + 1

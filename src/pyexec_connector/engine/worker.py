@@ -38,7 +38,7 @@ class PipeChannel(ReplyChannel):
         self._qid = qid
 
     def _deliver(self, frame: str, terminal: bool, status: int) -> None:
-        self._worker.send(("reply", self._qid, frame, terminal, status))
+        self._worker.send(("reply", self._qid, frame, terminal, status, self.error_code))
 
 
 class Worker:
@@ -102,26 +102,34 @@ class Worker:
                 return
 
     def _configure(self, cache_capacity: int, forbid: tuple[str, ...]) -> None:
+        old = self.cache
         self.cache = CodeCache(cache_capacity)
+        self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
         self.guard = CodeGuard(forbid)
 
     async def _run(self, qid: int, job: Job, reply_address: str) -> None:
         channel = PipeChannel(self, qid, reply_address, self.source_name)
         try:
             outcome = await runtime.run_job(self.cache, job, self.connection, channel, self.guard)
-            self.send(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run))
+            self.send(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
+                       self._cache_counts()))
         except asyncio.CancelledError:
             if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
                 self.send(("cancelled", qid))
         except QueryError as exc:
-            self.send(("failed", qid, _sendable(exc)))
+            self.send(("failed", qid, _sendable(exc), self._cache_counts()))
         except Exception as exc:     # noqa: BLE001 - the connector must hear of every failure
             log.exception("query %s failed inside the worker", reply_address)
             self.send(("failed", qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running "
-                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"])))
+                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"]),
+                       self._cache_counts()))
         finally:
             self.runs.pop(qid, None)
             self.cancelled.discard(qid)
+
+
+    def _cache_counts(self) -> tuple[int, int]:
+        return self.cache.hits, self.cache.misses
 
 
 def _sendable(error: QueryError) -> QueryError:
