@@ -27,6 +27,8 @@ _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 ENV_PREFIX = "CONNECTOR_"
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_DOCUMENT_TIMEOUT = 60.0
 
 
 class ServerConfig(BaseModel):
@@ -43,6 +45,8 @@ class ServerConfig(BaseModel):
     connect_kwargs: dict[str, Any] = Field(default_factory=dict, alias="connectKWArgs")
     reconnect_secret: str | None = Field(default=None, alias="reconnectSecret")
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, alias="maxMessageBytes", ge=1024)
+    max_document_bytes: int = Field(default=DEFAULT_MAX_DOCUMENT_BYTES, alias="maxDocumentBytes", ge=1024)
+    document_timeout: float = Field(default=DEFAULT_DOCUMENT_TIMEOUT, alias="documentTimeout", gt=0)
     # HTTP /healthz, /readyz and /metrics; off when absent.
     metrics_port: int | None = Field(default=None, alias="metricsPort", ge=1, le=65535)
     # How long a stopping connector lets in-flight queries finish before answering them with an error.

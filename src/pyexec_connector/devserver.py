@@ -8,10 +8,11 @@ import asyncio
 import itertools
 import json
 import logging
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import WSMsgType, web
 
@@ -49,6 +50,11 @@ class Document:
     modified: str
     incomplete: bool = False
     content_size: int | None = None   # what the metadata claims; None: the true size
+    fault: DocumentFault | None = None   # how the content endpoint misbehaves
+
+
+DocumentFault = Literal["error", "hang"]    # HTTP 500 with a plain-text body | never answer
+HandshakeStage = Literal["validate", "connectExtension"]
 
 
 @dataclass
@@ -76,29 +82,38 @@ class DevServer:
         self.bad_frames = 0
         self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
         self.silent_validate = False     # knob: accept the socket but never answer validate
+        self.answer_pings = True         # knob: False leaves the connector's websocket pings unanswered
+        self.pings = 0                   # pings received from connectors
+        self._close_during: dict[str, int] = {}   # handshake stage -> sockets still to close at it
+        self._ssl: ssl.SSLContext | None = None
+        self._requests: dict[web.WebSocketResponse, web.Request] = {}
+        self._stopping = asyncio.Event()
         self._max = max_message_bytes
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self.port: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, ssl: ssl.SSLContext | None = None) -> str:
+        """Listen on a free loopback port (or `port`); with `ssl`, speak TLS (wss/https). Returns the URL."""
+        self._ssl = ssl
         app = web.Application(client_max_size=self._max)
         app.router.add_get(WS_PATH, self._websocket)
         app.router.add_get("/api/v1/resources/documents/{name:.+}", self._document_meta)
         app.router.add_get("/docs/{name:.+}", self._document_content)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.url
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._ssl is not None else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
+        self._stopping.set()
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
@@ -129,10 +144,11 @@ class DevServer:
         self.source(source).refusal = None
 
     def put_document(self, name: str, text: str | bytes, *, modified: str | None = None,
-                     incomplete: bool = False, content_size: int | None = None) -> Document:
+                     incomplete: bool = False, content_size: int | None = None,
+                     fault: DocumentFault | None = None) -> Document:
         content = text.encode() if isinstance(text, str) else text
         stamp = modified or datetime.now(UTC).isoformat(timespec="microseconds")
-        doc = Document(name, content, stamp, incomplete, content_size)
+        doc = Document(name, content, stamp, incomplete, content_size, fault)
         self.documents[name] = doc
         return doc
 
@@ -191,14 +207,37 @@ class DevServer:
         self.set_source_config(source, general)
         await self._send_configure(source, await self._socket(source))
 
-    async def drop(self, source: str = "pythonSource") -> None:
-        """Close the source's socket abruptly, as a failing server or proxy would."""
+    async def drop(self, source: str = "pythonSource", *, abrupt: bool = False) -> None:
+        """Close the source's socket mid-stream, as a failing server or proxy would.
+
+        By default with a close frame (1011): frames the connector sent before it saw the close are still
+        read and handled, as a real server handles what it received. `abrupt=True` cuts the TCP connection
+        with no close frame: frames in flight at that instant are lost, as they would be on a real network."""
         state = self.source(source)
         ws = state.ws
         state.attached.clear()
         state.ws = None
-        if ws is not None:
+        if ws is None:
+            return
+        if abrupt:
+            self._abort(ws)
+            return
+        writer = getattr(ws, "_writer", None)
+        if writer is None:   # not the aiohttp we know: a plain close (it discards frames arriving after it)
             await ws.close(code=1011, message=b"dropped by devserver")
+        else:
+            # aiohttp's own close() would drop whatever the client sends before it answers the close; send
+            # the close frame alone and let the socket's reader handle the rest up to the client's close.
+            await writer.close(1011, b"dropped by devserver")
+
+    def close_during_handshake(self, stage: HandshakeStage, times: int = 1) -> None:
+        """Cut the next `times` sockets when they send `stage` (validate or connectExtension), unanswered."""
+        self._close_during[stage] = times
+
+    def _abort(self, ws: web.WebSocketResponse) -> None:
+        request = self._requests.get(ws)
+        if request is not None and request.transport is not None:
+            request.transport.abort()
 
     async def wait_notifications(self, source: str, count: int, timeout: float = 10.0) -> list[Any]:
         async with asyncio.timeout(timeout):
@@ -215,12 +254,18 @@ class DevServer:
 
     # ---- the server side of the protocol ------------------------------------------------------
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self._max, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=self._max, autoping=False)   # pings answered below, or not
         await ws.prepare(request)
         self._sockets.add(ws)
+        self._requests[ws] = request
         validated = False
         try:
             async for msg in ws:
+                if msg.type is WSMsgType.PING:
+                    self.pings += 1
+                    if self.answer_pings:
+                        await ws.pong(msg.data)
+                    continue
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     continue
                 try:
@@ -232,6 +277,10 @@ class DevServer:
                     self.bad_frames += 1
                     continue
                 op = frame.get("op")
+                if isinstance(op, str) and self._close_during.get(op, 0) > 0:
+                    self._close_during[op] -= 1
+                    self._abort(ws)
+                    break
                 if op == "validate":
                     if self.silent_validate:
                         continue
@@ -264,6 +313,7 @@ class DevServer:
         finally:
             self.close_codes.append(ws.close_code)
             self._sockets.discard(ws)
+            self._requests.pop(ws, None)
             for state in self._sources.values():
                 if state.ws is ws:
                     state.ws = None
@@ -321,4 +371,8 @@ class DevServer:
         doc = self.documents.get(name)
         if doc is None:
             return web.Response(status=404)
+        if doc.fault == "error":
+            return web.Response(status=500, text="Internal Server Error")
+        if doc.fault == "hang":
+            await self._stopping.wait()     # until the client gives up, or the server stops
         return web.Response(body=doc.content, content_type="text/x-python")

@@ -15,8 +15,8 @@ from .errors import QueryError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FETCH_TIMEOUT = 60.0
-DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_FETCH_TIMEOUT = 60.0      # seconds for each request (documentTimeout in server.config)
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024   # maxDocumentBytes in server.config
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +70,12 @@ class DocumentStore:
         content = meta.get("content")
         if not isinstance(content, str) or not content:
             raise QueryError(errors.DOC_INCOMPLETE, "The document {0} has no content reference.", [name])
-        raw = await self._download(self._content_url(content, name), name)
         expected = meta.get("contentSize")
-        if isinstance(expected, int) and expected != len(raw):
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+            expected = None
+        # never read more than the metadata promised (plus one byte, to notice a longer body)
+        raw = await self._download(self._content_url(content, name), name, expected)
+        if expected is not None and expected != len(raw):
             raise QueryError(errors.DOC_LENGTH,
                              "The document {0} should hold {1} bytes but {2} arrived.", [name, expected, len(raw)])
         text = raw.decode("utf-8", errors="replace")
@@ -99,22 +102,41 @@ class DocumentStore:
             raise QueryError(errors.DOC_FETCH, "The server's answer for the document {0} is not JSON.",
                              [name]) from None
 
-    async def _download(self, url: str, name: str) -> bytes:
+    async def _download(self, url: str, name: str, expected: int | None = None) -> bytes:
+        """The body, read up to maxDocumentBytes (and up to one byte past `expected`, when known)."""
+        limit = self._max_bytes if expected is None else min(self._max_bytes, expected)
         try:
             async with self._client().get(url, ssl=self._ssl) as response:
-                body = await response.content.read(self._max_bytes + 1)
-                if len(body) > self._max_bytes:
-                    raise QueryError(errors.DOC_LENGTH, "The document {0} is larger than {1} bytes.",
-                                     [name, self._max_bytes])
+                body = await _read_at_most(response.content, limit + 1)
                 if response.status >= 300:
                     raise _server_error(response.status, body, name)
+                if len(body) > self._max_bytes:
+                    raise QueryError(errors.DOC_LENGTH, "The document {0} is larger than {1} bytes "
+                                                        "(maxDocumentBytes).", [name, self._max_bytes])
                 return body
         except QueryError:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except TimeoutError:
+            log.warning("fetching document %s timed out", name)
+            raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: no answer within {1} s "
+                                               "(documentTimeout).", [name, self._timeout.total]) from None
+        except (aiohttp.ClientError, OSError) as exc:
             log.warning("fetching document %s failed: %s", name, type(exc).__name__)
             raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: {1}",
                              [name, f"{type(exc).__name__}: {exc}"]) from None
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of the body: StreamReader.read(n) returns after one chunk, so loop."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _server_error(status: int, body: bytes, name: str) -> QueryError:

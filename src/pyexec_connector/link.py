@@ -19,13 +19,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from . import protocol
 from .config import ServerConfig, websocket_options
-from .errors import AuthenticationError
+from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
 OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
 PING_INTERVAL = 20.0
+# The websocket itself accepts frames up to this multiple of maxMessageBytes, so that a query over the limit
+# is read, refused with a 400 and forgotten rather than ending the connection; past it, websockets closes
+# the connection (1009) to bound memory. connectKWArgs max_size overrides it.
+FRAME_CEILING_FACTOR = 4
 
 
 class LinkState(enum.Enum):
@@ -40,6 +44,7 @@ class LinkState(enum.Enum):
 class LinkHandler(Protocol):
     def on_query(self, frame: protocol.QueryFrame) -> None: ...
     def on_configure(self, config: Any) -> None: ...
+    def on_unreadable_query(self, reply_address: str, error: QueryError) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +128,7 @@ class SourceLink:
         self._drained.set()
         self._stopping = False
         self._ws: ClientConnection | None = None
-        self._last_refusal: str | None = None
+        self._last_problem: str | None = None     # logged at WARNING once per change, then at DEBUG
         self.reconnects = 0          # sockets opened after the first
         self._wire_log = logging.getLogger(f"pyexec_connector.wire.{source_name}")
         self._wire_log.addFilter(_RedactFilter(config.auth_token))
@@ -197,20 +202,14 @@ class SourceLink:
                 if self._config.fail_on_connection_error:
                     raise ConnectionFailed(f"source {self.source_name}: connecting to "
                                            f"{self._config.websocket_url} failed: {_describe(exc)}") from None
-                log.warning("source %s: connection to %s failed: %s", self.source_name,
-                            self._config.websocket_url, _describe(exc))
+                self._problem(f"connection to {self._config.websocket_url} failed: {_describe(exc)}")
             except _Refused as exc:
-                message = str(exc)
-                level = logging.WARNING if message != self._last_refusal else logging.DEBUG
-                log.log(level, "source %s: the server refused the connection: %s (retrying with backoff)",
-                        self.source_name, message)
-                self._last_refusal = message
+                self._problem(f"the server refused the connection: {exc} (retrying with backoff)")
             except _ProtocolViolation as exc:
-                log.warning("source %s: %s; reconnecting", self.source_name, exc)
+                self._problem(f"{exc}; reconnecting")
             except ConnectionClosed as exc:
                 if not self._stopping:
-                    log.warning("source %s: connection closed (%s); reconnecting", self.source_name,
-                                _describe(exc))
+                    self._problem(f"connection closed ({_describe(exc)}); reconnecting")
             finally:
                 self._ready.clear()
                 self._ws = None
@@ -221,6 +220,13 @@ class SourceLink:
             log.info("source %s: reconnecting in %.2f s", self.source_name, delay)
             await asyncio.sleep(delay)
         self._set_state(LinkState.CLOSED)
+
+    def _problem(self, message: str) -> None:
+        """Log a failed attempt: at WARNING when it differs from the previous one, else at DEBUG, so that
+        a server refusing for an hour does not fill the log."""
+        level = logging.WARNING if message != self._last_problem else logging.DEBUG
+        log.log(level, "source %s: %s", self.source_name, message)
+        self._last_problem = message
 
     async def close(self, code: int = 1000, reason: str = "connector stopping") -> None:
         """Stop reconnecting and close the socket with a normal close."""
@@ -269,7 +275,7 @@ class SourceLink:
         options: dict[str, Any] = {
             "ping_interval": PING_INTERVAL if self._config.send_pings else None,
             "ping_timeout": PING_INTERVAL,
-            "max_size": self._config.max_message_bytes,
+            "max_size": self._config.max_message_bytes * FRAME_CEILING_FACTOR,
             "open_timeout": self._handshake_timeout,
             "close_timeout": 5,
             "logger": self._wire_log,
@@ -297,13 +303,17 @@ class SourceLink:
 
     async def _validate(self, ws: ClientConnection) -> None:
         await ws.send(protocol.validate_frame(self._config.auth_token))
-        async with asyncio.timeout(self._handshake_timeout):
-            while True:
-                frame = protocol.parse_frame(await ws.recv())
-                if isinstance(frame, protocol.StatusFrame):
-                    break
-                log.warning("source %s: ignored %s while validating the token", self.source_name,
-                            _frame_kind(frame))
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                while True:
+                    frame = protocol.parse_frame(await ws.recv(decode=False))
+                    if isinstance(frame, protocol.StatusFrame):
+                        break
+                    log.warning("source %s: ignored %s while validating the token", self.source_name,
+                                _frame_kind(frame))
+        except TimeoutError:
+            raise TimeoutError(f"the server did not answer validate within {self._handshake_timeout:g} s "
+                               "(handshake timeout)") from None
         if frame.status >= 300:
             raise AuthenticationError(f"the server at {self._config.target_server} refused the access token "
                                       f"(status {frame.status}: {protocol.status_messages(frame.body)}); "
@@ -315,17 +325,35 @@ class SourceLink:
         await ws.send(protocol.connect_frame(self.source_name, self._secret))
 
     async def _receive(self, ws: ClientConnection) -> None:
+        limit = self._config.max_message_bytes
         while True:
+            # bytes, not str: text frames are not decoded twice, and an oversized one is scanned as is
             if self._ready.is_set():
-                raw = await ws.recv()
+                raw = await ws.recv(decode=False)
             else:
                 try:
                     async with asyncio.timeout(self._handshake_timeout):
-                        raw = await ws.recv()
+                        raw = await ws.recv(decode=False)
                 except TimeoutError:
                     raise _ProtocolViolation(f"no configureExtension within {self._handshake_timeout:g} s "
                                              "of connectExtension") from None
+            if len(raw) > limit:
+                self._refuse_oversized(raw, limit)
+                del raw
+                continue
             await self._dispatch(ws, protocol.parse_frame(raw))
+
+    def _refuse_oversized(self, raw: bytes, limit: int) -> None:
+        """A frame over maxMessageBytes is never parsed: its reply address is scanned for and answered
+        with a 400 naming the limit; anything else is skipped."""
+        size = len(raw)
+        address = protocol.sniff_reply_address(raw)
+        log.warning("source %s: skipped a %d-byte frame, over maxMessageBytes (%d)%s", self.source_name, size,
+                    limit, f"; answering query {address} with an error" if address else "")
+        if address is not None:
+            self._handler.on_unreadable_query(address, QueryError(
+                TOO_LARGE, "The query is {0} bytes, over the connector's limit of {1} bytes (maxMessageBytes "
+                           "in server.config).", [size, limit]))
 
     async def _dispatch(self, ws: ClientConnection, frame: protocol.Frame) -> None:
         if isinstance(frame, protocol.QueryFrame):
@@ -335,7 +363,7 @@ class SourceLink:
             if not self._ready.is_set():
                 log.info("source %s: connected and configured", self.source_name)
             self._backoff.reset()
-            self._last_refusal = None
+            self._last_problem = None
             self._set_state(LinkState.READY)
             self._ready.set()
         elif isinstance(frame, protocol.ReconnectRequiredFrame):
@@ -349,15 +377,28 @@ class SourceLink:
                             protocol.status_messages(frame.body))
         elif isinstance(frame, protocol.PublishFrame):
             log.info("source %s: ignored a publish (this source only runs queries)", self.source_name)
+        elif frame.reply_address is not None:
+            log.warning("source %s: unreadable query %s (%s); answering with an error", self.source_name,
+                        frame.reply_address, frame.reason)
+            self._handler.on_unreadable_query(frame.reply_address, QueryError(
+                BAD_QUERY, "The query frame could not be read: {0}", [frame.reason]))
         else:
-            log.warning("source %s: skipped a frame: %s", self.source_name, frame.reason)
+            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason))
 
 
 def _frame_kind(frame: protocol.Frame) -> str:
     return type(frame).__name__.removesuffix("Frame").lower() + " frame"
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS certificate verification failed ({exc.verify_message or exc.reason}): the server's "
+                "certificate is not trusted; give its CA with connectKWArgs {\"caFile\": \"/path/ca.pem\"} "
+                "(or, for testing only, {\"disableSslVerification\": true})")
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -3,6 +3,7 @@ No I/O here."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +64,32 @@ class BadFrame:
 Frame = QueryFrame | ConfigureFrame | ReconnectRequiredFrame | PublishFrame | StatusFrame | BadFrame
 
 
+# The reply address of a frame that cannot be parsed (cut off, too large): found by a scan, not a parse,
+# so that a huge frame costs no more memory than its bytes. Best effort: the first messageHeaders wins.
+_REPLY_ADDRESS = re.compile(rb'"messageHeaders"\s*:\s*\{[^{}]*?"REPLY_ADDR_HEADER"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def sniff_reply_address(raw: str | bytes) -> str | None:
+    """The query's reply address read straight from the raw frame, or None. Never raises."""
+    data = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
+    match = _REPLY_ADDRESS.search(data)
+    if match is None:
+        return None
+    try:
+        address = _loads(match.group(1))
+    except (ValueError, TypeError):
+        return None
+    return address if isinstance(address, str) and address else None
+
+
 def parse_frame(raw: str | bytes) -> Frame:
-    """One websocket message (text or binary) into a Frame. Never raises."""
+    """One websocket message (text or binary) into a Frame. Never raises. A frame that is not JSON but
+    names a reply address comes back as a BadFrame carrying it, so that its query can still be answered."""
     try:
         message = _loads(raw)
-    except (ValueError, TypeError) as exc:   # includes UnicodeDecodeError
-        return BadFrame(f"not JSON: {exc}")
+    except (ValueError, TypeError, RecursionError) as exc:   # includes UnicodeDecodeError; nesting too deep
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
+        return BadFrame(reason, sniff_reply_address(raw))
     if not isinstance(message, dict):
         return BadFrame(f"a JSON {type(message).__name__}, not an object")
     op = message.get("op")

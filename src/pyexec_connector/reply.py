@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol
+from . import errors, protocol
 from .errors import QueryError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,13 @@ class ReplyChannel:
     """Sends one query's replies through `send` (the link's ordered outbox). After the first terminal
     reply (200, 204 or an error) everything else for this query is dropped and logged."""
 
-    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status", "error_code")
+    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status", "error_code",
+                 "max_bytes")
 
-    def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str):
+    def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str,
+                 max_bytes: int | None = None):
         self._send = send
+        self.max_bytes = max_bytes         # maxMessageBytes: a larger frame would kill the link, again and again
         self.reply_address = reply_address
         self.source_name = source_name
         self.terminated = False
@@ -76,17 +79,34 @@ class ReplyChannel:
         if status != protocol.STATUS_EMPTY and body is None:
             raise ConnectorAPIError("send_query_response: a 100 or 200 reply needs a body (a dict or list)")
         frame = protocol.reply_frame(self.reply_address, status, body)
+        size = oversize(frame, self.max_bytes)
+        if size:
+            raise ConnectorAPIError(f"send_query_response: the reply is {size} bytes, over maxMessageBytes "
+                                    f"({self.max_bytes})")
         return self._emit(frame, status != protocol.STATUS_PARTIAL, status)
 
     def complete_raw(self, body_json: str) -> bool:
         """The 200 reply with a body already encoded as JSON text."""
-        return self._emit(protocol.reply_frame_raw(self.reply_address, protocol.STATUS_COMPLETE, body_json),
-                          True, protocol.STATUS_COMPLETE)
+        frame = protocol.reply_frame_raw(self.reply_address, protocol.STATUS_COMPLETE, body_json)
+        size = oversize(frame, self.max_bytes)
+        if size:
+            return self.error(QueryError(errors.TOO_LARGE, "The results are {0} bytes, over the connector's limit "
+                                         "of {1} bytes (maxMessageBytes); use limitReturnTo or codeHandlesReturn "
+                                         "to send less.", [size, self.max_bytes]))
+        return self._emit(frame, True, protocol.STATUS_COMPLETE)
 
     def error(self, error: QueryError) -> bool:
         if not self.terminated:
             self.error_code = error.code
-        return self._emit(protocol.error_frame(self.reply_address, error), True, protocol.STATUS_ERROR)
+        frame = protocol.error_frame(self.reply_address, error)
+        size = oversize(frame, self.max_bytes)
+        if size:   # e.g. a traceback quoting a huge value: the code and the size still reach the caller
+            frame = protocol.error_frame(self.reply_address, QueryError(
+                error.code, "The error message was {0} bytes, over maxMessageBytes ({1}); see the connector's "
+                            "log.", [size, self.max_bytes]))
+            log.warning("source %s: error reply for %s was too large to send: %s", self.source_name,
+                        self.reply_address, error.message()[:2000])
+        return self._emit(frame, True, protocol.STATUS_ERROR)
 
     def done_future(self) -> asyncio.Future:
         """Resolves when the terminal reply has been sent."""
@@ -95,3 +115,11 @@ class ReplyChannel:
             if self.terminated:
                 self._done.set_result(self.status)
         return self._done
+
+
+def oversize(frame: str, max_bytes: int | None) -> int:
+    """The frame's size in bytes when it exceeds `max_bytes`, else 0. Encodes only when it might."""
+    if max_bytes is None or len(frame) * 4 <= max_bytes:    # UTF-8 needs at most 4 bytes a character
+        return 0
+    size = len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+    return size if size > max_bytes else 0

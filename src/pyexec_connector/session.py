@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from .engine.inline import InlineEngine
 from .engine.process import ProcessEngine
 from .errors import QueryError
 from .link import Backoff, LinkState, SourceLink
-from .reply import ReplyChannel
+from .reply import ConnectorAPIError, ReplyChannel, oversize
 from .request import QueryRequest, parse_query
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,10 @@ class SourceSession:
                                on_state=self._state_changed, **link_options)
         self.connection = ConnectorConnection(
             source_name, self.link.send, self.link.drained,
-            functools.partial(protocol.notification_frame, source_name), config.public_properties, health)
+            self._notification_frame, config.public_properties, health)
         self.documents = DocumentStore(config.rest_base, config.auth_token, ssl=config.ssl_context(),
-                                       cache_capacity=self.source_config.codeCacheSize)
+                                       cache_capacity=self.source_config.codeCacheSize,
+                                       timeout=config.document_timeout, max_bytes=config.max_document_bytes)
         self.health = health
         self.engine: Engine | None = None          # built by the first configure
         self._retiring: dict[asyncio.Task, Engine] = {}   # engines a reconfigure replaced, finishing up
@@ -103,6 +103,19 @@ class SourceSession:
                              drained=self.link.drained, health=self.health,
                              server_config=self.server_config.public_properties)
 
+    def on_unreadable_query(self, reply_address: str, error: QueryError) -> None:
+        """A query frame that could not be parsed (cut off, too large) but names its reply address."""
+        ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes).error(error)
+        self.queries_answered += 1
+
+    def _notification_frame(self, obj: Any) -> str:
+        frame = protocol.notification_frame(self.source_name, obj)
+        size = oversize(frame, self.server_config.max_message_bytes)
+        if size:
+            raise ConnectorAPIError(f"send_notification: the notification is {size} bytes, over maxMessageBytes "
+                                    f"({self.server_config.max_message_bytes})")
+        return frame
+
     def on_query(self, frame: protocol.QueryFrame) -> None:
         task = asyncio.create_task(self.answer(frame))
         self.in_flight.add(task)
@@ -111,7 +124,8 @@ class SourceSession:
     # ---- one query --------------------------------------------------------------------------
     async def answer(self, frame: protocol.QueryFrame) -> None:
         """Run one query. The `finally` is the one place that guarantees its terminal reply."""
-        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name)
+        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
+                               self.server_config.max_message_bytes)
         started = perf_counter()
         try:
             if not self.accepting:
