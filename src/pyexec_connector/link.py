@@ -165,7 +165,7 @@ class SourceLink:
                 await self._has_output.wait()
                 continue
             await self._ready.wait()
-            await ws.send(self._outbox[0])
+            await ws.send(_sendable(self._outbox[0]))
             self._outbox.popleft()     # only once sent: a frame cut off by a drop goes out again later
             if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
                 self._drained.set()
@@ -388,6 +388,19 @@ class SourceLink:
 
 def _frame_kind(frame: protocol.Frame) -> str:
     return type(frame).__name__.removesuffix("Frame").lower() + " frame"
+
+
+def _sendable(frame: str) -> str:
+    """The frame as text UTF-8 can carry. A lone surrogate (user data such as chr(0xD800)) cannot be encoded,
+    and websockets would fail the whole connection on it, again after every reconnect; in a JSON frame it
+    can only sit inside a string, where its \\uXXXX escape means the same."""
+    if frame.isascii():
+        return frame
+    try:
+        frame.encode("utf-8")
+    except UnicodeEncodeError:
+        return frame.encode("utf-8", "backslashreplace").decode("utf-8")
+    return frame
 
 
 def _clip(text: str, limit: int = 200) -> str:
