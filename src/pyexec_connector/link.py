@@ -210,6 +210,10 @@ class SourceLink:
             except ConnectionClosed as exc:
                 if not self._stopping:
                     self._problem(f"connection closed ({_describe(exc)}); reconnecting")
+            except Exception:   # a bug here must cost one socket, not the source: log it and reconnect
+                if self._stopping:
+                    break
+                log.exception("source %s: unexpected error on the connection; reconnecting", self.source_name)
             finally:
                 self._ready.clear()
                 self._ws = None
