@@ -10,7 +10,7 @@ import sys
 import uuid
 
 from . import __version__
-from .config import ServerConfig, config_problems, load_server_config, read_config_sources
+from .config import TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
 from .connector import Connector
 from .errors import AuthenticationError, ConfigError
 from .link import CheckResult, ConnectionFailed, SourceLink
@@ -157,6 +157,8 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
     except ConfigError as exc:
         print(f"pyexec-connector: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    # User code runs in this process (and its children inherit the environment): it must not find the token.
+    os.environ.pop(TOKEN_ENV, None)
     logging_source = configure_logging(log_level, log_format=log_format)
     redact_everywhere(config.auth_token)
     log.info("pyexec-connector %s starting; logging: %s", __version__, logging_source)

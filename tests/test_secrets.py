@@ -1,0 +1,143 @@
+"""The access token never shows: not in logs at any level (websockets and aiohttp included), not in error
+replies, not in what user code can ask for. (Metrics: /metrics is not on this branch yet.)"""
+import asyncio
+import contextlib
+import json
+import logging
+import os
+
+from .conftest import SOURCE, TOKEN, console_command
+
+SLICES = {TOKEN[i:i + 12] for i in range(len(TOKEN) - 11)}
+
+
+def leaks(text: str) -> list[str]:
+    """The token, or any 12-character slice of it, wherever it occurs in `text`."""
+    return sorted(s for s in SLICES if s in text)
+
+
+class Capture(logging.Handler):
+    """Every record, formatted with its traceback, as an operator's log file would hold it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def everything_at_debug():
+    names = ["", "pyexec_connector", "websockets", "websockets.client", "aiohttp", "aiohttp.client",
+             "aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websocket", "asyncio"]
+    loggers = [logging.getLogger(n) for n in names]
+    before = [(lg.level, lg.disabled) for lg in loggers]
+    capture = Capture()
+    root = logging.getLogger()
+    root.addHandler(capture)
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.disabled = False
+    try:
+        yield capture
+    finally:
+        root.removeHandler(capture)
+        for lg, (level, disabled) in zip(loggers, before, strict=True):
+            lg.setLevel(level)
+            lg.disabled = disabled
+
+
+USER_CODE_LOOKS = """
+import os
+config = connector_connection.get_server_config()
+environment = dict(os.environ)
+connection = repr(vars(connector_connection))
+context = repr(connector_context)
+names = sorted(globals())
+"""
+
+
+async def test_busy_connector_at_debug_through_faults_never_shows_the_token(server, start_connector):
+    replies = []
+
+    async def query(params, **kw):
+        result = await server.query(params, **kw)
+        replies.extend(result.replies)
+        return result
+
+    with everything_at_debug() as capture:
+        running = await start_connector(maxMessageBytes=1024 * 1024, documentTimeout=0.5)
+        server.put_document("doc.py", "from_doc = 1")
+        server.put_document("broken.py", "x = 1", fault="error")
+        server.put_document("hangs.py", "x = 1", fault="hang")
+        seen = await query({"code": USER_CODE_LOOKS})
+        assert seen.status == 200 and "authToken" not in seen.results["config"]
+        for n in range(30):
+            await query({"code": f"x = {n}"})
+            await query({"code": "raise RuntimeError(str(connector_connection.get_server_config()))"})
+            await query({"script": ("doc.py", "missing.py", "broken.py")[n % 3]})
+            if n % 10 == 0:
+                await query({"script": "hangs.py"})
+                await query({"code": "x = 1", "presetValues": {"b": "b" * 2_000_000}})      # over the limit
+                await server.send_raw(SOURCE, '{"op": "query", "messageHeaders": {"REPLY_ADDR_HEADER": "z"}, "ob')
+                await server.drop(SOURCE)
+                await server.wait_attached(SOURCE)
+            if n % 10 == 5:
+                server.close_during_handshake("validate", 1)
+                await server.request_reconnect(SOURCE)
+                await server.drop(SOURCE)
+                await server.wait_attached(SOURCE)
+        server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "Already served.")
+        await server.drop(SOURCE)
+        await asyncio.sleep(0.3)
+        server.accept(SOURCE)
+        await running.connector.wait_ready(timeout=10)
+        await query({"code": "done = True"})
+        await running.stop()
+    text = "\n".join(capture.lines)
+    assert len(capture.lines) > 500, "the capture did not see a busy DEBUG log"
+    assert any(line.startswith("DEBUG websockets") or "pyexec_connector.wire" in line for line in capture.lines)
+    assert "system.credentials" not in text or "redacted" in text
+    assert leaks(text) == [], [line[:300] for line in capture.lines if leaks(line)][:5]
+    assert leaks(json.dumps(replies + server.stray_replies)) == [], "the token is in a reply"
+    assert leaks(json.dumps(seen.results)) == [], "user code can see the token"
+
+
+async def test_console_command_at_debug_everywhere_with_the_token_from_the_environment(tmp_path, server):
+    """The real command, every logger at DEBUG by logger.ini, the token given in CONNECTOR_AUTH_TOKEN."""
+    conf = tmp_path / "serverConfig"
+    conf.mkdir()
+    (conf / "server.config").write_text(f"targetServer = {server.url}\nsources = {SOURCE}\n")
+    (conf / "logger.ini").write_text(
+        "[loggers]\nkeys=root,websockets,aiohttp\n[handlers]\nkeys=h\n[formatters]\nkeys=f\n"
+        "[logger_root]\nlevel=DEBUG\nhandlers=h\n"
+        "[logger_websockets]\nlevel=DEBUG\nhandlers=\nqualname=websockets\n"
+        "[logger_aiohttp]\nlevel=DEBUG\nhandlers=\nqualname=aiohttp\n"
+        "[handler_h]\nclass=StreamHandler\nlevel=DEBUG\nformatter=f\nargs=(sys.stdout,)\n"
+        "[formatter_f]\nformat=%(levelname)s %(name)s: %(message)s\n")
+    server.put_document("doc.py", "from_doc = 1")
+    env = {**os.environ, "CONNECTOR_AUTH_TOKEN": TOKEN}
+    proc = await asyncio.create_subprocess_exec(*console_command(), cwd=tmp_path, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        seen = await server.query({"code": USER_CODE_LOOKS})
+        assert seen.status == 200
+        assert "CONNECTOR_AUTH_TOKEN" not in seen.results["environment"]
+        assert (await server.query({"script": "doc.py"})).results == {"from_doc": 1}
+        await server.query({"code": "raise RuntimeError('boom')"})
+        await server.drop(SOURCE)
+        await server.wait_attached(SOURCE, timeout=30)
+        await server.request_reconnect(SOURCE)
+        await server.wait_attached(SOURCE, timeout=30)
+        await server.query({"code": "x = 1"})
+    finally:
+        proc.terminate()
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert "DEBUG websockets" in text or "DEBUG pyexec_connector.wire" in text
+    assert leaks(text) == []
+    assert leaks(json.dumps(seen.results)) == []
