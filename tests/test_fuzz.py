@@ -5,6 +5,8 @@ import asyncio
 import json
 import random
 
+import pytest
+
 from pyexec_connector import errors
 
 from .conftest import SOURCE
@@ -87,3 +89,23 @@ async def test_random_bytes_and_mutated_frames(connected):
     # a mutated frame may still be a query for some address: it gets one terminal reply, never two
     addresses = [r["headers"]["X-Reply-Address"] for r in server.stray_replies if r["status"] != 100]
     assert len(addresses) == len(set(addresses))
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"script": "\ud800"}, errors.DOC_FETCH),                  # no URL can name it: was an internal error
+    ({"script": ""}, errors.BAD_PARAMETER),                     # was a fetch of the document list URL
+    ({"script": "a\x00b"}, errors.BAD_PARAMETER),
+    ({"name": ""}, errors.BAD_PARAMETER),
+    ({"code": "x = 1", "name": "\x00"}, errors.BAD_PARAMETER),  # was reported as a compile error
+    ({"code": "\ud800"}, errors.SYNTAX_ERROR),
+    ({"code": "\x00"}, errors.SYNTAX_ERROR),
+    ({"code": "x = 1", "presetValues": {"\ud800": "\udfff"}}, None),
+    ({"code": "x = 1", "name": "\ud800", "limitReturnTo": ["\ud800", "x"]}, None),
+])
+async def test_odd_text_in_with_parameters(connected, params, code):
+    server, running = connected
+    result = await server.query(params)
+    assert result.error_code == code, result.body
+    if code is None:
+        assert result.status == 200 and result.results["x"] == 1
+    assert running.session.link.reconnects == 0

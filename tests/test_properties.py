@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pyexec_connector import errors, protocol
@@ -73,6 +73,16 @@ with_clauses = st.builds(lambda known, unknown: {**unknown, **known},
                          st.fixed_dictionaries({}, optional=PARAMETER_VALUES),
                          st.dictionaries(UNKNOWN_KEYS, json_values, max_size=3))
 query_objects = with_clauses | json_values
+# mostly well-formed queries, so that the link property runs code too, not only the parser's refusals
+plausible = st.builds(
+    lambda code, extra: {"code": code, **extra},
+    st.sampled_from(SNIPPETS),
+    st.fixed_dictionaries({}, optional={
+        "presetValues": presets, "name": st.sampled_from(["snippet", "other"]),
+        "codeHandlesReturn": st.sampled_from([True, False, "true", "no"]),
+        "limitReturnTo": st.sampled_from([["x"], "x, total", ["r", "nested"]]),
+        "cache_code": st.booleans(), "replace": st.booleans(),
+        "timeout": json_values, "captureOutput": json_values, "dryRun": json_values}))
 
 ALL_CODES = {v for k, v in vars(errors).items() if k.isupper() and isinstance(v, str)}
 
@@ -94,7 +104,9 @@ def check_parse(params) -> None:
         request = parse_query(params)
     except QueryError as error:
         check_error(error, params)
+        event(f"400 {error.code}")
         return
+    event("accepted")
     assert isinstance(params, dict) and isinstance(request, QueryRequest)
     assert request.code is not None or request.script is not None or request.name is not None
     assert isinstance(request.preset_values, dict)
@@ -163,12 +175,14 @@ def live():
 
 @settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
-@given(params=query_objects)
+@given(params=plausible | query_objects)
 def test_any_query_through_the_link_gets_one_terminal_reply(live, params):
     EXAMPLES["through the link"] += 1
     result = live.call(live.server.query(params, timeout=20))
     assert [r["status"] for r in result.replies[:-1]] == [100] * (len(result.replies) - 1)
     assert result.status in (200, 204, 400), result.replies
+    event(f"reply {result.status} {result.error_code or ''}".strip())
+    assert result.error_code != errors.INTERNAL_ERROR, result.body     # a connector bug, not a refusal
     if result.status == 400:
         body = result.body
         assert body["messageCode"] and isinstance(body["messageTemplate"], str)

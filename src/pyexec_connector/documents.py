@@ -57,7 +57,12 @@ class DocumentStore:
 
     async def get(self, name: str, *, force: bool = False) -> Script:
         """The script `name`: metadata always, content only when it changed (or `force`)."""
-        meta = await self._request_json(f"{self._base}/api/v1/resources/documents/{quote(name, safe='')}", name)
+        try:
+            path = quote(name, safe="")
+        except UnicodeEncodeError:     # a lone surrogate: no URL can name it
+            raise QueryError(errors.DOC_FETCH, "The document name {0} is not valid Unicode text.",
+                             [name]) from None
+        meta = await self._request_json(f"{self._base}/api/v1/resources/documents/{path}", name)
         self.fetches += 1
         if not isinstance(meta, dict):
             raise QueryError(errors.DOC_FETCH, "The document {0} has unexpected metadata.", [name])

@@ -76,6 +76,15 @@ def _timeout(params: dict[str, Any]) -> float | None:
     return float(value)
 
 
+def _name(params: dict[str, Any], key: str) -> str | None:
+    """A cache key, __file__ and (for script) a document name: empty text or a NUL cannot be any of them."""
+    value = _string(params, key)
+    if value is not None and (not value or "\x00" in value):
+        raise QueryError(errors.BAD_PARAMETER, "The WITH parameter {0} must be a non-empty name without NUL "
+                                               "characters, not {1}.", [key, repr(value)[:80]])
+    return value
+
+
 def _limit_return_to(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -114,8 +123,8 @@ def parse_query(params: Any) -> QueryRequest:
                          "captureOutput cannot be used with codeHandlesReturn: the code sends its own replies.")
 
     code = _string(params, "code")
-    name = _string(params, "name")
-    script = _string(params, "script")
+    name = _name(params, "name")
+    script = _name(params, "script")
     if code is None and script is None and name is None:
         raise QueryError(errors.NO_CODE, "The query must provide code, a script document, or the name of "
                                          "cached code.")
