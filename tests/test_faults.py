@@ -150,7 +150,55 @@ async def test_refusals_retry_and_warn_once_per_change(server, start_connector, 
     assert len(warnings) == 2
     assert "does not exist" in warnings[0] and "already served" in warnings[1]
     assert len(refusals) >= 8                       # every attempt is still in the DEBUG log
+    assert all(r.levelname == "DEBUG" for r in refusals if r.getMessage() not in warnings)
     assert (await server.query({"code": "x = 1"})).results == {"x": 1}
+
+
+async def test_refusals_back_off(server, start_connector):
+    server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "The source {0} is already served.")
+    running = await start_connector(wait=False)
+    await wait_for(lambda: server.connects(SOURCE) >= 5)
+    backoff = running.session.link._backoff
+    assert backoff.attempt >= 4                     # growing delays (capped at 0.2 s by the fixture)
+    server.accept(SOURCE)
+    await running.connector.wait_ready(timeout=10)
+    assert backoff.attempt == 0                     # a good connection resets it
+
+
+async def test_server_that_never_upgrades_the_websocket(unused_tcp_port, caplog):
+    """TCP accepted, the HTTP upgrade never answered: the opening handshake times out and is retried."""
+    held = []
+
+    async def mute(reader, writer):
+        held.append(writer)
+
+    listener = await asyncio.start_server(mute, "127.0.0.1", unused_tcp_port)
+    config = build_server_config({"targetServer": f"http://127.0.0.1:{unused_tcp_port}", "authToken": TOKEN,
+                                  "sources": SOURCE}, env={})
+    connector = Connector(config, backoff_initial=0.02, backoff_max=0.1, handshake_timeout=0.3)
+    task = asyncio.create_task(connector.run())
+    try:
+        await wait_for(lambda: connector.sessions[SOURCE].link.reconnects >= 2)
+        assert len(held) >= 3 and not connector.ready
+        assert any(r.levelname == "WARNING" and "TimeoutError" in r.getMessage() for r in caplog.records)
+    finally:
+        connector.stop()
+        await task
+        for writer in held:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_one_source_dropped_leaves_the_other_alone(server, start_connector):
+    running = await start_connector(sources=f"{SOURCE}, second")
+    address = await server.send_query("second", stream(30, 0.01))
+    await server.drop(SOURCE)
+    result = await server.replies_for(address, timeout=20)
+    assert_complete_stream(result, 30)
+    assert running.connector.sessions["second"].link.reconnects == 0
+    await server.wait_attached(SOURCE)
+    assert running.connector.sessions[SOURCE].link.reconnects == 1
 
 
 async def test_document_endpoint_errors_and_hangs(server, start_connector):
