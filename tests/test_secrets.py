@@ -141,3 +141,17 @@ async def test_console_command_at_debug_everywhere_with_the_token_from_the_envir
     assert "DEBUG websockets" in text or "DEBUG pyexec_connector.wire" in text
     assert leaks(text) == []
     assert leaks(json.dumps(seen.results)) == []
+
+
+def test_last_line_of_defence_withholds_pieces_of_the_token():
+    from pyexec_connector.logsetup import RedactingFilter
+    flt = RedactingFilter(TOKEN)
+    whole = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s here", (TOKEN,), None)
+    flt.filter(whole)
+    assert whole.getMessage() == "token *** here"
+    cut = logging.LogRecord("x", logging.DEBUG, __file__, 1, "> TEXT '...%s' [101 bytes]", (TOKEN[-15:],), None)
+    flt.filter(cut)
+    assert leaks(cut.getMessage()) == [] and "withheld" in cut.getMessage()
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "nothing secret", None, None)
+    flt.filter(plain)
+    assert plain.getMessage() == "nothing secret"

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import protocol
 from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
+from .logsetup import secret_pieces
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class _RedactFilter(logging.Filter):
 
     def __init__(self, secret: str):
         super().__init__()
-        self._pieces = _pieces(secret)
+        self._pieces = secret_pieces(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -107,13 +108,6 @@ class _RedactFilter(logging.Filter):
             record.msg = "(frame redacted: it carries the access token)"
             record.args = None
         return True
-
-
-def _pieces(secret: str, width: int = 8) -> tuple[str, ...]:
-    """The secret itself and every `width`-character piece of it: what a cut log line could still show."""
-    if len(secret) <= width:
-        return (secret,) if secret else ()
-    return tuple({secret[i:i + width] for i in range(len(secret) - width + 1)})
 
 
 class SourceLink:

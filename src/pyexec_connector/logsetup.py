@@ -64,12 +64,21 @@ def configure_logging(level: str | None = None, logger_ini: Path | None = None, 
     return source
 
 
+def secret_pieces(secret: str, width: int = 8) -> tuple[str, ...]:
+    """The secret and every `width`-character piece of it: what a line cut short could still show."""
+    if len(secret) <= width:
+        return (secret,) if secret else ()
+    return tuple({secret[i:i + width] for i in range(len(secret) - width + 1)})
+
+
 class RedactingFilter(logging.Filter):
-    """Replaces a secret in every record a handler emits: the last line of defence for the token."""
+    """Replaces a secret in every record a handler emits: the last line of defence for the token. A line
+    holding only a piece of it (a frame cut short by a library's log) is withheld whole."""
 
     def __init__(self, secret: str):
         super().__init__()
         self._secret = secret
+        self._pieces = secret_pieces(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secret:
@@ -79,8 +88,10 @@ class RedactingFilter(logging.Filter):
         except Exception:  # noqa: BLE001
             return True
         if self._secret in text:
-            record.msg = text.replace(self._secret, "***")
-            record.args = None
+            text = text.replace(self._secret, "***")
+            record.msg, record.args = text, None
+        if any(piece in text for piece in self._pieces):
+            record.msg, record.args = "(log line withheld: it holds part of the access token)", None
         if record.exc_info and self._secret in logging.Formatter().formatException(record.exc_info):
             record.exc_info = None
             record.exc_text = None
