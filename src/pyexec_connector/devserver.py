@@ -1,7 +1,14 @@
 """A loopback stand-in of the Vantiq server side, for `demo`, tests and benchmarks.
 
 It speaks the server half of the extension-source protocol over a real websocket (aiohttp) and serves
-the two document endpoints with bearer-token checks. Knobs let tests inject faults."""
+the two document endpoints with bearer-token checks. Knobs let tests inject faults:
+
+- `drop(source)` closes the socket mid-stream (close frame; `abrupt=True` cuts TCP instead);
+- `close_during_handshake("validate" | "connectExtension", times)` cuts the next sockets at that step;
+- `request_reconnect(source)` sends reconnectRequired; `refuse(...)` / `accept(...)` answer connectExtension;
+- `silent_validate = True` never answers validate; `answer_pings = False` leaves pings unanswered;
+- `put_document(..., content_size=, incomplete=, fault="error" | "hang")` for the document endpoints;
+- `send_raw(source, data)` sends any text or bytes; `start(ssl=context)` serves wss/https."""
 from __future__ import annotations
 
 import asyncio
