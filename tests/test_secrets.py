@@ -1,12 +1,14 @@
-"""The access token never shows: not in logs at any level (websockets and aiohttp included), not in error
-replies, not in what user code can ask for. (Metrics: /metrics is not on this branch yet.)"""
+"""The access token never shows: not in logs at any level (websockets and aiohttp included), not in
+/metrics, /healthz or /readyz, not in error replies, not in what user code can ask for."""
 import asyncio
 import contextlib
 import json
 import logging
 import os
 
-from .conftest import SOURCE, TOKEN, console_command
+import aiohttp
+
+from .conftest import SOURCE, TOKEN, console_command, free_port
 
 SLICES = {TOKEN[i:i + 12] for i in range(len(TOKEN) - 11)}
 
@@ -68,7 +70,8 @@ async def test_busy_connector_at_debug_through_faults_never_shows_the_token(serv
         return result
 
     with everything_at_debug() as capture:
-        running = await start_connector(maxMessageBytes=1024 * 1024, documentTimeout=0.5)
+        port = free_port()
+        running = await start_connector(maxMessageBytes=1024 * 1024, documentTimeout=0.5, metricsPort=port)
         server.put_document("doc.py", "from_doc = 1")
         server.put_document("broken.py", "x = 1", fault="error")
         server.put_document("hangs.py", "x = 1", fault="hang")
@@ -95,6 +98,11 @@ async def test_busy_connector_at_debug_through_faults_never_shows_the_token(serv
         server.accept(SOURCE)
         await running.connector.wait_ready(timeout=10)
         await query({"code": "done = True"})
+        endpoints = []
+        async with aiohttp.ClientSession() as http:
+            for path in ("/metrics", "/healthz", "/readyz"):
+                async with http.get(f"http://127.0.0.1:{port}{path}") as response:
+                    endpoints.append(await response.text())
         await running.stop()
     text = "\n".join(capture.lines)
     assert len(capture.lines) > 500, "the capture did not see a busy DEBUG log"
@@ -103,6 +111,8 @@ async def test_busy_connector_at_debug_through_faults_never_shows_the_token(serv
     assert leaks(text) == [], [line[:300] for line in capture.lines if leaks(line)][:5]
     assert leaks(json.dumps(replies + server.stray_replies)) == [], "the token is in a reply"
     assert leaks(json.dumps(seen.results)) == [], "user code can see the token"
+    assert "pyexec_" in endpoints[0], "not the metrics page"
+    assert leaks("\n".join(endpoints)) == [], "the token is in the metrics or health endpoints"
 
 
 async def test_console_command_at_debug_everywhere_with_the_token_from_the_environment(tmp_path, server):
