@@ -103,3 +103,16 @@ async def test_document_longer_than_its_content_size(connected):
     assert result.error_code == errors.DOC_LENGTH
     assert result.body["parameters"][:2] == ["long.py", 6]
     assert result.body["parameters"][2] == 7      # read no further than one byte past what was promised
+
+
+async def test_refused_frames_are_counted_like_any_other_answered_query(server, start_connector):
+    running = await start_connector(maxMessageBytes=MiB)
+    await server.query({"code": "x = 1", "presetValues": {"blob": "b" * (2 * MiB)}}, timeout=30)
+    address = "cut-1"
+    server._replies[address] = asyncio.Queue()
+    await server.send_raw(SOURCE, '{"op": "query", "messageHeaders": {"REPLY_ADDR_HEADER": "cut-1"}, "object": {')
+    assert (await server.replies_for(address)).error_code == errors.BAD_QUERY
+    registry = running.connector.metrics.registry
+    for code in (errors.TOO_LARGE, errors.BAD_QUERY):
+        assert registry.get_sample_value("pyexec_query_errors_total", {"source": SOURCE, "message_code": code}) == 1
+    assert running.session.queries_answered == 2

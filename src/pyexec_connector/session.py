@@ -105,8 +105,10 @@ class SourceSession:
 
     def on_unreadable_query(self, reply_address: str, error: QueryError) -> None:
         """A query frame that could not be parsed (cut off, too large) but names its reply address."""
-        ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes).error(error)
+        channel = ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes)
+        channel.error(error)
         self.queries_answered += 1
+        self._ended(QueryEnded(self.source_name, reply_address, channel.status, channel.error_code, 0.0))
 
     def _notification_frame(self, obj: Any) -> str:
         frame = protocol.notification_frame(self.source_name, obj)
