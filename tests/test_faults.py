@@ -47,9 +47,11 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize("mode", ["process", "inline"])
 @pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-cut"])
-async def test_drops_mid_stream_lose_nothing(connected, abrupt):
-    server, running = connected
+async def test_drops_mid_stream_lose_nothing(server, start_connector, abrupt, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
+    running = await start_connector()
     address = await server.send_query(SOURCE, stream(120, 0.005))
     for _ in range(3):
         await asyncio.sleep(0.15)

@@ -2,6 +2,8 @@
 import asyncio
 import json
 
+import pytest
+
 from pyexec_connector import errors
 
 from .conftest import SOURCE
@@ -56,7 +58,9 @@ async def test_results_over_the_limit_get_a_400(server, start_connector):
     assert limited.results == {"small": 1}
 
 
-async def test_streamed_reply_or_notification_over_the_limit_fails_the_query(server, start_connector):
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_streamed_reply_or_notification_over_the_limit_fails_the_query(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
     running = await start_connector(maxMessageBytes=MiB)
     for call in ("await connector_connection.send_query_response(connector_context, 100, {'b': 'x' * 2_000_000})",
                  "await connector_connection.send_notification({'b': 'x' * 2_000_000})"):

@@ -7,6 +7,7 @@ The short run is part of the normal suite; the long one (20,000 queries) runs wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
@@ -26,8 +27,16 @@ STREAM = ("import asyncio\n"
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as fp:
-        return int(fp.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Resident memory of this process and its children (the process engine's workers)."""
+    pids = ["self"]
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as fp:
+            pids += fp.read().split()
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as fp:
+            total += int(fp.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 @dataclass
@@ -168,20 +177,24 @@ def assert_clean(report: SoakReport, server) -> None:
     assert report.reconnects == report.faults.get("drop", 0) + 2 * report.faults.get("drop+handshake-cut", 0)
 
 
-async def test_soak_short(connected, capsys):
-    server, running = connected
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_soak_short(server, start_connector, capsys, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode})
+    running = await start_connector()
     report = await soak(server, running, total=1000, fault_every=100, block=250)
     with capsys.disabled():
-        print(f"\nsoak (short): {report}")
+        print(f"\nsoak (short, {mode} engine): {report}")
     assert_clean(report, server)
     assert report.faults_injected == 9
 
 
 @pytest.mark.slow
-async def test_soak_long(connected, capsys):
-    server, running = connected
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_soak_long(server, start_connector, capsys, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode})
+    running = await start_connector()
     report = await soak(server, running, total=20_000, fault_every=300)
     with capsys.disabled():
-        print(f"\nsoak (long): {report}")
+        print(f"\nsoak (long, {mode} engine): {report}")
     assert_clean(report, server)
     assert report.rss_growth < 0.10, report

@@ -68,6 +68,10 @@ class ReplyChannel:
 
     def forward(self, frame: str, terminal: bool, status: int, error_code: str | None = None) -> bool:
         """A frame some other channel already built and checked (a worker's): the same once-only rule."""
+        size = oversize(frame, self.max_bytes)
+        if size:   # the worker checks too; this keeps an oversized frame out of the outbox whatever happens
+            return self.error(QueryError(errors.TOO_LARGE, "A reply of {0} bytes is over the connector's limit of "
+                                         "{1} bytes (maxMessageBytes).", [size, self.max_bytes]))
         if error_code is not None and not self.terminated:
             self.error_code = error_code
         return self._emit(frame, terminal, status)
@@ -123,3 +127,17 @@ def oversize(frame: str, max_bytes: int | None) -> int:
         return 0
     size = len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
     return size if size > max_bytes else 0
+
+
+def notification_builder(source_name: str, max_bytes: int | None) -> Callable[[Any], str]:
+    """The notification frame for `send_notification`, refused (ConnectorAPIError) over `max_bytes`."""
+
+    def build(obj: Any) -> str:
+        frame = protocol.notification_frame(source_name, obj)
+        size = oversize(frame, max_bytes)
+        if size:
+            raise ConnectorAPIError(f"send_notification: the notification is {size} bytes, over maxMessageBytes "
+                                    f"({max_bytes})")
+        return frame
+
+    return build

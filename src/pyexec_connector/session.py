@@ -17,7 +17,7 @@ from .engine.inline import InlineEngine
 from .engine.process import ProcessEngine
 from .errors import QueryError
 from .link import Backoff, LinkState, SourceLink
-from .reply import ConnectorAPIError, ReplyChannel, oversize
+from .reply import ReplyChannel, notification_builder
 from .request import QueryRequest, parse_query
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class SourceSession:
                                on_state=self._state_changed, **link_options)
         self.connection = ConnectorConnection(
             source_name, self.link.send, self.link.drained,
-            self._notification_frame, config.public_properties, health)
+            notification_builder(source_name, config.max_message_bytes), config.public_properties, health)
         self.documents = DocumentStore(config.rest_base, config.auth_token, ssl=config.ssl_context(),
                                        cache_capacity=self.source_config.codeCacheSize,
                                        timeout=config.document_timeout, max_bytes=config.max_document_bytes)
@@ -101,7 +101,8 @@ class SourceSession:
             return InlineEngine(self.connection, config)
         return ProcessEngine(config, source_name=self.source_name, send=self.link.send,
                              drained=self.link.drained, health=self.health,
-                             server_config=self.server_config.public_properties)
+                             server_config=self.server_config.public_properties,
+                             max_message_bytes=self.server_config.max_message_bytes)
 
     def on_unreadable_query(self, reply_address: str, error: QueryError) -> None:
         """A query frame that could not be parsed (cut off, too large) but names its reply address."""
@@ -109,14 +110,6 @@ class SourceSession:
         channel.error(error)
         self.queries_answered += 1
         self._ended(QueryEnded(self.source_name, reply_address, channel.status, channel.error_code, 0.0))
-
-    def _notification_frame(self, obj: Any) -> str:
-        frame = protocol.notification_frame(self.source_name, obj)
-        size = oversize(frame, self.server_config.max_message_bytes)
-        if size:
-            raise ConnectorAPIError(f"send_notification: the notification is {size} bytes, over maxMessageBytes "
-                                    f"({self.server_config.max_message_bytes})")
-        return frame
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
         task = asyncio.create_task(self.answer(frame))

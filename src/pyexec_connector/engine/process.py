@@ -105,8 +105,10 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
 
 class ProcessEngine:
     def __init__(self, config: SourceConfig, *, source_name: str, send: Callable[[str], None],
-                 drained: Callable[[], Awaitable[None]], health: Health, server_config: dict[str, str]):
+                 drained: Callable[[], Awaitable[None]], health: Health, server_config: dict[str, str],
+                 max_message_bytes: int | None = None):
         self.source_name = source_name
+        self._max_message_bytes = max_message_bytes
         self._send_link = send
         self._drained = drained
         self._health = health
@@ -319,7 +321,8 @@ class ProcessEngine:
         worker.send(("init", {
             "source_name": self.source_name, "server_config": self._server_config,
             "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
-            "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB}))
+            "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB,
+            "max_message_bytes": self._max_message_bytes}))
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 hello = await wire.read(worker.reader, trusted=False)

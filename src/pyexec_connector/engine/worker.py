@@ -7,7 +7,6 @@ the order the code sent them. Module-level state (sys.modules) lives as long as 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ from .. import errors, protocol
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
-from ..reply import ReplyChannel
+from ..reply import ReplyChannel, notification_builder
 from . import output, runtime, wire
 from .base import Job
 from .guard import CodeGuard
@@ -33,7 +32,7 @@ class PipeChannel(ReplyChannel):
     __slots__ = ("_worker", "_qid")
 
     def __init__(self, worker: Worker, qid: int, reply_address: str, source_name: str):
-        super().__init__(worker.send_frame, reply_address, source_name)
+        super().__init__(worker.send_frame, reply_address, source_name, worker.max_message_bytes)
         self._worker = worker
         self._qid = qid
 
@@ -49,6 +48,7 @@ class Worker:
         self.cancelled: set[int] = set()      # runs the connector told to stop
         self.cache = CodeCache()
         self.guard = CodeGuard(())
+        self.max_message_bytes: int | None = None
 
     def send(self, message: Any) -> None:
         self._writer.write(wire.pack(message))
@@ -72,8 +72,9 @@ class Worker:
             self.send(("health", healthy))
 
         health.listeners.append(report_health)
+        self.max_message_bytes = settings.get("max_message_bytes")
         self.connection = ConnectorConnection(source, self.send_frame, self.drained,
-                                              functools.partial(protocol.notification_frame, source),
+                                              notification_builder(source, self.max_message_bytes),
                                               settings["server_config"], health)
         self.source_name = source
         runtime.install_task_tracking(asyncio.get_running_loop())
