@@ -7,6 +7,7 @@ import logging
 import os
 
 import aiohttp
+import pytest
 
 from .conftest import SOURCE, TOKEN, console_command, free_port
 
@@ -165,3 +166,12 @@ def test_last_line_of_defence_withholds_pieces_of_the_token():
     plain = logging.LogRecord("x", logging.INFO, __file__, 1, "nothing secret", None, None)
     flt.filter(plain)
     assert plain.getMessage() == "nothing secret"
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_user_code_cannot_ask_for_the_token(server, start_connector, mode):
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
+    await start_connector()
+    seen = await server.query({"code": USER_CODE_LOOKS + "import sys\nargv = sys.argv\n"})
+    assert seen.status == 200 and "authToken" not in seen.results["config"]
+    assert leaks(json.dumps(seen.results)) == []
