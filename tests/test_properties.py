@@ -135,7 +135,8 @@ class Live:
     """devserver.py and a Connector on their own event loop in a thread, so that hypothesis (synchronous)
     can drive them example after example without restarting either."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -146,6 +147,7 @@ class Live:
 
     async def _start(self) -> None:
         self.server = DevServer(token=TOKEN, sources=(SOURCE,))
+        self.server.set_source_config(SOURCE, {"executionMode": self.mode})
         await self.server.start()
         self.server.put_document("doc.py", "from_doc = True")
         self.server.put_document("a/b/c.py", "import asyncio\nawait asyncio.sleep(0)\nnested = 1")
@@ -167,9 +169,9 @@ class Live:
         self.loop.close()
 
 
-@pytest.fixture(scope="module")
-def live():
-    running = Live()
+@pytest.fixture(scope="module", params=["process", "inline"])
+def live(request):
+    running = Live(request.param)
     yield running
     running.close()
 
@@ -178,7 +180,7 @@ def live():
                                                                  HealthCheck.too_slow])
 @given(params=plausible | query_objects)
 def test_any_query_through_the_link_gets_one_terminal_reply(live, params):
-    EXAMPLES["through the link"] += 1
+    EXAMPLES[f"through the link ({live.mode} engine)"] += 1
     result = live.call(live.server.query(params, timeout=20))
     assert [r["status"] for r in result.replies[:-1]] == [100] * (len(result.replies) - 1)
     assert result.status in (200, 204, 400), result.replies
