@@ -1,0 +1,1 @@
+"""The benchmark suite of pyexec-connector: `python -m bench --help`."""

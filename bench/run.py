@@ -1,0 +1,584 @@
+"""The benchmark suite: the real connector process (and the baselines) against devserver.py over loopback.
+
+    python -m bench [--peer CMD] [--size tiny|full] [--out DIR] [--update-docs]
+
+Every cell (scenario x concurrency) starts each target fresh, warms it up, then measures the targets
+alternately (ours per engine mode, the floor, the upstream peer, ours again, ...) for `rounds` rounds,
+so that drift of a shared machine hits all of them alike. Figures are reported as ratios to the floor
+and to upstream."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pyexec_connector.config import SourceConfig
+from pyexec_connector.devserver import DevServer
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-token-6d1f0c2a"
+MB = 1024 * 1024
+MODES: dict[str, dict[str, Any]] = {
+    "inline": {"executionMode": "inline"},
+    "process": {"executionMode": "process", "workers": 2},
+}
+HAS_PROCESS_ENGINE = "executionMode" in SourceConfig.model_fields
+DEFAULT_MODE = SourceConfig.model_fields["executionMode"].default if HAS_PROCESS_ENGINE else "inline"
+
+
+@dataclass(frozen=True)
+class Size:
+    rounds: int
+    duration: float        # seconds per measurement (at least min_queries)
+    min_queries: int
+    warmup: int
+    names: int             # scenario (f): distinct names in all
+    per_query_timeout: float = 30.0
+
+
+SIZES = {
+    "tiny": Size(rounds=1, duration=0.0, min_queries=24, warmup=4, names=300),
+    "full": Size(rounds=3, duration=1.5, min_queries=40, warmup=200, names=10_000),
+}
+
+
+# ---- scenarios ---------------------------------------------------------------------------------------
+
+STREAM_CODE = """import asyncio
+
+async def stream():
+    for i in range(10):
+        await connector_connection.send_query_response(connector_context, 100, {"row": i})
+    await connector_connection.send_query_response(connector_context, 200, {"row": 10})
+
+asyncio.get_event_loop().create_task(stream())
+"""
+SCRIPT_NAME = "bench_script"
+SCRIPT_TEXT = "result = x * 2\n"
+
+
+def cpu_code(iterations: int) -> str:
+    return f"total = 0\nfor i in range({iterations}):\n    total += i * i\n"
+
+
+def calibrate_cpu(target_seconds: float = 0.010) -> int:
+    """Loop iterations that take about `target_seconds` in this interpreter (best of a few)."""
+    probe = 100_000
+    code = compile(cpu_code(probe), "<calibrate>", "exec")
+    best = min(_timed_exec(code) for _ in range(5))
+    return max(1000, int(probe * target_seconds / best))
+
+
+def _timed_exec(code: Any) -> float:
+    started = time.perf_counter()
+    exec(code, {})  # noqa: S102 - calibrating our own loop
+    return time.perf_counter() - started
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    concurrency: tuple[int, ...]
+    make: Callable[[int], dict[str, Any]]     # the WITH object of the i-th query of a target
+    constant: bool = True                      # every query the same: encode once
+    partials: int = 0                          # 100 replies expected before the terminal 200
+    counted: bool = False                      # (f): a fixed number of queries, split over the rounds
+
+
+def scenarios(cpu_iterations: int) -> list[Scenario]:
+    cpu = cpu_code(cpu_iterations)
+    return [
+        Scenario("a", "cached named code, trivial body", (1, 32),
+                 lambda i: {"name": "trivial", "code": "result = x + 1\n", "presetValues": {"x": 1}}),
+        Scenario("b", "uncached: new code text every query", (1, 32),
+                 lambda i: {"code": f"result = x + {i}\n", "presetValues": {"x": 1}}, constant=False),
+        Scenario("c", "script document, cached", (1, 32),
+                 lambda i: {"script": SCRIPT_NAME, "presetValues": {"x": 3}}),
+        Scenario("d", "codeHandlesReturn: 10 partial rows and a final one", (1, 32),
+                 lambda i: {"name": "stream", "code": STREAM_CODE, "codeHandlesReturn": True}, partials=10),
+        Scenario("e", "CPU-bound, ~10 ms per query", (1, 32),
+                 lambda i: {"name": "cpu", "code": cpu}),
+        Scenario("f", "10,000 distinct names through a 128-entry cache", (32,),
+                 lambda i: {"name": f"n{i}", "code": f"result = {i}\n"}, constant=False, counted=True),
+    ]
+
+
+# ---- targets: the processes under test --------------------------------------------------------------
+
+@dataclass
+class Target:
+    name: str                  # ours/inline, ours/process, floor, upstream
+    kind: str                  # ours | floor | peer
+    mode: str | None
+    source: str
+    command: list[str]
+    general: dict[str, Any] = field(default_factory=dict)
+    proc: asyncio.subprocess.Process | None = None
+    ps: psutil.Process | None = None
+    workdir: Path | None = None
+    next_index: int = 0        # per target, so that uncached scenarios never repeat a text
+
+    async def start(self, server: DevServer, scratch: Path) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.source}-", dir=scratch))
+        (self.workdir / "serverConfig").mkdir()
+        (self.workdir / "serverConfig" / "server.config").write_text(
+            f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {self.source}\n")
+        server.set_source_config(self.source, self.general)
+        server.source(self.source).attached.clear()
+        command = self.command
+        if self.kind == "floor":
+            command = [*command, server.url.replace("http", "ws", 1) + "/api/v1/wsock/websocket", TOKEN,
+                       self.source]
+        log = open(self.workdir / "output.log", "wb")  # noqa: ASYNC230 - a local file, before the process
+        with log:
+            self.proc = await asyncio.create_subprocess_exec(*command, cwd=self.workdir, stdout=log,
+                                                             stderr=asyncio.subprocess.STDOUT,
+                                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.ps = psutil.Process(self.proc.pid)
+        try:
+            await server.wait_attached(self.source, timeout=30)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not connect; see {self.workdir / 'output.log'}") from None
+
+    def rss(self) -> tuple[int, int]:
+        """(connector process RSS, sum of its child processes' RSS), in bytes."""
+        assert self.ps is not None
+        try:
+            own = self.ps.memory_info().rss
+            children = 0
+            for child in self.ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    children += child.memory_info().rss
+            return own, children
+        except psutil.Error:
+            return 0, 0
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            for child in self._children():
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True) if self.ps else []
+        except psutil.Error:
+            return []
+
+
+# ---- the client: N queries in flight -----------------------------------------------------------------
+
+QUERY_FRAME = '{"op":"query","resourceName":"sources","resourceId":"%s","object":%s,' \
+              '"messageHeaders":{"REPLY_ADDR_HEADER":"%s"}}'
+
+
+@dataclass
+class Sample:
+    queries: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0             # replies that were not what the scenario expects
+    unanswered: int = 0         # queries with no terminal reply within the timeout
+    rss_peak: int = 0
+    workers_rss_peak: int = 0
+    first_error: str | None = None
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+
+class _Reply:
+    """The sink of one query's replies (DevServer.route_replies): counts partials, resolves on the last."""
+    __slots__ = ("future", "partials")
+
+    def __init__(self, future: asyncio.Future):
+        self.future = future
+        self.partials = 0
+
+    def __call__(self, frame: dict[str, Any]) -> None:
+        if frame.get("status") == 100:
+            self.partials += 1
+        elif not self.future.done():
+            self.future.set_result(frame)
+
+
+async def drive(server: DevServer, target: Target, scenario: Scenario, concurrency: int, *,
+                duration: float, min_queries: int, max_queries: int | None, timeout: float,
+                lean: bool = True) -> Sample:
+    """Keep `concurrency` queries in flight until `duration` passed and `min_queries` were sent (or
+    `max_queries` were sent). Every query must get its terminal reply."""
+    loop = asyncio.get_running_loop()
+    sample = Sample()
+    ids = itertools.count()
+    constant = json.dumps(scenario.make(0)) if scenario.constant else None
+    ws = server.source(target.source).ws
+    if ws is None:
+        raise RuntimeError(f"{target.name} is not connected")
+    started = time.perf_counter()
+    deadline = started + duration
+    issued = 0
+
+    def more() -> bool:
+        if max_queries is not None and issued >= max_queries:
+            return False
+        return issued < min_queries or time.perf_counter() < deadline
+
+    async def one(query_object: str) -> dict[str, Any] | None:
+        if not lean:
+            result = await server.replies_for(await server.send_query(target.source, json.loads(query_object)),
+                                              timeout)
+            frame = result.replies[-1]
+            return frame if len(result.replies) - 1 == scenario.partials else {"status": -1, "body": frame}
+        address = f"q{next(ids)}"
+        reply = _Reply(loop.create_future())
+        server.route_replies(address, reply)
+        await ws.send_str(QUERY_FRAME % (target.source, query_object, address))
+        try:
+            frame = await asyncio.wait_for(reply.future, timeout)
+        except TimeoutError:
+            return None
+        return frame if reply.partials == scenario.partials else {"status": -1, "body": frame}
+
+    async def worker() -> None:
+        nonlocal issued
+        while more():
+            issued += 1
+            if constant is not None:
+                text = constant
+            else:
+                text = json.dumps(scenario.make(target.next_index))
+                target.next_index += 1
+            t0 = time.perf_counter()
+            frame = await one(text)
+            if frame is None:
+                sample.unanswered += 1
+                continue
+            sample.latencies.append(time.perf_counter() - t0)
+            if frame.get("status") != 200:
+                sample.errors += 1
+                sample.first_error = sample.first_error or json.dumps(frame)[:300]
+
+    async def sampler() -> None:
+        while True:
+            own, workers = target.rss()
+            sample.rss_peak = max(sample.rss_peak, own)
+            sample.workers_rss_peak = max(sample.workers_rss_peak, workers)
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(sampler())
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        watcher.cancel()
+    sample.seconds = time.perf_counter() - started
+    sample.queries = len(sample.latencies)
+    own, workers = target.rss()
+    sample.rss_peak = max(sample.rss_peak, own)
+    sample.workers_rss_peak = max(sample.workers_rss_peak, workers)
+    return sample
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    scenario: str
+    title: str
+    concurrency: int
+    target: str
+    mode: str | None
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    queries: int
+    errors: int
+    unanswered: int
+    rss_peak_mb: float
+    workers_rss_peak_mb: float
+    rounds_qps: list[float]
+    rss_growth: float | None = None            # scenario (f): (end - after warm-up) / after warm-up
+    ratios: dict[str, float] = field(default_factory=dict)
+    first_error: str | None = None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def build_targets(args: argparse.Namespace) -> list[Target]:
+    ours = shlex.split(args.ours) if args.ours else _console_command()
+    targets = [Target(f"ours/{mode}", "ours", mode, f"ours_{mode}", ours, dict(MODES[mode]))
+               for mode in args.modes]
+    targets.append(Target("floor", "floor", None, "floor", [sys.executable, str(ROOT / "bench" / "floor.py")]))
+    if args.peer:
+        targets.append(Target("upstream", "peer", None, "upstream", shlex.split(args.peer)))
+    return targets
+
+
+def _console_command() -> list[str]:
+    exe = Path(sys.executable).parent / "pyexec-connector"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pyexec_connector"]
+
+
+async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario, concurrency: int, size: Size,
+                   scratch: Path, idle_rss: dict[str, int], lean: bool, progress: Callable[[str], None]
+                   ) -> list[Row]:
+    for target in targets:
+        target.next_index = 0
+    await asyncio.gather(*(t.start(server, scratch) for t in targets))
+    try:
+        await asyncio.sleep(0.5)
+        for target in targets:
+            idle_rss.setdefault(target.name, target.rss()[0])
+        per_round = -(-size.names // size.rounds) if scenario.counted else None
+        samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
+        settled: dict[str, int] = {}
+        for target in targets:         # warm-up, not measured: caches filled, code paths hot
+            await drive(server, target, scenario, concurrency, duration=0, min_queries=size.warmup,
+                        max_queries=size.warmup, timeout=size.per_query_timeout, lean=lean)
+            if scenario.counted:
+                own, workers = target.rss()
+                settled[target.name] = own + workers
+        for round_no in range(size.rounds):
+            for target in targets:
+                sample = await drive(server, target, scenario, concurrency, duration=size.duration,
+                                     min_queries=per_round or size.min_queries, max_queries=per_round,
+                                     timeout=size.per_query_timeout, lean=lean)
+                samples[target.name].append(sample)
+                progress(f"  ({scenario.key}) c={concurrency} round {round_no + 1}/{size.rounds} {target.name}: "
+                         f"{sample.qps:,.0f} q/s, {sample.errors} errors")
+        rows = []
+        for target in targets:
+            got = samples[target.name]
+            latencies = [x for s in got for x in s.latencies]
+            row = Row(scenario.key, scenario.title, concurrency, target.name, target.mode,
+                      qps=statistics.median(s.qps for s in got),
+                      p50_ms=_percentile(latencies, 0.50) * 1000, p99_ms=_percentile(latencies, 0.99) * 1000,
+                      queries=sum(s.queries for s in got), errors=sum(s.errors for s in got),
+                      unanswered=sum(s.unanswered for s in got),
+                      rss_peak_mb=max(s.rss_peak for s in got) / MB,
+                      workers_rss_peak_mb=max(s.workers_rss_peak for s in got) / MB,
+                      rounds_qps=[round(s.qps, 1) for s in got],
+                      first_error=next((s.first_error for s in got if s.first_error), None))
+            if scenario.counted:
+                own, workers = target.rss()
+                row.rss_growth = (own + workers - settled[target.name]) / settled[target.name]
+            rows.append(row)
+        return rows
+    finally:
+        await asyncio.gather(*(t.stop() for t in targets))
+
+
+def add_ratios(rows: list[Row]) -> None:
+    by_cell: dict[tuple[str, int], dict[str, Row]] = {}
+    for row in rows:
+        by_cell.setdefault((row.scenario, row.concurrency), {})[row.target] = row
+    for cell in by_cell.values():
+        for row in cell.values():
+            for base in ("floor", "upstream"):
+                ref = cell.get(base)
+                if ref is None or ref is row:
+                    continue
+                row.ratios[f"qps_vs_{base}"] = row.qps / ref.qps if ref.qps else float("nan")
+                row.ratios[f"p50_vs_{base}"] = row.p50_ms / ref.p50_ms if ref.p50_ms else float("nan")
+
+
+def _find(rows: list[Row], scenario: str, concurrency: int, target: str) -> Row | None:
+    return next((r for r in rows if (r.scenario, r.concurrency, r.target) == (scenario, concurrency, target)), None)
+
+
+def evaluate(rows: list[Row], idle_rss: dict[str, int], modes: list[str]) -> list[dict[str, Any]]:
+    """The issue's targets, each pass / fail / skipped (a baseline or an engine mode is missing)."""
+    default = f"ours/{DEFAULT_MODE}" if DEFAULT_MODE in modes else f"ours/{modes[0]}"
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, op: str, limit: float, missing: str | None = None) -> None:
+        if value is None or missing:
+            checks.append({"target": name, "status": "skipped", "value": None, "limit": f"{op} {limit}",
+                           "note": missing or "not measured"})
+            return
+        ok = value >= limit if op == ">=" else value <= limit if op == "<=" else value < limit
+        checks.append({"target": name, "status": "pass" if ok else "fail", "value": round(value, 3),
+                       "limit": f"{op} {limit}", "note": ""})
+
+    def ratio(scenario: str, c: int, target: str, key: str) -> float | None:
+        row = _find(rows, scenario, c, target)
+        return row.ratios.get(key) if row else None
+
+    no_peer = None if any(r.target == "upstream" for r in rows) else "no --peer given"
+    check(f"(a) c=32 {default} q/s vs upstream", ratio("a", 32, default, "qps_vs_upstream"), ">=", 1.5, no_peer)
+    check(f"(a) c=32 {default} q/s vs floor", ratio("a", 32, default, "qps_vs_floor"), ">=", 0.9)
+    check(f"(a) c=1 {default} p50 vs upstream", ratio("a", 1, default, "p50_vs_upstream"), "<=", 0.9, no_peer)
+    check(f"(b) c=32 {default} q/s vs upstream", ratio("b", 32, default, "qps_vs_upstream"), ">=", 1.5, no_peer)
+    inline, process = _find(rows, "e", 32, "ours/inline"), _find(rows, "e", 32, "ours/process")
+    engine_missing = None if HAS_PROCESS_ENGINE else "this build has no process engine"
+    check("(e) c=32 process (workers 2) q/s vs inline",
+          process.qps / inline.qps if inline and process and inline.qps else None, ">=", 1.7, engine_missing)
+    peer_idle = idle_rss.get("upstream")
+    check(f"idle RSS {default} vs upstream",
+          idle_rss[default] / peer_idle if peer_idle and default in idle_rss else None, "<=", 1.2, no_peer)
+    for mode in modes:
+        row = _find(rows, "f", 32, f"ours/{mode}")
+        check(f"(f) RSS growth ours/{mode}", row.rss_growth if row else None, "<", 0.10)
+    return checks
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "–" if value is None or value != value else pattern.format(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        f"Run {meta['date']} on {meta['machine']}; size `{meta['size']}`, {meta['rounds']} alternating rounds.",
+        f"Engine default: `{meta['default_mode']}`. Command: `{meta['command']}`",
+        "",
+        "| scenario | c | target | q/s | ×floor | ×upstream | p50 ms | p50 ×upstream | p99 ms | "
+        "RSS MB | workers MB | queries | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        ratios = row["ratios"]
+        growth = f" (growth {row['rss_growth'] * 100:+.1f} %)" if row["rss_growth"] is not None else ""
+        lines.append(
+            f"| ({row['scenario']}) {row['title']} | {row['concurrency']} | {row['target']} | {row['qps']:,.0f} | "
+            f"{_fmt(ratios.get('qps_vs_floor'))} | {_fmt(ratios.get('qps_vs_upstream'))} | "
+            f"{row['p50_ms']:.2f} | {_fmt(ratios.get('p50_vs_upstream'))} | {row['p99_ms']:.2f} | "
+            f"{row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | {row['queries']} | "
+            f"{row['errors'] + row['unanswered']} |")
+    lines += ["", "| idle RSS (connector process) | MB |", "|---|---:|"]
+    lines += [f"| {name} | {rss / MB:.1f} |" for name, rss in report["idle_rss"].items()]
+    lines += ["", "| target | limit | value | result |", "|---|---|---:|---|"]
+    for check in report["checks"]:
+        result = check["status"].upper() + (f" ({check['note']})" if check["note"] else "")
+        lines.append(f"| {check['target']} | {check['limit']} | {_fmt(check['value'], '{:.3f}')} | {result} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def update_docs(report: dict[str, Any], table: str) -> Path:
+    path = ROOT / "docs" / "PERFORMANCE.md"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        "# Performance\n\n"
+        "The latest full run of the benchmark suite (`bench/`, see `bench/README.md`). Ratios come from one "
+        "run in which the targets were measured alternately; absolute figures drift on shared machines, "
+        "ratios much less.\n\n"
+        f"- Date: {report['meta']['date']}\n- Machine: {report['meta']['machine']}\n"
+        f"- Command: `{report['meta']['command']}`\n\n" + table)
+    return path
+
+
+# ---- entry -----------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer", metavar="CMD",
+                        help="the upstream connector's command, e.g. /work/upstream-venv/bin/vantiqPythonExecConnector")
+    parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the installed console "
+                                                      "script)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--scenarios", default="abcdef", help="which scenarios, e.g. 'ab' (default all)")
+    parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
+    parser.add_argument("--client", choices=("lean", "devserver"), default="lean",
+                        help="lean: pre-encoded frames and a reply callback; devserver: DevServer.send_query and "
+                             "replies_for (to measure the client's own cost)")
+    parser.add_argument("--out", default="bench-results", help="directory for results.json and results.md")
+    parser.add_argument("--update-docs", action="store_true", help="write the table to docs/PERFORMANCE.md")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    size = SIZES[args.size]
+    progress = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    cpu_iterations = calibrate_cpu()
+    chosen = [s for s in scenarios(cpu_iterations) if s.key in args.scenarios]
+    targets = build_targets(args)
+    rows: list[Row] = []
+    idle_rss: dict[str, int] = {}
+    server = DevServer(token=TOKEN, sources=tuple(t.source for t in targets))
+    server.put_document(SCRIPT_NAME, SCRIPT_TEXT)
+    with tempfile.TemporaryDirectory(prefix="pyexec-bench-") as scratch:
+        async with server:
+            for scenario in chosen:
+                for concurrency in scenario.concurrency:
+                    progress(f"({scenario.key}) {scenario.title}, concurrency {concurrency}")
+                    rows += await run_cell(server, targets, scenario, concurrency, size, Path(scratch), idle_rss,
+                                           args.client == "lean", progress)
+    add_ratios(rows)
+    return {
+        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                 "cores": os.cpu_count(), "python": platform.python_version(), "size": args.size,
+                 "rounds": size.rounds, "duration_s": size.duration, "client": args.client,
+                 "modes": args.modes, "default_mode": DEFAULT_MODE, "process_engine": HAS_PROCESS_ENGINE,
+                 "cpu_iterations": cpu_iterations, "command": command},
+        "rows": [asdict(r) for r in rows],
+        "idle_rss": idle_rss,
+        "checks": evaluate(rows, idle_rss, args.modes),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = asyncio.run(run(args, command.strip()))
+    table = markdown(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(table)
+    if args.update_docs:
+        update_docs(report, table)
+    print(table)
+    for check in report["checks"]:
+        print(f"{check['status'].upper():7} {check['target']}: {_fmt(check['value'], '{:.3f}')} "
+              f"(limit {check['limit']}){' - ' + check['note'] if check['note'] else ''}")
+    unanswered = sum(r["unanswered"] for r in report["rows"])
+    return 1 if unanswered else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
