@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from pyexec_connector.devserver import DevServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-6d1f0c2a"
+_SELF = psutil.Process()
 MB = 1024 * 1024
 MODES: dict[str, dict[str, Any]] = {
     "inline": {"executionMode": "inline"},
@@ -171,6 +172,17 @@ class Target:
         except psutil.Error:
             return 0, 0
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the process and its live children."""
+        assert self.ps is not None
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            for proc in (self.ps, *self.ps.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+        return total
+
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
@@ -208,6 +220,8 @@ class Sample:
     unanswered: int = 0         # queries with no terminal reply within the timeout
     rss_peak: int = 0
     workers_rss_peak: int = 0
+    cpu: float = 0.0            # CPU seconds of the target (its children included) while measured
+    client_cpu: float = 0.0     # CPU seconds of this process (devserver and client) while measured
     first_error: str | None = None
 
     @property
@@ -294,11 +308,15 @@ async def drive(server: DevServer, target: Target, scenario: Scenario, concurren
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(sampler())
+    cpu_before, client_before = target.cpu(), _SELF.cpu_times()
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
         watcher.cancel()
     sample.seconds = time.perf_counter() - started
+    client_after = _SELF.cpu_times()
+    sample.cpu = target.cpu() - cpu_before
+    sample.client_cpu = client_after.user + client_after.system - client_before.user - client_before.system
     sample.queries = len(sample.latencies)
     own, workers = target.rss()
     sample.rss_peak = max(sample.rss_peak, own)
@@ -324,6 +342,9 @@ class Row:
     rss_peak_mb: float
     workers_rss_peak_mb: float
     rounds_qps: list[float]
+    cpu_pct: float = 0.0                       # the target's CPU use while measured (100 = one core)
+    cpu_us_per_query: float = 0.0              # the target's CPU time per query: steadier than q/s
+    client_cpu_pct: float = 0.0                # the bench process's own (devserver + client)
     rss_growth: float | None = None            # scenario (f): (end - after warm-up) / after warm-up
     ratios: dict[str, float] = field(default_factory=dict)
     first_error: str | None = None
@@ -390,6 +411,9 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
                       rss_peak_mb=max(s.rss_peak for s in got) / MB,
                       workers_rss_peak_mb=max(s.workers_rss_peak for s in got) / MB,
                       rounds_qps=[round(s.qps, 1) for s in got],
+                      cpu_pct=100 * sum(s.cpu for s in got) / sum(s.seconds for s in got),
+                      cpu_us_per_query=1e6 * sum(s.cpu for s in got) / max(1, sum(s.queries for s in got)),
+                      client_cpu_pct=100 * sum(s.client_cpu for s in got) / sum(s.seconds for s in got),
                       first_error=next((s.first_error for s in got if s.first_error), None))
             if scenario.counted:
                 own, workers = target.rss()
@@ -412,6 +436,8 @@ def add_ratios(rows: list[Row]) -> None:
                     continue
                 row.ratios[f"qps_vs_{base}"] = row.qps / ref.qps if ref.qps else float("nan")
                 row.ratios[f"p50_vs_{base}"] = row.p50_ms / ref.p50_ms if ref.p50_ms else float("nan")
+                row.ratios[f"cpu_vs_{base}"] = (row.cpu_us_per_query / ref.cpu_us_per_query
+                                                if ref.cpu_us_per_query else float("nan"))
 
 
 def _find(rows: list[Row], scenario: str, concurrency: int, target: str) -> Row | None:
@@ -467,8 +493,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Engine default: `{meta['default_mode']}`. Command: `{meta['command']}`",
         "",
         "| scenario | c | target | q/s | ×floor | ×upstream | p50 ms | p50 ×upstream | p99 ms | "
-        "RSS MB | workers MB | queries | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "RSS MB | workers MB | CPU % | CPU µs/q | bench CPU % | queries | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         ratios = row["ratios"]
@@ -477,7 +503,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| ({row['scenario']}) {row['title']} | {row['concurrency']} | {row['target']} | {row['qps']:,.0f} | "
             f"{_fmt(ratios.get('qps_vs_floor'))} | {_fmt(ratios.get('qps_vs_upstream'))} | "
             f"{row['p50_ms']:.2f} | {_fmt(ratios.get('p50_vs_upstream'))} | {row['p99_ms']:.2f} | "
-            f"{row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | {row['queries']} | "
+            f"{row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | {row['cpu_pct']:.0f} | "
+            f"{row['cpu_us_per_query']:.0f} | {row['client_cpu_pct']:.0f} | "
+            f"{row['queries']} | "
             f"{row['errors'] + row['unanswered']} |")
     lines += ["", "| idle RSS (connector process) | MB |", "|---|---:|"]
     lines += [f"| {name} | {rss / MB:.1f} |" for name, rss in report["idle_rss"].items()]
@@ -515,6 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the installed console "
                                                       "script)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--rounds", type=int, help="override the size's number of alternating rounds")
+    parser.add_argument("--duration", type=float, help="override the size's seconds per measurement")
     parser.add_argument("--scenarios", default="abcdef", help="which scenarios, e.g. 'ab' (default all)")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
     parser.add_argument("--client", choices=("lean", "devserver"), default="lean",
@@ -533,6 +563,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     size = SIZES[args.size]
+    if args.rounds or args.duration is not None:
+        size = replace(size, rounds=args.rounds or size.rounds,
+                       duration=size.duration if args.duration is None else args.duration)
     progress = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     cpu_iterations = calibrate_cpu()
     chosen = [s for s in scenarios(cpu_iterations) if s.key in args.scenarios]
