@@ -1,0 +1,73 @@
+"""The benchmark suite itself, at a tiny size so that it cannot rot. Timings are not judged here: only
+that it runs the real processes, that every query got its reply, and the shape of what it writes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")
+
+from bench.run import SCRIPT_NAME, markdown, update_docs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"scenario", "title", "concurrency", "target", "mode", "qps", "p50_ms", "p99_ms", "queries", "errors",
+            "unanswered", "rss_peak_mb", "workers_rss_peak_mb", "cpu_us_per_query", "rounds_qps", "ratios",
+            "rss_growth"}
+
+
+def run_bench(out: Path, *args: str) -> dict:
+    command = [sys.executable, "-m", "bench", "--size", "tiny", "--out", str(out), *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| target | limit | value | result |" in done.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text() == markdown(report)
+    return report
+
+
+def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
+    report = run_bench(tmp_path, "--modes", "inline", "--concurrency", "4")
+    rows = report["rows"]
+    assert {(r["scenario"], r["target"]) for r in rows} == {
+        (s, t) for s in "abcdef" for t in ("ours/inline", "floor")}
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert row["errors"] == 0 and row["unanswered"] == 0, row
+        assert row["queries"] == (300 if row["scenario"] == "f" else 24), row
+        assert row["qps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["rss_peak_mb"] > 5
+        assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
+        assert (row["rss_growth"] is not None) == (row["scenario"] == "f")
+    assert set(report["idle_rss"]) == {"ours/inline", "floor"}
+    meta = report["meta"]
+    assert meta["size"] == "tiny" and meta["cores"] >= 1 and meta["command"].startswith("python -m bench")
+    statuses = {c["target"]: c["status"] for c in report["checks"]}
+    assert set(statuses.values()) <= {"pass", "fail", "skipped"}
+    assert statuses["(a) c=32 ours/inline q/s vs upstream"] == "skipped"     # no --peer
+    # the table names every row and the docs page carries date, machine and command
+    table = markdown(report)
+    assert sum(line.startswith(f"| ({r['scenario']}) {r['title']} | 4 | {r['target']} |")
+               for r in rows for line in table.splitlines()) == len(rows)
+    assert statuses["(f) RSS growth ours/inline"] in {"pass", "fail"}
+    page = update_docs(report, table, tmp_path / "PERFORMANCE.md").read_text()
+    assert meta["date"] in page and meta["machine"] in page and meta["command"] in page
+
+
+def test_peer_and_both_engine_modes_are_measured_alternately(tmp_path):
+    # our own connector stands in for the upstream one: the peer path, ratios and checks are exercised
+    peer = f"{sys.executable} -m pyexec_connector"
+    report = run_bench(tmp_path, "--scenarios", "ad", "--concurrency", "32", "--peer", peer)
+    rows = report["rows"]
+    assert {r["target"] for r in rows} == {"ours/inline", "ours/process", "floor", "upstream"}
+    for row in rows:
+        assert row["errors"] == 0 and row["unanswered"] == 0, row
+        if row["target"].startswith("ours/"):
+            assert {"qps_vs_floor", "qps_vs_upstream", "p50_vs_upstream", "cpu_vs_upstream"} <= set(row["ratios"])
+    checks = {c["target"]: c for c in report["checks"]}
+    assert checks["(a) c=32 ours/" + report["meta"]["default_mode"] + " q/s vs upstream"]["status"] in {
+        "pass", "fail"}
+    assert SCRIPT_NAME   # scenario (c) uses a document the suite uploads to the devserver itself
