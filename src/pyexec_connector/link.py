@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
 OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
+BATCH_FRAMES = 64             # queued frames written to the socket at once
+BATCH_BYTES = 256 * 1024
 PING_INTERVAL = 20.0
 # The websocket itself accepts frames up to this multiple of maxMessageBytes, so that a query over the limit
 # is read, refused with a 400 and forgotten rather than ending the connection; past it, websockets closes
@@ -161,15 +164,22 @@ class SourceLink:
         return not self._outbox
 
     async def _writer(self, ws: ClientConnection) -> None:
+        send_batch = _batch_sender(ws)
+        outbox = self._outbox
         while True:
-            if not self._outbox:
+            if not outbox:
                 self._has_output.clear()
                 await self._has_output.wait()
                 continue
             await self._ready.wait()
-            await ws.send(_sendable(self._outbox[0]))
-            self._outbox.popleft()     # only once sent: a frame cut off by a drop goes out again later
-            if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
+            count = _batch_size(outbox) if send_batch is not None else 1
+            if count > 1:
+                await send_batch(list(itertools.islice(outbox, count)))
+            else:
+                await ws.send(_sendable(outbox[0]))
+            for _ in range(count):
+                outbox.popleft()    # only once sent: frames cut off by a drop go out again later
+            if len(outbox) < OUTBOX_HIGH_WATER // 2:
                 self._drained.set()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -393,6 +403,44 @@ class SourceLink:
                 BAD_QUERY, "The query frame could not be read: {0}", [frame.reason]))
         else:
             log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason))
+
+
+def _batch_size(outbox: deque[str]) -> int:
+    """How many queued frames to write at once: up to BATCH_FRAMES, BATCH_BYTES in all."""
+    count = size = 0
+    for frame in outbox:
+        size += len(frame)
+        if count == BATCH_FRAMES or (count and size > BATCH_BYTES):
+            break
+        count += 1
+    return count
+
+
+def _batch_sender(ws: ClientConnection) -> Callable[[list[str]], Awaitable[None]] | None:
+    """Several text messages in one socket write. websockets writes each message separately (one
+    send() system call each, the largest cost per reply under load); its sans-I/O protocol frames the
+    messages, and its send context keeps the state checks, flow control and close handling of
+    `send()`. None when this websockets version lacks those parts: the writer then sends one by one."""
+    protocol_, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
+    if protocol_ is None or transport is None or not hasattr(ws, "send_context") or \
+            not hasattr(protocol_, "data_to_send"):
+        return None
+
+    async def send_batch(frames: list[str]) -> None:
+        async with ws.send_context():
+            for frame in frames:
+                protocol_.send_text(_sendable(frame).encode())
+            chunks = protocol_.data_to_send()
+            if all(chunks):     # only frames (no end-of-stream marker): one write
+                transport.write(b"".join(chunks))
+            else:               # never seen while open; keep websockets' own handling
+                for chunk in chunks:
+                    if chunk:
+                        transport.write(chunk)
+                    elif transport.can_write_eof():
+                        transport.write_eof()
+
+    return send_batch
 
 
 def _frame_kind(frame: protocol.Frame) -> str:
