@@ -32,6 +32,7 @@ import psutil
 
 from pyexec_connector.config import SourceConfig
 from pyexec_connector.devserver import DevServer
+from pyexec_connector.eventloop import event_loop_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-6d1f0c2a"
@@ -519,7 +520,13 @@ def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
         f"Run {meta['date']} on {meta['machine']}; size `{meta['size']}`, {meta['rounds']} alternating rounds.",
-        f"Engine default: `{meta['default_mode']}`. Command: `{meta['command']}`",
+        f"Build `{meta.get('commit')}`, event loop of ours: {meta.get('event_loop')}, engine default: "
+        f"`{meta['default_mode']}`. Command: `{meta['command']}`",
+        *([] if meta["process_engine"] else [
+            "", "This build has no process engine: the `ours/process` rows ran inline (the mode key was ignored)."]),
+        *([] if meta.get("parallel_capacity") is None else [
+            "", f"Two busy processes got {meta['parallel_capacity']:.2f} cores' worth of CPU on this machine "
+                "during the run (2.00 on two idle cores)."]),
         "",
         "| scenario | c | target | q/s | ×floor | ×upstream | p50 ms | p50 ×upstream | p99 ms | "
         "RSS MB | workers MB | CPU % | CPU µs/q | bench CPU % | queries | errors |",
@@ -543,6 +550,14 @@ def markdown(report: dict[str, Any]) -> str:
         result = check["status"].upper() + (f" ({check['note']})" if check["note"] else "")
         lines.append(f"| {check['target']} | {check['limit']} | {_fmt(check['value'], '{:.3f}')} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def machine() -> str:
@@ -621,7 +636,8 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                  "rounds": size.rounds, "duration_s": size.duration, "client": args.client,
                  "modes": args.modes, "scenarios": args.scenarios, "default_mode": DEFAULT_MODE,
                  "process_engine": HAS_PROCESS_ENGINE, "parallel_capacity": capacity,
-                 "cpu_iterations": cpu_iterations, "command": command},
+                 "cpu_iterations": cpu_iterations, "command": command, "commit": _commit(),
+                 "event_loop": event_loop_factory()[1]},
         "rows": [asdict(r) for r in rows],
         "idle_rss": idle_rss,
         "checks": evaluate(rows, idle_rss, args.modes, capacity),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 
-from pyexec_connector.cli import LOOP_ENV, event_loop_factory
+from pyexec_connector.eventloop import LOOP_ENV, event_loop_factory
 
 
 def test_asyncio_when_asked(monkeypatch):
