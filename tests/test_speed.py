@@ -25,3 +25,18 @@ def test_uvloop_when_installed(monkeypatch):
         assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
     finally:
         loop.close()
+
+
+def test_jobs_pickle_to_equal_jobs_through_a_tuple():
+    # process mode sends a Job per query: its pickle must round-trip exactly, and not via getstate
+    import pickle
+
+    from pyexec_connector.engine.base import Job
+    from pyexec_connector.request import parse_query
+
+    request = parse_query({"name": "n", "code": "x = 1", "presetValues": {"x": [1, {"y": None}]},
+                           "limitReturnTo": "x"})
+    job = Job(request, "x = 1", "x = 1", True)
+    copy = pickle.loads(pickle.dumps(job, pickle.HIGHEST_PROTOCOL))
+    assert copy == job and copy.request == request and copy is not job
+    assert Job.__reduce__(job)[1][0] is request

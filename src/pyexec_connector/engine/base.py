@@ -1,6 +1,7 @@
 """The one small interface between query handling and code execution."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +19,12 @@ class Job:
     fingerprint: Any             # what a cached entry must match: the code text, or the document's time
     runtime_info: bool           # the source asked for connectorRuntimeInformation
     timeout: float | None = None  # seconds the run may take (None: no limit)
+
+    def __reduce__(self):   # sent to a worker per query: see QueryRequest.__reduce__
+        return (Job, _job_fields(self))
+
+
+_job_fields = operator.attrgetter(*Job.__slots__)
 
 
 @dataclass(slots=True)
