@@ -47,10 +47,21 @@ class Metrics:
         self.errors = Counter(f"{PREFIX}_query_errors", "Error replies, by source and messageCode",
                               ["source", "message_code"], registry=self.registry)
         self.registry.register(_SessionCollector(sessions))
+        # labels() validates and hashes its arguments under a lock on every call: per query, look the
+        # few children up once
+        self._counted: dict[tuple[str, str], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     def observe(self, ended: QueryEnded) -> None:
-        self.queries.labels(ended.source, ended.outcome).inc()
-        self.duration.labels(ended.source).observe(ended.duration)
+        key = (ended.source, ended.outcome)
+        counted = self._counted.get(key)
+        if counted is None:
+            counted = self._counted[key] = self.queries.labels(*key)
+        counted.inc()
+        timed = self._timed.get(ended.source)
+        if timed is None:
+            timed = self._timed[ended.source] = self.duration.labels(ended.source)
+        timed.observe(ended.duration)
         if ended.message_code is not None:
             self.errors.labels(ended.source, ended.message_code).inc()
 
