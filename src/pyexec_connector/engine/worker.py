@@ -17,6 +17,7 @@ from .. import errors, protocol
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
+from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder
 from . import output, runtime, wire
 from .base import Job
@@ -171,7 +172,9 @@ def main() -> None:
     _die_with_the_connector(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
-    asyncio.run(Worker(int(sys.argv[1])).serve())
+    loop_factory, _ = event_loop_factory()      # uvloop when installed, as in the connector
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(Worker(int(sys.argv[1])).serve())
 
 
 if __name__ == "__main__":
