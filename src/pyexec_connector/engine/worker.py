@@ -50,14 +50,31 @@ class Worker:
         self.cache = CodeCache()
         self.guard = CodeGuard(())
         self.max_message_bytes: int | None = None
+        self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
 
     def send(self, message: Any) -> None:
-        self._writer.write(wire.pack(message))
+        """Write the message now (after any batched ones: order is kept). Frames the code sends go out
+        at once, even if the code then blocks."""
+        self._batch.append(wire.pack(message))
+        self.flush()
+
+    def send_soon(self, message: Any) -> None:
+        """Write at the end of this loop iteration, with the other runs that end in it: one write."""
+        self._batch.append(wire.pack(message))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._batch:
+            data = b"".join(self._batch) if len(self._batch) > 1 else self._batch[0]
+            self._batch.clear()
+            self._writer.write(data)
 
     def send_frame(self, frame: str) -> None:
         self.send(("link", frame))
 
     async def drained(self) -> None:
+        self.flush()
         await self._writer.drain()
 
     async def serve(self) -> None:
@@ -101,6 +118,7 @@ class Worker:
             elif kind == "configure":
                 self._configure(message[1], message[2])
             elif kind == "stop":
+                self.flush()
                 return
 
     def _configure(self, cache_capacity: int, forbid: tuple[str, ...]) -> None:
@@ -113,7 +131,7 @@ class Worker:
         channel = PipeChannel(self, qid, reply_address, self.source_name)
         try:
             outcome = await runtime.run_job(self.cache, job, self.connection, channel, self.guard)
-            self.send(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
+            self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
                        self._cache_counts()))
         except asyncio.CancelledError:
             if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
