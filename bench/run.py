@@ -96,18 +96,25 @@ def _timed_exec(code: Any) -> float:
     return time.perf_counter() - started
 
 
-_SPIN = "import time\nend = time.perf_counter() + {0}\nn = 0\nwhile time.perf_counter() < end:\n    n += 1\nprint(n)"
+_SPIN = "n = 0\nfor i in range({0}):\n    n += i\n"   # no clock calls inside: a VM may serialise them
 
 
 def parallel_capacity(seconds: float = 1.0) -> float:
-    """How many cores two busy processes really get here: the work of two spinners running together,
-    over that of one alone (2.0 on two idle cores; shared machines often give much less)."""
-    def spin(count: int) -> int:
-        procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(seconds)], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(count)]
-        return sum(int(p.communicate()[0]) for p in procs)
-    alone = spin(1)
-    return round(spin(2) / alone, 2) if alone else float("nan")
+    """How many cores two busy processes really get here: the same work done by one process alone and by
+    two at once, as 2 x (time alone) / (time together); 2.0 on two idle cores, less when other
+    processes (other sessions' tests, neighbours) hold the CPU. A rough figure: it moves from second to
+    second on a shared machine."""
+    def spin(count: int, iterations: int) -> float:
+        started = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(iterations)]) for _ in range(count)]
+        for proc in procs:
+            proc.wait()
+        return time.perf_counter() - started
+    startup = spin(1, 0)
+    iterations = int(2_000_000 * seconds / max(spin(1, 2_000_000) - startup, 1e-3))
+    alone = spin(1, iterations) - startup
+    together = spin(2, iterations) - startup
+    return round(2 * alone / together, 2) if together > 0 else float("nan")
 
 
 @dataclass
@@ -565,15 +572,21 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
+NOTES_HEADING = "\n## Notes\n"
+
+
 def update_docs(report: dict[str, Any], table: str, path: Path = ROOT / "docs" / "PERFORMANCE.md") -> Path:
+    """Write the run to the page; a hand-written '## Notes' section already there is kept."""
     path.parent.mkdir(exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
     path.write_text(
         "# Performance\n\n"
         "The latest full run of the benchmark suite (`bench/`, see `bench/README.md`). Ratios come from one "
         "run in which the targets were measured alternately; absolute figures drift on shared machines, "
         "ratios much less.\n\n"
         f"- Date: {report['meta']['date']}\n- Machine: {report['meta']['machine']}\n"
-        f"- Command: `{report['meta']['command']}`\n\n" + table)
+        f"- Command: `{report['meta']['command']}`\n\n" + table + notes)
     return path
 
 
