@@ -130,7 +130,7 @@ class DocumentStore:
         except TimeoutError:
             log.warning("fetching document %s timed out", name)
             raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: no answer within {1} s "
-                                               "(documentTimeout).", [name, self._timeout.total]) from None
+                                               "(documentTimeout).", [name, self._timeout]) from None
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("fetching document %s failed: %s", name, type(exc).__name__)
             raise QueryError(errors.DOC_FETCH, "Fetching the document {0} failed: {1}",
