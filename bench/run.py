@@ -387,7 +387,8 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
                for mode in args.modes]
     targets.append(Target("floor", "floor", None, "floor", [sys.executable, str(ROOT / "bench" / "floor.py")]))
     if args.peer:
-        targets.append(Target("upstream", "peer", None, "upstream", _command(args.peer)))
+        targets.append(Target("upstream", "peer", args.peer_mode, "upstream", _command(args.peer),
+                              dict(MODES[args.peer_mode]) if args.peer_mode else {}))
     return targets
 
 
@@ -596,6 +597,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", metavar="CMD",
                         help="the upstream connector's command, e.g. /work/upstream-venv/bin/vantiqPythonExecConnector")
+    parser.add_argument("--peer-mode", choices=sorted(MODES),
+                        help="run the peer in this engine mode (when the peer is another build of ours; "
+                             "default: the peer's own default configuration)")
     parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the installed console "
                                                       "script)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
