@@ -7,10 +7,12 @@ the order the code sent them. Module-level state (sys.modules) lives as long as 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from .. import errors, protocol
@@ -20,7 +22,7 @@ from ..errors import QueryError
 from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder
 from . import output, runtime, wire
-from .base import Job
+from .base import Job, Outcome
 from .guard import CodeGuard
 
 log = logging.getLogger("pyexec_connector.worker")
@@ -107,7 +109,7 @@ class Worker:
             kind = message[0]
             if kind == "run":
                 _, qid, job, reply_address = message
-                self.runs[qid] = asyncio.create_task(self._run(qid, job, reply_address))
+                self._start(qid, job, reply_address)
             elif kind == "cancel":
                 task = self.runs.get(message[1])
                 if task is not None:
@@ -127,26 +129,53 @@ class Worker:
         self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
         self.guard = CodeGuard(forbid)
 
-    async def _run(self, qid: int, job: Job, reply_address: str) -> None:
+    def _start(self, qid: int, job: Job, reply_address: str) -> None:
+        """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
+        task of its own. Either way in a context of its own, as a task would have, so that context
+        variables the code sets (decimal's context, ...) do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
+        context = contextvars.copy_context()
         try:
-            outcome = await runtime.run_job(self.cache, job, self.connection, channel, self.guard)
-            self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
-                       self._cache_counts()))
-        except asyncio.CancelledError:
-            if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
-                self.send(("cancelled", qid))
-        except QueryError as exc:
-            self.send(("failed", qid, _sendable(exc), self._cache_counts()))
-        except Exception as exc:     # noqa: BLE001 - the connector must hear of every failure
-            log.exception("query %s failed inside the worker", reply_address)
-            self.send(("failed", qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running "
-                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"]),
-                       self._cache_counts()))
+            started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
+        except Exception as exc:    # noqa: BLE001 - reported as the task reports it
+            self._ended(qid, reply_address, exc)
+            return
+        except BaseException as exc:    # noqa: BLE001 - CancelledError, GeneratorExit raised by the code itself
+            self._ended(qid, reply_address, runtime.execution_error(exc))
+            return
+        if isinstance(started, Outcome):
+            self._ended(qid, reply_address, None, started)
+        else:
+            self.runs[qid] = asyncio.create_task(self._run(qid, started, reply_address), context=context)
+
+    async def _run(self, qid: int, running: Coroutine[Any, Any, Outcome], reply_address: str) -> None:
+        try:
+            outcome = await running
+        except BaseException as exc:    # noqa: BLE001 - reported below
+            self._ended(qid, reply_address, exc)
+        else:
+            self._ended(qid, reply_address, None, outcome)
         finally:
             self.runs.pop(qid, None)
             self.cancelled.discard(qid)
 
+    def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
+        """The one message that ends a run: done, failed or cancelled."""
+        if exc is None:
+            self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
+                            self._cache_counts()))
+        elif isinstance(exc, asyncio.CancelledError):
+            if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
+                self.send(("cancelled", qid))
+        elif isinstance(exc, QueryError):
+            self.send(("failed", qid, _sendable(exc), self._cache_counts()))
+        elif isinstance(exc, Exception):
+            log.error("query %s failed inside the worker", reply_address, exc_info=exc)
+            self.send(("failed", qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running "
+                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"]),
+                       self._cache_counts()))
+        else:
+            raise exc
 
     def _cache_counts(self) -> tuple[int, int]:
         return self.cache.hits, self.cache.misses
