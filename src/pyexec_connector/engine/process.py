@@ -183,13 +183,19 @@ class ProcessEngine:
             raise _shutting_down()
         job = self._with_source(job)
         worker = await self._acquire()
-        query = _Query(next(self._ids), channel, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        query = _Query(next(self._ids), channel, loop.create_future())
         worker.inflight[query.qid] = query
-        worker.send_soon(("run", query.qid, job, channel.reply_address))
+        message = ("run", query.qid, job, channel.reply_address)
+        if len(worker.inflight) == 1:
+            worker.send(message)        # its pipe is idle: no batch to wait for, one loop iteration less
+        else:
+            worker.send_soon(message)
+        # one timer handle, not asyncio.timeout(): nothing to cancel and uncancel on the task
+        timer = loop.call_at(loop.time() + job.timeout, _expire, query.future) if job.timeout else None
         try:
-            async with asyncio.timeout(job.timeout):
-                outcome = await query.future
-        except TimeoutError:
+            outcome = await query.future
+        except _Expired:
             self.timeouts += 1
             self._abandon(worker, query, f"its timeout of {job.timeout:g} s passed")
             raise timeout_error(job.timeout) from None
@@ -200,6 +206,9 @@ class ProcessEngine:
         except asyncio.CancelledError:
             self._abandon(worker, query, "the connector stopped waiting for it")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._remember(job)
         return outcome
 
@@ -218,7 +227,7 @@ class ProcessEngine:
             self._cache_misses += 1
             raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
                              [key])
-        return dataclasses.replace(job, source_text=known[0], fingerprint=known[1])
+        return Job(request, known[0], known[1], job.runtime_info, job.timeout)
 
     def _remember(self, job: Job) -> None:
         request = job.request
@@ -515,6 +524,15 @@ class ProcessEngine:
         while any(w.inflight or w.reserved for w in self._workers) or self._waiting:
             await asyncio.sleep(0.05)
         await self.close()
+
+
+class _Expired(Exception):
+    """A query's timeout passed (set on its future by its timer)."""
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 def _worker_environment() -> dict[str, str]:
