@@ -26,6 +26,12 @@ async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
     return pickle.loads(data) if trusted else _DataUnpickler(io.BytesIO(data)).load()
 
 
+def has_message(reader: asyncio.StreamReader) -> bool:
+    """Whether a whole message is already buffered (read() would return without waiting)."""
+    buffer = reader._buffer     # noqa: SLF001 - asyncio's StreamReader keeps what it received there
+    return len(buffer) >= _LENGTH.size and len(buffer) >= _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
+
+
 _ALLOWED = {("pyexec_connector.errors", "QueryError")}
 
 

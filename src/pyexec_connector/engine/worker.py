@@ -110,6 +110,8 @@ class Worker:
             if kind == "run":
                 _, qid, job, reply_address = message
                 self._start(qid, job, reply_address)
+                if self._batch and not wire.has_message(reader):
+                    self.flush()        # nothing else to run now: its end goes out without a loop iteration
             elif kind == "cancel":
                 task = self.runs.get(message[1])
                 if task is not None:
