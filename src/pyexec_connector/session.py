@@ -132,7 +132,7 @@ class SourceSession:
                 raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query again.")
             job = await self._job(request)
             outcome = await engine.run(job, channel)
-            if not request.code_handles_return or request.dry_run:
+            if not outcome.answered and (not request.code_handles_return or request.dry_run):
                 channel.complete_raw(self._body(outcome, started))
         except QueryError as exc:
             channel.error(exc)

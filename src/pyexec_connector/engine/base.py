@@ -35,6 +35,7 @@ class Outcome:
     runtime: dict[str, Any] | None = None
     output: dict[str, str] | None = None      # captureOutput: {"stdout": ..., "stderr": ...}
     dry_run: dict[str, Any] | None = None     # dryRun: what was checked
+    answered: bool = False                    # its 200 reply was already sent (a worker built it)
 
 
 class Engine(Protocol):

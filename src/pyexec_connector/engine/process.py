@@ -26,7 +26,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from .. import errors
+from .. import errors, protocol
 from ..config import TOKEN_ENV, SourceConfig
 from ..connection import Health
 from ..errors import QueryError
@@ -402,6 +402,14 @@ class ProcessEngine:
                 query.channel.forward(frame, terminal, status, error_code)
         elif kind == "link":
             self._send_link(message[1])
+        elif kind == "answered":     # the worker built the 200 reply: it goes out now, then the run ends
+            _, qid, frame, worker.cache_counts = message
+            query = worker.inflight.get(qid)
+            if query is not None and not query.future.done():
+                if not isinstance(frame, str):
+                    raise TypeError("answered without a frame")
+                query.channel.forward(frame, True, protocol.STATUS_COMPLETE)
+            self._finish(worker, qid, _ANSWERED, None)
         elif kind == "done":
             _, qid, results, runtime, output, dry_run, worker.cache_counts = message
             self._finish(worker, qid, Outcome(results, runtime, output, dry_run), None)
@@ -524,6 +532,9 @@ class ProcessEngine:
         while any(w.inflight or w.reserved for w in self._workers) or self._waiting:
             await asyncio.sleep(0.05)
         await self.close()
+
+
+_ANSWERED = Outcome(answered=True)
 
 
 class _Expired(Exception):

@@ -20,7 +20,7 @@ from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
 from ..eventloop import event_loop_factory
-from ..reply import ReplyChannel, notification_builder
+from ..reply import ReplyChannel, notification_builder, oversize
 from . import output, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
@@ -164,6 +164,14 @@ class Worker:
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: done, failed or cancelled."""
         if exc is None:
+            if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
+                    and outcome.results_json is not None:
+                # the whole reply, built here: the connector only puts it in the link's outbox
+                frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
+                                                 '{"pythonCallResults":' + outcome.results_json + "}")
+                if not oversize(frame, self.max_message_bytes):
+                    self.send_soon(("answered", qid, frame, self._cache_counts()))
+                    return
             self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
                             self._cache_counts()))
         elif isinstance(exc, asyncio.CancelledError):
