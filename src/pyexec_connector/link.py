@@ -151,6 +151,10 @@ class SourceLink:
         if not self._drained.is_set():
             await self._drained.wait()
 
+    def is_drained(self) -> bool:
+        """Whether drained() would return at once."""
+        return self._drained.is_set()
+
     @property
     def pending_frames(self) -> int:
         return len(self._outbox)

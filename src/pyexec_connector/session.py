@@ -100,7 +100,7 @@ class SourceSession:
         if config.executionMode == "inline":
             return InlineEngine(self.connection, config)
         return ProcessEngine(config, source_name=self.source_name, send=self.link.send,
-                             drained=self.link.drained, health=self.health,
+                             drained=self.link.drained, is_drained=self.link.is_drained, health=self.health,
                              server_config=self.server_config.public_properties,
                              max_message_bytes=self.server_config.max_message_bytes)
 

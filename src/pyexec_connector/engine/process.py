@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -71,6 +72,7 @@ class _Worker:
         self.cache_counts = (0, 0)      # its code cache's hits and misses, as it last reported them
         self.backing_off = False        # waiting to start again after failed starts
         self._batch: list[bytes] = []       # queries sent in this loop iteration, written together
+        self.broken = False             # sent a message the connector could not handle
 
     @property
     def load(self) -> int:
@@ -123,11 +125,12 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
 class ProcessEngine:
     def __init__(self, config: SourceConfig, *, source_name: str, send: Callable[[str], None],
                  drained: Callable[[], Awaitable[None]], health: Health, server_config: dict[str, str],
-                 max_message_bytes: int | None = None):
+                 max_message_bytes: int | None = None, is_drained: Callable[[], bool] | None = None):
         self.source_name = source_name
         self._max_message_bytes = max_message_bytes
         self._send_link = send
         self._drained = drained
+        self._is_drained = is_drained    # whether `drained` would return at once
         self._health = health
         self._server_config = dict(server_config)
         self._shape = config.pool_shape
@@ -339,7 +342,7 @@ class ProcessEngine:
             return
         finally:
             child_end.close()
-        worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=2 ** 20)
+        worker.reader, worker.writer = await wire.open_pipe(parent_end, 2 ** 20, trusted=False)
         self._background(self._watch(worker), f"watch-{worker.index}")
         if self._closed:                  # close() ran while it was starting
             worker.kill("the engine closed")
@@ -366,9 +369,12 @@ class ProcessEngine:
 
     async def _read(self, worker: _Worker) -> None:
         """Everything a worker says, handled in the order it said it."""
+        reader = worker.reader
+        at_once = functools.partial(self._handle_at_once, worker) if self._is_drained is not None else None
         while True:
+            reader.handler = at_once
             try:
-                message = await wire.read(worker.reader, trusted=False)
+                message = await wire.read(reader, trusted=False)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             except Exception as exc:   # noqa: BLE001 - a garbled stream: the worker cannot be trusted
@@ -376,12 +382,17 @@ class ProcessEngine:
                           worker.index, exc)
                 worker.kill(f"it sent a malformed message ({type(exc).__name__})")
                 return
+            finally:
+                reader.handler = None
+            if worker.broken:
+                return
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "health":
                 try:        # awaited here: it takes effect before the code's next reply goes out
                     await self._health.declare(bool(message[1]))
                 except Exception:   # noqa: BLE001 - a failing health listener is not the worker's fault
                     log.exception("source %s: declaring health failed", self.source_name)
                 continue
+            await self._drained()     # it may have come while the link was backed up (see _handle_at_once)
             try:
                 self._handle(worker, message)
             except Exception:   # noqa: BLE001
@@ -389,6 +400,20 @@ class ProcessEngine:
                 worker.kill("it sent a malformed message")
                 return
             await self._drained()     # the link is slow: stop reading, and the worker's writes wait
+
+    def _handle_at_once(self, worker: _Worker, message: Any) -> bool:
+        """A message arriving while the reading task waits, handled as it arrives when the task would
+        handle it without waiting (not a health change, the link not backed up): see wire.Reader."""
+        if type(message) is not tuple or not message or message[0] == "health" or not self._is_drained():
+            return False
+        try:
+            self._handle(worker, message)
+        except Exception:   # noqa: BLE001
+            log.exception("source %s: bad message from worker %d", self.source_name, worker.index)
+            worker.broken = True
+            worker.reader.handler = None
+            worker.kill("it sent a malformed message")
+        return True
 
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]

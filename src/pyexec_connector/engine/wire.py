@@ -8,6 +8,7 @@ import asyncio
 import io
 import pickle
 import struct
+from collections.abc import Callable
 from typing import Any
 
 _LENGTH = struct.Struct("!I")
@@ -23,7 +24,63 @@ async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
     """The next message; raises asyncio.IncompleteReadError at the end of the stream."""
     header = await reader.readexactly(_LENGTH.size)
     data = await reader.readexactly(_LENGTH.unpack(header)[0])
+    return decode(data, trusted)
+
+
+def decode(data: bytes | memoryview, trusted: bool) -> Any:
     return pickle.loads(data) if trusted else _DataUnpickler(io.BytesIO(data)).load()
+
+
+class Reader(asyncio.StreamReader):
+    """A StreamReader that can hand messages to a synchronous handler as they arrive, sparing the loop
+    iteration that waking the reading task costs. Only while `handler` is set (its owner sets it while
+    it waits in read() with nothing buffered) and only for messages `handler` accepts: it returns False
+    for one it cannot handle at once, which is then buffered, with everything after it, for read() —
+    so messages are always handled in the order they came."""
+
+    handler: Callable[[Any], bool] | None = None
+    after: Callable[[], None] | None = None     # called once the handler took what arrived
+    trusted = False
+
+    def feed_data(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is None or self._buffer or self._eof:
+            super().feed_data(data)
+            return
+        view = memoryview(data)
+        start, end = 0, len(data)
+        after = self.after
+        try:
+            while end - start >= _LENGTH.size:
+                length = _LENGTH.unpack_from(view, start)[0]
+                stop = start + _LENGTH.size + length
+                if stop > end:
+                    break
+                message = decode(view[start + _LENGTH.size:stop], self.trusted)
+                if not handler(message):
+                    break
+                start = stop
+                handler = self.handler     # the handler may have stepped aside
+                if handler is None:
+                    break
+        except Exception:   # noqa: BLE001 - a garbled message: read() meets it and reports it
+            pass
+        finally:
+            view.release()
+        if start and after is not None:
+            after()
+        if start < end:
+            super().feed_data(data[start:] if start else data)
+
+
+async def open_pipe(sock: Any, limit: int, trusted: bool) -> tuple[Reader, asyncio.StreamWriter]:
+    """asyncio.open_connection(sock=...), with a Reader."""
+    loop = asyncio.get_running_loop()
+    reader = Reader(limit=limit, loop=loop)
+    reader.trusted = trusted
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def has_message(reader: asyncio.StreamReader) -> bool:

@@ -81,7 +81,7 @@ class Worker:
 
     async def serve(self) -> None:
         sock = socket.socket(fileno=self._fd)
-        reader, self._writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
+        reader, self._writer = await wire.open_pipe(sock, 2 ** 20, trusted=True)
         _, settings = await wire.read(reader, trusted=True)
         self._configure(settings["cache_capacity"], settings["forbid"])
         source = settings["source_name"]
@@ -102,10 +102,13 @@ class Worker:
         _limit_memory(settings["memory_limit_mb"])
         self.send(("ready", os.getpid()))
         while True:
+            reader.handler, reader.after = self._run_at_once, self.flush
             try:
                 message = await wire.read(reader, trusted=True)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return                     # the connector is gone
+            finally:
+                reader.handler = reader.after = None
             kind = message[0]
             if kind == "run":
                 _, qid, job, reply_address = message
@@ -124,6 +127,14 @@ class Worker:
             elif kind == "stop":
                 self.flush()
                 return
+
+    def _run_at_once(self, message: Any) -> bool:
+        """Runs arriving while the read loop waits: started as they arrive (see wire.Reader)."""
+        if message[0] != "run":
+            return False
+        _, qid, job, reply_address = message
+        self._start(qid, job, reply_address)
+        return True
 
     def _configure(self, cache_capacity: int, forbid: tuple[str, ...]) -> None:
         old = self.cache
