@@ -15,9 +15,19 @@ _LENGTH = struct.Struct("!I")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
+_ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
+
+
 def pack(message: Any) -> bytes:
     data = pickle.dumps(message, PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def pack_answered(qid: int, frame: str, cache_counts: tuple[int, int]) -> bytes:
+    """("answered", qid, frame, cache_counts) without pickle: the most common message from a worker, and
+    one the connector decodes without a restricted unpickler."""
+    text = frame.encode("utf-8", "surrogatepass")
+    return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, *cache_counts) + text
 
 
 async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
@@ -28,6 +38,9 @@ async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
 
 
 def decode(data: bytes | memoryview, trusted: bool) -> Any:
+    if data[:1] == b"A":    # pickles start with the PROTO opcode, b"\x80"
+        _, qid, hits, misses = _ANSWERED.unpack_from(data)
+        return "answered", qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)
     return pickle.loads(data) if trusted else _DataUnpickler(io.BytesIO(data)).load()
 
 

@@ -181,7 +181,9 @@ class Worker:
                 frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
                                                  '{"pythonCallResults":' + outcome.results_json + "}")
                 if not oversize(frame, self.max_message_bytes):
-                    self.send_soon(("answered", qid, frame, self._cache_counts()))
+                    self._batch.append(wire.pack_answered(qid, frame, self._cache_counts()))
+                    if len(self._batch) == 1:
+                        asyncio.get_running_loop().call_soon(self.flush)
                     return
             self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
                             self._cache_counts()))
