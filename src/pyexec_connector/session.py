@@ -40,6 +40,17 @@ class QueryEnded:
 QueryObserver = Callable[[QueryEnded], None]
 
 
+@dataclass(slots=True)
+class _Early:
+    """A query parsed (and perhaps handed to a worker) before its task started: see SourceSession._submit."""
+    channel: ReplyChannel
+    started: float
+    request: QueryRequest
+    job: Job
+    engine: ProcessEngine
+    submitted: Any      # ProcessEngine.submit's, or None: answer() runs it with the engine of its time
+
+
 class SourceSession:
     def __init__(self, source_name: str, config: ServerConfig, *, reconnect_secret: str, health: Health,
                  backoff: Backoff | None = None, handshake_timeout: float | None = None,
@@ -112,26 +123,52 @@ class SourceSession:
         self._ended(QueryEnded(self.source_name, reply_address, channel.status, channel.error_code, 0.0))
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
-        task = asyncio.create_task(self.answer(frame))
+        task = asyncio.create_task(self.answer(frame, self._submit(frame)))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
     # ---- one query --------------------------------------------------------------------------
-    async def answer(self, frame: protocol.QueryFrame) -> None:
-        """Run one query. The `finally` is the one place that guarantees its terminal reply."""
-        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
-                               self.server_config.max_message_bytes)
-        started = perf_counter()
+    def _submit(self, frame: protocol.QueryFrame) -> _Early | None:
+        """Process mode: hand the query to a free worker now, from the link's step, when nothing needs
+        waiting for (no script to fetch, a free worker); answer() does the rest, or all when None."""
+        engine = self.engine
+        if not self.accepting or not isinstance(engine, ProcessEngine):
+            return None
         try:
-            if not self.accepting:
-                raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
-                                                       "once it is back.")
+            started = perf_counter()
             request = parse_query(frame.params)
-            engine = self.engine
-            if engine is None:
-                raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query again.")
-            job = await self._job(request)
-            outcome = await engine.run(job, channel)
+            if request.script is not None:
+                return None
+            channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
+                                   self.server_config.max_message_bytes)
+            job = self._code_job(request)
+            return _Early(channel, started, request, job, engine, engine.submit(job, channel))
+        except Exception:   # noqa: BLE001 - QueryError and anything else: answer() meets it again and replies
+            return None
+
+    async def answer(self, frame: protocol.QueryFrame, early: _Early | None = None) -> None:
+        """Run one query. The `finally` is the one place that guarantees its terminal reply."""
+        if early is not None:
+            channel, started = early.channel, early.started
+        else:
+            channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
+                                   self.server_config.max_message_bytes)
+            started = perf_counter()
+        try:
+            if early is not None and early.submitted is not None:
+                request = early.request
+                outcome = await early.engine.run(early.job, channel, early.submitted)
+            else:
+                if not self.accepting:
+                    raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
+                                                           "once it is back.")
+                request = early.request if early is not None else parse_query(frame.params)
+                engine = self.engine
+                if engine is None:
+                    raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query "
+                                                           "again.")
+                job = await self._job(request)
+                outcome = await engine.run(job, channel)
             if not outcome.answered and (not request.code_handles_return or request.dry_run):
                 channel.complete_raw(self._body(outcome, started))
         except QueryError as exc:
@@ -167,11 +204,15 @@ class SourceSession:
                 log.exception("source %s: the query observer failed", self.source_name)
 
     async def _job(self, request: QueryRequest) -> Job:
-        if request.script is not None:
-            script = await self.documents.get(request.script, force=request.replace)
-            text, fingerprint = script.text, script.modified
-        else:
-            text, fingerprint = request.code, request.code
+        if request.script is None:
+            return self._code_job(request)
+        script = await self.documents.get(request.script, force=request.replace)
+        return self._make_job(request, script.text, script.modified)
+
+    def _code_job(self, request: QueryRequest) -> Job:
+        return self._make_job(request, request.code, request.code)
+
+    def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
         limit = request.timeout if request.timeout is not None else self.source_config.executionTimeout
         return Job(request, text, fingerprint, self.source_config.returnRuntimeInformation, limit or None)
 

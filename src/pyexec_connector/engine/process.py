@@ -180,22 +180,15 @@ class ProcessEngine:
                 "cache_size": len(self._known), "cache_capacity": int(self._known.maxsize)}
 
     # ---- one query --------------------------------------------------------------------------
-    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
-        await self._started.wait()
-        if self._closed:
-            raise _shutting_down()
-        job = self._with_source(job)
-        worker = await self._acquire()
-        loop = asyncio.get_running_loop()
-        query = _Query(next(self._ids), channel, loop.create_future())
-        worker.inflight[query.qid] = query
-        message = ("run", query.qid, job, channel.reply_address)
-        if len(worker.inflight) == 1:
-            worker.send(message)        # its pipe is idle: no batch to wait for, one loop iteration less
-        else:
-            worker.send_soon(message)
-        # one timer handle, not asyncio.timeout(): nothing to cancel and uncancel on the task
-        timer = loop.call_at(loop.time() + job.timeout, _expire, query.future) if job.timeout else None
+    async def run(self, job: Job, channel: ReplyChannel, submitted: _Submitted | None = None) -> Outcome:
+        """Run the job; `submitted`: what submit() already started for it."""
+        if submitted is None:
+            await self._started.wait()
+            if self._closed:
+                raise _shutting_down()
+            job = self._with_source(job)
+            submitted = self._send(await self._acquire(), job, channel)
+        worker, query, job, timer = submitted
         try:
             outcome = await query.future
         except _Expired:
@@ -214,6 +207,36 @@ class ProcessEngine:
                 timer.cancel()
         self._remember(job)
         return outcome
+
+    def submit(self, job: Job, channel: ReplyChannel) -> _Submitted | None:
+        """The start of run() when it needs no waiting and cannot fail (a free worker, nothing queued, a
+        known name): the query goes to the worker now, from the caller's own step, instead of one loop
+        iteration later from a new task; run(job, channel, submitted) does the rest. None: call run()."""
+        if self._closed or self._waiting or not self._started.is_set() or job.request.replace:
+            return None
+        if job.source_text is None:
+            key = job.request.cache_key
+            known = self._known.get(key) if key is not None else None
+            if known is None:
+                return None
+            job = Job(job.request, known[0], known[1], job.runtime_info, job.timeout)
+        worker = self._least_busy()
+        if worker is None:
+            return None
+        return self._send(worker, job, channel)
+
+    def _send(self, worker: _Worker, job: Job, channel: ReplyChannel) -> _Submitted:
+        loop = asyncio.get_running_loop()
+        query = _Query(next(self._ids), channel, loop.create_future())
+        worker.inflight[query.qid] = query
+        message = ("run", query.qid, job, channel.reply_address)
+        if len(worker.inflight) == 1:
+            worker.send(message)        # its pipe is idle: no batch to wait for, one loop iteration less
+        else:
+            worker.send_soon(message)
+        # one timer handle, not asyncio.timeout(): nothing to cancel and uncancel on the task
+        timer = loop.call_at(loop.time() + job.timeout, _expire, query.future) if job.timeout else None
+        return worker, query, job, timer
 
     def _with_source(self, job: Job) -> Job:
         """Name-only queries carry the code text the name was last cached with: any worker can run them."""
@@ -560,6 +583,7 @@ class ProcessEngine:
 
 
 _ANSWERED = Outcome(answered=True)
+_Submitted = tuple[_Worker, _Query, Job, "asyncio.TimerHandle | None"]
 
 
 class _Expired(Exception):
