@@ -1,7 +1,9 @@
 """Every query gets exactly one terminal reply, even when the connector itself fails."""
 import asyncio
 
-from pyexec_connector import errors
+import pytest
+
+from pyexec_connector import errors, protocol
 
 from .conftest import SOURCE
 
@@ -48,3 +50,17 @@ async def test_code_handles_return_tasks_cancelled_when_stopping(connected):
     result = await server.replies_for(address, timeout=10)
     await stopping
     assert result.status == 400
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+async def test_query_whose_task_never_started_is_answered_on_close(server, start_connector, mode):
+    """A query task cancelled before its first step never reaches answer()'s finally."""
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
+    running = await start_connector()
+    session = running.session
+    address = "never-started"
+    server._replies[address] = asyncio.Queue()
+    session.on_query(protocol.QueryFrame(address, {"code": "x = 1"}))
+    await session.close()            # no await between: the task has not run a single step
+    result = await server.replies_for(address, timeout=10)
+    assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN

@@ -43,8 +43,6 @@ QueryObserver = Callable[[QueryEnded], None]
 @dataclass(slots=True)
 class _Early:
     """A query parsed (and perhaps handed to a worker) before its task started: see SourceSession._submit."""
-    channel: ReplyChannel
-    started: float
     request: QueryRequest
     job: Job
     engine: ProcessEngine
@@ -74,6 +72,7 @@ class SourceSession:
         self.engine: Engine | None = None          # built by the first configure
         self._retiring: dict[asyncio.Task, Engine] = {}   # engines a reconfigure replaced, finishing up
         self.in_flight: set[asyncio.Task] = set()
+        self.unanswered: set[ReplyChannel] = set()
         self.accepting = True
         self.configured = asyncio.Event()
         self.queries_answered = 0
@@ -123,37 +122,36 @@ class SourceSession:
         self._ended(QueryEnded(self.source_name, reply_address, channel.status, channel.error_code, 0.0))
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
-        task = asyncio.create_task(self.answer(frame, self._submit(frame)))
+        # The channel exists before the task runs: a task cancelled before its first step never reaches
+        # answer()'s finally, and close() answers its query through the channel instead.
+        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
+                               self.server_config.max_message_bytes)
+        started = perf_counter()
+        self.unanswered.add(channel)
+        task = asyncio.create_task(self.answer(frame, channel, started, self._submit(frame, channel)))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
     # ---- one query --------------------------------------------------------------------------
-    def _submit(self, frame: protocol.QueryFrame) -> _Early | None:
+    def _submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Early | None:
         """Process mode: hand the query to a free worker now, from the link's step, when nothing needs
         waiting for (no script to fetch, a free worker); answer() does the rest, or all when None."""
         engine = self.engine
         if not self.accepting or not isinstance(engine, ProcessEngine):
             return None
         try:
-            started = perf_counter()
             request = parse_query(frame.params)
             if request.script is not None:
                 return None
-            channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
-                                   self.server_config.max_message_bytes)
             job = self._code_job(request)
-            return _Early(channel, started, request, job, engine, engine.submit(job, channel))
+            return _Early(request, job, engine, engine.submit(job, channel))
         except Exception:   # noqa: BLE001 - QueryError and anything else: answer() meets it again and replies
             return None
 
-    async def answer(self, frame: protocol.QueryFrame, early: _Early | None = None) -> None:
-        """Run one query. The `finally` is the one place that guarantees its terminal reply."""
-        if early is not None:
-            channel, started = early.channel, early.started
-        else:
-            channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
-                                   self.server_config.max_message_bytes)
-            started = perf_counter()
+    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, started: float,
+                     early: _Early | None = None) -> None:
+        """Run one query. The `finally` is the one place that guarantees its terminal reply (and close()
+        for a task cancelled before it ever ran)."""
         try:
             if early is not None and early.submitted is not None:
                 request = early.request
@@ -183,6 +181,7 @@ class SourceSession:
         finally:
             if not channel.terminated:
                 channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
+            self.unanswered.discard(channel)
             self.queries_answered += 1
             self._ended(QueryEnded(self.source_name, frame.reply_address, channel.status, channel.error_code,
                                    perf_counter() - started))
@@ -252,6 +251,9 @@ class SourceSession:
             task.cancel()
         if self.in_flight:
             await asyncio.gather(*self.in_flight, return_exceptions=True)
+        for channel in list(self.unanswered):     # tasks cancelled before their first step
+            channel.error(QueryError(errors.SHUTTING_DOWN, "The connector stopped before the query started."))
+        self.unanswered.clear()
         if not await self.link.flush(timeout=flush_timeout):
             log.warning("source %s: %d frame(s) could not be sent before closing", self.source_name,
                         self.link.pending_frames)
