@@ -246,43 +246,50 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     run_globals = make_globals(job, connection, channel.context)
     if code.co_flags & inspect.CO_COROUTINE or job.request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
-    captured = output.Captured() if job.request.capture_output else None
-    tracker = RunTracker()
-    run_token = CURRENT_RUN.set(tracker)
-    capture_token = output.CAPTURE.set(captured)
-    started = perf_counter()
-    try:
-        eval(code, run_globals)  # noqa: S307 - running user code is this connector's job
-    except QueryError:
-        raise
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:
-        raise execution_error(exc) from None
-    finally:
-        CURRENT_RUN.reset(run_token)
-        output.CAPTURE.reset(capture_token)
-    return _outcome(cache, job, run_globals, info, captured, perf_counter() - started)
+    with _RunScope(job.request.capture_output) as scope:
+        started = perf_counter()
+        try:
+            eval(code, run_globals)  # noqa: S307 - running user code is this connector's job
+        except QueryError:
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            raise execution_error(exc) from None
+    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
 
 
 async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.CodeType,
                         run_globals: dict[str, Any], info: dict[str, Any] | None) -> Outcome:
-    captured = output.Captured() if job.request.capture_output else None
-    tracker = RunTracker()
-    run_token = CURRENT_RUN.set(tracker)
-    capture_token = output.CAPTURE.set(captured)
-    started = perf_counter()
-    try:
+    with _RunScope(job.request.capture_output) as scope:
+        started = perf_counter()
         await execute(code, run_globals)
-    finally:
-        CURRENT_RUN.reset(run_token)
-        output.CAPTURE.reset(capture_token)
     if job.request.code_handles_return:
         try:
-            await await_code_reply(tracker, channel.done_future())
+            await await_code_reply(scope.tracker, channel.done_future())
         finally:
             if not channel.terminated:
-                tracker.cancel_all()
+                scope.tracker.cancel_all()
         return Outcome()
-    return _outcome(cache, job, run_globals, info, captured, perf_counter() - started)
+    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+
+
+class _RunScope:
+    """While user code of one run executes: the tasks it creates belong to its tracker, and what it
+    prints goes to its capture. A class, not a generator contextmanager: this is on every query."""
+
+    __slots__ = ("tracker", "captured", "_run_token", "_capture_token")
+
+    def __init__(self, capture_output: bool):
+        self.tracker = RunTracker()
+        self.captured = output.Captured() if capture_output else None
+
+    def __enter__(self) -> _RunScope:
+        self._run_token = CURRENT_RUN.set(self.tracker)
+        self._capture_token = output.CAPTURE.set(self.captured)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        CURRENT_RUN.reset(self._run_token)
+        output.CAPTURE.reset(self._capture_token)
 
 
 def _outcome(cache: CodeCache, job: Job, run_globals: dict[str, Any], info: dict[str, Any] | None,
