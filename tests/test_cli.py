@@ -75,19 +75,3 @@ async def test_console_command_bad_token_exits_3(tmp_path, server):
     assert proc.returncode == 3
     assert "refused the access token" in output.decode()
     assert "not-the-token" not in output.decode()
-
-
-async def test_logger_ini_is_used(tmp_path, server):
-    (tmp_path / "serverConfig").mkdir()
-    (tmp_path / "serverConfig" / "logger.ini").write_text(
-        "[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=f\n"
-        "[logger_root]\nlevel=INFO\nhandlers=h\n"
-        "[handler_h]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stdout,)\n"
-        "[formatter_f]\nformat=CUSTOM|%(levelname)s|%(message)s\n")
-    proc = await _spawn(tmp_path, server)
-    try:
-        await server.wait_attached(SOURCE, timeout=30)
-    finally:
-        proc.terminate()
-        output, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert "CUSTOM|INFO|" in output.decode()
