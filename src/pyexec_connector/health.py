@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .errors import ConfigError
 from .session import QueryEnded
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "pyexec"
+MAX_MESSAGE_CODES = 100     # distinct message_code label values per source; the rest count as OTHER_CODE
+OTHER_CODE = "other"
+_OK_STATUSES = frozenset({200, 204})
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # engine.stats() keys -> (metric name, help, counter?)
 ENGINE_FIGURES = {
@@ -32,41 +38,83 @@ ENGINE_FIGURES = {
 }
 
 
+class _QueryFigures:
+    """One source's query counts, kept as plain numbers: observe() is on every query, and prometheus'
+    own Counter and Histogram take a lock and look their labels up on each call."""
+
+    __slots__ = ("ok", "error", "buckets", "total_seconds", "errors")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.error = 0
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)    # per bucket (the last: +Inf), not cumulative
+        self.total_seconds = 0.0
+        self.errors: dict[str, int] = {}
+
+
 class Metrics:
     """One connector's metrics, in its own CollectorRegistry (several connectors in one process do not
-    collide). Queries are counted through `observe` (the sessions' observer hook); everything else is
-    read from the sessions when scraped."""
+    collide). Queries are counted through `observe` (the sessions' observer hook) into plain numbers;
+    those and everything else are read when scraped."""
 
     def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]]):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.queries = Counter(f"{PREFIX}_queries", "Queries answered, by source and outcome (ok, error)",
-                               ["source", "outcome"], registry=self.registry)
-        self.duration = Histogram(f"{PREFIX}_query_duration_seconds",
-                                  "Time from a query's arrival to its terminal reply", ["source"],
-                                  buckets=DURATION_BUCKETS, registry=self.registry)
-        self.errors = Counter(f"{PREFIX}_query_errors", "Error replies, by source and messageCode",
-                              ["source", "message_code"], registry=self.registry)
+        self._figures: dict[str, _QueryFigures] = {}
+        self.registry.register(_QueryCollector(self._figures))
         self.registry.register(_SessionCollector(sessions))
-        # labels() validates and hashes its arguments under a lock on every call: per query, look the
-        # few children up once
-        self._counted: dict[tuple[str, str], Any] = {}
-        self._timed: dict[str, Any] = {}
 
     def observe(self, ended: QueryEnded) -> None:
-        key = (ended.source, ended.outcome)
-        counted = self._counted.get(key)
-        if counted is None:
-            counted = self._counted[key] = self.queries.labels(*key)
-        counted.inc()
-        timed = self._timed.get(ended.source)
-        if timed is None:
-            timed = self._timed[ended.source] = self.duration.labels(ended.source)
-        timed.observe(ended.duration)
-        if ended.message_code is not None:
-            self.errors.labels(ended.source, ended.message_code).inc()
+        figures = self._figures.get(ended.source)
+        if figures is None:
+            figures = self._figures[ended.source] = _QueryFigures()
+        duration = ended.duration
+        figures.buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        figures.total_seconds += duration
+        code = ended.message_code
+        if ended.status in _OK_STATUSES:
+            figures.ok += 1
+        else:
+            figures.error += 1
+        if code is not None:
+            errors = figures.errors
+            if code not in errors and len(errors) >= MAX_MESSAGE_CODES:
+                # user code picks its own messageCodes (QueryError): the label's values must stay bounded
+                if OTHER_CODE not in errors:
+                    log.warning("source %s: more than %d distinct error messageCodes; further ones are "
+                                "counted as %r in pyexec_query_errors_total", ended.source, MAX_MESSAGE_CODES,
+                                OTHER_CODE)
+                code = OTHER_CODE
+            errors[code] = errors.get(code, 0) + 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QueryCollector(Collector):
+    def __init__(self, figures: dict[str, _QueryFigures]):
+        self._figures = figures
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        queries = CounterMetricFamily(f"{PREFIX}_queries", "Queries answered, by source and outcome (ok, error)",
+                                      labels=["source", "outcome"])
+        duration = HistogramMetricFamily(f"{PREFIX}_query_duration_seconds",
+                                         "Time from a query's arrival to its terminal reply", labels=["source"])
+        errors = CounterMetricFamily(f"{PREFIX}_query_errors", "Error replies, by source and messageCode",
+                                     labels=["source", "message_code"])
+        for source, figures in list(self._figures.items()):
+            queries.add_metric([source, "ok"], figures.ok)
+            queries.add_metric([source, "error"], figures.error)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*DURATION_BUCKETS, math.inf), figures.buckets, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            duration.add_metric([source], buckets, figures.total_seconds)
+            for code, count in list(figures.errors.items()):
+                errors.add_metric([source, code], count)
+        yield from (queries, duration, errors)
 
 
 def engine_stats(engine: Any) -> dict[str, Any]:

@@ -25,12 +25,18 @@ def dumps(value: Any) -> str:
     return _dumps(value)
 
 
+def loads(raw: str | bytes) -> Any:
+    """A frame's JSON, read as parse_frame reads it."""
+    return _loads(raw)
+
+
 # ---- frames from the server ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class QueryFrame:
     reply_address: str
     params: Any          # the WITH clause; validated later, may be anything
+    raw: bytes | None = None   # the frame as received (process mode relays it to a worker as it is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +104,7 @@ def parse_frame(raw: str | bytes) -> Frame:
         address = headers.get("REPLY_ADDR_HEADER") if isinstance(headers, dict) else None
         if not isinstance(address, str) or not address:
             return BadFrame("query without messageHeaders.REPLY_ADDR_HEADER")
-        return QueryFrame(address, message.get("object"))
+        return QueryFrame(address, message.get("object"), raw if isinstance(raw, bytes) else None)
     if op == "configureExtension":
         obj = message.get("object")
         return ConfigureFrame(obj.get("config") if isinstance(obj, dict) else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,15 +39,6 @@ class QueryEnded:
 
 
 QueryObserver = Callable[[QueryEnded], None]
-
-
-@dataclass(slots=True)
-class _Early:
-    """A query parsed (and perhaps handed to a worker) before its task started: see SourceSession._submit."""
-    request: QueryRequest
-    job: Job
-    engine: ProcessEngine
-    submitted: Any      # ProcessEngine.submit's, or None: answer() runs it with the engine of its time
 
 
 class SourceSession:
@@ -128,45 +120,49 @@ class SourceSession:
                                self.server_config.max_message_bytes)
         started = perf_counter()
         self.unanswered.add(channel)
-        task = asyncio.create_task(self.answer(frame, channel, started, self._submit(frame, channel)))
+        engine = self.engine
+        if self.accepting and type(engine) is ProcessEngine:
+            query = engine.relay(frame, channel)
+            if query is not None:   # a worker has it; no task: its end calls _relayed()
+                self.in_flight.add(query.future)
+                query.future.add_done_callback(functools.partial(self._relayed, engine, query, started))
+                return
+        task = asyncio.create_task(self.answer(frame, channel, started))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
     # ---- one query --------------------------------------------------------------------------
-    def _submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Early | None:
-        """Process mode: hand the query to a free worker now, from the link's step, when nothing needs
-        waiting for (no script to fetch, a free worker); answer() does the rest, or all when None."""
-        engine = self.engine
-        if not self.accepting or not isinstance(engine, ProcessEngine):
-            return None
+    def _relayed(self, engine: ProcessEngine, query: Any, started: float, future: asyncio.Future) -> None:
+        """The end of a query ProcessEngine.relay() handed to a worker: answer()'s work, without a task."""
+        self.in_flight.discard(future)
+        channel = query.channel
         try:
-            request = parse_query(frame.params)
-            if request.script is not None:
-                return None
-            job = self._code_job(request)
-            return _Early(request, job, engine, engine.submit(job, channel))
-        except Exception:   # noqa: BLE001 - QueryError and anything else: answer() meets it again and replies
-            return None
+            outcome = engine.settle(query)
+            if not outcome.answered and outcome.results_json is not None:   # None: the code replied itself
+                channel.complete_raw(self._body(outcome, started))
+        except QueryError as exc:
+            channel.error(exc)
+        except asyncio.CancelledError:
+            channel.error(QueryError(errors.SHUTTING_DOWN, "The connector stopped before the query finished."))
+        except Exception as exc:   # noqa: BLE001 - answered below, and logged
+            self._internal_error(channel, exc)
+        finally:
+            self._answered(channel, started)
 
-    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, started: float,
-                     early: _Early | None = None) -> None:
+    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, started: float) -> None:
         """Run one query. The `finally` is the one place that guarantees its terminal reply (and close()
         for a task cancelled before it ever ran)."""
         try:
-            if early is not None and early.submitted is not None:
-                request = early.request
-                outcome = await early.engine.run(early.job, channel, early.submitted)
-            else:
-                if not self.accepting:
-                    raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
-                                                           "once it is back.")
-                request = early.request if early is not None else parse_query(frame.params)
-                engine = self.engine
-                if engine is None:
-                    raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query "
-                                                           "again.")
-                job = await self._job(request)
-                outcome = await engine.run(job, channel)
+            if not self.accepting:
+                raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
+                                                       "once it is back.")
+            request = parse_query(frame.params)
+            engine = self.engine
+            if engine is None:
+                raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query "
+                                                       "again.")
+            job = await self._job(request)
+            outcome = await engine.run(job, channel)
             if not outcome.answered and (not request.code_handles_return or request.dry_run):
                 channel.complete_raw(self._body(outcome, started))
         except QueryError as exc:
@@ -175,16 +171,25 @@ class SourceSession:
             channel.error(QueryError(errors.SHUTTING_DOWN, "The connector stopped before the query finished."))
             raise
         except Exception as exc:
-            log.exception("source %s: internal error answering query %s", self.source_name, frame.reply_address)
-            channel.error(QueryError(errors.INTERNAL_ERROR, "The connector failed while answering: {0}",
-                                     [f"{type(exc).__name__}: {exc}"]))
+            self._internal_error(channel, exc)
         finally:
-            if not channel.terminated:
-                channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
-            self.unanswered.discard(channel)
-            self.queries_answered += 1
-            self._ended(QueryEnded(self.source_name, frame.reply_address, channel.status, channel.error_code,
-                                   perf_counter() - started))
+            self._answered(channel, started)
+
+    def _internal_error(self, channel: ReplyChannel, exc: Exception) -> None:
+        log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,
+                  exc_info=exc)
+        channel.error(QueryError(errors.INTERNAL_ERROR, "The connector failed while answering: {0}",
+                                 [f"{type(exc).__name__}: {exc}"]))
+
+    def _answered(self, channel: ReplyChannel, started: float) -> None:
+        """Every query's last step, however it ended: a terminal reply for sure, then its log line and
+        metrics."""
+        if not channel.terminated:
+            channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
+        self.unanswered.discard(channel)
+        self.queries_answered += 1
+        self._ended(QueryEnded(self.source_name, channel.reply_address, channel.status, channel.error_code,
+                               perf_counter() - started))
 
     def _ended(self, ended: QueryEnded) -> None:
         """The one place a query ends: its log line (with structured fields) and its observer."""

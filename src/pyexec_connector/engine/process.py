@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
+HOLD_MAX = 0.02           # seconds a query is held for a worker that has not written back (_Worker.send_run)
 RESTART_DELAY_MAX = 30.0
 _COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
 
@@ -50,6 +51,10 @@ class _Query:
     qid: int
     channel: ReplyChannel
     future: asyncio.Future
+    worker: _Worker | None = None
+    timer: asyncio.TimerHandle | None = None
+    limit: float | None = None                # its timeout, seconds
+    known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for _known once it ran
 
 
 class _Worker:
@@ -71,7 +76,9 @@ class _Worker:
         self.cancelling: set[int] = set()   # queries told to stop: no new work until it lets go of them
         self.cache_counts = (0, 0)      # its code cache's hits and misses, as it last reported them
         self.backing_off = False        # waiting to start again after failed starts
-        self._batch: list[bytes] = []       # queries sent in this loop iteration, written together
+        self._held: list[bytes] = []    # messages not written yet: see send_run()
+        self.awaiting = False           # written to, and not heard from since
+        self._release: asyncio.TimerHandle | None = None
         self.broken = False             # sent a message the connector could not handle
 
     @property
@@ -79,24 +86,38 @@ class _Worker:
         return len(self.inflight) + self.reserved
 
     def send(self, message: Any) -> None:
-        """Write the message now (after any batched ones: order is kept)."""
-        self._batch.append(wire.pack(message))
+        """Write the message now (after any held ones: order is kept)."""
+        self._held.append(wire.pack(message))
         self.flush()
 
-    def send_soon(self, message: Any) -> None:
-        """Write the message at the end of this loop iteration, with the others sent meanwhile: a burst of
-        queries costs one write (one system call) instead of one each."""
-        self._batch.append(wire.pack(message))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+    def send_run(self, data: bytes) -> None:
+        """A query: written now to a worker that has answered everything written to it, else held until it
+        writes back (wire.ACK at the latest, see heard()). Under load a worker then takes the queries that
+        came meanwhile in one read, and answers them in one write, instead of one wake-up of each process
+        per query; an idle worker gets its query at once."""
+        self._held.append(data)
+        if not self.awaiting:
+            self.flush()
+        elif len(self._held) == 1:      # a guard: a worker stuck in code gets them anyway, to read later
+            self._release = asyncio.get_running_loop().call_later(HOLD_MAX, self.flush)
+
+    def heard(self) -> None:
+        """The worker wrote something: it reads again. What was held goes now, in one write."""
+        self.awaiting = False
+        if self._held:
+            self.flush()
 
     def flush(self) -> None:
-        if not self._batch:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if not self._held:
             return
-        data = b"".join(self._batch) if len(self._batch) > 1 else self._batch[0]
-        self._batch.clear()
+        data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
+        self._held.clear()
         if self.writer is None or self.writer.is_closing():
             return
+        self.awaiting = True
         try:
             self.writer.write(data)
         except (ConnectionError, RuntimeError):
@@ -166,7 +187,7 @@ class ProcessEngine:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
         for worker in self._workers:
-            worker.send(("configure", config.codeCacheSize, self._forbid))
+            worker.send(("configure", config.codeCacheSize, self._forbid, config.returnRuntimeInformation))
         self._dispatch_waiting()
 
     def stats(self) -> dict[str, Any]:
@@ -180,63 +201,95 @@ class ProcessEngine:
                 "cache_size": len(self._known), "cache_capacity": int(self._known.maxsize)}
 
     # ---- one query --------------------------------------------------------------------------
-    async def run(self, job: Job, channel: ReplyChannel, submitted: _Submitted | None = None) -> Outcome:
-        """Run the job; `submitted`: what submit() already started for it."""
-        if submitted is None:
-            await self._started.wait()
-            if self._closed:
-                raise _shutting_down()
-            job = self._with_source(job)
-            submitted = self._send(await self._acquire(), job, channel)
-        worker, query, job, timer = submitted
+    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
+        await self._started.wait()
+        if self._closed:
+            raise _shutting_down()
+        job = self._with_source(job)
+        query = self._send(await self._acquire(), job, channel)
         try:
-            outcome = await query.future
-        except _Expired:
-            self.timeouts += 1
-            self._abandon(worker, query, f"its timeout of {job.timeout:g} s passed")
-            raise timeout_error(job.timeout) from None
-        except QueryError as exc:
-            if exc.code not in _COMPILE_ERRORS:
-                self._remember(job)
-            raise
+            await query.future
         except asyncio.CancelledError:
-            self._abandon(worker, query, "the connector stopped waiting for it")
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-        self._remember(job)
-        return outcome
+            if not query.future.cancelled():    # cancelled after the query ended: nothing to stop
+                if query.timer is not None:
+                    query.timer.cancel()
+                raise
+            # else the future was cancelled with this task: settle() stops the query and raises
+        except BaseException:   # noqa: BLE001, S110 - settle() raises it again
+            pass
+        return self.settle(query)
 
-    def submit(self, job: Job, channel: ReplyChannel) -> _Submitted | None:
-        """The start of run() when it needs no waiting and cannot fail (a free worker, nothing queued, a
-        known name): the query goes to the worker now, from the caller's own step, instead of one loop
-        iteration later from a new task; run(job, channel, submitted) does the rest. None: call run()."""
-        if self._closed or self._waiting or not self._started.is_set() or job.request.replace:
+    def relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+        """The fast path of most queries: the frame goes to a free worker as it came, which reads the
+        WITH clause and runs the code; the connector reads no more of it than the frame's JSON. Only for
+        plain queries (code and/or a known name, presets, the return options): anything with a script,
+        its own timeout, cache control or a dry run, or a name this engine does not know, and any query
+        that would wait for a worker returns None and goes through run(). The caller waits for the
+        query's future, then calls settle()."""
+        params = frame.params
+        if self._closed or self._waiting or frame.raw is None or type(params) is not dict \
+                or not params.keys() <= _RELAYED_PARAMETERS or not self._started.is_set():
             return None
-        if job.source_text is None:
-            key = job.request.cache_key
-            known = self._known.get(key) if key is not None else None
+        code, name = params.get("code"), params.get("name")
+        text = None
+        if name is not None and (type(name) is not str or not name or "\x00" in name):
+            return None
+        if code is None:
+            if name is None:
+                return None
+            known = self._known.get(name)
             if known is None:
                 return None
-            job = Job(job.request, known[0], known[1], job.runtime_info, job.timeout)
+            text = known[0]
+        elif type(code) is not str:
+            return None
         worker = self._least_busy()
         if worker is None:
             return None
-        return self._send(worker, job, channel)
-
-    def _send(self, worker: _Worker, job: Job, channel: ReplyChannel) -> _Submitted:
         loop = asyncio.get_running_loop()
-        query = _Query(next(self._ids), channel, loop.create_future())
+        query = _Query(next(self._ids), channel, loop.create_future(), worker, None, self._config.executionTimeout,
+                       (name, code, code) if name is not None and code is not None else None)
         worker.inflight[query.qid] = query
-        message = ("run", query.qid, job, channel.reply_address)
-        if len(worker.inflight) == 1:
-            worker.send(message)        # its pipe is idle: no batch to wait for, one loop iteration less
-        else:
-            worker.send_soon(message)
+        worker.send_run(wire.pack_relay(query.qid, frame.reply_address, text, frame.raw))
+        if query.limit:
+            query.timer = loop.call_at(loop.time() + query.limit, _expire, query.future)
+        return query
+
+    def settle(self, query: _Query) -> Outcome:
+        """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
+        timeout, a worker's death, the code's error). Raises CancelledError for a query the caller
+        stopped waiting for (the worker is told to stop it)."""
+        if query.timer is not None:
+            query.timer.cancel()
+        future = query.future
+        if future.cancelled():
+            self._abandon(query.worker, query, "the connector stopped waiting for it")
+            raise asyncio.CancelledError
+        error = future.exception()
+        if error is None:
+            self._remember(query)
+            return future.result()
+        if isinstance(error, _Expired):
+            self.timeouts += 1
+            self._abandon(query.worker, query, f"its timeout of {query.limit:g} s passed")
+            raise timeout_error(query.limit)
+        if isinstance(error, QueryError) and error.code not in _COMPILE_ERRORS:
+            self._remember(query)
+        raise error
+
+    def _send(self, worker: _Worker, job: Job, channel: ReplyChannel) -> _Query:
+        loop = asyncio.get_running_loop()
+        request = job.request
+        known = (request.cache_key, job.source_text, job.fingerprint) \
+            if request.cache_key is not None and request.cache_code and not request.dry_run \
+            and job.source_text is not None else None
+        query = _Query(next(self._ids), channel, loop.create_future(), worker, None, job.timeout, known)
+        worker.inflight[query.qid] = query
+        worker.send_run(wire.pack(("run", query.qid, job, channel.reply_address)))
         # one timer handle, not asyncio.timeout(): nothing to cancel and uncancel on the task
-        timer = loop.call_at(loop.time() + job.timeout, _expire, query.future) if job.timeout else None
-        return worker, query, job, timer
+        if job.timeout:
+            query.timer = loop.call_at(loop.time() + job.timeout, _expire, query.future)
+        return query
 
     def _with_source(self, job: Job) -> Job:
         """Name-only queries carry the code text the name was last cached with: any worker can run them."""
@@ -255,11 +308,11 @@ class ProcessEngine:
                              [key])
         return Job(request, known[0], known[1], job.runtime_info, job.timeout)
 
-    def _remember(self, job: Job) -> None:
-        request = job.request
-        if request.cache_key is not None and request.cache_code and not request.dry_run \
-                and job.source_text is not None:
-            self._known[request.cache_key] = (job.source_text, job.fingerprint)
+    def _remember(self, query: _Query) -> None:
+        """What a name's code is, once a query ran it: any worker can then run name-only queries."""
+        if query.known is not None:
+            name, text, fingerprint = query.known
+            self._known[name] = (text, fingerprint)
 
     def _abandon(self, worker: _Worker, query: _Query, why: str) -> None:
         """Stop a query the caller no longer waits for; kill its worker if it does not let go in time."""
@@ -366,6 +419,7 @@ class ProcessEngine:
         finally:
             child_end.close()
         worker.reader, worker.writer = await wire.open_pipe(parent_end, 2 ** 20, trusted=False)
+        worker.reader.on_data = worker.heard
         self._background(self._watch(worker), f"watch-{worker.index}")
         if self._closed:                  # close() ran while it was starting
             worker.kill("the engine closed")
@@ -374,6 +428,7 @@ class ProcessEngine:
             "source_name": self.source_name, "server_config": self._server_config,
             "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
             "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB,
+            "runtime_info": self._config.returnRuntimeInformation,
             "max_message_bytes": self._max_message_bytes}))
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -427,6 +482,8 @@ class ProcessEngine:
     def _handle_at_once(self, worker: _Worker, message: Any) -> bool:
         """A message arriving while the reading task waits, handled as it arrives when the task would
         handle it without waiting (not a health change, the link not backed up): see wire.Reader."""
+        if message is wire.ACKED:
+            return True
         if type(message) is not tuple or not message or message[0] == "health" or not self._is_drained():
             return False
         try:
@@ -440,6 +497,8 @@ class ProcessEngine:
 
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
+        if kind == "ack":
+            return
         if kind == "reply":
             _, qid, frame, terminal, status, error_code = message
             query = worker.inflight.get(qid)
@@ -468,6 +527,14 @@ class ProcessEngine:
             self._finish(worker, qid, None, error)
         elif kind == "cancelled":
             self._finish(worker, message[1], None, None)
+        elif kind == "refused":     # a relayed query's WITH clause is wrong: nothing ran
+            _, qid, error, worker.cache_counts = message
+            if not isinstance(error, QueryError):
+                raise TypeError("refused without a QueryError")
+            query = worker.inflight.get(qid)
+            if query is not None:
+                query.known = None
+            self._finish(worker, qid, None, error)
         else:
             raise ValueError(f"unknown message {kind!r}")
 
@@ -583,7 +650,9 @@ class ProcessEngine:
 
 
 _ANSWERED = Outcome(answered=True)
-_Submitted = tuple[_Worker, _Query, Job, "asyncio.TimerHandle | None"]
+# WITH parameters a relayed query may have; the others need the connector (see ProcessEngine.relay)
+_RELAYED_PARAMETERS = frozenset({"code", "name", "presetValues", "codeHandlesReturn", "limitReturnTo",
+                                 "captureOutput"})
 
 
 class _Expired(Exception):

@@ -16,6 +16,13 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
+# A worker's "I have read what you sent": what it writes after taking messages when it has nothing else
+# to say. The connector holds further runs for a worker until it hears from it (see process._Worker).
+ACK = _LENGTH.pack(1) + b"K"
+# A relayed query: b"R", qid, the lengths of the reply address and of the code text (0: the frame's own
+# code); then the address, the text and the query frame as received. See ProcessEngine.relay().
+_RELAY = struct.Struct("!cQII")
+ACKED = ("ack",)
 
 
 def pack(message: Any) -> bytes:
@@ -30,6 +37,14 @@ def pack_answered(qid: int, frame: str, cache_counts: tuple[int, int]) -> bytes:
     return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, *cache_counts) + text
 
 
+def pack_relay(qid: int, reply_address: str, text: str | None, raw: bytes) -> bytes:
+    address = reply_address.encode("utf-8", "surrogatepass")
+    code = text.encode("utf-8", "surrogatepass") if text is not None else b""
+    return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
+                     _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else 0xFFFFFFFF),
+                     address, code, raw))
+
+
 async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
     """The next message; raises asyncio.IncompleteReadError at the end of the stream."""
     header = await reader.readexactly(_LENGTH.size)
@@ -38,9 +53,20 @@ async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
 
 
 def decode(data: bytes | memoryview, trusted: bool) -> Any:
-    if data[:1] == b"A":    # pickles start with the PROTO opcode, b"\x80"
+    first = data[:1]        # pickles start with the PROTO opcode, b"\x80"
+    if first == b"A":
         _, qid, hits, misses = _ANSWERED.unpack_from(data)
         return "answered", qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)
+    if first == b"K" and len(data) == 1:
+        return ACKED
+    if first == b"R" and trusted:     # only the connector relays queries, to a worker
+        _, qid, address_size, code_size = _RELAY.unpack_from(data)
+        start = _RELAY.size + address_size
+        address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
+        if code_size == 0xFFFFFFFF:
+            return "relay", qid, address, None, bytes(data[start:])
+        end = start + code_size
+        return "relay", qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])
     return pickle.loads(data) if trusted else _DataUnpickler(io.BytesIO(data)).load()
 
 
@@ -53,9 +79,12 @@ class Reader(asyncio.StreamReader):
 
     handler: Callable[[Any], bool] | None = None
     after: Callable[[], None] | None = None     # called once the handler took what arrived
+    on_data: Callable[[], None] | None = None   # called first whenever anything arrives
     trusted = False
 
     def feed_data(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data()
         handler = self.handler
         if handler is None or self._buffer or self._eof:
             super().feed_data(data)

@@ -21,6 +21,7 @@ from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
 from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
+from ..request import parse_query
 from . import output, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
@@ -52,7 +53,9 @@ class Worker:
         self.cache = CodeCache()
         self.guard = CodeGuard(())
         self.max_message_bytes: int | None = None
+        self.runtime_info = False         # the source's returnRuntimeInformation, for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
+        self._owe_ack = False             # took messages and has not written since (see wire.ACK)
 
     def send(self, message: Any) -> None:
         """Write the message now (after any batched ones: order is kept). Frames the code sends go out
@@ -67,9 +70,16 @@ class Worker:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        if self._batch:
-            data = b"".join(self._batch) if len(self._batch) > 1 else self._batch[0]
-            self._batch.clear()
+        """Write what is batched; after taking messages, at least wire.ACK: the connector holds the next
+        runs until it hears from this worker."""
+        batch = self._batch
+        if self._owe_ack:
+            self._owe_ack = False
+            if not batch:
+                batch.append(wire.ACK)
+        if batch:
+            data = b"".join(batch) if len(batch) > 1 else batch[0]
+            batch.clear()
             self._writer.write(data)
 
     def send_frame(self, frame: str) -> None:
@@ -83,7 +93,7 @@ class Worker:
         sock = socket.socket(fileno=self._fd)
         reader, self._writer = await wire.open_pipe(sock, 2 ** 20, trusted=True)
         _, settings = await wire.read(reader, trusted=True)
-        self._configure(settings["cache_capacity"], settings["forbid"])
+        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False))
         source = settings["source_name"]
         health = Health()
         health.declared = settings["healthy"]
@@ -110,11 +120,10 @@ class Worker:
             finally:
                 reader.handler = reader.after = None
             kind = message[0]
+            self._owe_ack = True
             if kind == "run":
                 _, qid, job, reply_address = message
                 self._start(qid, job, reply_address)
-                if self._batch and not wire.has_message(reader):
-                    self.flush()        # nothing else to run now: its end goes out without a loop iteration
             elif kind == "cancel":
                 task = self.runs.get(message[1])
                 if task is not None:
@@ -122,25 +131,51 @@ class Worker:
                     task.cancel()
             elif kind == "health":
                 health.declared = message[1]
+            elif kind == "relay":
+                self._relay(*message[1:])
             elif kind == "configure":
-                self._configure(message[1], message[2])
+                self._configure(*message[1:])
             elif kind == "stop":
                 self.flush()
                 return
+            if not wire.has_message(reader):
+                self.flush()        # nothing else to take now: its ends (or ACK) go out without a loop iteration
 
     def _run_at_once(self, message: Any) -> bool:
         """Runs arriving while the read loop waits: started as they arrive (see wire.Reader)."""
-        if message[0] != "run":
+        kind = message[0]
+        if kind == "relay":
+            self._owe_ack = True
+            self._relay(*message[1:])
+            return True
+        if kind != "run":
             return False
+        self._owe_ack = True
         _, qid, job, reply_address = message
         self._start(qid, job, reply_address)
         return True
 
-    def _configure(self, cache_capacity: int, forbid: tuple[str, ...]) -> None:
+    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False) -> None:
+        self.runtime_info = runtime_info
         old = self.cache
         self.cache = CodeCache(cache_capacity)
         self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
         self.guard = CodeGuard(forbid)
+
+    def _relay(self, qid: int, reply_address: str, text: str | None, raw: bytes) -> None:
+        """A query frame the connector relayed as it came (see ProcessEngine.relay): its WITH clause is
+        read here. `text`: the code cached under the query's name, for a query that gave only the name."""
+        try:
+            request = parse_query(protocol.loads(raw).get("object"))
+        except QueryError as exc:
+            self.send_soon(("refused", qid, exc, self._cache_counts()))
+            return
+        except Exception as exc:    # noqa: BLE001 - the connector parsed this frame: should not happen
+            self.send_soon(("refused", qid, QueryError(errors.BAD_QUERY, "The query frame could not be read: {0}",
+                                                       [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
+            return
+        code = request.code if text is None else text
+        self._start(qid, Job(request, code, code, self.runtime_info, None), reply_address)
 
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
