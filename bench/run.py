@@ -386,6 +386,9 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
     targets = [Target(f"ours/{mode}", "ours", mode, f"ours_{mode}", ours, dict(MODES[mode]))
                for mode in args.modes]
     targets.append(Target("floor", "floor", None, "floor", [sys.executable, str(ROOT / "bench" / "floor.py")]))
+    if "process" in args.modes and not args.no_process_floor:
+        targets.append(Target("floor/process", "floor", None, "floor_process",
+                              [sys.executable, str(ROOT / "bench" / "floor_process.py")]))
     if args.peer:
         targets.append(Target("upstream", "peer", args.peer_mode, "upstream", _command(args.peer),
                               dict(MODES[args.peer_mode]) if args.peer_mode else {}))
@@ -463,7 +466,7 @@ def add_ratios(rows: list[Row]) -> None:
         by_cell.setdefault((row.scenario, row.concurrency), {})[row.target] = row
     for cell in by_cell.values():
         for row in cell.values():
-            for base in ("floor", "upstream"):
+            for base in ("floor", "upstream", "floor/process"):
                 ref = cell.get(base)
                 if ref is None or ref is row:
                     continue
@@ -536,9 +539,9 @@ def markdown(report: dict[str, Any]) -> str:
             "", f"Two busy processes got {meta['parallel_capacity']:.2f} cores' worth of CPU on this machine "
                 "during the run (2.00 on two idle cores)."]),
         "",
-        "| scenario | c | target | q/s | ×floor | ×upstream | p50 ms | p50 ×upstream | p99 ms | "
+        "| scenario | c | target | q/s | ×floor | ×upstream | ×floor/process | p50 ms | p50 ×upstream | p99 ms | "
         "RSS MB | workers MB | CPU % | CPU µs/q | bench CPU % | queries | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         ratios = row["ratios"]
@@ -546,7 +549,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| ({row['scenario']}) {row['title']} | {row['concurrency']} | {row['target']} | {row['qps']:,.0f} | "
             f"{_fmt(ratios.get('qps_vs_floor'))} | {_fmt(ratios.get('qps_vs_upstream'))} | "
-            f"{row['p50_ms']:.2f} | {_fmt(ratios.get('p50_vs_upstream'))} | {row['p99_ms']:.2f} | "
+            f"{_fmt(ratios.get('qps_vs_floor/process'))} | {row['p50_ms']:.2f} | "
+            f"{_fmt(ratios.get('p50_vs_upstream'))} | {row['p99_ms']:.2f} | "
             f"{row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | {row['cpu_pct']:.0f} | "
             f"{row['cpu_us_per_query']:.0f} | {row['client_cpu_pct']:.0f} | "
             f"{row['queries']} | "
@@ -608,6 +612,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", help="override every scenario's concurrencies, e.g. '4' or '1,32'")
     parser.add_argument("--scenarios", default="abcdef", help="which scenarios, e.g. 'ab' (default all)")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
+    parser.add_argument("--no-process-floor", action="store_true",
+                        help="leave out floor/process (the floor split over two processes, bench/floor_process.py)")
     parser.add_argument("--client", choices=("lean", "devserver"), default="lean",
                         help="lean: pre-encoded frames and a reply callback; devserver: DevServer.send_query and "
                              "replies_for (to measure the client's own cost)")

@@ -65,12 +65,25 @@ def test_peer_and_both_engine_modes_are_measured_alternately(tmp_path):
     peer = f"{sys.executable} -m pyexec_connector"
     report = run_bench(tmp_path, "--scenarios", "ad", "--concurrency", "32", "--peer", peer)
     rows = report["rows"]
-    assert {r["target"] for r in rows} == {"ours/inline", "ours/process", "floor", "upstream"}
+    assert {r["target"] for r in rows} == {"ours/inline", "ours/process", "floor", "floor/process", "upstream"}
     for row in rows:
         assert row["errors"] == 0 and row["unanswered"] == 0, row
         if row["target"].startswith("ours/"):
-            assert {"qps_vs_floor", "qps_vs_upstream", "p50_vs_upstream", "cpu_vs_upstream"} <= set(row["ratios"])
+            assert {"qps_vs_floor", "qps_vs_upstream", "p50_vs_upstream", "cpu_vs_upstream",
+                    "qps_vs_floor/process"} <= set(row["ratios"])
     checks = {c["target"]: c for c in report["checks"]}
     assert checks["(a) c=32 ours/" + report["meta"]["default_mode"] + " q/s vs upstream"]["status"] in {
         "pass", "fail"}
     assert SCRIPT_NAME   # scenario (c) uses a document the suite uploads to the devserver itself
+
+
+def test_process_floor_answers_every_scenario(tmp_path):
+    """bench/floor_process.py (the floor's work in a second process) answers the streaming and document
+    scenarios too, and is left out on request."""
+    report = run_bench(tmp_path, "--scenarios", "cd", "--concurrency", "1", "--modes", "process")
+    rows = [r for r in report["rows"] if r["target"] == "floor/process"]
+    assert {r["scenario"] for r in rows} == {"c", "d"}
+    assert all(r["errors"] == 0 and r["unanswered"] == 0 and r["queries"] > 0 for r in rows), rows
+    without = run_bench(tmp_path / "without", "--scenarios", "a", "--concurrency", "1", "--modes", "process",
+                        "--no-process-floor")
+    assert {r["target"] for r in without["rows"]} == {"ours/process", "floor"}
