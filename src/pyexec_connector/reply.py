@@ -34,7 +34,7 @@ class ReplyChannel:
     """Sends one query's replies through `send` (the link's ordered outbox). After the first terminal
     reply (200, 204 or an error) everything else for this query is dropped and logged."""
 
-    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "context", "status", "error_code",
+    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "_context", "status", "error_code",
                  "max_bytes")
 
     def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str,
@@ -47,7 +47,16 @@ class ReplyChannel:
         self.status: int | None = None       # the terminal status sent, for logs and metrics
         self.error_code: str | None = None   # the messageCode of the terminal error, for logs and metrics
         self._done: asyncio.Future | None = None
-        self.context = QueryContext(source_name, reply_address, self)
+        self._context: QueryContext | None = None
+
+    @property
+    def context(self) -> QueryContext:
+        """`connector_context` for code run with this channel; made on first use (a query relayed to a
+        worker process never needs the connector's)."""
+        context = self._context
+        if context is None:
+            context = self._context = QueryContext(self.source_name, self.reply_address, self)
+        return context
 
     def _emit(self, frame: str, terminal: bool, status: int) -> bool:
         if self.terminated:

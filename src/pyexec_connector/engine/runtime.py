@@ -246,15 +246,24 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     run_globals = make_globals(job, connection, channel.context)
     if code.co_flags & inspect.CO_COROUTINE or job.request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
-    with _RunScope(job.request.capture_output) as scope:
-        started = perf_counter()
-        try:
-            eval(code, run_globals)  # noqa: S307 - running user code is this connector's job
-        except QueryError:
-            raise
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            raise execution_error(exc) from None
+    started = perf_counter()
+    if not job.request.capture_output:
+        # code that cannot await runs to its end right here: no task of its can outlive the query as
+        # part of it, so a run scope (task tracker, capture) would be made and dropped unused
+        _run_plain(code, run_globals)
+        return _outcome(cache, job, run_globals, info, None, perf_counter() - started)
+    with _RunScope(True) as scope:
+        _run_plain(code, run_globals)
     return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+
+
+def _run_plain(code: types.CodeType, run_globals: dict[str, Any]) -> None:
+    try:
+        eval(code, run_globals)  # noqa: S307 - running user code is this connector's job
+    except QueryError:
+        raise
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        raise execution_error(exc) from None
 
 
 async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.CodeType,
