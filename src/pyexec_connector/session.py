@@ -103,6 +103,7 @@ class SourceSession:
             return InlineEngine(self.connection, config)
         return ProcessEngine(config, source_name=self.source_name, send=self.link.send,
                              drained=self.link.drained, is_drained=self.link.is_drained, health=self.health,
+                             write_link=self.link.write_now,
                              server_config=self.server_config.public_properties,
                              max_message_bytes=self.server_config.max_message_bytes)
 

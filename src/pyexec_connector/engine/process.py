@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
+SWEEP_INTERVAL = 0.05     # seconds between checks of running queries' timeouts
 HOLD_MAX = 0.02           # seconds a query is held for a worker that has not written back (_Worker.send_run)
 RESTART_DELAY_MAX = 30.0
 _COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
@@ -52,7 +53,7 @@ class _Query:
     channel: ReplyChannel
     future: asyncio.Future
     worker: _Worker | None = None
-    timer: asyncio.TimerHandle | None = None
+    deadline: float = 0.0                     # loop time its timeout passes (0: none); see _sweep()
     limit: float | None = None                # its timeout, seconds
     known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for _known once it ran
 
@@ -146,12 +147,14 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
 class ProcessEngine:
     def __init__(self, config: SourceConfig, *, source_name: str, send: Callable[[str], None],
                  drained: Callable[[], Awaitable[None]], health: Health, server_config: dict[str, str],
-                 max_message_bytes: int | None = None, is_drained: Callable[[], bool] | None = None):
+                 max_message_bytes: int | None = None, is_drained: Callable[[], bool] | None = None,
+                 write_link: Callable[[], None] | None = None):
         self.source_name = source_name
         self._max_message_bytes = max_message_bytes
         self._send_link = send
         self._drained = drained
         self._is_drained = is_drained    # whether `drained` would return at once
+        self._write_link = write_link    # writes what `send` queued, in this step (SourceLink.write_now)
         self._health = health
         self._server_config = dict(server_config)
         self._shape = config.pool_shape
@@ -161,6 +164,7 @@ class ProcessEngine:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._sweeping: asyncio.TimerHandle | None = None
         self._closing = asyncio.Event()
         self._starting: set[asyncio.Task] = set()   # spawns under way: close() waits for them, never cancels
         self._started = asyncio.Event()
@@ -211,8 +215,6 @@ class ProcessEngine:
             await query.future
         except asyncio.CancelledError:
             if not query.future.cancelled():    # cancelled after the query ended: nothing to stop
-                if query.timer is not None:
-                    query.timer.cancel()
                 raise
             # else the future was cancelled with this task: settle() stops the query and raises
         except BaseException:   # noqa: BLE001, S110 - settle() raises it again
@@ -252,15 +254,13 @@ class ProcessEngine:
         worker.inflight[query.qid] = query
         worker.send_run(wire.pack_relay(query.qid, frame.reply_address, text, frame.raw))
         if query.limit:
-            query.timer = loop.call_at(loop.time() + query.limit, _expire, query.future)
+            self._watch_deadline(query, loop)
         return query
 
     def settle(self, query: _Query) -> Outcome:
         """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
         timeout, a worker's death, the code's error). Raises CancelledError for a query the caller
         stopped waiting for (the worker is told to stop it)."""
-        if query.timer is not None:
-            query.timer.cancel()
         future = query.future
         if future.cancelled():
             self._abandon(query.worker, query, "the connector stopped waiting for it")
@@ -286,10 +286,30 @@ class ProcessEngine:
         query = _Query(next(self._ids), channel, loop.create_future(), worker, None, job.timeout, known)
         worker.inflight[query.qid] = query
         worker.send_run(wire.pack(("run", query.qid, job, channel.reply_address)))
-        # one timer handle, not asyncio.timeout(): nothing to cancel and uncancel on the task
         if job.timeout:
-            query.timer = loop.call_at(loop.time() + job.timeout, _expire, query.future)
+            self._watch_deadline(query, loop)
         return query
+
+    def _watch_deadline(self, query: _Query, loop: asyncio.AbstractEventLoop) -> None:
+        """Timeouts are checked by one sweep every SWEEP_INTERVAL while queries with one run, not by a
+        timer per query (a timer handle made and cancelled per query cost ~2 us of the connector's CPU)."""
+        query.deadline = loop.time() + query.limit
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeping = None
+        loop = asyncio.get_running_loop()
+        now, waiting = loop.time(), False
+        for worker in self._workers:
+            for query in worker.inflight.values():
+                if query.deadline and not query.future.done():
+                    if query.deadline <= now:
+                        query.future.set_exception(_Expired())   # its waiter answers, and stops the run
+                    else:
+                        waiting = True
+        if waiting and not self._closed:
+            self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _with_source(self, job: Job) -> Job:
         """Name-only queries carry the code text the name was last cached with: any worker can run them."""
@@ -420,6 +440,7 @@ class ProcessEngine:
             child_end.close()
         worker.reader, worker.writer = await wire.open_pipe(parent_end, 2 ** 20, trusted=False)
         worker.reader.on_data = worker.heard
+        worker.reader.after = self._write_link    # a worker's answers go out in the step they came in
         self._background(self._watch(worker), f"watch-{worker.index}")
         if self._closed:                  # close() ran while it was starting
             worker.kill("the engine closed")
@@ -611,6 +632,9 @@ class ProcessEngine:
             return
         self._closed = True
         self._closing.set()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         with contextlib.suppress(ValueError):
             self._health.listeners.remove(self._health_changed)
         self._fail_waiting(_shutting_down())
@@ -656,12 +680,7 @@ _RELAYED_PARAMETERS = frozenset({"code", "name", "presetValues", "codeHandlesRet
 
 
 class _Expired(Exception):
-    """A query's timeout passed (set on its future by its timer)."""
-
-
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(_Expired())
+    """A query's timeout passed (set on its future by ProcessEngine._sweep)."""
 
 
 def _worker_environment() -> dict[str, str]:
