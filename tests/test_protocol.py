@@ -52,3 +52,19 @@ def test_outgoing_frames():
 def test_status_messages():
     assert protocol.status_messages([{"code": "c", "message": "m"}]) == "c: m"
     assert protocol.status_messages(None) == "(no message)"
+
+
+def test_dumps_matches_json_and_recovers_after_a_failed_encode():
+    import math
+    value = {"a": [1, 2.5, "é\u2028", None, True], "b": {"c": 1e300, "d": -0.0}, "e": "q\"\\"}
+    assert protocol.dumps(value) == json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for bad, error in ((math.nan, ValueError), (object(), TypeError)):
+        holder = {"x": bad}
+        with pytest.raises(error):
+            protocol.dumps(holder)
+        holder["x"] = 1     # the failed encode left `holder` in its encoder's cycle markers: a new one is used
+        assert protocol.dumps(holder) == '{"x":1}'
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular"):
+        protocol.dumps({"loop": loop})

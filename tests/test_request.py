@@ -1,6 +1,6 @@
 import pytest
 
-from pyexec_connector import errors
+from pyexec_connector import errors, request
 from pyexec_connector.errors import QueryError
 from pyexec_connector.request import parse_query
 
@@ -61,3 +61,24 @@ def test_defaults_and_names():
 def test_limit_return_to_forms():
     assert parse_query({"code": "x", "limitReturnTo": "a, b,,c"}).limit_return_to == ("a", "b", "c")
     assert parse_query({"code": "x", "limitReturnTo": ["a"]}).limit_return_to == ("a",)
+
+
+@pytest.mark.parametrize("params", [
+    {"code": "x = 1"}, {"name": "n"}, {"code": "x = 1", "name": "n"}, {"code": "x", "presetValues": {"a": 1}},
+    {"code": "x", "presetValues": None}, {"name": "n", "presetValues": {}}, {"code": "x", "name": None},
+])
+def test_the_plain_query_shortcut_gives_what_the_full_parse_gives(params):
+    assert request._PLAIN_PARAMETERS >= params.keys()
+    assert parse_query(params) == request._parse_query(params)
+
+
+@pytest.mark.parametrize("params", [
+    {"name": ""}, {"name": "a\x00b"}, {"name": 3}, {"code": 3}, {"code": None}, {}, {"presetValues": {}},
+    {"code": "x", "presetValues": [1]}, {"name": None, "code": None},
+])
+def test_the_plain_query_shortcut_leaves_bad_queries_to_the_full_parse(params):
+    with pytest.raises(QueryError) as shortcut:
+        parse_query(params)
+    with pytest.raises(QueryError) as full:
+        request._parse_query(params)
+    assert (shortcut.value.code, shortcut.value.params) == (full.value.code, full.value.params)

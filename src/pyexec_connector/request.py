@@ -106,8 +106,23 @@ def _limit_return_to(value: Any) -> tuple[str, ...] | None:
                      "not {0}.", [type(value).__name__])
 
 
+_PLAIN_PARAMETERS = frozenset({"code", "name", "presetValues"})
+
+
 def parse_query(params: Any) -> QueryRequest:
     """Validate the query object. Raises QueryError (a 400 for the caller) naming what is wrong."""
+    if type(params) is dict and params.keys() <= _PLAIN_PARAMETERS:
+        # the common query (code and/or a name, presets) in a few checks; the same result as below
+        code, name, presets = params.get("code"), params.get("name"), params.get("presetValues")
+        if (type(code) is str or (code is None and name is not None)) \
+                and (name is None or (type(name) is str and name and "\x00" not in name)) \
+                and (presets is None or type(presets) is dict):
+            return QueryRequest(code, name, None, {} if presets is None else presets, False, None,
+                                name is not None, False)
+    return _parse_query(params)
+
+
+def _parse_query(params: Any) -> QueryRequest:
     if not isinstance(params, dict):
         raise QueryError(errors.BAD_QUERY, "The query object must be a JSON object of WITH parameters, not {0}.",
                          [type(params).__name__ if params is not None else "null"])

@@ -5,14 +5,13 @@ import ast
 import asyncio
 import contextvars
 import inspect
-import json
 import traceback
 import types
 from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
-from .. import errors
+from .. import errors, protocol
 from ..cache import CodeCache
 from ..errors import QueryError
 from . import output
@@ -24,7 +23,7 @@ RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "c
                               "__builtins__"})
 _SKIPPED_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
                   type, types.CoroutineType, types.GeneratorType, set, frozenset, asyncio.Future)
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_encode = protocol.dumps_fast
 
 
 def compile_code(source: str, filename: str, guard: CodeGuard | None = None) -> types.CodeType:
