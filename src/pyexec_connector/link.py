@@ -209,7 +209,9 @@ class SourceLink:
                     self._has_output.clear()
                     await self._has_output.wait()
                     continue
-                await self._ready.wait()
+                if not self._ready.is_set():
+                    await self._ready.wait()
+                    continue        # write_now() may have sent what was queued meanwhile
                 count = _batch_size(outbox) if send_batch is not None else 1
                 self._writing = True
                 try:
