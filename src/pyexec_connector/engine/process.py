@@ -249,7 +249,7 @@ class ProcessEngine:
         if worker is None:
             return None
         loop = asyncio.get_running_loop()
-        query = _Query(next(self._ids), channel, loop.create_future(), worker, None, self._config.executionTimeout,
+        query = _Query(next(self._ids), channel, loop.create_future(), worker, 0.0, self._config.executionTimeout,
                        (name, code, code) if name is not None and code is not None else None)
         worker.inflight[query.qid] = query
         worker.send_run(wire.pack_relay(query.qid, frame.reply_address, text, frame.raw))
@@ -283,7 +283,7 @@ class ProcessEngine:
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
             and job.source_text is not None else None
-        query = _Query(next(self._ids), channel, loop.create_future(), worker, None, job.timeout, known)
+        query = _Query(next(self._ids), channel, loop.create_future(), worker, 0.0, job.timeout, known)
         worker.inflight[query.qid] = query
         worker.send_run(wire.pack(("run", query.qid, job, channel.reply_address)))
         if job.timeout:
