@@ -357,3 +357,31 @@ async def test_message_codes_beyond_the_cap_are_counted_as_other(server, start_c
     assert sample("pyexec_queries_total", outcome="ok") == 1     # the warm-up query
     assert sample("pyexec_query_duration_seconds_count") == 9
     assert sample("pyexec_query_duration_seconds_bucket", le="+Inf") == 9
+
+
+async def test_a_query_whose_relay_fails_is_still_answered(server, start_connector):
+    """A bug in relay() must not cost the query its reply: it runs the ordinary way."""
+    running, _ = await start_process(server, start_connector)
+    engine = running.session.engine
+
+    def broken(frame, channel):
+        raise RuntimeError("relay bug")
+
+    engine.relay = broken
+    result = await server.query({"code": "y = x * 2", "presetValues": {"x": 21}}, timeout=5)
+    assert result.status == 200 and result.results == {"x": 21, "y": 42}
+
+
+async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, start_connector):
+    """write_now() runs inside a worker pipe's data_received: if it fails, the pipe stays up and the
+    link's writer task sends the replies."""
+    running, _ = await start_process(server, start_connector)
+    link = running.session.link
+
+    def broken() -> bool:
+        raise RuntimeError("write bug")
+
+    link._write_now = broken
+    for i in range(3):
+        result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
+        assert result.status == 200 and result.results == {"x": i, "y": i + 1}

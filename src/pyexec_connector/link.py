@@ -11,7 +11,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -175,7 +175,12 @@ class SourceLink:
         queued a burst of replies (a worker's answers) spares them the writer task's wake-up, one loop
         iteration of latency. Otherwise, or on any doubt, the writer task sends them as usual."""
         if self._outbox and not self._writing and self._write_now is not None and self._ready.is_set():
-            self._write_now()
+            try:
+                self._write_now()
+            except Exception:   # noqa: BLE001 - its caller is a worker pipe's data_received: keep that alive
+                log.exception("source %s: writing queued frames at once failed; the writer sends them",
+                              self.source_name)
+                self._write_now = None
 
     async def drained(self) -> None:
         """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
@@ -494,19 +499,24 @@ def _batch_sender(ws: ClientConnection) -> Callable[[list[str]], Awaitable[None]
 
     async def send_batch(frames: list[str]) -> None:
         async with ws.send_context():
-            for frame in frames:
-                protocol_.send_text(_sendable(frame).encode())
-            chunks = protocol_.data_to_send()
-            if all(chunks):     # only frames (no end-of-stream marker): one write
-                transport.write(b"".join(chunks))
-            else:               # never seen while open; keep websockets' own handling
-                for chunk in chunks:
-                    if chunk:
-                        transport.write(chunk)
-                    elif transport.can_write_eof():
-                        transport.write_eof()
+            _frame_and_write(protocol_, transport, frames)
 
     return send_batch
+
+
+def _frame_and_write(protocol_: Any, transport: Any, frames: Iterable[str]) -> None:
+    """Frame the text messages with websockets' sans-I/O protocol and write them in one socket write."""
+    for frame in frames:
+        protocol_.send_text(_sendable(frame).encode())
+    chunks = protocol_.data_to_send()
+    if all(chunks):     # only frames (no end-of-stream marker): one write
+        transport.write(b"".join(chunks))
+    else:               # never seen while open; keep websockets' own handling
+        for chunk in chunks:
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
 
 
 def _direct_writer(ws: ClientConnection, outbox: deque[str], sent: Callable[[], None],
@@ -520,17 +530,7 @@ def _direct_writer(ws: ClientConnection, outbox: deque[str], sent: Callable[[], 
         if protocol_.state is not State.OPEN or ws.paused or protocol_.close_expected() or transport.is_closing():
             return False
         count = _batch_size(outbox)
-        for frame in itertools.islice(outbox, count):
-            protocol_.send_text(_sendable(frame).encode())
-        chunks = protocol_.data_to_send()
-        if not all(chunks):     # an end-of-stream marker: never while open; let websockets handle it
-            for chunk in chunks:
-                if chunk:
-                    transport.write(chunk)
-                elif transport.can_write_eof():
-                    transport.write_eof()
-        else:
-            transport.write(b"".join(chunks))
+        _frame_and_write(protocol_, transport, itertools.islice(outbox, count))
         for _ in range(count):
             outbox.popleft()
         sent()

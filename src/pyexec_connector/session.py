@@ -123,7 +123,12 @@ class SourceSession:
         self.unanswered.add(channel)
         engine = self.engine
         if self.accepting and type(engine) is ProcessEngine:
-            query = engine.relay(frame, channel)
+            try:
+                query = engine.relay(frame, channel)
+            except Exception:   # noqa: BLE001 - a bug there must not cost the query its reply: answer() runs it
+                log.exception("source %s: relaying query %s failed; running it the ordinary way",
+                              self.source_name, frame.reply_address)
+                query = None
             if query is not None:   # a worker has it; no task: its end calls _relayed()
                 self.in_flight.add(query.future)
                 query.future.add_done_callback(functools.partial(self._relayed, engine, query, started))

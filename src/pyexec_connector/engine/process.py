@@ -248,14 +248,10 @@ class ProcessEngine:
         worker = self._least_busy()
         if worker is None:
             return None
-        loop = asyncio.get_running_loop()
-        query = _Query(next(self._ids), channel, loop.create_future(), worker, 0.0, self._config.executionTimeout,
-                       (name, code, code) if name is not None and code is not None else None)
-        worker.inflight[query.qid] = query
-        worker.send_run(wire.pack_relay(query.qid, frame.reply_address, text, frame.raw))
-        if query.limit:
-            self._watch_deadline(query, loop)
-        return query
+        qid = next(self._ids)
+        return self._register(worker, qid, channel, self._config.executionTimeout,
+                              (name, code, code) if name is not None and code is not None else None,
+                              wire.pack_relay(qid, frame.reply_address, text, frame.raw))
 
     def settle(self, query: _Query) -> Outcome:
         """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
@@ -278,15 +274,22 @@ class ProcessEngine:
         raise error
 
     def _send(self, worker: _Worker, job: Job, channel: ReplyChannel) -> _Query:
-        loop = asyncio.get_running_loop()
         request = job.request
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
             and job.source_text is not None else None
-        query = _Query(next(self._ids), channel, loop.create_future(), worker, 0.0, job.timeout, known)
-        worker.inflight[query.qid] = query
-        worker.send_run(wire.pack(("run", query.qid, job, channel.reply_address)))
-        if job.timeout:
+        qid = next(self._ids)
+        return self._register(worker, qid, channel, job.timeout, known,
+                              wire.pack(("run", qid, job, channel.reply_address)))
+
+    def _register(self, worker: _Worker, qid: int, channel: ReplyChannel, limit: float | None,
+                  known: tuple[str, str, Any] | None, message: bytes) -> _Query:
+        """The query becomes the worker's (its death or close() answers it) and its message goes out."""
+        loop = asyncio.get_running_loop()
+        query = _Query(qid, channel, loop.create_future(), worker, 0.0, limit, known)
+        worker.inflight[qid] = query
+        worker.send_run(message)
+        if limit:
             self._watch_deadline(query, loop)
         return query
 
