@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import uuid
+from typing import Any
 
 from . import __version__
 from .config import TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
@@ -148,8 +149,11 @@ async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, Chec
 
 
 class _NoQueries:
-    def on_query(self, frame) -> None: ...
-    def on_configure(self, config) -> None: ...
+    """`check` only handshakes: a query or configuration that comes meanwhile is ignored."""
+
+    def on_query(self, frame: Any) -> None: ...
+    def on_configure(self, config: Any) -> None: ...
+    def on_unreadable_query(self, reply_address: str, error: Any) -> None: ...
 
 
 def run_connector(config_path: str | None, log_level: str | None, log_format: str = "text") -> int:

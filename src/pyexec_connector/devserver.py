@@ -92,6 +92,7 @@ class DevServer:
         self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
         self.silent_validate = False     # knob: accept the socket but never answer validate
         self.answer_pings = True         # knob: False leaves the connector's websocket pings unanswered
+        self.configure_delay = 0.0       # knob: seconds between connectExtension and its configureExtension
         self.pings = 0                   # pings received from connectors
         self._close_during: dict[str, int] = {}   # handshake stage -> sockets still to close at it
         self._ssl: ssl.SSLContext | None = None
@@ -171,10 +172,28 @@ class DevServer:
     def connects(self, source: str = "pythonSource") -> int:
         return self.source(source).connects
 
+    def expect(self, address: str) -> str:
+        """Collect the replies to `address` (for a query frame sent with `send_raw`); returns it."""
+        self._replies[address] = asyncio.Queue()
+        return address
+
+    def forget(self, address: str) -> None:
+        """Stop collecting replies to `address` (later ones count as stray)."""
+        self._replies.pop(address, None)
+
+    def received(self, address: str) -> int:
+        """Replies to `address` received and not yet taken by `replies_for`."""
+        return self._replies[address].qsize()
+
+    async def wait_received(self, address: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until `count` replies to `address` were received (leaving them to `replies_for`)."""
+        async with asyncio.timeout(timeout):
+            while self._replies[address].qsize() < count:
+                await asyncio.sleep(0.01)
+
     async def send_query(self, source: str, params: Any, *, address: str | None = None) -> str:
         """Send a query frame; returns its reply address (collect replies with `replies_for`)."""
-        address = address or f"reply-{next(self._addresses)}"
-        self._replies[address] = asyncio.Queue()
+        address = self.expect(address or f"reply-{next(self._addresses)}")
         await self.send_frame(source, {"op": "query", "resourceName": "sources", "resourceId": source,
                                        "object": params, "messageHeaders": {"REPLY_ADDR_HEADER": address}})
         return address
@@ -355,6 +374,8 @@ class DevServer:
                                                          "message": "Bad reconnect secret.", "params": []}]})
             return
         state.ws = ws
+        if self.configure_delay:
+            await asyncio.sleep(self.configure_delay)
         await self._send_configure(source, ws)
 
     async def _send_configure(self, source: str, ws: web.WebSocketResponse) -> None:

@@ -11,16 +11,14 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
-from . import protocol
+from . import compat, forkguard, protocol
 from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
 from .logsetup import secret_pieces
@@ -115,24 +113,14 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-class _LinkConnection(ClientConnection):
-    """websockets' client connection, handing each whole text or binary message to `on_message` as it
-    is parsed, in the step the data came in, when nothing is queued before it (order is kept): a query
-    then skips the message queue, the wake-up of the link's receiving task and its recv() — one loop
-    iteration of latency and ~10 us of CPU. `on_message` returns False for what it leaves to recv().
-    Set only while the link is ready; everything else goes through recv() as before."""
-
-    on_message: Callable[[bytes], bool] | None = None
-
-    def process_event(self, event: Any) -> None:
-        handler = self.on_message
-        if handler is not None and type(event) is Frame and event.fin and event.opcode in _WHOLE_MESSAGES \
-                and not len(self.recv_messages.frames) and handler(event.data):
-            return
-        super().process_event(event)
-
-
-_WHOLE_MESSAGES = (Opcode.TEXT, Opcode.BINARY)
+@dataclass(slots=True)
+class LinkCounters:
+    """Which path frames took (a debug figure for tests and profiling; the behaviour is the same)."""
+    direct_queries: int = 0     # queries taken as websockets parsed them (compat.direct_connection)
+    queued_queries: int = 0     # queries taken by the receiving task, from recv()
+    declined: int = 0           # frames the direct path left to recv() (not queries, or too large)
+    direct_writes: int = 0      # socket writes made by write_now(), in the step the frames were queued
+    writer_writes: int = 0      # socket writes made by the writer task
 
 
 class SourceLink:
@@ -156,7 +144,8 @@ class SourceLink:
         self._stopping = False
         self._ws: ClientConnection | None = None
         self._writing = False        # the writer task holds frames it has not popped yet
-        self._write_now: Callable[[], bool] | None = None   # see write_now()
+        self._write_now: Callable[[], int] | None = None   # see write_now()
+        self.counters = LinkCounters()
         self._last_problem: str | None = None     # logged at WARNING once per change, then at DEBUG
         self.reconnects = 0          # sockets opened after the first
         self._wire_log = logging.getLogger(f"pyexec_connector.wire.{source_name}")
@@ -176,11 +165,22 @@ class SourceLink:
         iteration of latency. Otherwise, or on any doubt, the writer task sends them as usual."""
         if self._outbox and not self._writing and self._write_now is not None and self._ready.is_set():
             try:
-                self._write_now()
+                written = self._write_now()
             except Exception:   # noqa: BLE001 - its caller is a worker pipe's data_received: keep that alive
                 log.exception("source %s: writing queued frames at once failed; the writer sends them",
                               self.source_name)
                 self._write_now = None
+                return
+            if written:
+                self.counters.direct_writes += 1
+                self._written(written)
+
+    def break_direct_writes(self) -> None:
+        """Make the next write_now() fail as a bug there would (for tests: the writer task must take over)."""
+        def broken() -> int:
+            raise RuntimeError("direct write broken on purpose")
+        if self._write_now is not None:
+            self._write_now = broken
 
     async def drained(self) -> None:
         """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
@@ -204,10 +204,9 @@ class SourceLink:
         return not self._outbox
 
     async def _writer(self, ws: ClientConnection) -> None:
-        send_batch = _batch_sender(ws)
+        send_batch = compat.batch_sender(ws)
         outbox = self._outbox
-        self._write_now = _direct_writer(ws, outbox, self._sent, self._has_output) \
-            if send_batch is not None and hasattr(ws, "paused") else None
+        self._write_now = compat.direct_writer(ws, outbox, lambda: _batch_size(outbox), _sendable)
         try:
             while True:
                 if not outbox:
@@ -220,21 +219,26 @@ class SourceLink:
                 count = _batch_size(outbox) if send_batch is not None else 1
                 self._writing = True
                 try:
-                    if count > 1:
-                        await send_batch(list(itertools.islice(outbox, count)))
+                    if count > 1 and send_batch is not None:
+                        await send_batch([_sendable(frame) for frame in itertools.islice(outbox, count)])
                     else:
                         await ws.send(_sendable(outbox[0]))
                 finally:
                     self._writing = False
-                for _ in range(count):
-                    outbox.popleft()    # only once sent: frames cut off by a drop go out again later
-                self._sent()
+                self.counters.writer_writes += 1
+                self._written(count)    # only once sent: frames cut off by a drop go out again later
         finally:
             self._write_now = None
 
-    def _sent(self) -> None:
-        if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
+    def _written(self, count: int) -> None:
+        """`count` frames at the head of the outbox went out (from either writing path)."""
+        outbox = self._outbox
+        for _ in range(count):
+            outbox.popleft()
+        if len(outbox) < OUTBOX_HIGH_WATER // 2:
             self._drained.set()
+        if not outbox:
+            self._has_output.clear()
 
     # ---- lifecycle ------------------------------------------------------------------------
     def _set_state(self, state: LinkState) -> None:
@@ -352,7 +356,7 @@ class SourceLink:
             # Replies are small JSON: permessage-deflate costs both ends more CPU than it saves on
             # the wire. connectKWArgs {"compression": "deflate"} turns it back on.
             "compression": None,
-            "create_connection": _LinkConnection,
+            "create_connection": compat.direct_connection(),
         }
         ssl_context = self._config.ssl_context()
         if ssl_context is not None:
@@ -364,16 +368,23 @@ class SourceLink:
         self._set_state(LinkState.CONNECTING)
         async with connect(self._config.websocket_url, **self._connect_options()) as ws:
             self._ws = ws
+            fd = compat.socket_fd(ws)
+            if fd is not None:
+                forkguard.protect(fd)     # a fork of user code must never write to it
             if self._stopping:
                 return
-            await self._validate(ws)
-            writer = asyncio.create_task(self._writer(ws), name=f"writer-{self.source_name}")
             try:
-                await self._attach(ws)
-                await self._receive(ws)
+                await self._validate(ws)
+                writer = asyncio.create_task(self._writer(ws), name=f"writer-{self.source_name}")
+                try:
+                    await self._attach(ws)
+                    await self._receive(ws)
+                finally:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
             finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+                if fd is not None:
+                    forkguard.release(fd)
 
     async def _validate(self, ws: ClientConnection) -> None:
         await ws.send(protocol.validate_frame(self._config.auth_token))
@@ -415,21 +426,34 @@ class SourceLink:
                 self._refuse_oversized(raw, limit)
                 del raw
                 continue
-            await self._dispatch(ws, protocol.parse_frame(raw))
+            frame = protocol.parse_frame(raw)
+            if type(frame) is protocol.QueryFrame:
+                self.counters.queued_queries += 1
+                self._query(frame)
+            else:
+                await self._dispatch(ws, frame)
 
-    def _message_now(self, raw: bytes) -> bool:
-        """A message as it arrives (see _LinkConnection): queries are handled here; anything else, and
-        anything over maxMessageBytes, is left to _receive."""
+    def _take_now(self, raw: bytes) -> bool:
+        """The direct path (compat.direct_connection): a message as websockets parses it, while the link
+        is ready. A query within maxMessageBytes is taken here; anything else is left to _receive."""
         if len(raw) > self._config.max_message_bytes or not self._ready.is_set():
+            self.counters.declined += 1
             return False
-        frame = protocol.parse_frame(raw if type(raw) is bytes else bytes(raw))   # websockets may hand a bytearray
+        frame = protocol.parse_frame(raw)
         if type(frame) is not protocol.QueryFrame:
+            self.counters.declined += 1
             return False
+        self.counters.direct_queries += 1
+        self._query(frame)
+        return True
+
+    def _query(self, frame: protocol.QueryFrame) -> None:
+        """Every query frame, from either path. A failure in the handler costs neither the socket nor the
+        frames after it (the direct path runs inside websockets' data_received)."""
         try:
             self._handler.on_query(frame)
-        except Exception:   # noqa: BLE001 - inside websockets' data_received: must not break the socket
+        except Exception:   # noqa: BLE001
             log.exception("source %s: unexpected error taking query %s", self.source_name, frame.reply_address)
-        return True
 
     def _refuse_oversized(self, raw: bytes, limit: int) -> None:
         """A frame over maxMessageBytes is never parsed: its reply address is scanned for and answered
@@ -444,9 +468,7 @@ class SourceLink:
                            "in server.config).", [size, limit]))
 
     async def _dispatch(self, ws: ClientConnection, frame: protocol.Frame) -> None:
-        if isinstance(frame, protocol.QueryFrame):
-            self._handler.on_query(frame)
-        elif isinstance(frame, protocol.ConfigureFrame):
+        if isinstance(frame, protocol.ConfigureFrame):
             self._handler.on_configure(frame.config)
             if not self._ready.is_set():
                 log.info("source %s: connected and configured", self.source_name)
@@ -454,8 +476,8 @@ class SourceLink:
             self._last_problem = None
             self._set_state(LinkState.READY)
             self._ready.set()
-            if isinstance(ws, _LinkConnection) and hasattr(ws.recv_messages, "frames"):
-                ws.on_message = self._message_now
+            if compat.can_take_directly(ws):
+                ws.on_message = self._take_now    # type: ignore[attr-defined]
         elif isinstance(frame, protocol.ReconnectRequiredFrame):
             log.info("source %s: the server asked for a reconnect; attaching again", self.source_name)
             await self._attach(ws)
@@ -485,60 +507,6 @@ def _batch_size(outbox: deque[str]) -> int:
             break
         count += 1
     return count
-
-
-def _batch_sender(ws: ClientConnection) -> Callable[[list[str]], Awaitable[None]] | None:
-    """Several text messages in one socket write. websockets writes each message separately (one
-    send() system call each, the largest cost per reply under load); its sans-I/O protocol frames the
-    messages, and its send context keeps the state checks, flow control and close handling of
-    `send()`. None when this websockets version lacks those parts: the writer then sends one by one."""
-    protocol_, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
-    if protocol_ is None or transport is None or not hasattr(ws, "send_context") or \
-            not hasattr(protocol_, "data_to_send"):
-        return None
-
-    async def send_batch(frames: list[str]) -> None:
-        async with ws.send_context():
-            _frame_and_write(protocol_, transport, frames)
-
-    return send_batch
-
-
-def _frame_and_write(protocol_: Any, transport: Any, frames: Iterable[str]) -> None:
-    """Frame the text messages with websockets' sans-I/O protocol and write them in one socket write."""
-    for frame in frames:
-        protocol_.send_text(_sendable(frame).encode())
-    chunks = protocol_.data_to_send()
-    if all(chunks):     # only frames (no end-of-stream marker): one write
-        transport.write(b"".join(chunks))
-    else:               # never seen while open; keep websockets' own handling
-        for chunk in chunks:
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
-
-
-def _direct_writer(ws: ClientConnection, outbox: deque[str], sent: Callable[[], None],
-                   has_output: asyncio.Event) -> Callable[[], bool]:
-    """SourceLink.write_now's writing: the queued frames (a batch) in one socket write, without waiting,
-    only while the connection is open, expects no close and its transport takes data without pushing back
-    (websockets' own flow control); else False, and nothing was taken from the outbox."""
-    protocol_, transport = ws.protocol, ws.transport
-
-    def write_now() -> bool:
-        if protocol_.state is not State.OPEN or ws.paused or protocol_.close_expected() or transport.is_closing():
-            return False
-        count = _batch_size(outbox)
-        _frame_and_write(protocol_, transport, itertools.islice(outbox, count))
-        for _ in range(count):
-            outbox.popleft()
-        sent()
-        if not outbox:
-            has_output.clear()
-        return True
-
-    return write_now
 
 
 def _frame_kind(frame: protocol.Frame) -> str:

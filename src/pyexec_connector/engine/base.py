@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:   # at run time too heavy for worker processes, which only unpickle Jobs
     from ..config import SourceConfig
+    from ..protocol import QueryFrame
     from ..reply import ReplyChannel
     from ..request import QueryRequest
 
@@ -39,9 +40,11 @@ class Outcome:
 
 
 class Engine(Protocol):
-    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
-        """Run the job. Raises QueryError for anything the caller should be told about (a timeout too).
-        For codeHandlesReturn jobs, returns once the code's terminal reply went out through `channel`."""
+    """Where a source's queries run (inline.py, process.py). The session sees nothing else of it."""
+
+    def submit(self, frame: QueryFrame, channel: ReplyChannel) -> None:
+        """Take one query (the Pipeline's `begin` was called for `channel`). The engine decides how to run
+        it and ends it through Pipeline.finish, whatever happens; it never raises."""
         ...
 
     def reconfigure(self, config: SourceConfig) -> None:
@@ -49,9 +52,13 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """workers_alive, worker_restarts, timeouts, queue_depth (for metrics)."""
+        """workers_alive, worker_restarts, timeouts, queue_depth, cache figures (for metrics)."""
         ...
 
     async def close(self) -> None:
         """Stop. Every query still running gets its terminal reply (an error) before this returns."""
+        ...
+
+    async def retire(self) -> None:
+        """After a reconfigure replaced this engine: finish the queries it has, then close."""
         ...

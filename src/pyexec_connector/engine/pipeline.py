@@ -1,0 +1,198 @@
+"""What every query goes through whichever engine runs it: from its frame to its Job, and its one end.
+
+    SourceSession.on_query ──► Engine.submit(frame, channel)
+                                  ├─ the engine hands the frame on as it came (process mode, plain query)
+                                  └─ Pipeline.answer: parse the WITH clause, make the Job (documents), run
+                               ──► Pipeline.finish(channel, outcome | error)   the one completion
+
+`finish` builds the reply body, ends the query through its ReplyChannel (once only), and reports the
+end to the session (log line, metrics). A query ends once: a second `finish` for it (its code let go
+after its timeout was answered) does nothing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+from .. import errors, forkguard, protocol
+from ..config import SourceConfig
+from ..errors import QueryError
+from ..reply import ReplyChannel
+from ..request import QueryRequest, parse_query
+from .base import Job, Outcome
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Job, ReplyChannel], Awaitable[Outcome]]
+
+
+class Pipeline:
+    """One source's query pipeline: the parts of a query's handling no engine owns."""
+
+    def __init__(self, source_name: str, documents: Any, on_end: Callable[[ReplyChannel], None]):
+        self.source_name = source_name
+        self.config = SourceConfig()
+        self._documents = documents
+        self._on_end = on_end
+        self.in_flight: set[asyncio.Future] = set()    # queries running: close() cancels them
+        self.unanswered: set[ReplyChannel] = set()     # queries taken and not ended yet
+
+    def begin(self, channel: ReplyChannel) -> None:
+        channel.started = perf_counter()
+        self.unanswered.add(channel)
+
+    def track(self, running: asyncio.Future) -> None:
+        self.in_flight.add(running)
+        running.add_done_callback(self.in_flight.discard)
+
+    # ---- the connector parses the query -------------------------------------------------------
+    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, run: Runner) -> None:
+        """Parse, make the Job, run it with `run`, finish. Every outcome ends in `finish`."""
+        try:
+            job = await self.job(parse_query(frame.params))
+            outcome = await run(job, channel)
+        except QueryError as exc:
+            self.finish(channel, error=exc)
+        except asyncio.CancelledError:
+            self.finish(channel, error=stopped())
+            raise
+        except Exception as exc:   # noqa: BLE001 - answered, and logged
+            self.finish(channel, error=self._internal_error(channel, exc))
+        else:
+            self.finish(channel, outcome)
+
+    async def job(self, request: QueryRequest) -> Job:
+        if request.script is None:
+            return self._make_job(request, request.code, request.code)
+        script = await self._documents.get(request.script, force=request.replace)
+        return self._make_job(request, script.text, script.modified)
+
+    def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
+        limit = request.timeout if request.timeout is not None else self.config.executionTimeout
+        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None)
+
+    # ---- the end --------------------------------------------------------------------------------
+    def settle(self, channel: ReplyChannel, outcome_of: Callable[[], Outcome]) -> None:
+        """Finish with what `outcome_of()` returns or raises (a query whose run ended elsewhere)."""
+        try:
+            outcome = outcome_of()
+        except QueryError as exc:
+            self.finish(channel, error=exc)
+        except asyncio.CancelledError:
+            self.finish(channel, error=stopped())
+        except Exception as exc:   # noqa: BLE001 - answered, and logged
+            self.finish(channel, error=self._internal_error(channel, exc))
+        else:
+            self.finish(channel, outcome)
+
+    def finish(self, channel: ReplyChannel, outcome: Outcome | None = None,
+               error: QueryError | None = None) -> None:
+        """The one end of every query: its terminal reply (the error, or the body built from the
+        outcome unless a worker or the code sent it), then its log line and metrics."""
+        forkguard.check()
+        if channel not in self.unanswered:
+            return      # ended already: its timeout was answered at the deadline, or the source closed
+        try:
+            if error is not None:
+                channel.error(error)
+            elif outcome is not None and not outcome.answered and outcome.results_json is not None:
+                channel.complete_raw(body(outcome, channel.started))
+        except Exception as exc:   # noqa: BLE001 - a bug here must not cost the reply
+            channel.error(self._internal_error(channel, exc))
+        finally:
+            if not channel.terminated:
+                channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
+            self.unanswered.discard(channel)
+            self._on_end(channel)
+
+    def _internal_error(self, channel: ReplyChannel, exc: Exception) -> QueryError:
+        log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,
+                  exc_info=exc)
+        return QueryError(errors.INTERNAL_ERROR, "The connector failed while answering: {0}",
+                          [f"{type(exc).__name__}: {exc}"])
+
+    async def close(self, grace: float) -> None:
+        """Stop what still runs (each is answered "shutting down") and answer the queries that never
+        started. Code that ignores cancellation is given `grace` seconds, not more."""
+        for running in list(self.in_flight):
+            running.cancel()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=grace)
+        for channel in list(self.unanswered):
+            self.finish(channel, error=QueryError(errors.SHUTTING_DOWN,
+                                                  "The connector stopped before the query finished."))
+
+
+def body(outcome: Outcome, started: float) -> str:
+    text = '{"pythonCallResults":' + (outcome.results_json or "{}")
+    if outcome.runtime is not None:
+        outcome.runtime["totalTime"] = perf_counter() - started
+        text += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
+    if outcome.output is not None:
+        text += ',"pythonOutput":' + protocol.dumps(outcome.output)
+    if outcome.dry_run is not None:
+        text += ',"dryRun":' + protocol.dumps(outcome.dry_run)
+    return text + "}"
+
+
+def stopped() -> QueryError:
+    return QueryError(errors.SHUTTING_DOWN, "The connector stopped before the query finished.")
+
+
+def not_accepting() -> QueryError:
+    return QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again once it is "
+                                            "back.")
+
+
+def timeout_error(seconds: float | None) -> QueryError:
+    return QueryError(errors.TIMEOUT, "The code did not finish within its timeout of {0} seconds "
+                                      "(WITH timeout, or the source's executionTimeout).", [seconds])
+
+
+class Deadlines:
+    """Timeouts of running queries, checked by one sweep every `interval` while any is running, not a
+    timer per query (a timer handle made and cancelled per query cost ~2 us of the connector's CPU).
+    `expire(item)` is called once for each item whose deadline passed."""
+
+    def __init__(self, expire: Callable[[Any], None], interval: float = 0.05):
+        self._expire = expire
+        self._interval = interval
+        self._items: dict[Any, float] = {}
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def watch(self, item: Any, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._items[item] = loop.time() + seconds
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(self._interval, self._sweep)
+
+    def forget(self, item: Any) -> None:
+        self._items.pop(item, None)
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether a sweep is scheduled (none while no query with a timeout runs)."""
+        return self._sweeping is not None
+
+    def _sweep(self) -> None:
+        self._sweeping = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = [item for item, deadline in self._items.items() if deadline <= now]
+        for item in expired:
+            del self._items[item]
+        for item in expired:
+            try:
+                self._expire(item)
+            except Exception:   # noqa: BLE001 - one query's end must not stop the sweep
+                log.exception("answering a timed-out query failed")
+        if self._items:
+            self._sweeping = loop.call_later(self._interval, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
+        self._items.clear()
