@@ -158,7 +158,7 @@ async def test_refusals_back_off(server, start_connector):
     server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "The source {0} is already served.")
     running = await start_connector(wait=False)
     await wait_for(lambda: server.connects(SOURCE) >= 5)
-    backoff = running.session.link._backoff
+    backoff = running.session.link.backoff
     assert backoff.attempt >= 4                     # growing delays (capped at 0.2 s by the fixture)
     server.accept(SOURCE)
     await running.connector.wait_ready(timeout=10)

@@ -28,11 +28,14 @@ _sockets: set[int] = set()         # file descriptors of the sockets a child mus
 def arm() -> None:
     """This process owns connector sockets or a worker's loop: protect them from its forks."""
     global _owner
-    _owner = os.getpid()
-    _sockets.clear()
+    if _owner != os.getpid():
+        _owner = os.getpid()
+        _sockets.clear()        # a process's own sockets, not those of the one it was forked from
 
 
 def protect(fd: int) -> None:
+    """A socket of this process a fork of user code must never use (arms the guard)."""
+    arm()
     _sockets.add(fd)
 
 

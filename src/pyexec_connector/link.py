@@ -132,7 +132,7 @@ class SourceLink:
         self._config = config
         self._handler = handler
         self._secret = reconnect_secret
-        self._backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff()
         self._handshake_timeout = handshake_timeout
         self._on_state = on_state
         self.state = LinkState.IDLE
@@ -290,7 +290,7 @@ class SourceLink:
             if self._stopping:
                 break
             self._set_state(LinkState.BACKOFF)
-            delay = self._backoff.next()
+            delay = self.backoff.next()
             log.info("source %s: reconnecting in %.2f s", self.source_name, delay)
             await asyncio.sleep(delay)
         self._set_state(LinkState.CLOSED)
@@ -472,7 +472,7 @@ class SourceLink:
             self._handler.on_configure(frame.config)
             if not self._ready.is_set():
                 log.info("source %s: connected and configured", self.source_name)
-            self._backoff.reset()
+            self.backoff.reset()
             self._last_problem = None
             self._set_state(LinkState.READY)
             self._ready.set()
