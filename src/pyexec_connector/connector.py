@@ -64,8 +64,9 @@ class Connector:
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if task is not stopper and task.exception() is not None:
-                        raise task.exception()
+                    failure = task.exception() if task is not stopper else None
+                    if failure is not None:
+                        raise failure
                 if stopper in done or not (pending - {stopper}):
                     return
         finally:

@@ -332,7 +332,7 @@ class DevServer:
                     await self._connect_extension(ws, frame)
                 elif op == "notification":
                     async with self._notified:
-                        self.notifications[frame.get("resourceId")].append(frame.get("object"))
+                        self.notifications[str(frame.get("resourceId"))].append(frame.get("object"))
                         self._notified.notify_all()
                 elif "status" in frame and isinstance(frame.get("headers"), dict):
                     address = frame["headers"].get("X-Reply-Address")
@@ -360,7 +360,7 @@ class DevServer:
         return ws
 
     async def _connect_extension(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
-        source = frame.get("resourceId")
+        source = str(frame.get("resourceId"))
         state = self.source(source)
         state.connects += 1
         if state.refusal is not None:

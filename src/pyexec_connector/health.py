@@ -178,8 +178,9 @@ class _SessionCollector(Collector):
             }
             for family, key in ((hits, "cache_hits"), (misses, "cache_misses"), (size, "cache_size"),
                                 (capacity, "cache_capacity")):
-                if isinstance(figures[key], int | float):
-                    family.add_metric([label], figures[key])
+                figure = figures[key]
+                if isinstance(figure, int | float):
+                    family.add_metric([label], figure)
             for key, family in engine_families.items():
                 value = stats.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):

@@ -426,12 +426,7 @@ class SourceLink:
                 self._refuse_oversized(raw, limit)
                 del raw
                 continue
-            frame = protocol.parse_frame(raw)
-            if type(frame) is protocol.QueryFrame:
-                self.counters.queued_queries += 1
-                self._query(frame)
-            else:
-                await self._dispatch(ws, frame)
+            await self._dispatch(ws, protocol.parse_frame(raw))
 
     def _take_now(self, raw: bytes) -> bool:
         """The direct path (compat.direct_connection): a message as websockets parses it, while the link
@@ -468,7 +463,10 @@ class SourceLink:
                            "in server.config).", [size, limit]))
 
     async def _dispatch(self, ws: ClientConnection, frame: protocol.Frame) -> None:
-        if isinstance(frame, protocol.ConfigureFrame):
+        if isinstance(frame, protocol.QueryFrame):
+            self.counters.queued_queries += 1
+            self._query(frame)
+        elif isinstance(frame, protocol.ConfigureFrame):
             self._handler.on_configure(frame.config)
             if not self._ready.is_set():
                 log.info("source %s: connected and configured", self.source_name)

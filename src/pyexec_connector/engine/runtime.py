@@ -69,7 +69,7 @@ def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None,
     started = perf_counter()
     code = compile_code(job.source_text, request.filename, guard)
     stored = key is not None and request.cache_code
-    if stored:
+    if key is not None and stored:
         cache.put(key, code, job.fingerprint)
     _note(info, using_cached=False, newCacheEntry=stored, compileTime=perf_counter() - started)
     return code
@@ -189,7 +189,7 @@ def install_task_tracking(loop: asyncio.AbstractEventLoop) -> None:
         task = previous(loop, coro, **kwargs) if previous else asyncio.Task(coro, loop=loop, **kwargs)
         run = CURRENT_RUN.get()
         if run is not None:
-            run.track(task)
+            run.track(task)  # type: ignore[arg-type]  # a task factory may return any Future; ours are Tasks
         return task
 
     factory._pyexec_tracking = True  # type: ignore[attr-defined]

@@ -98,7 +98,7 @@ class Reader(asyncio.StreamReader):
     trusted = False
     max_size: int | None = None                 # the longest body accepted (None: any)
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]  # asyncio feeds bytes
         if self.on_data is not None:
             self.on_data()
         handler = self.handler
