@@ -124,6 +124,11 @@ class LinkCounters:
 
 
 class SourceLink:
+    """One source's websocket for the connector's whole life: handshake, message loop, reconnects, and
+    the ordered outbox with its two writing paths (the writer task, and write_now() in the step frames
+    were queued). Longer than ~300 lines for a reason: it is the one owner of a websocket (house rule),
+    and these parts share one socket's state; websockets' internals are kept out, in compat.py."""
+
     def __init__(self, source_name: str, config: ServerConfig, handler: LinkHandler, *,
                  reconnect_secret: str, backoff: Backoff | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,

@@ -68,6 +68,48 @@ class LinkOutlet(Protocol):
     def write_now(self) -> None: ...
 
 
+class NameBook:
+    """What each cached name's code is (as the connector last saw it run), so that a name-only query can
+    run on any worker, also one that never saw the code."""
+
+    def __init__(self, capacity: int, misses: int = 0):
+        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
+        self.misses = misses        # name-only queries for a name nobody knew
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._known.maxsize)
+
+    def text(self, name: str) -> str | None:
+        known = self._known.get(name)
+        return known[0] if known is not None else None
+
+    def with_source(self, job: Job) -> Job:
+        """The job, a name-only one carrying the code text the name was last run with."""
+        request = job.request
+        key = request.cache_key
+        if key is None:
+            return job
+        if request.replace:
+            self._known.pop(key, None)
+        if job.source_text is not None:
+            return job
+        known = self._known.get(key)
+        if known is None:
+            self.misses += 1
+            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
+                             [key])
+        return Job(request, known[0], known[1], job.runtime_info, job.timeout)
+
+    def remember(self, known: tuple[str, str, Any] | None) -> None:
+        if known is not None:
+            name, text, fingerprint = known
+            self._known[name] = (text, fingerprint)
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Query:
     qid: int
@@ -88,13 +130,13 @@ class ProcessEngine:
         self._server_config = dict(server_config)
         self._max_message_bytes = max_message_bytes
         self._apply(config)
+        self._names = NameBook(config.codeCacheSize)
         self._ids = itertools.count(1)
         self._closed = False
         self._deadlines = Deadlines(self._expire)
         self.timeouts = 0
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
-        self._cache_misses = 0      # names the connector knew nothing of
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
@@ -103,8 +145,6 @@ class ProcessEngine:
     def _apply(self, config: SourceConfig) -> None:
         self._config = config
         self._forbid = tuple(config.codeGuard.forbid) if config.codeGuard else ()
-        # what each cached name was compiled from, so that a name-only query can run on any worker
-        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=config.codeCacheSize)
 
     def _settings(self) -> dict[str, Any]:
         """A new worker's Init."""
@@ -118,6 +158,7 @@ class ProcessEngine:
         if config.pool_shape != self._config.pool_shape:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
+        self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
         self.dispatcher.per_worker, self.dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation))
         self.dispatcher.dispatch()
@@ -130,8 +171,8 @@ class ProcessEngine:
         return {"workers_alive": self.pool.alive_count(), "worker_restarts": self.pool.restarts,
                 "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
-                "cache_misses": self._cache_misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
-                "cache_size": len(self._known), "cache_capacity": int(self._known.maxsize),
+                "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
+                "cache_size": len(self._names), "cache_capacity": self._names.capacity,
                 "relayed": self.relayed, "parsed": self.parsed, "timeouts_pending": self._deadlines.sweeping}
 
     # ---- one query --------------------------------------------------------------------------
@@ -168,10 +209,9 @@ class ProcessEngine:
         if code is None:
             if name is None:
                 return None
-            known = self._known.get(name)
-            if known is None:
+            text = self._names.text(name)
+            if text is None:
                 return None
-            text = known[0]
         elif type(code) is not str:
             return None
         worker = self.dispatcher.free_worker()
@@ -187,7 +227,7 @@ class ProcessEngine:
         await self.pool.started.wait()
         if self._closed:
             raise _shutting_down()
-        job = self._with_source(job)
+        job = self._names.with_source(job)
         worker = await self.dispatcher.acquire()
         request = job.request
         known = (request.cache_key, job.source_text, job.fingerprint) \
@@ -227,14 +267,14 @@ class ProcessEngine:
             raise asyncio.CancelledError
         error = future.exception()
         if error is None:
-            self._remember(query)
+            self._names.remember(query.known)
             return future.result()
         if isinstance(error, _Expired):
             self.timeouts += 1
             self._abandon(query, f"its timeout of {query.limit:g} s passed")
             raise timeout_error(query.limit)
         if isinstance(error, QueryError) and error.code not in _COMPILE_ERRORS:
-            self._remember(query)
+            self._names.remember(query.known)
         raise error
 
     def _expire(self, query: _Query) -> None:
@@ -259,29 +299,6 @@ class ProcessEngine:
                 worker.kill(f"the connector stopped it: {reason}")
 
         asyncio.get_running_loop().call_later(KILL_GRACE, kill_if_stuck)
-
-    # ---- the name book: a name-only query can run on any worker -------------------------------
-    def _with_source(self, job: Job) -> Job:
-        """Name-only queries carry the code text the name was last cached with."""
-        request = job.request
-        key = request.cache_key
-        if key is None:
-            return job
-        if request.replace:
-            self._known.pop(key, None)
-        if job.source_text is not None:
-            return job
-        known = self._known.get(key)
-        if known is None:
-            self._cache_misses += 1
-            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
-                             [key])
-        return Job(request, known[0], known[1], job.runtime_info, job.timeout)
-
-    def _remember(self, query: _Query) -> None:
-        if query.known is not None:
-            name, text, fingerprint = query.known
-            self._known[name] = (text, fingerprint)
 
     # ---- what workers say (PoolEvents) ----------------------------------------------------------
     def take(self, worker: WorkerHandle, message: Any) -> bool:
