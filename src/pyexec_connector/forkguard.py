@@ -22,14 +22,16 @@ import os
 import socket
 
 _owner: int | None = None          # the pid that armed the guard
+_forked = False                    # this is a fork of the armed process (checked on hot paths: a flag)
 _sockets: set[int] = set()         # file descriptors of the sockets a child must not use
 
 
 def arm() -> None:
     """This process owns connector sockets or a worker's loop: protect them from its forks."""
-    global _owner
+    global _owner, _forked
     if _owner != os.getpid():
         _owner = os.getpid()
+        _forked = False
         _sockets.clear()        # a process's own sockets, not those of the one it was forked from
 
 
@@ -45,18 +47,20 @@ def release(fd: int) -> None:
 
 def forked() -> bool:
     """Whether this is a fork of an armed process (user code's child)."""
-    return _owner is not None and os.getpid() != _owner
+    return _forked
 
 
 def check() -> None:
     """Connector code reached in a forked child: end the child, at once and silently."""
-    if _owner is not None and os.getpid() != _owner:
+    if _forked:
         os._exit(0)
 
 
 def _after_fork_in_child() -> None:
-    if _owner is None:
+    global _forked
+    if _owner is None or _owner == os.getpid():
         return
+    _forked = True
     for fd in list(_sockets):
         with contextlib.suppress(OSError):
             dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -115,7 +115,9 @@ class SourceSession:
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
         """One query: the engine takes it from here and ends it through the pipeline."""
-        channel = self._channel(frame.reply_address)
+        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
+                               self.server_config.max_message_bytes)
+        self.pipeline.begin(channel)
         engine = self.engine
         if not self.accepting or engine is None:
             self.pipeline.finish(channel, error=not_accepting() if not self.accepting else _not_configured())

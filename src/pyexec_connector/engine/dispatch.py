@@ -13,6 +13,8 @@ from .. import errors
 from ..errors import QueryError
 from .pool import WorkerHandle, WorkerPool, WorkerState
 
+_READY = WorkerState.READY
+
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, per_worker: int, max_queued: int):
@@ -32,7 +34,7 @@ class Dispatcher:
     def _least_busy(self) -> WorkerHandle | None:
         best = None
         for worker in self._pool.workers:
-            if worker.state is WorkerState.READY and worker.load < self.per_worker:
+            if worker.state is _READY and worker.load < self.per_worker:
                 if best is None or worker.load < best.load:
                     best = worker
         return best

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -74,10 +74,10 @@ class Pipeline:
         return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None)
 
     # ---- the end --------------------------------------------------------------------------------
-    def settle(self, channel: ReplyChannel, outcome_of: Callable[[], Outcome]) -> None:
-        """Finish with what `outcome_of()` returns or raises (a query whose run ended elsewhere)."""
+    def settle(self, channel: ReplyChannel, outcome_of: Callable[..., Outcome], *args: Any) -> None:
+        """Finish with what `outcome_of(*args)` returns or raises (a query whose run ended elsewhere)."""
         try:
-            outcome = outcome_of()
+            outcome = outcome_of(*args)
         except QueryError as exc:
             self.finish(channel, error=exc)
         except asyncio.CancelledError:
@@ -154,45 +154,46 @@ def timeout_error(seconds: float | None) -> QueryError:
 class Deadlines:
     """Timeouts of running queries, checked by one sweep every `interval` while any is running, not a
     timer per query (a timer handle made and cancelled per query cost ~2 us of the connector's CPU).
-    `expire(item)` is called once for each item whose deadline passed."""
+    An item has a `deadline` attribute (loop time; 0.0: none or passed); `pending()` yields the items
+    still running; `expire(item)` is called once for each whose deadline passed."""
 
-    def __init__(self, expire: Callable[[Any], None], interval: float = 0.05):
+    def __init__(self, expire: Callable[[Any], None], pending: Callable[[], Iterable[Any]],
+                 interval: float = 0.05):
         self._expire = expire
+        self._pending = pending
         self._interval = interval
-        self._items: dict[Any, float] = {}
         self._sweeping: asyncio.TimerHandle | None = None
 
-    def watch(self, item: Any, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._items[item] = loop.time() + seconds
+    def watch(self, item: Any, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+        item.deadline = loop.time() + seconds
         if self._sweeping is None:
-            self._sweeping = loop.call_later(self._interval, self._sweep)
-
-    def forget(self, item: Any) -> None:
-        self._items.pop(item, None)
+            self._sweeping = loop.call_later(self._interval, self._sweep, loop)
 
     @property
     def sweeping(self) -> bool:
         """Whether a sweep is scheduled (none while no query with a timeout runs)."""
         return self._sweeping is not None
 
-    def _sweep(self) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweeping = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        expired = [item for item, deadline in self._items.items() if deadline <= now]
-        for item in expired:
-            del self._items[item]
+        now, waiting, expired = loop.time(), False, []
+        for item in self._pending():
+            deadline = item.deadline
+            if deadline:
+                if deadline <= now:
+                    item.deadline = 0.0
+                    expired.append(item)
+                else:
+                    waiting = True
         for item in expired:
             try:
                 self._expire(item)
             except Exception:   # noqa: BLE001 - one query's end must not stop the sweep
                 log.exception("answering a timed-out query failed")
-        if self._items:
-            self._sweeping = loop.call_later(self._interval, self._sweep)
+        if waiting:
+            self._sweeping = loop.call_later(self._interval, self._sweep, loop)
 
     def close(self) -> None:
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None
-        self._items.clear()

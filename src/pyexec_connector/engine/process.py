@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -117,6 +119,7 @@ class _Query:
     future: asyncio.Future
     worker: WorkerHandle
     limit: float | None = None                  # its timeout, seconds
+    deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
     known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
 
 
@@ -133,7 +136,7 @@ class ProcessEngine:
         self._names = NameBook(config.codeCacheSize)
         self._ids = itertools.count(1)
         self._closed = False
-        self._deadlines = Deadlines(self._expire)
+        self._deadlines = Deadlines(self._expire, self._running)
         self.timeouts = 0
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
@@ -189,11 +192,15 @@ class ProcessEngine:
             return
         self.relayed += 1
         self._pipeline.in_flight.add(query.future)
-        query.future.add_done_callback(lambda future: self._settled(query))
+        query.future.add_done_callback(functools.partial(self._settled, query))
 
-    def _settled(self, query: _Query) -> None:
-        self._pipeline.in_flight.discard(query.future)
-        self._pipeline.settle(query.channel, lambda: self.settle(query))
+    def _settled(self, query: _Query, future: asyncio.Future) -> None:
+        self._pipeline.in_flight.discard(future)
+        self._pipeline.settle(query.channel, self.settle, query)
+
+    def _running(self) -> Iterator[_Query]:
+        for worker in self.pool.workers:
+            yield from worker.inflight.values()
 
     def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
         """The frame to a free worker as it came, for a plain query (code and/or a known name, presets, the
@@ -249,11 +256,12 @@ class ProcessEngine:
     def _register(self, worker: WorkerHandle, qid: int, channel: ReplyChannel, limit: float | None,
                   known: tuple[str, str, Any] | None, message: bytes) -> _Query:
         """The query becomes the worker's (its death or close() answers it) and its message goes out."""
-        query = _Query(qid, channel, asyncio.get_running_loop().create_future(), worker, limit, known)
+        loop = asyncio.get_running_loop()
+        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known)
         worker.inflight[qid] = query
         worker.send_run(message)
         if limit:
-            self._deadlines.watch(query, limit)
+            self._deadlines.watch(query, limit, loop)
         return query
 
     def settle(self, query: _Query) -> Outcome:
@@ -262,12 +270,12 @@ class ProcessEngine:
         stopped waiting for (the worker is told to stop it)."""
         future = query.future
         if future.cancelled():
-            self._deadlines.forget(query)
             self._abandon(query, "the connector stopped waiting for it")
             raise asyncio.CancelledError
         error = future.exception()
         if error is None:
-            self._names.remember(query.known)
+            if query.known is not None:
+                self._names.remember(query.known)
             return future.result()
         if isinstance(error, _Expired):
             self.timeouts += 1
@@ -369,7 +377,6 @@ class ProcessEngine:
             if not worker.cancelling and worker.state is WorkerState.DRAINING:
                 worker.state = WorkerState.READY
         if query is not None:
-            self._deadlines.forget(query)
             if not query.future.done():
                 if error is not None:
                     query.future.set_exception(error)
@@ -386,7 +393,6 @@ class ProcessEngine:
         error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.", [what]) \
             if not self._closed else _shutting_down()
         for query in worker.inflight.values():
-            self._deadlines.forget(query)
             if not query.future.done():
                 query.future.set_exception(error)
         worker.inflight.clear()

@@ -25,6 +25,7 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
 _RELAY = struct.Struct("!cQII")       # b"R", qid, address and code lengths; then address, code, frame
 _NO_TEXT = 0xFFFFFFFF
+_new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
@@ -63,7 +64,7 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
     first = data[:1]        # pickles start with the PROTO opcode, b"\x80"
     if first == b"A":
         _, qid, hits, misses = _ANSWERED.unpack_from(data)
-        return Answered(qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses))
+        return _new(Answered, (qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)))
     if first == b"K" and len(data) == 1:
         return ACKED
     if first == b"R" and trusted:     # only the connector relays queries, to a worker
@@ -71,9 +72,9 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
         start = _RELAY.size + address_size
         address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
         if code_size == _NO_TEXT:
-            return Relay(qid, address, None, bytes(data[start:]))
+            return _new(Relay, (qid, address, None, bytes(data[start:])))
         end = start + code_size
-        return Relay(qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:]))
+        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])))
     if trusted:
         return pickle.loads(data)
     try:

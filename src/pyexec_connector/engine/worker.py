@@ -73,6 +73,7 @@ class Worker:
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
         self._owe_ack = False             # took messages and has not written since (see messages.Ack)
         self._stopping = False
+        self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
 
     # ---- writing ---------------------------------------------------------------------------------
     def send(self, message: Any) -> None:
@@ -91,7 +92,7 @@ class Worker:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
         forkguard.check()
         data = wire.encode(message)
-        if self.max_message_bytes is not None and len(data) > wire.frame_limit(self.max_message_bytes):
+        if len(data) > self._frame_limit and self.max_message_bytes is not None:
             data = wire.encode(_within_limit(message, len(data), self.max_message_bytes))
         return data
 
@@ -133,6 +134,8 @@ class Worker:
 
         self.health.listeners.append(report_health)
         self.max_message_bytes = settings.get("max_message_bytes")
+        if self.max_message_bytes is not None:
+            self._frame_limit = wire.frame_limit(self.max_message_bytes) + 4     # with its length prefix
         self.connection = ConnectorConnection(source, self.send_frame, self.drained,
                                               notification_builder(source, self.max_message_bytes),
                                               settings["server_config"], self.health)
@@ -242,7 +245,7 @@ class Worker:
                 frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
                                                  '{"pythonCallResults":' + outcome.results_json + "}")
                 if not oversize(frame, self.max_message_bytes):
-                    self.send_soon(Answered(qid, frame, self._cache_counts()))
+                    self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
                     return
             self.send_soon(Done(qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
                                 self._cache_counts()))
@@ -260,6 +263,9 @@ class Worker:
 
     def _cache_counts(self) -> tuple[int, int]:
         return self.cache.hits, self.cache.misses
+
+
+_new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
 
 
 def _within_limit(message: Any, size: int, max_bytes: int) -> Any:
