@@ -110,3 +110,6 @@ class Cancelled(NamedTuple):
 ACKED = Ack()
 TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged)
 FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
+# Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
+KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
+                           Answered, Done, Failed, Cancelled)

@@ -56,7 +56,7 @@ class PipeChannel(ReplyChannel):
         self._qid = qid
 
     def _deliver(self, frame: str, terminal: bool, status: int) -> None:
-        self._worker.send(Reply(self._qid, frame, terminal, status, self.error_code))
+        self._worker.send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))
 
 
 class Worker:
