@@ -97,8 +97,6 @@ async def test_non_json_values_are_skipped(connected):
     ({"code": "x=1", "limitReturnTo": ["x"], "codeHandlesReturn": True}, errors.CONFLICTING_RETURN),
     ({"code": "x=1", "presetValues": [1]}, errors.BAD_GLOBAL_PRESET),
     ({"presetValues": {"a": 1}}, errors.NO_CODE),
-    ({"code": "x=1", "script": "s.py"}, errors.AMBIGUOUS_CODE),
-    ({"script": "s.py", "name": "t.py"}, errors.AMBIGUOUS_NAME),
     ({"name": "never-cached"}, errors.NO_CACHE),
     ([1, 2, 3], errors.BAD_QUERY),
     (None, errors.BAD_QUERY),

@@ -312,6 +312,9 @@ class SourceConfig(BaseModel):
     memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
     maxQueuedQueries: int = Field(default=1000, ge=0)                # waiting for a worker; beyond: "busy"
     codeGuard: CodeGuardConfig | None = None
+    # true: `code` with `script`, and `script` with another `name`, are 400s (ambiguouscode,
+    # ambiguousname) instead of upstream's reading of them (run the code; run the script under its name)
+    strictParameters: bool = False
 
     @property
     def worker_count(self) -> int:

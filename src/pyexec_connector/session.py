@@ -22,6 +22,7 @@ from .reply import ReplyChannel, notification_builder
 from .request import QueryRequest, parse_query
 
 log = logging.getLogger(__name__)
+_MAX_WARNED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class SourceSession:
         self.accepting = True
         self.configured = asyncio.Event()
         self.queries_answered = 0
+        self._warned: set[tuple[str, str, str | None]] = set()   # lenient combinations logged once each
 
     def _state_changed(self, source: str, state: LinkState) -> None:
         log.debug("source %s: link %s", source, state.value)
@@ -162,7 +164,8 @@ class SourceSession:
             if not self.accepting:
                 raise QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again "
                                                        "once it is back.")
-            request = parse_query(frame.params)
+            request = parse_query(frame.params, strict=self.source_config.strictParameters,
+                                  warn=self._lenient)
             engine = self.engine
             if engine is None:
                 raise QueryError(errors.SHUTTING_DOWN, "The source is not configured yet; send the query "
@@ -180,6 +183,22 @@ class SourceSession:
             self._internal_error(channel, exc)
         finally:
             self._answered(channel, started)
+
+    def _lenient(self, code: str, script: str, name: str | None) -> None:
+        """A combination upstream accepts and strictParameters would refuse: said once per source and
+        (script, name), so a busy query does not flood the log; the set stops growing at a bound."""
+        key = (code, script, name)
+        if key in self._warned or len(self._warned) >= _MAX_WARNED:
+            return
+        self._warned.add(key)
+        if code == errors.AMBIGUOUS_CODE:
+            log.warning("source %s: a query gives both code and script %r: the code runs and the script is "
+                        "ignored, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script)
+        else:
+            log.warning("source %s: a query gives script %r with the name %r: the document runs under the "
+                        "script's name, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script, name)
 
     def _internal_error(self, channel: ReplyChannel, exc: Exception) -> None:
         log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,

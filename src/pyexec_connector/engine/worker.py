@@ -166,7 +166,10 @@ class Worker:
         """A query frame the connector relayed as it came (see ProcessEngine.relay): its WITH clause is
         read here. `text`: the code cached under the query's name, for a query that gave only the name."""
         try:
-            request = parse_query(protocol.loads(raw).get("object"))
+            # strict: a relayed frame never holds `script` (ProcessEngine.relay keeps those for the
+            # connector, which knows strictParameters and logs the lenient reading), so strictness
+            # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
+            request = parse_query(protocol.loads(raw).get("object"), strict=True)
         except QueryError as exc:
             self.send_soon(("refused", qid, exc, self._cache_counts()))
             return
