@@ -11,14 +11,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
 
-# Users' extra packages first: this layer is rebuilt only when the list changes.
-COPY localRequirements.txt /tmp/localRequirements.txt
-RUN pip install -r /tmp/localRequirements.txt && rm /tmp/localRequirements.txt
+# Users' extra packages and the connector's dependencies in ONE pip resolution, so that a pin in
+# localRequirements.txt that clashes with ours fails the build with pip's message instead of being
+# silently replaced. Its own layer: rebuilt only when either list changes.
+COPY localRequirements.txt pyproject.toml /tmp/deps/
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb')); print(*p['project']['dependencies'], sep='\n')" > /tmp/deps/project.txt \
+ && pip install -r /tmp/deps/localRequirements.txt -r /tmp/deps/project.txt && rm -rf /tmp/deps
 
-# The project itself, from the build context.
+# The project itself, from the build context: its dependencies are all there already (--no-deps, so
+# nothing resolved above is replaced); pip check proves it.
 COPY pyproject.toml README.md /tmp/build/
 COPY src /tmp/build/src
-RUN pip install /tmp/build && rm -rf /tmp/build
+RUN pip install --no-deps /tmp/build && pip check && rm -rf /tmp/build
 
 # server.config and logger.ini are mounted here (or come from CONNECTOR_* environment variables).
 RUN mkdir -p /home/connector/serverConfig && chown connector:connector /home/connector/serverConfig
