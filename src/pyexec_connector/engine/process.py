@@ -35,6 +35,7 @@ from ..reply import ReplyChannel
 from . import wire
 from .base import Job, Outcome
 from .inline import timeout_error
+from .oom import sigkill_hint
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "unknown signal"
-        hint = " (likely the out-of-memory killer)" if -returncode == signal.SIGKILL and not killed_by_us else ""
+        hint = sigkill_hint() if -returncode == signal.SIGKILL and not killed_by_us else ""
         return f"killed by signal {name} ({-returncode}){hint}"
     return f"exit code {returncode}"
 
