@@ -102,6 +102,8 @@ SAME: list[tuple[str, Any]] = [
      {"code": "import asyncio\nasyncio.get_event_loop().create_task(connector_connection.send_query_error("
               "connector_context, {'messageCode': 'my.code', 'messageTemplate': 'bad {0}', "
               "'parameters': ['x']}))", "codeHandlesReturn": "1"}),
+    ("an unknown WITH parameter is ignored", {"code": "x = 1", "somethingElse": [1]}),
+    ("timeout (ours) within its limit", {"code": "x = 2", "timeout": 30}),
     ("codeHandlesReturn: one 200 with an array of rows",
      {"code": "import asyncio\nasyncio.get_event_loop().create_task(connector_connection.send_query_response("
               "connector_context, 200, [{'a': 1}, {'a': 2}]))", "codeHandlesReturn": True}),
@@ -117,6 +119,7 @@ class Difference:
     upstream: Any       # the expected shape (see _shape), or NO_REPLY
     ours: Any
     runtime: bool = False   # compare the runtime information instead of the results
+    body: bool = False      # compare (the reply body's keys, pythonCallResults) instead
 
 
 def _error(code: str) -> list[tuple[Any, ...]]:
@@ -153,6 +156,14 @@ DIFFERENCES: list[Difference] = [
                "a 400 naming the parameter; upstream reads every unknown word as false",
                {"code": "x = 1", "codeHandlesReturn": "perhaps"}, [(200, {"x": 1})],
                _error("io.vantiq.pyexecsource.runpython.badparameter")),
+    Difference("captureOutput (ours)", "a WITH parameter upstream does not have (and ignores)",
+               {"code": "print('hi')\nx = 1", "captureOutput": True},
+               (["connectorRuntimeInfo", "pythonCallResults"], {"x": 1}),
+               (["connectorRuntimeInfo", "pythonCallResults", "pythonOutput"], {"x": 1}), body=True),
+    Difference("dryRun (ours)", "a WITH parameter upstream does not have (and ignores): it runs the code",
+               {"code": "x = 1", "dryRun": True},
+               (["connectorRuntimeInfo", "pythonCallResults"], {"x": 1}),
+               (["dryRun", "pythonCallResults"], {}), body=True),
     # upstream sends nothing for these: the VAIL caller waits for the server's timeout
     Difference("codeHandlesReturn code that never replies",
                "every query gets a terminal reply (PROTOCOL 4)", {"code": "x = 1", "codeHandlesReturn": True},
@@ -269,7 +280,10 @@ async def test_same_answers_as_upstream(server, tmp_path, upstream, general):
     order = [d for d in DIFFERENCES if d.upstream != NO_REPLY] + [d for d in DIFFERENCES if d.upstream == NO_REPLY]
     for difference, t, o in zip(order, theirs.differences, ours.differences, strict=True):
         for who, replies, expected in (("upstream", t, difference.upstream), ("ours", o, difference.ours)):
-            if difference.runtime:
+            if difference.body:
+                body = replies[-1]["body"]
+                got = (sorted(body), body["pythonCallResults"])
+            elif difference.runtime:
                 got = {k: replies[-1]["body"]["connectorRuntimeInfo"][k] for k in expected}
             elif expected == "generated":
                 got = replies[-1]["body"]["pythonCallResults"]["f"]
