@@ -2,6 +2,7 @@
 into frozen, typed objects."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_TIMEOUT = 60.0
 
 
+@functools.cache
 def _websockets_connect_parameters() -> frozenset[str]:
     """Every keyword the installed websockets' asyncio connect() takes, by name: its own, and those it
     hands to loop.create_connection(). Asked of the library itself, so that a key is refused at start
