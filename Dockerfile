@@ -11,6 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
 
+# tini as PID 1: it reaps orphans that user code's subprocesses leave behind (the connector, as PID 1,
+# would not) and passes SIGTERM/SIGINT on to the connector.
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+
 # Users' extra packages and the connector's dependencies in ONE pip resolution, so that a pin in
 # localRequirements.txt that clashes with ours fails the build with pip's message instead of being
 # silently replaced. Its own layer: rebuilt only when either list changes.
@@ -34,4 +38,4 @@ EXPOSE 9090 8000
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pyexec-connector", "healthcheck"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["pyexec-connector"]
+ENTRYPOINT ["tini", "--", "pyexec-connector"]

@@ -41,7 +41,7 @@ def test_dockerfile_base_user_and_entrypoint():
     names = [c.cmd for c in commands]
     assert names.index("USER") > max(i for i, c in enumerate(commands) if c.cmd == "RUN" and "pip" in c.value[0])
     (entry,) = first("ENTRYPOINT")
-    assert entry.json and entry.value == ("pyexec-connector",)
+    assert entry.json and entry.value == ("tini", "--", "pyexec-connector")     # an init reaps orphans
     (volume,) = first("VOLUME")
     assert any(v.rstrip("/").endswith("/serverConfig") for v in volume.value)
     (workdir,) = first("WORKDIR")
