@@ -116,13 +116,14 @@ def run_check(config_path: str | None, timeout: float) -> int:
 
 
 def run_healthcheck(config_path: str | None) -> int:
+    """0 healthy, 1 anything else: Docker reserves every other exit code of a HEALTHCHECK."""
     import urllib.error
     import urllib.request
     try:
         config = load_server_config(config_path)
     except ConfigError as exc:
         print(f"configuration error: {exc}")
-        return EXIT_CONFIG
+        return EXIT_FAILURE
     if config.metrics_port is None:
         print("metricsPort is not set: no /healthz to ask")
         return EXIT_OK
@@ -158,9 +159,14 @@ class _NoQueries:
 
 def run_connector(config_path: str | None, log_level: str | None, log_format: str = "text") -> int:
     try:
-        config = load_server_config(config_path)
+        properties, file = read_config_sources(config_path)
     except ConfigError as exc:
         print(f"pyexec-connector: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config, problems = config_problems(properties, file=file)
+    if problems or config is None:
+        for problem in problems:        # every problem at once: one start to find them all
+            print(f"pyexec-connector: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     # User code runs in this process (and its children inherit the environment): it must not find the token.
     os.environ.pop(TOKEN_ENV, None)

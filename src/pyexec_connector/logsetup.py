@@ -64,10 +64,19 @@ def configure_logging(level: str | None = None, logger_ini: Path | None = None, 
     return source
 
 
-def secret_pieces(secret: str, width: int = 8) -> tuple[str, ...]:
-    """The secret and every `width`-character piece of it: what a line cut short could still show."""
+# Below this length a secret is not looked for in log text: "x" would turn "pyexec-connector" into
+# "pye***ec-connector". Such a secret is safe anyway: no log call is ever given the token (the DEBUG
+# sweep in tests/test_secrets.py runs without these filters to prove it); they are a second line only.
+MIN_REDACTED_LENGTH = 8
+
+
+def secret_pieces(secret: str, width: int = MIN_REDACTED_LENGTH) -> tuple[str, ...]:
+    """The secret and every `width`-character piece of it: what a line cut short could still show.
+    Nothing for a secret shorter than MIN_REDACTED_LENGTH."""
+    if len(secret) < MIN_REDACTED_LENGTH:
+        return ()
     if len(secret) <= width:
-        return (secret,) if secret else ()
+        return (secret,)
     return tuple({secret[i:i + width] for i in range(len(secret) - width + 1)})
 
 
@@ -77,7 +86,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secret: str):
         super().__init__()
-        self._secret = secret
+        self._secret = secret if len(secret) >= MIN_REDACTED_LENGTH else ""
         self._pieces = secret_pieces(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:

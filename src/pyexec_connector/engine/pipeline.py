@@ -24,6 +24,7 @@ from ..request import QueryRequest, parse_query
 from .base import Job, Outcome
 
 log = logging.getLogger(__name__)
+_MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
 
 Runner = Callable[[Job, ReplyChannel], Awaitable[Outcome]]
 
@@ -38,6 +39,7 @@ class Pipeline:
         self._on_end = on_end
         self.in_flight: set[asyncio.Future] = set()    # queries running: close() cancels them
         self.unanswered: set[ReplyChannel] = set()     # queries taken and not ended yet
+        self._warned: set[tuple[str, str, str | None]] = set()   # lenient combinations logged once each
 
     def begin(self, channel: ReplyChannel) -> None:
         channel.started = perf_counter()
@@ -51,7 +53,8 @@ class Pipeline:
     async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, run: Runner) -> None:
         """Parse, make the Job, run it with `run`, finish. Every outcome ends in `finish`."""
         try:
-            job = await self.job(parse_query(frame.params))
+            job = await self.job(parse_query(frame.params, strict=self.config.strictParameters,
+                                                  warn=self._lenient))
             outcome = await run(job, channel)
         except QueryError as exc:
             self.finish(channel, error=exc)
@@ -62,6 +65,22 @@ class Pipeline:
             self.finish(channel, error=self._internal_error(channel, exc))
         else:
             self.finish(channel, outcome)
+
+    def _lenient(self, code: str, script: str, name: str | None) -> None:
+        """A combination upstream accepts and strictParameters would refuse: said once per source and
+        (script, name), so a busy query does not flood the log; the set stops growing at a bound."""
+        key = (code, script, name)
+        if key in self._warned or len(self._warned) >= _MAX_WARNED:
+            return
+        self._warned.add(key)
+        if code == errors.AMBIGUOUS_CODE:
+            log.warning("source %s: a query gives both code and script %r: the code runs and the script is "
+                        "ignored, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script)
+        else:
+            log.warning("source %s: a query gives script %r with the name %r: the document runs under the "
+                        "script's name, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script, name)
 
     async def job(self, request: QueryRequest) -> Job:
         if request.script is None:
@@ -128,7 +147,8 @@ class Pipeline:
 def body(outcome: Outcome, started: float) -> str:
     text = '{"pythonCallResults":' + (outcome.results_json or "{}")
     if outcome.runtime is not None:
-        outcome.runtime["totalTime"] = perf_counter() - started
+        # query_time: upstream's name for the same figure; VAIL written against it keeps working
+        outcome.runtime["totalTime"] = outcome.runtime["query_time"] = perf_counter() - started
         text += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
     if outcome.output is not None:
         text += ',"pythonOutput":' + protocol.dumps(outcome.output)

@@ -21,6 +21,7 @@ from .. import forkguard
 from ..config import TOKEN_ENV
 from . import wire
 from .messages import Init, Ready, Stop
+from .oom import sigkill_hint
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
@@ -354,7 +355,7 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "unknown signal"
-        hint = " (likely the out-of-memory killer)" if -returncode == signal.SIGKILL and not killed_by_us else ""
+        hint = sigkill_hint() if -returncode == signal.SIGKILL and not killed_by_us else ""
         return f"killed by signal {name} ({-returncode}){hint}"
     return f"exit code {returncode}"
 

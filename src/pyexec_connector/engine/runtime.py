@@ -240,7 +240,9 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     (in a task of its own, where it must be cancellable). Saves a task per query for plain code."""
     if job.request.dry_run:
         return dry_run(cache, job, guard)
-    info: dict[str, Any] | None = {"name": job.request.cache_key} if job.runtime_info else None
+    info: dict[str, Any] | None = None
+    if job.runtime_info:    # `name` only when there is one, as upstream
+        info = {} if job.request.cache_key is None else {"name": job.request.cache_key}
     code = resolve_code(cache, job, info, guard)
     run_globals = make_globals(job, connection, channel.context)
     if code.co_flags & inspect.CO_COROUTINE or job.request.code_handles_return:

@@ -193,7 +193,10 @@ class Worker:
         """A query frame the connector relayed as it came: its WITH clause is read here."""
         qid = message.qid
         try:
-            request = parse_query(protocol.loads(message.raw).get("object"))
+            # strict: a relayed frame never holds `script` (ProcessEngine.relay keeps those for the
+            # connector, which knows strictParameters and logs the lenient reading), so strictness
+            # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
+            request = parse_query(protocol.loads(message.raw).get("object"), strict=True)
         except QueryError as exc:
             self.send_soon(Failed(qid, exc, self._cache_counts(), refused=True))
             return
