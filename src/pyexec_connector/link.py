@@ -9,6 +9,7 @@ import enum
 import itertools
 import logging
 import random
+import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,9 +24,11 @@ from websockets.protocol import State
 from . import protocol
 from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
+from .logqueue import rate_limit
 from .logsetup import secret_pieces
 
 log = logging.getLogger(__name__)
+rate_limit(log)     # warnings about bad frames carry a rate_key: a flood of them costs a few lines
 
 HANDSHAKE_TIMEOUT = 30.0
 OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
@@ -437,7 +440,8 @@ class SourceLink:
         size = len(raw)
         address = protocol.sniff_reply_address(raw)
         log.warning("source %s: skipped a %d-byte frame, over maxMessageBytes (%d)%s", self.source_name, size,
-                    limit, f"; answering query {address} with an error" if address else "")
+                    limit, f"; answering query {address} with an error" if address else "",
+                    extra={"rate_key": f"{self.source_name}: oversized frame"})
         if address is not None:
             self._handler.on_unreadable_query(address, QueryError(
                 TOO_LARGE, "The query is {0} bytes, over the connector's limit of {1} bytes (maxMessageBytes "
@@ -464,16 +468,19 @@ class SourceLink:
                 if not self._ready.is_set():
                     raise _Refused(f"status {frame.status}: {protocol.status_messages(frame.body)}")
                 log.warning("source %s: the server reported status %d: %s", self.source_name, frame.status,
-                            protocol.status_messages(frame.body))
+                            protocol.status_messages(frame.body),
+                            extra={"rate_key": f"{self.source_name}: status {frame.status}"})
         elif isinstance(frame, protocol.PublishFrame):
             log.info("source %s: ignored a publish (this source only runs queries)", self.source_name)
         elif frame.reply_address is not None:
             log.warning("source %s: unreadable query %s (%s); answering with an error", self.source_name,
-                        frame.reply_address, frame.reason)
+                        frame.reply_address, frame.reason,
+                        extra={"rate_key": f"{self.source_name}: unreadable query: {_reason_kind(frame.reason)}"})
             self._handler.on_unreadable_query(frame.reply_address, QueryError(
                 BAD_QUERY, "The query frame could not be read: {0}", [frame.reason]))
         else:
-            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason))
+            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason),
+                        extra={"rate_key": f"{self.source_name}: bad frame: {_reason_kind(frame.reason)}"})
 
 
 def _batch_size(outbox: deque[str]) -> int:
@@ -556,6 +563,15 @@ def _sendable(frame: str) -> str:
     except UnicodeEncodeError:
         return frame.encode("utf-8", "backslashreplace").decode("utf-8")
     return frame
+
+
+_REASON_KIND = re.compile(r"[A-Za-z .]*")
+
+
+def _reason_kind(reason: str) -> str:
+    """What kind of bad frame a reason describes, without its details: "unknown op 'x'" -> "unknown op"."""
+    match = _REASON_KIND.match(reason)
+    return (match.group(0) if match else "").strip() or "other"
 
 
 def _clip(text: str, limit: int = 200) -> str:

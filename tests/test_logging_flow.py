@@ -1,0 +1,102 @@
+"""Logging never blocks the loop (a stalled stdout costs log lines, not queries), and a flood of bad
+frames costs a bounded number of log lines: through the real console command."""
+import asyncio
+import logging
+import re
+
+from pyexec_connector.logqueue import RateLimitFilter
+
+from .conftest import SOURCE, TOKEN, console_command
+
+
+async def _spawn(tmp_path, server, extra=""):
+    (tmp_path / "serverConfig").mkdir(exist_ok=True)
+    (tmp_path / "serverConfig" / "server.config").write_text(
+        f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {SOURCE}\n{extra}")
+    return await asyncio.create_subprocess_exec(
+        *console_command(), cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+
+
+async def _stop(proc) -> str:
+    proc.terminate()
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return output.decode()
+
+
+async def test_a_stdout_nobody_reads_costs_log_lines_not_queries(tmp_path, server):
+    proc = await _spawn(tmp_path, server)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        # Each publish is one INFO line: far more than the pipe (64 KiB) and the log queue hold.
+        for _ in range(20_000):
+            await server.send_frame(SOURCE, {"op": "publish", "object": {"n": 1}})
+        # The connector's stdout is full and nobody reads it: queries are answered all the same.
+        for n in range(5):
+            result = await server.query({"code": "x = n + 1", "presetValues": {"n": n}}, timeout=60)
+            assert result.results["x"] == n + 1
+        assert proc.returncode is None
+        # Once the output is read again, one line says how many lines the stall cost.
+        seen = b""
+        async with asyncio.timeout(60):
+            while b"log line(s) dropped" not in seen:
+                seen += await proc.stdout.read(1 << 16)
+    finally:
+        text = await _stop(proc)
+    text = seen.decode() + text
+    assert proc.returncode == 0, text[-2000:]
+    dropped = [int(m) for m in re.findall(r"(\d+) log line\(s\) dropped", text)]
+    published = text.count("ignored a publish")
+    assert dropped and published + sum(dropped) == 20_000
+    assert text.splitlines()[-1].endswith(" stopped"), text[-500:]    # the last line survives a clean exit
+
+
+async def test_a_flood_of_bad_frames_is_rate_limited_with_a_count(tmp_path, server):
+    proc = await _spawn(tmp_path, server)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        for _ in range(5_000):
+            await server.send_frame(SOURCE, {"op": "noSuchOp"})
+        assert (await server.query({"code": "x = 2"}, timeout=60)).results["x"] == 2
+    finally:
+        text = await _stop(proc)
+    assert proc.returncode == 0, text[-2000:]
+    lines = [line for line in text.splitlines() if "unknown op 'noSuchOp'" in line]
+    summaries = [line for line in lines if "more like this were not logged" in line]
+    held = sum(int(re.search(r"(\d+) more like this", line).group(1)) for line in summaries)
+    assert summaries and len(lines) <= 40, len(lines)
+    assert len(lines) - len(summaries) + held == 5_000
+    assert any(line.endswith(" stopped") for line in text.splitlines()[-2:])
+
+
+def test_rate_limit_filter_passes_the_first_then_counts_per_window():
+    now = [0.0]
+    logger = logging.getLogger("test_logging_flow.limited")
+    logger.propagate = False
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger.handlers[:] = [Collect()]
+    limiter = RateLimitFilter(first=3, window=10.0, clock=lambda: now[0])
+    logger.addFilter(limiter)
+    try:
+        for i in range(100):
+            logger.warning("bad frame %d", i, extra={"rate_key": "bad"})
+        logger.warning("other kind", extra={"rate_key": "other"})
+        logger.warning("no key at all")
+        assert seen == ["bad frame 0", "bad frame 1", "bad frame 2", "other kind", "no key at all"]
+        now[0] = 11.0
+        logger.warning("bad frame again", extra={"rate_key": "bad"})
+        assert seen[-2].startswith("97 more like this were not logged in the last 11.0 s; the last: bad frame 99")
+        assert seen[-1] == "bad frame again"
+        logger.warning("bad frame again", extra={"rate_key": "bad"})
+        logger.warning("bad frame again", extra={"rate_key": "bad"})
+        logger.warning("bad frame again", extra={"rate_key": "bad"})
+        limiter.flush(force=True)
+        assert seen[-1].startswith("1 more like this")
+        assert limiter.held_total == 98
+    finally:
+        logger.removeFilter(limiter)
+        logger.handlers.clear()
