@@ -26,12 +26,12 @@ from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
 from .logqueue import rate_limit
 from .logsetup import secret_pieces
+from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 rate_limit(log)     # warnings about bad frames carry a rate_key: a flood of them costs a few lines
 
 HANDSHAKE_TIMEOUT = 30.0
-OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
 BATCH_FRAMES = 64             # queued frames written to the socket at once
 BATCH_BYTES = 256 * 1024
 PING_INTERVAL = 20.0
@@ -151,11 +151,9 @@ class SourceLink:
         self._handshake_timeout = handshake_timeout
         self._on_state = on_state
         self.state = LinkState.IDLE
-        self._outbox: deque[str] = deque()
+        self._outbox = Outbox(config.max_pending_bytes)     # bounded in bytes: see outbox.py
         self._has_output = asyncio.Event()
         self._ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._stopping = False
         self._ws: ClientConnection | None = None
         self._writing = False        # the writer task holds frames it has not popped yet
@@ -170,8 +168,6 @@ class SourceLink:
         """Queue a frame. Frames go out in the order queued, after reconnects if need be; none is dropped."""
         self._outbox.append(frame)
         self._has_output.set()
-        if len(self._outbox) > OUTBOX_HIGH_WATER:
-            self._drained.clear()
 
     def write_now(self) -> None:
         """Write what is queued at once, in this step, when the socket can take it: a caller that
@@ -186,17 +182,25 @@ class SourceLink:
                 self._write_now = None
 
     async def drained(self) -> None:
-        """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
-        if not self._drained.is_set():
-            await self._drained.wait()
+        """Wait while the outbox is full (maxPendingBytes): back-pressure for whoever produces frames."""
+        await self._outbox.room()
 
     def is_drained(self) -> bool:
         """Whether drained() would return at once."""
-        return self._drained.is_set()
+        return self._outbox.has_room()
 
     @property
     def pending_frames(self) -> int:
         return len(self._outbox)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._outbox.pending_bytes
+
+    @property
+    def peak_pending_bytes(self) -> int:
+        """The most the outbox ever held, in bytes (at most about maxPendingBytes plus a frame per producer)."""
+        return self._outbox.peak_bytes
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued frame went out (or the timeout). True if the outbox is empty."""
@@ -236,8 +240,7 @@ class SourceLink:
             self._write_now = None
 
     def _sent(self) -> None:
-        if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
-            self._drained.set()
+        self._outbox.update_room()
 
     # ---- lifecycle ------------------------------------------------------------------------
     def _set_state(self, state: LinkState) -> None:
