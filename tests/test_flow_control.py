@@ -137,3 +137,27 @@ x = 1
     notes = await server.wait_notifications(SOURCE, 150, timeout=60)
     assert [n["i"] for n in notes] == list(range(150))
     assert json.dumps(notes[0]).count("y") == 200_000
+
+
+async def test_process_mode_replies_are_read_from_workers_only_as_fast_as_the_link_drains(server, start_connector):
+    """Partial replies streamed by a worker and plain replies of many queries: the connector reads the
+    worker pipes only while the outbox has room, so a paused server cannot make it hold them all."""
+    server.set_source_config(SOURCE, {"workers": 2})
+    limit = 1 << 20
+    running = await start_connector(maxPendingBytes=limit)
+    link = running.session.link
+    frame = 256 * 1024
+    server.pause_reading()
+    seen, done = await _collect(server, {"code": STREAM, "presetValues": {
+        "size": frame, "count": 100, "progress": ""}})
+    plain = [await server.send_query(SOURCE, {"code": "data = 'z' * 262144; i = n", "presetValues": {"n": n}})
+             for n in range(40)]
+    await asyncio.sleep(3)
+    assert not done.done()
+    assert link.peak_pending_bytes <= limit + 4 * frame, link.peak_pending_bytes
+    server.resume_reading()
+    assert await asyncio.wait_for(done, 60) == 200
+    assert seen == list(range(101))
+    for n, address in enumerate(plain):
+        result = await server.replies_for(address, timeout=60)
+        assert result.status == 200 and result.results["i"] == n
