@@ -161,3 +161,47 @@ async def test_process_mode_replies_are_read_from_workers_only_as_fast_as_the_li
     for n, address in enumerate(plain):
         result = await server.replies_for(address, timeout=60)
         assert result.status == 200 and result.results["i"] == n
+
+
+async def test_metrics_show_the_outbox_and_the_senders_that_waited(server, start_connector):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(connector):
+        text = connector.metrics.exposition().decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.labels.get("source", SOURCE) == SOURCE}
+
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    running = await start_connector(maxPendingBytes=1 << 20)
+    before = scrape(running.connector)
+    assert before["pyexec_link_pending_bytes"] == 0 and before["pyexec_link_sender_waits_total"] == 0
+    server.pause_reading()
+    seen, done = await _collect(server, {"code": STREAM, "presetValues": {
+        "size": 256 * 1024, "count": 100, "progress": ""}})
+    await asyncio.sleep(2)
+    during = scrape(running.connector)
+    assert during["pyexec_link_pending_bytes"] > 0 and during["pyexec_link_sender_waits_total"] >= 1
+    server.resume_reading()
+    assert await asyncio.wait_for(done, 60) == 200
+    assert scrape(running.connector)["pyexec_link_pending_bytes"] == 0
+
+
+async def test_replies_made_while_the_link_is_down_wait_for_it_and_arrive_in_order(server, start_connector,
+                                                                                  tmp_path):
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    limit = 1 << 20
+    running = await start_connector(maxPendingBytes=limit)
+    link = running.session.link
+    progress = tmp_path / "progress"
+    seen, done = await _collect(server, {"code": "import asyncio\nawait asyncio.sleep(1)\n" + STREAM,
+                                         "presetValues": {"size": 256 * 1024, "count": 60,
+                                                          "progress": str(progress)}})
+    server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "Someone else serves {0}.")
+    await server.drop(SOURCE)       # down while the code sleeps; it stays down while refused
+    await asyncio.sleep(3)
+    sent = len(progress.read_text())
+    assert 0 < sent < 60 and not done.done()     # the outbox filled up, and the code waits
+    assert link.pending_bytes <= limit + 2 * 256 * 1024
+    server.accept(SOURCE)
+    assert await asyncio.wait_for(done, 60) == 200
+    assert seen == list(range(61))

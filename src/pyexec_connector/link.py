@@ -198,6 +198,10 @@ class SourceLink:
         return self._outbox.pending_bytes
 
     @property
+    def sender_waits(self) -> int:
+        return self._outbox.waits
+
+    @property
     def peak_pending_bytes(self) -> int:
         """The most the outbox ever held, in bytes (at most about maxPendingBytes plus a frame per producer)."""
         return self._outbox.peak_bytes
