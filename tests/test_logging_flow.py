@@ -100,3 +100,32 @@ def test_rate_limit_filter_passes_the_first_then_counts_per_window():
     finally:
         logger.removeFilter(limiter)
         logger.handlers.clear()
+
+
+async def test_logger_ini_handlers_work_behind_the_log_pump(tmp_path, server):
+    """logger.ini still configures logging: its root handler and a named logger's own file handler both
+    get their lines (through the pump), and everything is written by the time the command exits."""
+    (tmp_path / "serverConfig").mkdir()
+    link_log = tmp_path / "link.log"
+    (tmp_path / "serverConfig" / "logger.ini").write_text(
+        "[loggers]\nkeys=root,link\n[handlers]\nkeys=out,file\n[formatters]\nkeys=f\n"
+        "[logger_root]\nlevel=INFO\nhandlers=out\n"
+        "[logger_link]\nlevel=INFO\nhandlers=file\npropagate=0\nqualname=pyexec_connector.link\n"
+        "[handler_out]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stdout,)\n"
+        f"[handler_file]\nclass=FileHandler\nlevel=INFO\nformatter=f\nargs=({str(link_log)!r},)\n"
+        "[formatter_f]\nformat=INI|%(name)s|%(message)s\n")
+    proc = await _spawn(tmp_path, server)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        for _ in range(30):
+            await server.send_frame(SOURCE, {"op": "noSuchOp"})
+        assert (await server.query({"code": "x = 3"}, timeout=60)).results["x"] == 3
+    finally:
+        text = await _stop(proc)
+    assert proc.returncode == 0, text
+    assert "INI|pyexec_connector|stopped" in text.splitlines()
+    assert "pyexec_connector.link" not in text
+    lines = link_log.read_text().splitlines()
+    assert "INI|pyexec_connector.link|source pythonSource: connected and configured" in lines
+    assert sum("unknown op" in line for line in lines) == 11     # 10 in full, then one with the count
+    assert "20 more like this were not logged" in lines[-1]
