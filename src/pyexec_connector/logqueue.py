@@ -249,7 +249,9 @@ class RateLimitFilter(logging.Filter):
             kind = self._kinds.get(key)
             if kind is None:
                 if len(self._kinds) >= MAX_KINDS:
-                    return True
+                    self._forget_quiet(now)
+                    if len(self._kinds) >= MAX_KINDS:
+                        return True
                 kind = self._kinds[key] = _Kind(now)
             elif now - kind.window_start >= self.window:
                 summary = self._close_window(kind, now)
@@ -282,6 +284,15 @@ class RateLimitFilter(logging.Filter):
         for summary in summaries:
             _log_summary(*summary)
 
+    def reset(self) -> None:
+        """Forget every kind (what was held back is not summed up)."""
+        with self._lock:
+            self._kinds.clear()
+
+    def _forget_quiet(self, now: float) -> None:
+        for key in [k for k, kind in self._kinds.items() if not kind.held and now - kind.window_start >= self.window]:
+            del self._kinds[key]
+
     def _close_window(self, kind: _Kind, now: float) -> tuple[str, int, str, int, float] | None:
         summary = (kind.logger, kind.level, kind.last, kind.held, now - kind.window_start) if kind.held else None
         kind.window_start, kind.passed, kind.held = now, 0, 0
@@ -291,6 +302,12 @@ class RateLimitFilter(logging.Filter):
 def _log_summary(logger: str, level: int, last: str, held: int, seconds: float) -> None:
     logging.getLogger(logger).log(level, "%d more like this were not logged in the last %.1f s; the last: %s",
                                   held, seconds, last)
+
+
+def reset_rate_limits() -> None:
+    """Every RateLimitFilter starts afresh (for tests: each one starts with the full budget)."""
+    for limiter in list(_limiters):
+        limiter.reset()
 
 
 def flush_summaries(force: bool = False) -> None:
