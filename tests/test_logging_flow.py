@@ -129,3 +129,23 @@ async def test_logger_ini_handlers_work_behind_the_log_pump(tmp_path, server):
     assert "INI|pyexec_connector.link|source pythonSource: connected and configured" in lines
     assert sum("unknown op" in line for line in lines) == 11     # 10 in full, then one with the count
     assert "20 more like this were not logged" in lines[-1]
+
+
+async def test_a_stopped_connector_exits_even_when_nobody_ever_reads_its_output(tmp_path, server):
+    proc = await _spawn(tmp_path, server)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        for _ in range(5_000):       # far more than the pipe holds: the log pump is stuck writing
+            await server.send_frame(SOURCE, {"op": "publish", "object": {"n": 1}})
+        assert (await server.query({"code": "x = 4"}, timeout=60)).results["x"] == 4
+        proc.terminate()
+        # bounded: the pump gets a few seconds to write what it holds, then the process exits anyway.
+        # (Not proc.wait(): asyncio's wait() also waits for the pipe's end of file, which needs a reader.)
+        async with asyncio.timeout(60):
+            while proc.returncode is None:
+                await asyncio.sleep(0.1)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.communicate()
