@@ -87,3 +87,14 @@ def test_process_floor_answers_every_scenario(tmp_path):
     without = run_bench(tmp_path / "without", "--scenarios", "a", "--concurrency", "1", "--modes", "process",
                         "--no-process-floor")
     assert {r["target"] for r in without["rows"]} == {"ours/process", "floor"}
+
+
+def test_slow_server_scenario_runs_and_delivers_in_order(tmp_path):
+    command = [sys.executable, "-m", "bench.slow_server", "--modes", "inline,process", "--frames", "6",
+               "--frame-mb", "0.25", "--pause", "0.5", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "slow_server.json").read_text())
+    assert [r["target"] for r in report["results"]] == ["ours/inline", "ours/process"]
+    for result in report["results"]:
+        assert result["in_order"] and result["frames_received"] == 7 and result["peak_rss_mb"] > 0, result

@@ -10,7 +10,7 @@ import sys
 import uuid
 from typing import Any
 
-from . import __version__
+from . import __version__, logqueue
 from .config import TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
 from .connector import Connector
 from .errors import AuthenticationError, ConfigError
@@ -175,7 +175,12 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
     loop_factory, loop_name = event_loop_factory()
     log.info("pyexec-connector %s starting; logging: %s; event loop: %s", __version__, logging_source, loop_name)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config))
+        code = runner.run(serve(config))
+    if not logqueue.stop():
+        # The log output takes nothing (a pipe nobody reads): exiting normally would wait on it forever
+        # (logging's and the interpreter's final flush). The lines still queued are lost either way.
+        os._exit(code)
+    return code
 
 
 async def serve(config: ServerConfig) -> int:
@@ -191,7 +196,8 @@ async def serve(config: ServerConfig) -> int:
             connector.stop()
             return
         log.warning("%s received again: exiting at once; in-flight queries are not answered", sig.name)
-        logging.shutdown()
+        if logqueue.stop(timeout=1.0):
+            logging.shutdown()
         os._exit(EXIT_FAILURE)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -26,6 +26,7 @@ LOGGER_INI = Path("serverConfig") / "logger.ini"
 TOKEN_ENV = "CONNECTOR_AUTH_TOKEN"
 _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024     # per source; README "Flow control" says why
 DEFAULT_SHUTDOWN_GRACE = 30.0
 ENV_PREFIX = "CONNECTOR_"
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
@@ -153,6 +154,8 @@ class ServerConfig(BaseModel):
     connect_kwargs: ConnectOptions = Field(default_factory=ConnectOptions, alias="connectKWArgs")
     reconnect_secret: str | None = Field(default=None, alias="reconnectSecret")
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, alias="maxMessageBytes", ge=1024)
+    # Frames waiting for the websocket, per source; past it, code sending replies waits (flow control).
+    max_pending_bytes: int = Field(default=DEFAULT_MAX_PENDING_BYTES, alias="maxPendingBytes", ge=65536)
     max_document_bytes: int = Field(default=DEFAULT_MAX_DOCUMENT_BYTES, alias="maxDocumentBytes", ge=1024)
     document_timeout: float = Field(default=DEFAULT_DOCUMENT_TIMEOUT, alias="documentTimeout", gt=0)
     # HTTP /healthz, /readyz and /metrics; off when absent.

@@ -8,7 +8,9 @@ the two document endpoints with bearer-token checks. Knobs let tests inject faul
 - `request_reconnect(source)` sends reconnectRequired; `refuse(...)` / `accept(...)` answer connectExtension;
 - `silent_validate = True` never answers validate; `answer_pings = False` leaves pings unanswered;
 - `put_document(..., content_size=, incomplete=, fault="error" | "hang")` for the document endpoints;
-- `send_raw(source, data)` sends any text or bytes; `start(ssl=context)` serves wss/https."""
+- `send_raw(source, data)` sends any text or bytes; `start(ssl=context)` serves wss/https;
+- `pause_reading()` / `resume_reading()`: a slow server that stops reading its sockets (what the connector
+  sends backs up in TCP, then in the connector), and picks up where it stopped."""
 from __future__ import annotations
 
 import asyncio
@@ -105,6 +107,8 @@ class DevServer:
         self._max = max_message_bytes
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
+        self._reading = asyncio.Event()    # cleared by pause_reading()
+        self._reading.set()
         self.port: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -128,6 +132,7 @@ class DevServer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._reading.set()
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
@@ -165,6 +170,20 @@ class DevServer:
         doc = Document(name, content, stamp, incomplete, content_size, fault)
         self.documents[name] = doc
         return doc
+
+    def pause_reading(self) -> None:
+        """Stop reading every socket (new ones too) until resume_reading(). Nothing is lost: aiohttp's own
+        flow control stops taking data from TCP, so the connector's writes back up as with a slow server.
+        Pings wait too: keep the pause shorter than the connector's ping timeout, or sendPings off."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        """Read again, from where reading stopped."""
+        self._reading.set()
+
+    @property
+    def reading(self) -> bool:
+        return self._reading.is_set()
 
     async def wait_attached(self, source: str = "pythonSource", timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
@@ -298,6 +317,8 @@ class DevServer:
         validated = False
         try:
             async for msg in ws:
+                if not self._reading.is_set():
+                    await self._reading.wait()
                 if msg.type is WSMsgType.PING:
                     self.pings += 1
                     if self.answer_pings:

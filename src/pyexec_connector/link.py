@@ -9,6 +9,7 @@ import enum
 import itertools
 import logging
 import random
+import re
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -21,12 +22,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import compat, forkguard, protocol
 from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
+from .logqueue import rate_limit
 from .logsetup import secret_pieces
+from .outbox import Outbox
 
 log = logging.getLogger(__name__)
+rate_limit(log)     # warnings about bad frames carry a rate_key: a flood of them costs a few lines
 
 HANDSHAKE_TIMEOUT = 30.0
-OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
 BATCH_FRAMES = 64             # queued frames written to the socket at once
 BATCH_BYTES = 256 * 1024
 PING_INTERVAL = 20.0
@@ -141,11 +144,9 @@ class SourceLink:
         self._handshake_timeout = handshake_timeout
         self._on_state = on_state
         self.state = LinkState.IDLE
-        self._outbox: deque[str] = deque()
+        self._outbox = Outbox(config.max_pending_bytes)     # bounded in bytes: see outbox.py
         self._has_output = asyncio.Event()
         self._ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._stopping = False
         self._ws: ClientConnection | None = None
         self._writing = False        # the writer task holds frames it has not popped yet
@@ -161,8 +162,6 @@ class SourceLink:
         """Queue a frame. Frames go out in the order queued, after reconnects if need be; none is dropped."""
         self._outbox.append(frame)
         self._has_output.set()
-        if len(self._outbox) > OUTBOX_HIGH_WATER:
-            self._drained.clear()
 
     def write_now(self) -> None:
         """Write what is queued at once, in this step, when the socket can take it: a caller that
@@ -188,17 +187,29 @@ class SourceLink:
             self._write_now = broken
 
     async def drained(self) -> None:
-        """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
-        if not self._drained.is_set():
-            await self._drained.wait()
+        """Wait while the outbox is full (maxPendingBytes): back-pressure for whoever produces frames."""
+        await self._outbox.room()
 
     def is_drained(self) -> bool:
         """Whether drained() would return at once."""
-        return self._drained.is_set()
+        return self._outbox.has_room()
 
     @property
     def pending_frames(self) -> int:
         return len(self._outbox)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._outbox.pending_bytes
+
+    @property
+    def sender_waits(self) -> int:
+        return self._outbox.waits
+
+    @property
+    def peak_pending_bytes(self) -> int:
+        """The most the outbox ever held, in bytes (at most about maxPendingBytes plus a frame per producer)."""
+        return self._outbox.peak_bytes
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued frame went out (or the timeout). True if the outbox is empty."""
@@ -240,8 +251,7 @@ class SourceLink:
         outbox = self._outbox
         for _ in range(count):
             outbox.popleft()
-        if len(outbox) < OUTBOX_HIGH_WATER // 2:
-            self._drained.set()
+        outbox.update_room()
         if not outbox:
             self._has_output.clear()
 
@@ -461,7 +471,8 @@ class SourceLink:
         size = len(raw)
         address = protocol.sniff_reply_address(raw)
         log.warning("source %s: skipped a %d-byte frame, over maxMessageBytes (%d)%s", self.source_name, size,
-                    limit, f"; answering query {address} with an error" if address else "")
+                    limit, f"; answering query {address} with an error" if address else "",
+                    extra={"rate_key": f"{self.source_name}: oversized frame"})
         if address is not None:
             self._handler.on_unreadable_query(address, QueryError(
                 TOO_LARGE, "The query is {0} bytes, over the connector's limit of {1} bytes (maxMessageBytes "
@@ -489,16 +500,19 @@ class SourceLink:
                 if not self._ready.is_set():
                     raise _Refused(f"status {frame.status}: {protocol.status_messages(frame.body)}")
                 log.warning("source %s: the server reported status %d: %s", self.source_name, frame.status,
-                            protocol.status_messages(frame.body))
+                            protocol.status_messages(frame.body),
+                            extra={"rate_key": f"{self.source_name}: status {frame.status}"})
         elif isinstance(frame, protocol.PublishFrame):
             log.info("source %s: ignored a publish (this source only runs queries)", self.source_name)
         elif frame.reply_address is not None:
             log.warning("source %s: unreadable query %s (%s); answering with an error", self.source_name,
-                        frame.reply_address, frame.reason)
+                        frame.reply_address, frame.reason,
+                        extra={"rate_key": f"{self.source_name}: unreadable query: {_reason_kind(frame.reason)}"})
             self._handler.on_unreadable_query(frame.reply_address, QueryError(
                 BAD_QUERY, "The query frame could not be read: {0}", [frame.reason]))
         else:
-            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason))
+            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason),
+                        extra={"rate_key": f"{self.source_name}: bad frame: {_reason_kind(frame.reason)}"})
 
 
 def _batch_size(outbox: deque[str]) -> int:
@@ -527,6 +541,15 @@ def _sendable(frame: str) -> str:
     except UnicodeEncodeError:
         return frame.encode("utf-8", "backslashreplace").decode("utf-8")
     return frame
+
+
+_REASON_KIND = re.compile(r"[A-Za-z .]*")
+
+
+def _reason_kind(reason: str) -> str:
+    """What kind of bad frame a reason describes, without its details: "unknown op 'x'" -> "unknown op"."""
+    match = _REASON_KIND.match(reason)
+    return (match.group(0) if match else "").strip() or "other"
 
 
 def _clip(text: str, limit: int = 200) -> str:

@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import logqueue
 from .config import LOGGER_INI
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,7 +44,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str | None = None, logger_ini: Path | None = None, log_format: str = "text") -> str:
     """Returns what configured logging, for the start-up line. logger.ini, when present, wins over
-    `log_format`."""
+    `log_format`. The handlers end up behind a log pump (see logqueue): call logqueue.stop() before exit."""
     ini = logger_ini if logger_ini is not None else LOGGER_INI
     if ini.is_file():
         logging.config.fileConfig(ini, disable_existing_loggers=False)
@@ -61,6 +62,7 @@ def configure_logging(level: str | None = None, logger_ini: Path | None = None, 
     for noisy in ("websockets", "aiohttp.access"):
         if logging.getLogger(noisy).level == logging.NOTSET:
             logging.getLogger(noisy).setLevel(logging.INFO)
+    logqueue.install()      # writing a line must never block the event loop (a stalled stdout)
     return source
 
 
