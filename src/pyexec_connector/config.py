@@ -312,6 +312,9 @@ class SourceConfig(BaseModel):
     memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
     maxQueuedQueries: int = Field(default=1000, ge=0)                # waiting for a worker; beyond: "busy"
     codeGuard: CodeGuardConfig | None = None
+    # Which globals a plain query returns: "plain", upstream's rule (what plain JSON encodes; the rest is
+    # left out), or "rich": numpy, pandas, datetimes... encoded too (see values.py and the README).
+    resultValues: Literal["plain", "rich"] = "plain"
 
     @property
     def worker_count(self) -> int:

@@ -224,7 +224,9 @@ class SourceSession:
 
     def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
         limit = request.timeout if request.timeout is not None else self.source_config.executionTimeout
-        return Job(request, text, fingerprint, self.source_config.returnRuntimeInformation, limit or None)
+        config = self.source_config
+        return Job(request, text, fingerprint, config.returnRuntimeInformation, limit or None,
+                   config.resultValues == "rich")
 
     @staticmethod
     def _body(outcome: Outcome, started: float) -> str:

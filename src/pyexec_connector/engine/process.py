@@ -191,7 +191,8 @@ class ProcessEngine:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
         for worker in self._workers:
-            worker.send(("configure", config.codeCacheSize, self._forbid, config.returnRuntimeInformation))
+            worker.send(("configure", config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
+                         config.resultValues == "rich"))
         self._dispatch_waiting()
 
     def stats(self) -> dict[str, Any]:
@@ -329,7 +330,7 @@ class ProcessEngine:
             self._cache_misses += 1
             raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
                              [key])
-        return Job(request, known[0], known[1], job.runtime_info, job.timeout)
+        return Job(request, known[0], known[1], job.runtime_info, job.timeout, job.rich_results)
 
     def _remember(self, query: _Query) -> None:
         """What a name's code is, once a query ran it: any worker can then run name-only queries."""
@@ -453,6 +454,7 @@ class ProcessEngine:
             "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
             "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB,
             "runtime_info": self._config.returnRuntimeInformation,
+            "rich_results": self._config.resultValues == "rich",
             "max_message_bytes": self._max_message_bytes}))
         try:
             async with asyncio.timeout(START_TIMEOUT):

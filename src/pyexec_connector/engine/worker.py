@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from .. import errors, protocol
+from .. import errors, protocol, values
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
@@ -54,6 +54,7 @@ class Worker:
         self.guard = CodeGuard(())
         self.max_message_bytes: int | None = None
         self.runtime_info = False         # the source's returnRuntimeInformation, for relayed queries
+        self.rich_results = False         # the source's resultValues is "rich", for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
         self._owe_ack = False             # took messages and has not written since (see wire.ACK)
 
@@ -93,7 +94,8 @@ class Worker:
         sock = socket.socket(fileno=self._fd)
         reader, self._writer = await wire.open_pipe(sock, 2 ** 20, trusted=True)
         _, settings = await wire.read(reader, trusted=True)
-        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False))
+        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False),
+                        settings.get("rich_results", False))
         source = settings["source_name"]
         health = Health()
         health.declared = settings["healthy"]
@@ -155,8 +157,10 @@ class Worker:
         self._start(qid, job, reply_address)
         return True
 
-    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False) -> None:
+    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False,
+                   rich_results: bool = False) -> None:
         self.runtime_info = runtime_info
+        self.rich_results = rich_results
         old = self.cache
         self.cache = CodeCache(cache_capacity)
         self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
@@ -175,7 +179,7 @@ class Worker:
                                                        [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
             return
         code = request.code if text is None else text
-        self._start(qid, Job(request, code, code, self.runtime_info, None), reply_address)
+        self._start(qid, Job(request, code, code, self.runtime_info, None, self.rich_results), reply_address)
 
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
@@ -240,12 +244,16 @@ class Worker:
 
 
 def _sendable(error: QueryError) -> QueryError:
-    """A QueryError whose parameters the connector can receive and encode (user code may raise odd ones)."""
+    """A QueryError whose parameters the connector can receive (plain data only) and encode: user code
+    may raise it with numpy values, datetimes... (encoded here, as the connector would) or odd objects."""
+    return QueryError(error.code, error.template, [_parameter(p) for p in error.params])
+
+
+def _parameter(value: Any) -> Any:
     try:
-        protocol.dumps(error.params)
-        return error
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return QueryError(error.code, error.template, [repr(p) for p in error.params])
+        return values.to_data(value)
+    except values.Unencodable:
+        return repr(value)
 
 
 def _limit_memory(megabytes: int | None) -> None:
