@@ -15,6 +15,11 @@ UPSTREAM = Path(os.environ.get("PYEXEC_UPSTREAM", "/work/upstream-venv/bin/vanti
 QUERIES = [
     {"code": "import math\nx = a + 1\nr = math.sqrt(4)\nf = lambda: 1", "presetValues": {"a": 3}},
     {"code": example("globals_result.py"), "name": "g.py", "presetValues": {"loop_count": 3}},
+    # what plain JSON cannot encode is left out, nested or not; the rest (big ints, tuples...) kept
+    {"code": "import datetime, decimal, uuid, enum\nwhen = datetime.datetime(2026, 1, 1)\ns = {1}\n"
+             "dec = decimal.Decimal('1.1')\nu = uuid.UUID(int=1)\nobj = object()\nok = [1, (2, 3)]\nbig = 2 ** 70\n"
+             "inside = {'d': datetime.date(2026, 1, 1)}\nb = b'x'\nclass E(enum.Enum):\n    A = 1\ne = E.A\n"
+             "class I(enum.IntEnum):\n    B = 2\ni = I.B"},
     {"code": "x=1\ny=2", "limitReturnTo": "x"},
     {"code": "x=1\ny=2", "limitReturnTo": ["y"]},
     {"code": "x = 1/0"},
