@@ -155,7 +155,7 @@ def reply_frame(reply_address: str, status: int, body: Any = None) -> str:
 def reply_frame_raw(reply_address: str, status: int, body_json: str) -> str:
     """A reply whose body is already JSON text: spares decoding and re-encoding it."""
     return '{"status":%d,"headers":{"X-Reply-Address":%s},"body":%s}' % (
-        status, values.dumps(reply_address), body_json)
+        status, values.encode_str(reply_address), body_json)
 
 
 def error_frame(reply_address: str, error: QueryError) -> str:

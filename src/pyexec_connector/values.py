@@ -34,6 +34,8 @@ _PLAIN = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
 _stdlib = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _dumps = orjson.dumps
+# a str as a JSON string (C, quicker than any encoder's call for one short string; keeps lone surrogates)
+encode_str: Callable[[str], str] = json.encoder.encode_basestring   # type: ignore[attr-defined]
 
 
 class Unencodable(TypeError):
@@ -79,30 +81,32 @@ def type_name(value: Any) -> str:
 
 def globals_json(candidates: dict[str, Any], rich: bool, named: frozenset[str] | tuple[str, ...] = (),
                  skipped: list[dict[str, str]] | None = None) -> str:
-    """The pythonCallResults object as JSON text: one encode of them all in the common case, value by
-    value when that fails. A value neither encoder takes is left out (and noted in `skipped`), unless
-    its name is in `named`: then the query fails, naming it."""
-    encode = encode_rich if rich else encode_plain
-    if rich or not _has_unplain_top(candidates):
+    """The pythonCallResults object as JSON text. A value neither encoder takes is left out (and noted in
+    `skipped`), unless its name is in `named`: then the query fails, naming it. Each value is encoded once:
+    all together when they are plain JSON types at the top (the common case: one call), else one by one
+    (a DataFrame next to a value that cannot be encoded is not encoded twice)."""
+    if _JSON_TYPES.issuperset(map(type, candidates.values())):
         try:
             return _dumps(candidates, default=_rich_default if rich else _plain_default,
                           option=_RICH if rich else _PLAIN).decode()
         except _ENCODE_ERRORS:
-            pass
+            pass       # nested: an integer beyond 64 bits, a lone surrogate... value by value
+    encode = encode_rich if rich else encode_plain
     parts = []
     for key, value in candidates.items():
         try:
-            if not rich and _unplain_top(value):
+            if not rich and type(value) not in _JSON_TYPES and _unplain_top(value):
                 raise Unencodable(f"Type is not JSON serializable: {type_name(value)}")
             text = encode(value)
         except Unencodable as exc:
             if key in named:
-                raise QueryError(UNENCODABLE_GLOBAL, "The global {0} named in limitReturnTo is a {1}, which cannot be "
-                                              "returned as JSON: {2}", [key, type_name(value), str(exc)]) from None
+                raise QueryError(UNENCODABLE_GLOBAL, "The global {0} named in limitReturnTo is a {1}, which "
+                                                     "cannot be returned as JSON: {2}",
+                                 [key, type_name(value), str(exc)]) from None
             if skipped is not None:
                 skipped.append({"name": key, "type": type_name(value)})
             continue
-        parts.append(f"{_stdlib(key)}:{text}")
+        parts.append(f"{encode_str(key)}:{text}")
     return "{" + ",".join(parts) + "}"
 
 
@@ -122,10 +126,6 @@ def _unplain_top(value: Any) -> bool:
         return True
     enum = sys.modules.get("enum")
     return enum is not None and isinstance(value, enum.Enum) and not isinstance(value, int | str)
-
-
-def _has_unplain_top(candidates: dict[str, Any]) -> bool:
-    return any(_unplain_top(v) for v in candidates.values() if type(v) not in _JSON_TYPES)
 
 
 _JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None), tuple})
