@@ -42,18 +42,25 @@ class Unencodable(TypeError):
     """A value neither encoder can turn into JSON."""
 
 
+class _Refused(TypeError):
+    """A type no converter takes: raised inside orjson (its error's __cause__), so that what the walk
+    would refuse as well is not tried again the slow way."""
+
+
 # ---- public ------------------------------------------------------------------------------------
 
 def dumps(value: Any) -> str:
     """Rich JSON text of any value the connector sends. Raises Unencodable."""
     try:
         return _dumps(value, default=_rich_default, option=_RICH).decode()
-    except _ENCODE_ERRORS:
-        pass
-    try:
-        return _dumps(value, default=_rich_default, option=_RICH_KEYS).decode()
-    except _ENCODE_ERRORS:
-        return _slow(value, True)
+    except _ENCODE_ERRORS as exc:
+        failure: BaseException = exc
+    if str(failure) == "Dict key must be str":
+        try:
+            return _dumps(value, default=_rich_default, option=_RICH_KEYS).decode()
+        except _ENCODE_ERRORS as exc:
+            failure = exc
+    return _slow(value, True, failure)
 
 
 encode_rich = dumps
@@ -63,8 +70,8 @@ def encode_plain(value: Any) -> str:
     """JSON text of a value upstream's json.dumps would take (NaN as null). Raises Unencodable."""
     try:
         return _dumps(value, default=_plain_default, option=_PLAIN).decode()
-    except _ENCODE_ERRORS:
-        return _slow(value, False)
+    except _ENCODE_ERRORS as exc:
+        return _slow(value, False, exc)
 
 
 def to_data(value: Any) -> Any:
@@ -115,7 +122,7 @@ def globals_json(candidates: dict[str, Any], rich: bool, named: frozenset[str] |
 def _plain_default(value: Any) -> Any:
     if isinstance(value, float):      # numpy.float64 and other float subclasses: json.dumps takes them
         return float(value)
-    raise TypeError(f"Type is not JSON serializable: {type_name(value)}")
+    raise _Refused(f"Type is not JSON serializable: {type_name(value)}")
 
 
 def _unplain_top(value: Any) -> bool:
@@ -191,7 +198,7 @@ def _converter_for(kind: type) -> Callable[[Any], Any]:
 
 
 def _unencodable(value: Any) -> Any:
-    raise TypeError(f"Type is not JSON serializable: {type_name(value)}")
+    raise _Refused(f"Type is not JSON serializable: {type_name(value)}")
 
 
 def _base64(value: Any) -> str:
@@ -324,7 +331,9 @@ def _key_text(key: Any) -> str:
 
 # ---- the slow way: what orjson rejects ----------------------------------------------------------
 
-def _slow(value: Any, rich: bool) -> str:
+def _slow(value: Any, rich: bool, failure: BaseException) -> str:
+    if isinstance(failure.__cause__, _Refused):
+        raise Unencodable(str(failure.__cause__)) from None
     try:
         return _stdlib(_walk(value, rich))
     except Exception as exc:    # noqa: BLE001 - a converter (pandas, pydantic...) may raise anything
