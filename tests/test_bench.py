@@ -33,7 +33,8 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
     report = run_bench(tmp_path, "--modes", "inline", "--concurrency", "4")
     rows = report["rows"]
     assert {(r["scenario"], r["target"]) for r in rows} == {
-        (s, t) for s in "abcdefi" for t in ("ours/inline", "floor")} | {("j", "ours/inline")}   # (j): ours only
+        (s, t) for s in "abcdefi" for t in ("ours/inline", "floor")} | {
+        ("j", "ours/inline"), ("j", "ours/inline@i")}   # (j): ours alone, alternately with (i)'s queries
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["errors"] == 0 and row["unanswered"] == 0, row
