@@ -3,6 +3,7 @@
 console command and devserver; the default keeps upstream's rule."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -239,3 +240,21 @@ def test_numpy_and_pandas_are_not_package_dependencies_nor_imported():
     lines = out.stdout.splitlines()
     assert json.loads(lines[0]) == {"d": "2026-01-01", "x": 2.5, "s": [3]} and lines[0].count("2.50") == 1
     assert lines[-1] == "[]"
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_result_values_follows_a_reconfigure_that_keeps_the_workers(server, start_connector, mode):
+    running = await start(server, start_connector, mode)
+    code = "import datetime\nwhen = datetime.date(2026, 1, 2)\nn = 1"
+    assert (await server.query({"code": code})).results == {"n": 1}
+    engine = running.session.engine
+    await server.reconfigure(SOURCE, {"executionMode": mode, "workers": 1, "resultValues": "rich"})
+    for _ in range(100):
+        if running.session.source_config.resultValues == "rich":
+            break
+        await asyncio.sleep(0.02)
+    assert running.session.engine is engine      # same pool: the workers were told, not replaced
+    # a plain query (relayed to a worker as it came, in process mode) and one sent with its code cached
+    assert (await server.query({"code": code})).results == {"n": 1, "when": "2026-01-02"}
+    await server.query({"code": code, "name": "cached"})
+    assert (await server.query({"name": "cached"})).results == {"n": 1, "when": "2026-01-02"}
