@@ -33,14 +33,18 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
     report = run_bench(tmp_path, "--modes", "inline", "--concurrency", "4")
     rows = report["rows"]
     assert {(r["scenario"], r["target"]) for r in rows} == {
-        (s, t) for s in "abcdef" for t in ("ours/inline", "floor")}
+        (s, t) for s in "abcdefi" for t in ("ours/inline", "floor")} | {
+        ("l", "ours/inline"), ("l", "ours/inline@i")}   # (l): ours alone, alternately with (i)'s queries
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["errors"] == 0 and row["unanswered"] == 0, row
         assert row["queries"] == (300 if row["scenario"] == "f" else 24), row
         assert row["qps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["rss_peak_mb"] > 5
-        assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
+        if row["scenario"] == "l":      # ours alone: nothing to compare with in its cell
+            assert row["ratios"] == {}
+        else:
+            assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
         assert (row["rss_growth"] is not None) == (row["scenario"] == "f")
     assert set(report["idle_rss"]) == {"ours/inline", "floor"}
     meta = report["meta"]

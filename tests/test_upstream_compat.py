@@ -107,6 +107,11 @@ SAME: list[tuple[str, Any]] = [
     ("codeHandlesReturn: one 200 with an array of rows",
      {"code": "import asyncio\nasyncio.get_event_loop().create_task(connector_connection.send_query_response("
               "connector_context, 200, [{'a': 1}, {'a': 2}]))", "codeHandlesReturn": True}),
+    ("what plain JSON cannot encode is left out, nested or not; the rest (big ints, tuples...) kept",
+     {"code": "import datetime, decimal, uuid, enum\nwhen = datetime.datetime(2026, 1, 1)\ns = {1}\n"
+              "dec = decimal.Decimal('1.1')\nu = uuid.UUID(int=1)\nobj = object()\nok = [1, (2, 3)]\nbig = 2 ** 70\n"
+              "inside = {'d': datetime.date(2026, 1, 1)}\nb = b'x'\nclass E(enum.Enum):\n    A = 1\ne = E.A\n"
+              "class I(enum.IntEnum):\n    B = 2\ni = I.B"}),
 ]
 
 

@@ -421,6 +421,9 @@ class SourceConfig(BaseModel):
     # true: `code` with `script`, and `script` with another `name`, are 400s (ambiguouscode,
     # ambiguousname) instead of upstream's reading of them (run the code; run the script under its name)
     strictParameters: bool = False
+    # Which globals a plain query returns: "plain", upstream's rule (what plain JSON encodes; the rest is
+    # left out), or "rich": numpy, pandas, datetimes... encoded too (see values.py and the README).
+    resultValues: Literal["plain", "rich"] = "plain"
 
     @property
     def worker_count(self) -> int:

@@ -20,6 +20,7 @@ class Job:
     fingerprint: Any             # what a cached entry must match: the code text, or the document's time
     runtime_info: bool           # the source asked for connectorRuntimeInformation
     timeout: float | None = None  # seconds the run may take (None: no limit)
+    rich_results: bool = False   # the source's resultValues is "rich": every global through the rich encoder
 
     def __reduce__(self):   # sent to a worker per query: see QueryRequest.__reduce__
         return (Job, _job_fields(self))

@@ -22,6 +22,7 @@ class Configure(NamedTuple):
     cache_capacity: int
     forbid: tuple[str, ...]
     runtime_info: bool
+    rich_results: bool = False
 
 
 class Run(NamedTuple):

@@ -90,7 +90,8 @@ class Pipeline:
 
     def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
         limit = request.timeout if request.timeout is not None else self.config.executionTimeout
-        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None)
+        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None,
+                   self.config.resultValues == "rich")
 
     # ---- the end --------------------------------------------------------------------------------
     def settle(self, channel: ReplyChannel, outcome_of: Callable[..., Outcome], *args: Any) -> None:

@@ -104,7 +104,7 @@ class NameBook:
             self.misses += 1
             raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
                              [key])
-        return Job(request, known[0], known[1], job.runtime_info, job.timeout)
+        return Job(request, known[0], known[1], job.runtime_info, job.timeout, job.rich_results)
 
     def remember(self, known: tuple[str, str, Any] | None) -> None:
         if known is not None:
@@ -155,6 +155,7 @@ class ProcessEngine:
                 "healthy": self._health.declared, "cache_capacity": self._config.codeCacheSize,
                 "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB,
                 "runtime_info": self._config.returnRuntimeInformation,
+                "rich_results": self._config.resultValues == "rich",
                 "max_message_bytes": self._max_message_bytes}
 
     def reconfigure(self, config: SourceConfig) -> None:
@@ -163,7 +164,8 @@ class ProcessEngine:
         self._apply(config)
         self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
         self.dispatcher.per_worker, self.dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
-        self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation))
+        self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
+                                       config.resultValues == "rich"))
         self.dispatcher.dispatch()
 
     def stats(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from .. import errors, forkguard, protocol
+from .. import errors, forkguard, protocol, values
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
@@ -70,6 +70,7 @@ class Worker:
         self.max_message_bytes: int | None = None
         self.runtime_info = False         # the source's returnRuntimeInformation, for relayed queries
         self.health = Health()
+        self.rich_results = False         # the source's resultValues is "rich", for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
         self._owe_ack = False             # took messages and has not written since (see messages.Ack)
         self._stopping = False
@@ -125,7 +126,8 @@ class Worker:
         reader, self._writer = await wire.open_pipe(sock, trusted=True)
         init = await wire.read(reader)
         settings = init.settings
-        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False))
+        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False),
+                        settings.get("rich_results", False))
         source = settings["source_name"]
         self.health.declared = settings["healthy"]
 
@@ -181,8 +183,10 @@ class Worker:
             return False
         return True
 
-    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False) -> None:
+    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False,
+                   rich_results: bool = False) -> None:
         self.runtime_info = runtime_info
+        self.rich_results = rich_results
         old = self.cache
         self.cache = CodeCache(cache_capacity)
         self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
@@ -206,7 +210,7 @@ class Worker:
                                   refused=True))
             return
         code = request.code if message.text is None else message.text
-        self._start(qid, Job(request, code, code, self.runtime_info, None), message.reply_address)
+        self._start(qid, Job(request, code, code, self.runtime_info, None, self.rich_results), message.reply_address)
 
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
@@ -288,12 +292,16 @@ def _within_limit(message: Any, size: int, max_bytes: int) -> Any:
 
 
 def _sendable(error: QueryError) -> QueryError:
-    """A QueryError whose parameters the connector can receive and encode (user code may raise odd ones)."""
+    """A QueryError whose parameters the connector can receive (plain data only) and encode: user code
+    may raise it with numpy values, datetimes... (encoded here, as the connector would) or odd objects."""
+    return QueryError(error.code, error.template, [_parameter(p) for p in error.params])
+
+
+def _parameter(value: Any) -> Any:
     try:
-        protocol.dumps(error.params)
-        return error
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return QueryError(error.code, error.template, [repr(p) for p in error.params])
+        return values.to_data(value)
+    except values.Unencodable:
+        return repr(value)
 
 
 def _limit_memory(megabytes: int | None) -> None:
