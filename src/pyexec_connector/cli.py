@@ -10,8 +10,8 @@ import sys
 import uuid
 from typing import Any
 
-from . import __version__, logqueue
-from .config import TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
+from . import __version__, logqueue, sandbox
+from .config import ENV_FOR_KEY, TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
 from .connector import Connector
 from .errors import AuthenticationError, ConfigError
 from .eventloop import event_loop_factory
@@ -77,6 +77,9 @@ def _connector_options(parser: argparse.ArgumentParser, default: object) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before the token is read: processes of this user (user code in default process mode among them)
+    # cannot read this one's /proc/<pid>/environ, mem or maps, nor ptrace it
+    sandbox.make_non_dumpable()
     args = build_parser().parse_args(argv)
     command = args.command or "run"
     if command == "demo":
@@ -169,7 +172,8 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
             print(f"pyexec-connector: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     # User code runs in this process (and its children inherit the environment): it must not find the token.
-    os.environ.pop(TOKEN_ENV, None)
+    for secret in (TOKEN_ENV, ENV_FOR_KEY["reconnectSecret"]):
+        os.environ.pop(secret, None)
     logging_source = configure_logging(log_level, log_format=log_format)
     redact_everywhere(config.auth_token)
     loop_factory, loop_name = event_loop_factory()

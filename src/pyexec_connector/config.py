@@ -14,8 +14,18 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import javaproperties
-from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from . import sandbox
 from .booleans import FALSE_WORDS, TRUE_WORDS, parse_bool  # noqa: F401 - re-exported
 from .errors import ConfigError
 
@@ -162,8 +172,39 @@ class ServerConfig(BaseModel):
     metrics_port: int | None = Field(default=None, alias="metricsPort", ge=1, le=65535)
     # How long a stopping connector lets in-flight queries finish before answering them with an error.
     shutdown_grace_seconds: float = Field(default=DEFAULT_SHUTDOWN_GRACE, alias="shutdownGraceSeconds", ge=0)
-    # Everything the file said, minus the token: what user code sees through get_server_config().
+    # The user (name or uid) worker processes run as, with no supplementary groups; and their group
+    # (default: that user's primary group). Needs a connector started as root (README, "Threat model").
+    worker_user: str | None = Field(default=None, alias="workerUser")
+    worker_group: str | None = Field(default=None, alias="workerGroup")
+    # Everything the file said, minus the token and the reconnect secret: what user code sees through
+    # get_server_config().
     public_properties: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("worker_user", "worker_group", mode="before")
+    @classmethod
+    def _optional_name(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_user")
+    @classmethod
+    def _check_worker_user(cls, value: str | None) -> str | None:
+        if value is not None:
+            sandbox.check_worker_user(value)
+        return value
+
+    @field_validator("worker_group")
+    @classmethod
+    def _check_worker_group(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            if "worker_user" in info.data and info.data["worker_user"] is None:    # (a bad one is reported)
+                raise ValueError("is set without workerUser: set workerUser too, or remove workerGroup")
+            sandbox.resolve_group(value)
+        return value
+
+    @property
+    def worker_credentials(self) -> tuple[int, int] | None:
+        """(uid, gid) workers switch to, or None: they run as the connector's user."""
+        return sandbox.worker_credentials(self.worker_user, self.worker_group)
 
     @field_validator("metrics_port", mode="before")
     @classmethod
@@ -322,7 +363,7 @@ def config_problems(properties: Mapping[str, str], env: Mapping[str, str] | None
     for required in REQUIRED_KEYS:
         if _blank(values.get(required)):
             values.pop(required, None)      # reported as missing, with the variable that could supply it
-    values["public_properties"] = {k: str(v) for k, v in values.items() if k != "authToken"}
+    values["public_properties"] = {k: str(v) for k, v in values.items() if k not in sandbox.SECRET_KEYS}
     try:
         return ServerConfig.model_validate(values), []
     except ValidationError as exc:
@@ -424,6 +465,10 @@ class SourceConfig(BaseModel):
     # Which globals a plain query returns: "plain", upstream's rule (what plain JSON encodes; the rest is
     # left out), or "rich": numpy, pandas, datetimes... encoded too (see values.py and the README).
     resultValues: Literal["plain", "rich"] = "plain"
+    # RLIMIT_NOFILE of each worker process; RLIMIT_NPROC of the worker user, applied only with
+    # workerUser (README, "Threat model" says what each bounds)
+    maxOpenFiles: int = Field(default=sandbox.DEFAULT_MAX_OPEN_FILES, ge=16, le=1_048_576)
+    maxProcessesPerWorker: int = Field(default=sandbox.DEFAULT_MAX_PROCESSES, ge=8, le=4_194_304)
 
     @property
     def worker_count(self) -> int:
@@ -432,7 +477,8 @@ class SourceConfig(BaseModel):
     @property
     def pool_shape(self) -> tuple[Any, ...]:
         """What a worker pool is built from: a change here needs a new pool, anything else does not."""
-        return (self.executionMode, self.worker_count, self.memoryLimitMB or None)
+        return (self.executionMode, self.worker_count, self.memoryLimitMB or None, self.maxOpenFiles,
+                self.maxProcessesPerWorker)
 
 
 def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:

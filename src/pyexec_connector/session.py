@@ -106,7 +106,8 @@ class SourceSession:
             return InlineEngine(self.pipeline, self.connection, config)
         return ProcessEngine(config, self.pipeline, self.link, self.health, source_name=self.source_name,
                              server_config=self.server_config.public_properties,
-                             max_message_bytes=self.server_config.max_message_bytes)
+                             max_message_bytes=self.server_config.max_message_bytes,
+                             worker_credentials=self.server_config.worker_credentials)
 
     def on_unreadable_query(self, reply_address: str, error: QueryError) -> None:
         """A query frame that could not be parsed (cut off, too large) but names its reply address."""

@@ -17,8 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from .. import forkguard
-from ..config import TOKEN_ENV
+from .. import forkguard, sandbox
 from . import wire
 from .messages import Init, Ready, Stop
 from .oom import sigkill_hint
@@ -147,10 +146,12 @@ class WorkerPool:
     workers die before they are ready), and stops them all at close. Scaling and recycling land here."""
 
     def __init__(self, source_name: str, size: int, events: PoolEvents, settings: Callable[[], dict[str, Any]],
-                 max_message_bytes: int | None):
+                 max_message_bytes: int | None, spawn_options: Callable[[], dict[str, Any]] | None = None):
         self.source_name = source_name
         self._events = events
         self._settings = settings
+        # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
+        self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
         self.workers = [WorkerHandle(index) for index in range(size)]
         self.restarts = 0
@@ -204,7 +205,7 @@ class WorkerPool:
         try:
             worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()), str(os.getpid()),
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_environment())
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, **self._spawn_options())
         except OSError as exc:
             parent_end.close()
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
@@ -359,7 +360,3 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
         return f"killed by signal {name} ({-returncode}){hint}"
     return f"exit code {returncode}"
 
-
-def _worker_environment() -> dict[str, str]:
-    """The connector's environment without the access token: user code never sees it."""
-    return {k: v for k, v in os.environ.items() if k != TOKEN_ENV}

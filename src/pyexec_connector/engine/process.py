@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 
-from .. import errors, protocol
+from .. import errors, protocol, sandbox
 from ..config import SourceConfig
 from ..connection import Health
 from ..errors import QueryError
@@ -125,13 +125,15 @@ class _Query:
 
 class ProcessEngine:
     def __init__(self, config: SourceConfig, pipeline: Pipeline, link: LinkOutlet, health: Health, *,
-                 source_name: str, server_config: dict[str, str], max_message_bytes: int | None = None):
+                 source_name: str, server_config: dict[str, str], max_message_bytes: int | None = None,
+                 worker_credentials: tuple[int, int] | None = None):
         self.source_name = source_name
         self._pipeline = pipeline
         self._link = link
         self._health = health
         self._server_config = dict(server_config)
         self._max_message_bytes = max_message_bytes
+        self._credentials = worker_credentials      # (uid, gid) of workerUser, or None
         self._apply(config)
         self._names = NameBook(config.codeCacheSize)
         self._ids = itertools.count(1)
@@ -141,7 +143,8 @@ class ProcessEngine:
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
-        self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes)
+        self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
+                               spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
 
     # ---- configuration ----------------------------------------------------------------------
@@ -156,7 +159,10 @@ class ProcessEngine:
                 "forbid": self._forbid, "memory_limit_mb": self._config.memoryLimitMB,
                 "runtime_info": self._config.returnRuntimeInformation,
                 "rich_results": self._config.resultValues == "rich",
-                "max_message_bytes": self._max_message_bytes}
+                "max_message_bytes": self._max_message_bytes,
+                "max_open_files": self._config.maxOpenFiles,
+                # Linux counts RLIMIT_NPROC per user: only a user of the workers' own makes it theirs
+                "max_processes": self._config.maxProcessesPerWorker if self._credentials else None}
 
     def reconfigure(self, config: SourceConfig) -> None:
         if config.pool_shape != self._config.pool_shape:

@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
-from .. import errors, values
+from .. import errors, sandbox, values
 from ..cache import CodeCache
 from ..errors import QueryError
 from . import output
@@ -86,6 +86,10 @@ def execution_error(exc: BaseException) -> QueryError:
     if isinstance(exc, MemoryError):
         return QueryError(errors.MEMORY_LIMIT, "The code ran out of memory (memoryLimitMB, or the machine's): {0}",
                           [str(exc) or "MemoryError"])
+    hint = sandbox.limit_hint(exc)
+    if hint is not None:
+        return QueryError(errors.EXECUTION_EXCEPTION, "Executing the code raised {0}: {1}; {2}",
+                          [type(exc).__name__, str(exc), hint])
     tb = exc.__traceback__
     # Drop the connector's own frames: the caller wants the trace from their code down.
     while tb is not None and not _is_user_frame(tb.tb_frame):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from .. import errors, forkguard, protocol, values
+from .. import errors, forkguard, protocol, sandbox, values
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
@@ -145,6 +145,7 @@ class Worker:
         runtime.install_task_tracking(asyncio.get_running_loop())
         output.install()
         _limit_memory(settings["memory_limit_mb"])
+        sandbox.apply_limits(settings.get("max_open_files"), settings.get("max_processes"))
         self.send(Ready(os.getpid()))
         reader.after = self.flush
         while not self._stopping:
@@ -330,6 +331,7 @@ def _die_with_the_connector(connector_pid: int) -> None:
 
 
 def main() -> None:
+    sandbox.harden_worker()     # first: the worker user, no new privileges (before anything else runs)
     _die_with_the_connector(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,225 @@
+"""The worker boundary: what the connector does to itself and to each worker process so that user code
+cannot reach the token, the reconnect secret or the machine's limits (README, "Threat model").
+
+The connector's side: `make_non_dumpable()` at start, `check_worker_user()` while the configuration is
+read, `worker_environment()` / `worker_spawn_options()` where a worker (or a zygote) is spawned.
+The worker's side: `harden_worker()` first thing in its process (before anything reads a message), and
+`apply_limits()` once the source's limits are known, before any user code runs.
+
+Workers change user themselves (`harden_worker`), not through `create_subprocess_exec(user=...)`: uvloop's
+subprocess support has no user/group options, and a zygote forking workers needs the same step anyway."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import grp
+import os
+import pwd
+import resource
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
+
+DROP_ENV = "PYEXEC_WORKER_CREDENTIALS"      # "uid:gid" a spawned worker (or zygote) switches to first thing
+# what a worker never inherits: the token, the reconnect secret, and every other CONNECTOR_* setting (the
+# connector's configuration is the connector's; user code gets get_server_config(), without secrets)
+SECRET_KEYS = ("authToken", "reconnectSecret")
+ENV_PREFIX = "CONNECTOR_"
+
+DEFAULT_MAX_OPEN_FILES = 1024
+DEFAULT_MAX_PROCESSES = 512
+
+# the limits this worker runs under, for the error that names them (see limit_hint)
+_active_limits: dict[str, int] = {}
+
+
+class CredentialError(Exception):
+    """The worker could not become the configured user: it must not run code as anyone else."""
+
+
+def _prctl(option: int, arg: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.prctl(option, arg, 0, 0, 0)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(result)
+
+
+# ---- the connector ---------------------------------------------------------------------------------
+
+def make_non_dumpable() -> bool:
+    """Processes of the same user can no longer read this one's /proc/<pid>/environ, mem or maps, nor
+    attach a debugger (ptrace): the kernel treats it as another user's. False where prctl is missing."""
+    try:
+        _prctl(PR_SET_DUMPABLE, 0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def is_dumpable() -> bool:
+    try:
+        return _prctl(3, 0) == 1        # PR_GET_DUMPABLE
+    except (OSError, AttributeError):
+        return True
+
+
+def _effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def can_switch_users() -> bool:
+    """Can this process start workers as another user and signal them afterwards?"""
+    caps = _effective_capabilities()
+    needed = (1 << CAP_SETUID) | (1 << CAP_SETGID) | (1 << CAP_KILL)
+    return caps & needed == needed
+
+
+def resolve_user(user: str) -> tuple[int, int, str]:
+    """(uid, its primary gid, name) of a user name or numeric id. ValueError names what is wrong."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.strip().isdigit() else pwd.getpwnam(user.strip())
+    except (KeyError, OverflowError):
+        if user.strip().isdigit():      # a numeric id with no passwd entry (common in containers)
+            uid = int(user)
+            return uid, uid, user.strip()
+        raise ValueError(f"names no user of this machine: {user!r}") from None
+    return entry.pw_uid, entry.pw_gid, entry.pw_name
+
+
+def resolve_group(group: str) -> int:
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.strip().isdigit() else grp.getgrnam(group.strip()).gr_gid
+    except (KeyError, OverflowError):
+        if group.strip().isdigit():
+            return int(group)
+        raise ValueError(f"names no group of this machine: {group!r}") from None
+
+
+def check_worker_user(user: str) -> tuple[int, int]:
+    """The workerUser value, checked: ValueError with the reason when it cannot be used."""
+    uid, gid, name = resolve_user(user)
+    if uid == 0:
+        raise ValueError("must not be root (uid 0): workers would have every right the connector has")
+    if uid == os.geteuid():
+        raise ValueError(f"is the connector's own user ({name}): workers could read its files and signal it")
+    if not can_switch_users():
+        raise ValueError(f"needs a connector that can start processes as another user (root, or the "
+                         f"capabilities SETUID, SETGID and KILL); this one runs as uid {os.geteuid()} without "
+                         f"them. Start it as root, or remove workerUser")
+    return uid, gid
+
+
+def worker_credentials(worker_user: str | None, worker_group: str | None) -> tuple[int, int] | None:
+    if not worker_user:
+        return None
+    uid, gid = check_worker_user(worker_user)
+    if worker_group:
+        gid = resolve_group(worker_group)
+    return uid, gid
+
+
+def worker_environment(credentials: tuple[int, int] | None = None,
+                       environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker (or a zygote) starts with: the connector's, without any CONNECTOR_*
+    variable (the token, the reconnect secret, the configuration), plus the user to switch to."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) and k != DROP_ENV}
+    if credentials is not None:
+        env[DROP_ENV] = f"{credentials[0]}:{credentials[1]}"
+        try:
+            home = pwd.getpwuid(credentials[0]).pw_dir
+        except KeyError:
+            home = "/"
+        env["HOME"] = home
+        env.pop("USER", None)
+        env.pop("LOGNAME", None)
+    return env
+
+
+def worker_spawn_options(credentials: tuple[int, int] | None) -> dict[str, Any]:
+    """Keyword arguments for the create_subprocess_exec that starts a worker or a zygote
+    (`credentials`: ServerConfig.worker_credentials)."""
+    return {"env": worker_environment(credentials)}
+
+
+# ---- the worker ------------------------------------------------------------------------------------
+
+def harden_worker(environ: MutableMapping[str, str] | None = None) -> None:
+    """First thing in a worker (or zygote) process: become the configured user with no supplementary
+    groups (when the connector said so), and take away every way back to more privileges (setuid
+    binaries, file capabilities): PR_SET_NO_NEW_PRIVS, inherited by everything it forks or runs."""
+    wanted = (os.environ if environ is None else environ).pop(DROP_ENV, None)
+    if wanted:
+        uid, gid = (int(part) for part in wanted.split(":"))
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            raise CredentialError(f"cannot become uid {uid} gid {gid}: {exc}") from exc
+        if os.getresuid() != (uid, uid, uid) or os.getgroups() not in ([], [gid]):
+            raise CredentialError(f"still runs as {os.getresuid()} with groups {os.getgroups()}")
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise CredentialError("could become root again after switching users")
+    try:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    except (OSError, AttributeError):
+        pass            # not Linux: nothing to do
+
+
+def no_new_privs() -> bool:
+    try:
+        return _prctl(PR_GET_NO_NEW_PRIVS, 0) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def apply_limits(max_open_files: int | None, max_processes: int | None) -> None:
+    """Per-process limits, lowered hard as well as soft so that user code cannot raise them again.
+    RLIMIT_NPROC is only given when the worker runs as a user of its own (`max_processes` None otherwise):
+    Linux counts it per user, over every process and thread of that user, so for the connector's own
+    user it would strike the connector."""
+    _active_limits.clear()
+    if max_open_files:
+        _lower(resource.RLIMIT_NOFILE, max_open_files)
+        _active_limits["maxOpenFiles"] = max_open_files
+    if max_processes:
+        _lower(resource.RLIMIT_NPROC, max_processes)
+        _active_limits["maxProcessesPerWorker"] = max_processes
+
+
+def _lower(which: int, limit: int) -> None:
+    soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        limit = hard
+    resource.setrlimit(which, (limit, limit))
+
+
+def limit_hint(exc: BaseException) -> str | None:
+    """When user code's error is one of this worker's limits being hit: which, and what to change."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno == errno.EAGAIN and "maxProcessesPerWorker" in _active_limits \
+            and isinstance(exc, BlockingIOError):
+        return (f"the worker user's process limit was reached (maxProcessesPerWorker = "
+                f"{_active_limits['maxProcessesPerWorker']}, counting every process and thread of the worker user)")
+    if exc.errno in (errno.EMFILE,) and "maxOpenFiles" in _active_limits:
+        return f"the worker's open file limit was reached (maxOpenFiles = {_active_limits['maxOpenFiles']})"
+    return None
