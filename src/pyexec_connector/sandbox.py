@@ -119,7 +119,43 @@ def check_worker_user(user: str) -> tuple[int, int]:
         raise ValueError(f"needs a connector that can start processes as another user (root, or the "
                          f"capabilities SETUID, SETGID and KILL); this one runs as uid {os.geteuid()} without "
                          f"them. Start it as root, or remove workerUser")
+    unreachable = unreachable_python(uid, gid)
+    if unreachable is not None:
+        raise ValueError(f"names a user that cannot read the Python installation the workers run from "
+                         f"({unreachable}): workers would fail to import; install Python (and the connector) "
+                         f"where every user can read them, such as /usr/local")
     return uid, gid
+
+
+def _may(st: os.stat_result, uid: int, gid: int, bits: tuple[int, int, int]) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & bits[0])
+    if st.st_gid == gid:
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])
+
+
+def unreachable_python(uid: int, gid: int) -> str | None:
+    """What of this interpreter's installation (its standard library, its site-packages, this package)
+    a user cannot reach, judged by the modes on the way (no supplementary groups: workers have none)."""
+    import stat
+    import sysconfig
+    search = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    read = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+    places = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for place in sorted(places):
+        path = os.path.realpath(place)
+        parts = path.split(os.sep)
+        for depth in range(1, len(parts) + 1):
+            step = os.sep + os.path.join(*parts[1:depth]) if depth > 1 else os.sep
+            try:
+                st = os.stat(step)
+            except OSError:
+                break
+            if not _may(st, uid, gid, search) or (step == path and not _may(st, uid, gid, read)):
+                return f"{step} is mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}"
+    return None
 
 
 def worker_credentials(worker_user: str | None, worker_group: str | None) -> tuple[int, int] | None:
