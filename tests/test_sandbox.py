@@ -298,7 +298,7 @@ async def test_default_mode_the_connector_is_not_dumpable_and_workers_hold_no_co
     assert leaks(output) == []
 
 
-async def test_the_connector_makes_itself_non_dumpable(open_dir):
+def test_the_connector_makes_itself_non_dumpable():
     """The console command, any sub-command: `check` reads the token too."""
     probe = ("import sys; from pyexec_connector import cli, sandbox\n"
              "sys.argv = ['pyexec-connector', '--version']\n"
@@ -345,3 +345,28 @@ def test_worker_environment_keeps_no_connector_variable():
     env = sandbox.worker_environment(None, {"CONNECTOR_AUTH_TOKEN": TOKEN, "CONNECTOR_RECONNECT_SECRET": SECRET,
                                             "CONNECTOR_SOURCES": "s", "PATH": "/bin"})
     assert env == {"PATH": "/bin"}
+
+
+# ---- check ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("mode", "worker", "warned"), [
+    (0o644, False, "every user of this machine"),
+    (0o644, True, "the worker user"),
+    (0o640, True, None),        # group root: not the worker's
+    (0o600, False, None),
+])
+def test_check_warns_when_the_token_file_is_readable_by_workers_or_everyone(open_dir, mode, worker, warned):
+    if worker and os.geteuid() != 0:
+        pytest.skip("workerUser needs root")
+    extra = {"workerUser": "nobody"} if worker else {}
+    _write_config(open_dir, mode, targetServer="http://127.0.0.1:9", sources=SOURCE, **extra)
+    command, env = _command_for("nobody" if worker else None)
+    out = subprocess.run([*command, "check", "--timeout", "2"], cwd=open_dir, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    if warned is None:
+        assert lines == [], out.stdout
+    else:
+        assert len(lines) == 1 and warned in lines[0] and "chmod 600" in lines[0], out.stdout
+        assert "CONNECTOR_AUTH_TOKEN" in lines[0]
+    assert leaks(out.stdout + out.stderr) == []

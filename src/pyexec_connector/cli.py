@@ -108,6 +108,9 @@ def run_check(config_path: str | None, timeout: float) -> int:
         return EXIT_CONFIG
     assert config is not None
     print(f"configuration: ok ({where}); target {config.websocket_url}")
+    exposure = _token_exposure(properties, file, config)
+    if exposure:
+        print(f"warning: {exposure}")
     logging.basicConfig(level=logging.CRITICAL)    # the lines below say everything; no log noise
     results = asyncio.run(_check_sources(config, timeout))
     width = max(len(name) for name in results)
@@ -116,6 +119,12 @@ def run_check(config_path: str | None, timeout: float) -> int:
     if all(r.ok for r in results.values()):
         return EXIT_OK
     return EXIT_AUTH if any(r.outcome == "bad token" for r in results.values()) else EXIT_FAILURE
+
+
+def _token_exposure(properties: dict[str, str], file: str | None, config: ServerConfig) -> str | None:
+    if file is None or not str(properties.get("authToken") or "").strip():
+        return None
+    return sandbox.token_file_exposure(file, config.worker_credentials)
 
 
 def run_healthcheck(config_path: str | None) -> int:
@@ -176,6 +185,9 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
         os.environ.pop(secret, None)
     logging_source = configure_logging(log_level, log_format=log_format)
     redact_everywhere(config.auth_token)
+    exposure = _token_exposure(properties, file, config)
+    if exposure:
+        log.warning("%s", exposure)
     loop_factory, loop_name = event_loop_factory()
     log.info("pyexec-connector %s starting; logging: %s; event loop: %s", __version__, logging_source, loop_name)
     with asyncio.Runner(loop_factory=loop_factory) as runner:

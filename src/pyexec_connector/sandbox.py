@@ -158,6 +158,41 @@ def unreachable_python(uid: int, gid: int) -> str | None:
     return None
 
 
+def _readable_by(path: str, uid: int | None, gid: int | None) -> bool:
+    """Can uid/gid (None: any user at all, by the "other" bits) read the file at path?"""
+    import stat
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    for depth in range(1, len(parts) + 1):
+        step = os.sep + os.path.join(*parts[1:depth]) if depth > 1 else os.sep
+        st = os.stat(step)
+        bits = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH) if step == real else \
+            (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+        if uid is None:
+            if not st.st_mode & bits[2]:
+                return False
+        elif not _may(st, uid, gid if gid is not None else -1, bits):
+            return False
+    return True
+
+
+def token_file_exposure(path: str, credentials: tuple[int, int] | None) -> str | None:
+    """Who besides the connector can read a server.config that holds authToken: None when nobody."""
+    try:
+        if credentials is not None and _readable_by(path, *credentials):
+            who = f"the worker user (uid {credentials[0]})"
+        elif _readable_by(path, None, None):
+            who = "every user of this machine"
+        else:
+            return None
+    except OSError:
+        return None
+    return (f"{path} holds authToken and is readable by {who}: user code "
+            f"{'in the workers ' if credentials else ''}can read the token from it. Fix: chmod 600 {path} "
+            f"(owned by the connector's user), or remove authToken from it and give the token in the "
+            f"environment variable CONNECTOR_AUTH_TOKEN")
+
+
 def worker_credentials(worker_user: str | None, worker_group: str | None) -> tuple[int, int] | None:
     if not worker_user:
         return None
