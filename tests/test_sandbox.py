@@ -85,6 +85,19 @@ def read_mem():
         mem.seek(start)
         return mem.read(min(end - start, 1 << 20))
 parent_mem = attempt(read_mem)
+def siblings():
+    # the other workers of this connector (same parent)
+    found = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+                found[pid] = attempt(lambda: open(f"/proc/{pid}/mem", "rb").close() or "opened")
+    return found
+sibling_mem = siblings()
 every_environ = {}
 for pid in os.listdir("/proc"):
     if pid.isdigit():
@@ -278,7 +291,7 @@ async def test_default_mode_the_connector_is_not_dumpable_and_workers_hold_no_co
     conf.chmod(0o755)
     (conf / "server.config").write_text(f"targetServer = {server.url}\nsources = {SOURCE}\n")
     (conf / "server.config").chmod(0o644)
-    server.set_source_config(SOURCE, {"workers": 1})
+    server.set_source_config(SOURCE, {"workers": 2})
     proc = await _console(open_dir, {"CONNECTOR_AUTH_TOKEN": TOKEN, "CONNECTOR_RECONNECT_SECRET": SECRET}, user)
     try:
         await server.wait_attached(SOURCE, timeout=30)
@@ -292,6 +305,9 @@ async def test_default_mode_the_connector_is_not_dumpable_and_workers_hold_no_co
     assert results["no_new_privs"] == "1"
     assert results["parent_environ"].startswith("PermissionError"), results["parent_environ"][:200]
     assert results["parent_mem"].startswith("PermissionError"), results["parent_mem"][:200]
+    # the other worker, of the same user, is non-dumpable too: its memory (other queries' data) is refused
+    assert len(results["sibling_mem"]) == 1 and all(v.startswith("PermissionError")
+                                                    for v in results["sibling_mem"].values()), results["sibling_mem"]
     assert not [k for k in results["environment"] if k.startswith("CONNECTOR_")]
     assert results["found_in_memory"] == []
     assert leaks(json.dumps(results)) == []
@@ -370,3 +386,4 @@ def test_check_warns_when_the_token_file_is_readable_by_workers_or_everyone(open
         assert len(lines) == 1 and warned in lines[0] and "chmod 600" in lines[0], out.stdout
         assert "CONNECTOR_AUTH_TOKEN" in lines[0]
     assert leaks(out.stdout + out.stderr) == []
+

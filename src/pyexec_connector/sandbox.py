@@ -253,6 +253,8 @@ def harden_worker(environ: MutableMapping[str, str] | None = None) -> None:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
     except (OSError, AttributeError):
         pass            # not Linux: nothing to do
+    # workers of other sources run as the same user: none may read another's memory (its queries' data)
+    make_non_dumpable()
 
 
 def no_new_privs() -> bool:
