@@ -218,3 +218,30 @@ def test_kustomization_lists_every_manifest():
     listed = set(kustomization["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"}
     assert all(Path(K8S / name).is_file() for name in listed)
+
+
+def test_hardened_kubernetes_variant_runs_workers_as_the_images_worker_user():
+    """deploy/kubernetes/hardened: the base plus a patch. The connector starts as root with only the
+    capabilities that switching and signalling users needs; workers run as the image's worker user; the
+    token stays in the Secret (the ConfigMap, readable by the workers, holds none)."""
+    overlay = K8S / "hardened"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    (patch_ref,) = kustomization["patches"]
+    patch = yaml.safe_load((overlay / patch_ref["path"]).read_text())
+    base = manifests()["Deployment"]
+    assert patch["kind"] == "Deployment" and patch["metadata"]["name"] == base["metadata"]["name"]
+    pod = patch["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+    (container,) = pod["containers"]
+    assert container["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]
+    caps = container["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["KILL", "SETGID", "SETUID"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e["value"] for e in container["env"]}
+    worker = env["CONNECTOR_WORKER_USER"]
+    created = [c.value[0] for c in first("RUN") if "useradd" in c.value[0] and f"--uid {worker}" in c.value[0]]
+    assert created, f"the image has no user {worker}"
+    assert worker not in ("0", "10001")             # neither root nor the connector's own user
+    data = manifests()["ConfigMap"]["data"]["server.config"]
+    assert "authToken" not in data
