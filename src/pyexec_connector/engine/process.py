@@ -34,7 +34,7 @@ from ..errors import QueryError
 from ..reply import ReplyChannel
 from . import wire
 from .base import Job, Outcome
-from .dispatch import Dispatcher
+from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
     ACKED,
     Answered,
@@ -142,7 +142,8 @@ class ProcessEngine:
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes)
-        self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
+        self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
+                                     config.maxQueuedBytes, self)
 
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
@@ -163,7 +164,9 @@ class ProcessEngine:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
         self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
-        self.dispatcher.per_worker, self.dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
+        dispatcher = self.dispatcher
+        dispatcher.per_worker, dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
+        dispatcher.max_queued_bytes = config.maxQueuedBytes
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
@@ -175,6 +178,8 @@ class ProcessEngine:
         hits, misses = self.pool.retired_cache_counts
         return {"workers_alive": self.pool.alive_count(), "worker_restarts": self.pool.restarts,
                 "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
+                "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
+                "busy_waited_timeout": self.dispatcher.expired_waiting,
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
@@ -189,9 +194,15 @@ class ProcessEngine:
                           self.source_name, frame.reply_address)
             query = None
         if query is None:
-            self.parsed += 1
-            self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
-            return
+            self._parse(frame, channel)
+        elif isinstance(query, _Query):
+            self._relayed(query)
+
+    def _parse(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        self.parsed += 1
+        self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
+
+    def _relayed(self, query: _Query) -> None:
         self.relayed += 1
         self._pipeline.in_flight.add(query.future)
         query.future.add_done_callback(functools.partial(self._settled, query))
@@ -204,32 +215,62 @@ class ProcessEngine:
         for worker in self.pool.workers:
             yield from worker.inflight.values()
 
-    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | object | None:
         """The frame to a free worker as it came, for a plain query (code and/or a known name, presets, the
-        return options); None for anything else, or when it would have to wait for a worker."""
+        return options), or to the queue as it came when no worker is free (_QUEUED; a busy query is
+        answered here); None for anything else."""
         params = frame.params
         if self._closed or frame.raw is None or type(params) is not dict \
                 or not params.keys() <= _RELAYED_PARAMETERS or not self.pool.started.is_set():
             return None
         code, name = params.get("code"), params.get("name")
-        text = None
         if name is not None and (type(name) is not str or not name or "\x00" in name):
             return None
         if code is None:
-            if name is None:
-                return None
-            text = self._names.text(name)
-            if text is None:
+            if name is None or self._names.text(name) is None:
                 return None
         elif type(code) is not str:
             return None
         worker = self.dispatcher.free_worker()
         if worker is None:
-            return None
+            # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
+            try:
+                self.dispatcher.wait(frame, channel, len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
+            except QueryError as exc:
+                self._pipeline.finish(channel, error=exc)
+            return _QUEUED
+        return self._send_relay(worker, frame, channel)
+
+    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+        params = frame.params
+        code, name = params.get("code"), params.get("name")
+        text = None
+        if code is None:
+            text = self._names.text(name)
+            if text is None:        # forgotten while it waited: the parsed way answers it
+                return None
         qid = next(self._ids)
+        assert frame.raw is not None
         return self._register(worker, qid, channel, self._config.executionTimeout,
                               (name, code, code) if name is not None and code is not None else None,
                               wire.encode(Relay(qid, frame.reply_address, text, frame.raw)))
+
+    # ---- queued frames (dispatch.Starter) ---------------------------------------------------------
+    def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None:
+        frame, channel = waiting.frame, waiting.channel
+        try:
+            query = self._send_relay(worker, frame, channel) if not self._closed else None
+        except Exception:   # noqa: BLE001 - as in submit: the query is parsed instead
+            log.exception("source %s: relaying query %s failed; running it the ordinary way",
+                          self.source_name, frame.reply_address)
+            query = None
+        if query is None:
+            self._parse(frame, channel)
+        else:
+            self._relayed(query)
+
+    def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None:
+        self._pipeline.finish(waiting.channel, error=error)
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
         """A query the connector parsed: to a worker (waiting for one if need be), then its outcome."""
@@ -237,7 +278,8 @@ class ProcessEngine:
         if self._closed:
             raise _shutting_down()
         job = self._names.with_source(job)
-        worker = await self.dispatcher.acquire()
+        # a parsed query waits as its task and Job: charged its code's size (the most of either)
+        worker = await self.dispatcher.acquire(ENTRY_COST + len(job.source_text or ""), job.timeout)
         request = job.request
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
@@ -416,6 +458,7 @@ class ProcessEngine:
         if self._health_changed in self._health.listeners:
             self._health.listeners.remove(self._health_changed)
         self.dispatcher.fail_waiting(_shutting_down())
+        self.dispatcher.close()
         for worker in self.pool.workers:
             for query in worker.inflight.values():
                 if not query.future.done():
@@ -430,6 +473,7 @@ class ProcessEngine:
 
 
 _ANSWERED = Outcome(answered=True)
+_QUEUED = object()      # _relay: the frame waits in the dispatcher's queue (or was answered busy)
 
 
 class _Expired(Exception):
