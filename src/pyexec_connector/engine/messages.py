@@ -49,6 +49,12 @@ class Stop(NamedTuple):
     pass
 
 
+class Accepted(NamedTuple):
+    """The connector took `size` more characters of the frames this worker sent for the link (Reply,
+    LinkFrame) into the link's outbox, which had room: the worker's awaited sends wait for this (issue 12)."""
+    size: int
+
+
 class HealthChanged(NamedTuple):
     """Both ways: the connector tells workers the declared health; a worker's code declares it."""
     healthy: bool
@@ -109,8 +115,8 @@ class Cancelled(NamedTuple):
 
 
 ACKED = Ack()
-TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged)
+TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted)
 FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
 # Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
 KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
-                           Answered, Done, Failed, Cancelled)
+                           Answered, Done, Failed, Cancelled, Accepted)

@@ -37,6 +37,7 @@ from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
     ACKED,
+    Accepted,
     Answered,
     Cancel,
     Cancelled,
@@ -138,6 +139,8 @@ class ProcessEngine:
         self._closed = False
         self._deadlines = Deadlines(self._expire, self._running)
         self.timeouts = 0
+        self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
+        self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
@@ -183,7 +186,7 @@ class ProcessEngine:
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "timeouts_pending": self._deadlines.sweeping}
+                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames, "timeouts_pending": self._deadlines.sweeping}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -395,6 +398,7 @@ class ProcessEngine:
                             self.source_name, message.status, worker.index)
             else:
                 query.channel.forward(message.frame, message.terminal, message.status, message.error_code)
+            self._accepted(worker, len(message.frame))
         elif kind is Done:
             worker.cache_counts = message.cache_counts
             self._finish(worker, message.qid,
@@ -409,10 +413,26 @@ class ProcessEngine:
             self._finish(worker, message.qid, None, message.error)
         elif kind is LinkFrame:
             self._link.send(message.frame)
+            self._accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _accepted(self, worker: WorkerHandle, size: int) -> None:
+        """A frame from the worker's code went into the outbox (handled only while it has room): the worker's
+        awaited send may return. Acknowledged once per loop iteration for all taken in it (one write)."""
+        self.accepted_frames += 1
+        owed = self._owed
+        if not owed:
+            asyncio.get_running_loop().call_soon(self._acknowledge)
+        owed[worker] = owed.get(worker, 0) + size
+
+    def _acknowledge(self) -> None:
+        owed, self._owed = self._owed, {}
+        for worker, size in owed.items():
+            if worker.alive:
+                worker.send(Accepted(size))
 
     def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
