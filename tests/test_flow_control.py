@@ -274,3 +274,29 @@ async def test_process_mode_streaming_into_a_paused_server_keeps_connector_and_w
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
     assert peak < 400 * 2 ** 20, f"connector and workers reached {peak / 2 ** 20:.0f} MB while the server was paused"
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the_outbox(server, start_connector,
+                                                                                     mode):
+    """The link stops taking queries while its outbox is full (both reading paths): their terminal
+    replies cannot pile up behind a server that does not read. All are answered once it reads again."""
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
+    limit = 1 << 20
+    running = await start_connector(maxPendingBytes=limit)
+    link = running.session.link
+    assert (await server.query({"code": "warm = 1"}, timeout=30)).results == {"warm": 1}
+    reply = 50_000
+    server.pause_reading()
+    addresses = []
+    for n in range(300):        # 15 MB of replies in all
+        addresses.append(await server.send_query(SOURCE, {"code": "data = 'q' * size; i = n",
+                                                          "presetValues": {"size": reply, "n": n}}))
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(2)
+    assert link.peak_pending_bytes <= limit + 20 * reply, link.peak_pending_bytes
+    assert link.counters.declined + link.counters.read_waits > 0
+    server.resume_reading()
+    for n, address in enumerate(addresses):
+        result = await server.replies_for(address, timeout=60)
+        assert result.status == 200 and result.results["i"] == n

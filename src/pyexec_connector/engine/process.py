@@ -186,7 +186,8 @@ class ProcessEngine:
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames, "timeouts_pending": self._deadlines.sweeping}
+                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
+                "timeouts_pending": self._deadlines.sweeping}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
