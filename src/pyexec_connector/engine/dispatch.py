@@ -23,7 +23,7 @@ from .pool import WorkerHandle, WorkerPool, WorkerState
 
 _READY = WorkerState.READY
 # What a waiting query costs beyond its frame: its ReplyChannel, QueryFrame, parsed WITH dict and this
-# record (measured ~1 KiB for a trivial query in CPython 3.11; docs/PERFORMANCE.md).
+# record, rounded up (the measured figure is in docs/PERFORMANCE.md, "Queueing by cost").
 ENTRY_COST = 1024
 SWEEP_INTERVAL = 0.1      # seconds between checks for waiting queries whose timeout passed
 
