@@ -300,3 +300,24 @@ async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the
     for n, address in enumerate(addresses):
         result = await server.replies_for(address, timeout=60)
         assert result.status == 200 and result.results["i"] == n
+
+
+async def test_a_link_waiting_for_room_before_reading_still_notices_a_dead_socket(server, start_connector):
+    """The receiving path waits for the outbox's room before reading a query; a socket that dies meanwhile
+    must still end that wait, so that the link reconnects (the outbox would never drain otherwise)."""
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    running = await start_connector(maxPendingBytes=1 << 20)
+    link = running.session.link
+    server.pause_reading()
+    await _collect(server, {"code": STREAM, "presetValues": {"size": 256 * 1024, "count": 100, "progress": ""}})
+    await asyncio.sleep(1.5)            # the outbox is full: the code waits
+    for _ in range(2):
+        await server.send_query(SOURCE, {"code": "x = 1"})
+    async with asyncio.timeout(10):
+        while link.counters.read_waits < 1:
+            await asyncio.sleep(0.05)
+    await server.drop(SOURCE, abrupt=True)
+    server.resume_reading()
+    await server.wait_attached(SOURCE, timeout=20)
+    assert server.connects(SOURCE) == 2
+    assert (await server.query({"code": "after = 1"}, timeout=30)).results == {"after": 1}

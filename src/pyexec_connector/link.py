@@ -435,7 +435,7 @@ class SourceLink:
                 # again; websockets then stops reading the socket once its own small queue is full
                 if not outbox.has_room():
                     self.counters.read_waits += 1
-                    await outbox.room()
+                    await self._room_or_closed(ws)
                 raw = await ws.recv(decode=False)
             else:
                 try:
@@ -449,6 +449,17 @@ class SourceLink:
                 del raw
                 continue
             await self._dispatch(ws, protocol.parse_frame(raw))
+
+    async def _room_or_closed(self, ws: ClientConnection) -> None:
+        """Until the outbox has room, or the socket closed (then recv() raises, and the link reconnects:
+        waiting for room alone would never end with a dead socket)."""
+        room = asyncio.ensure_future(self._outbox.room())
+        closed = asyncio.ensure_future(ws.wait_closed())
+        try:
+            await asyncio.wait((room, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            closed.cancel()
 
     def _take_now(self, raw: bytes) -> bool:
         """The direct path (compat.direct_connection): a message as websockets parses it, while the link
