@@ -214,7 +214,7 @@ async def test_a_workers_awaited_send_returns_only_once_the_connector_accepted_i
                                                                                   tmp_path):
     """A worker's code can be ahead of what the connector took into the link's outbox by at most the
     accept window (worker.ACCEPT_WINDOW), not by whatever the pipe and the connector's reader buffer."""
-    from pyexec_connector.engine.worker import ACCEPT_WINDOW
+    from pyexec_connector.engine.messages import ACCEPT_WINDOW
 
     server.set_source_config(SOURCE, {"workers": 1})
     running = await start_connector(maxPendingBytes=1 << 20)

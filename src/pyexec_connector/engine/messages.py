@@ -51,8 +51,17 @@ class Stop(NamedTuple):
 
 class Accepted(NamedTuple):
     """The connector took `size` more characters of the frames this worker sent for the link (Reply,
-    LinkFrame) into the link's outbox, which had room: the worker's awaited sends wait for this (issue 12)."""
+    LinkFrame) into the link's outbox, which had room: the worker's awaited sends wait for this once it is
+    ACCEPT_WINDOW behind (issue 12). Sent for every ACCEPT_EVERY characters taken, not per frame: a worker
+    streaming small replies then costs no extra write either way."""
     size: int
+
+
+# Characters of link frames a worker may have sent that the connector has not acknowledged: past it, the
+# code's awaited sends wait (README "Flow control"). ACCEPT_EVERY must not exceed it: a worker waiting
+# with more than ACCEPT_WINDOW unacknowledged always gets an Accepted once the connector took them.
+ACCEPT_WINDOW = 1 << 20
+ACCEPT_EVERY = ACCEPT_WINDOW // 2
 
 
 class HealthChanged(NamedTuple):

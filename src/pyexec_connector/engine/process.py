@@ -36,6 +36,7 @@ from . import wire
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
+    ACCEPT_EVERY,
     ACKED,
     Accepted,
     Answered,
@@ -421,19 +422,15 @@ class ProcessEngine:
             raise ValueError(f"unexpected message {kind.__name__}")
 
     def _accepted(self, worker: WorkerHandle, size: int) -> None:
-        """A frame from the worker's code went into the outbox (handled only while it has room): the worker's
-        awaited send may return. Acknowledged once per loop iteration for all taken in it (one write)."""
+        """A frame from the worker's code went into the outbox (handled only while it has room): told to the
+        worker, whose awaited sends wait once it is ACCEPT_WINDOW ahead, every ACCEPT_EVERY characters."""
         self.accepted_frames += 1
-        owed = self._owed
-        if not owed:
-            asyncio.get_running_loop().call_soon(self._acknowledge)
-        owed[worker] = owed.get(worker, 0) + size
-
-    def _acknowledge(self) -> None:
-        owed, self._owed = self._owed, {}
-        for worker, size in owed.items():
-            if worker.alive:
-                worker.send(Accepted(size))
+        owed = self._owed.get(worker, 0) + size
+        if owed >= ACCEPT_EVERY:
+            self._owed[worker] = 0
+            worker.send(Accepted(owed))
+        else:
+            self._owed[worker] = owed
 
     def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
@@ -461,6 +458,7 @@ class ProcessEngine:
             if not query.future.done():
                 query.future.set_exception(error)
         worker.inflight.clear()
+        self._owed.pop(worker, None)
         self.dispatcher.dispatch()
 
     def no_worker_starts(self, why: str) -> None:

@@ -26,6 +26,7 @@ from . import output, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
 from .messages import (
+    ACCEPT_WINDOW,
     Accepted,
     Answered,
     Cancel,
@@ -43,9 +44,6 @@ from .messages import (
 )
 
 log = logging.getLogger("pyexec_connector.worker")
-# Characters of link frames (Reply, LinkFrame) a worker may have sent that the connector has not accepted
-# into the link's outbox yet: past it, the code's awaited sends wait (README "Flow control").
-ACCEPT_WINDOW = 1 << 20
 
 
 class PipeChannel(ReplyChannel):
