@@ -64,3 +64,16 @@ async def test_a_query_whose_timeout_passes_while_it_waits_is_answered_busy(serv
     assert (await server.replies_for(first)).results["done"] is True
     assert stats(running)["busy_waited_timeout"] == 1
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
+
+
+async def test_an_explicit_max_queued_queries_still_caps_the_count(server, start_connector):
+    running = await start(server, start_connector, workers=1, queriesPerWorker=1, maxQueuedQueries=2)
+    first = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 1.0}})
+    await asyncio.sleep(0.2)
+    waiting = [await server.send_query(SOURCE, {"code": f"n = {i}"}) for i in range(2)]
+    busy = await server.query({"code": "n = 2"})
+    assert busy.status == 400 and busy.error_code == errors.BUSY
+    assert "maxQueuedQueries" in busy.body["messageTemplate"] and 2 in busy.body["parameters"]
+    assert (await server.replies_for(first)).results["done"] is True
+    assert [(await server.replies_for(a)).results["n"] for a in waiting] == [0, 1]
+    assert stats(running)["busy"] == 1

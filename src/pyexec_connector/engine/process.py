@@ -6,10 +6,10 @@ A thin façade over three parts (see docs/ENGINE.md for the picture):
 - this module owns the queries themselves: their records, timeouts, and what workers say about them.
 
 A query reaches a worker one of two ways, decided in `submit`: a plain query's frame goes as it came
-(`Relay`, the worker reads its WITH clause: the connector reads no more of it than the frame's JSON);
-anything else (a script, its own timeout, cache control, a dry run, a name this engine does not know,
-a query that would wait for a worker) is parsed here into a Job (`Run`). Either way the worker's
-answer settles the query's future and Pipeline.finish ends it.
+(`Relay`, the worker reads its WITH clause: the connector reads no more of it than the frame's JSON),
+and when no worker is free it waits in the Dispatcher's queue as that frame; anything else (a script, its
+own timeout, cache control, a dry run, a name this engine does not know) is parsed here into a Job (`Run`).
+Either way the worker's answer settles the query's future and Pipeline.finish ends it.
 
 Each worker is a fresh interpreter (spawned: `python -m pyexec_connector.engine.worker`, never a fork of
 the connector). A worker that dies fails only its own queries and is replaced; one that does not give
