@@ -102,3 +102,15 @@ def test_slow_server_scenario_runs_and_delivers_in_order(tmp_path):
     assert [r["target"] for r in report["results"]] == ["ours/inline", "ours/process"]
     for result in report["results"]:
         assert result["in_order"] and result["frames_received"] == 7 and result["peak_rss_mb"] > 0, result
+
+
+def test_burst_scenario_runs_and_answers_everything(tmp_path):
+    command = [sys.executable, "-m", "bench.burst", "--modes", "process", "--burst", "200", "--rate", "400",
+               "--seconds", "0.5", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "burst.json").read_text())
+    assert [(r["target"], r["phase"]) for r in report["results"]] == [("ours/process", "burst"),
+                                                                     ("ours/process", "rate")]
+    for result in report["results"]:
+        assert result["ok"] == result["sent"] > 0 and result["busy"] == 0 and result["p99_ms"] > 0, result

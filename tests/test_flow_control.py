@@ -1,6 +1,7 @@
 """Flow control on the link: the outbox is bounded in bytes (maxPendingBytes), code sending replies
 waits while it is full, and everything arrives in order once the server reads again."""
 import asyncio
+import contextlib
 import json
 
 import psutil
@@ -205,3 +206,118 @@ async def test_replies_made_while_the_link_is_down_wait_for_it_and_arrive_in_ord
     server.accept(SOURCE)
     assert await asyncio.wait_for(done, 60) == 200
     assert seen == list(range(61))
+
+
+# ---- process mode: the worker's awaited sends wait for the connector (Accepted) ---------------------
+
+async def test_a_workers_awaited_send_returns_only_once_the_connector_accepted_it(server, start_connector,
+                                                                                  tmp_path):
+    """A worker's code can be ahead of what the connector took into the link's outbox by at most the
+    accept window (worker.ACCEPT_WINDOW), not by whatever the pipe and the connector's reader buffer."""
+    from pyexec_connector.engine.messages import ACCEPT_WINDOW
+
+    server.set_source_config(SOURCE, {"workers": 1})
+    running = await start_connector(maxPendingBytes=1 << 20)
+    engine = running.session.engine
+    frame, count = 64 * 1024, 400
+    progress = tmp_path / "progress"
+    progress.write_text("")
+    server.pause_reading()
+    seen, done = await _collect(server, {"code": STREAM, "presetValues": {
+        "size": frame, "count": count, "progress": str(progress)}})
+    ahead = 0
+    for _ in range(20):         # 4 s paused
+        await asyncio.sleep(0.2)
+        ahead = max(ahead, len(progress.read_text()) - engine.stats()["accepted_frames"])
+    sent = len(progress.read_text())
+    assert 0 < sent < count and not done.done()
+    assert ahead <= ACCEPT_WINDOW // frame + 1, ahead
+    server.resume_reading()
+    assert await asyncio.wait_for(done, 60) == 200
+    assert seen == list(range(count + 1))
+    assert len(progress.read_text()) == count
+
+
+async def test_process_mode_streaming_into_a_paused_server_keeps_connector_and_workers_small(tmp_path, server):
+    """The console command in process mode (its default): code in a worker streams 150 replies of 4 MB
+    while the server stops reading. The connector and its workers together stay bounded; everything
+    arrives in order after."""
+    (tmp_path / "serverConfig").mkdir()
+    (tmp_path / "serverConfig" / "server.config").write_text(
+        f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {SOURCE}\n")
+    proc = await asyncio.create_subprocess_exec(*console_command(), cwd=tmp_path,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    def rss(process):
+        total = 0
+        for p in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        connector = psutil.Process(proc.pid)
+        assert (await server.query({"code": "warm = 1"}, timeout=30)).results == {"warm": 1}
+        server.pause_reading()
+        seen, done = await _collect(server, {"code": STREAM, "presetValues": {
+            "size": 4 << 20, "count": 150, "progress": ""}})
+        peak = 0
+        for _ in range(40):         # 8 s paused
+            peak = max(peak, rss(connector))
+            await asyncio.sleep(0.2)
+        assert not done.done()
+        server.resume_reading()
+        assert await asyncio.wait_for(done, 120) == 200
+        assert seen == list(range(151))
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    assert peak < 400 * 2 ** 20, f"connector and workers reached {peak / 2 ** 20:.0f} MB while the server was paused"
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the_outbox(server, start_connector,
+                                                                                     mode):
+    """The link stops taking queries while its outbox is full (both reading paths): their terminal
+    replies cannot pile up behind a server that does not read. All are answered once it reads again."""
+    server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
+    limit = 1 << 20
+    running = await start_connector(maxPendingBytes=limit)
+    link = running.session.link
+    assert (await server.query({"code": "warm = 1"}, timeout=30)).results == {"warm": 1}
+    reply = 50_000
+    server.pause_reading()
+    addresses = []
+    for n in range(300):        # 15 MB of replies in all
+        addresses.append(await server.send_query(SOURCE, {"code": "data = 'q' * size; i = n",
+                                                          "presetValues": {"size": reply, "n": n}}))
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(2)
+    assert link.peak_pending_bytes <= limit + 20 * reply, link.peak_pending_bytes
+    assert link.counters.declined + link.counters.read_waits > 0
+    server.resume_reading()
+    for n, address in enumerate(addresses):
+        result = await server.replies_for(address, timeout=60)
+        assert result.status == 200 and result.results["i"] == n
+
+
+async def test_a_link_waiting_for_room_before_reading_still_notices_a_dead_socket(server, start_connector):
+    """The receiving path waits for the outbox's room before reading a query; a socket that dies meanwhile
+    must still end that wait, so that the link reconnects (the outbox would never drain otherwise)."""
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    running = await start_connector(maxPendingBytes=1 << 20)
+    link = running.session.link
+    server.pause_reading()
+    await _collect(server, {"code": STREAM, "presetValues": {"size": 256 * 1024, "count": 100, "progress": ""}})
+    await asyncio.sleep(1.5)            # the outbox is full: the code waits
+    for _ in range(2):
+        await server.send_query(SOURCE, {"code": "x = 1"})
+    async with asyncio.timeout(10):
+        while link.counters.read_waits < 1:
+            await asyncio.sleep(0.05)
+    await server.drop(SOURCE, abrupt=True)
+    server.resume_reading()
+    await server.wait_attached(SOURCE, timeout=20)
+    assert server.connects(SOURCE) == 2
+    assert (await server.query({"code": "after = 1"}, timeout=30)).results == {"after": 1}

@@ -4,6 +4,9 @@ never waits for (or allocates) the announced bytes. Legitimate messages near the
 real connector and workers against devserver.py."""
 from __future__ import annotations
 
+import time
+
+import psutil
 import pytest
 
 from pyexec_connector import errors
@@ -25,11 +28,18 @@ async def test_a_frame_over_the_limit_ends_the_worker(server, start_connector, a
     await start(server, start_connector, maxMessageBytes=MiB)
     code = ("import os, struct, sys, time\n"
             "os.write(int(sys.argv[1]), struct.pack('!I', size) + b'junk' * 16)\n"
-            "time.sleep(1)\n"
+            "time.sleep(5)\n"
             "after = 1")
+    connector = psutil.Process()      # the connector runs in this test's process
+    before = connector.memory_info().rss
+    began = time.monotonic()
     result = await server.query({"code": code, "presetValues": {"size": announced}}, timeout=15)
+    # answered at once, not after the code's 5 s sleep: the worker was killed as the prefix came in
+    assert time.monotonic() - began < 4.0
     assert result.status == 400 and result.error_code == errors.WORKER_DIED, result.replies
-    assert "malformed" in result.body["parameters"][0]
+    assert "protocol violation" in result.body["parameters"][0] and "malformed" in result.body["parameters"][0]
+    # no spike: nothing near the announced size (nor maxMessageBytes) was allocated for it
+    assert connector.memory_info().rss - before < 32 * MiB
     assert (await server.query({"code": "ok = 1"})).results == {"ok": 1}
 
 

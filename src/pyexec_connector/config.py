@@ -40,6 +40,9 @@ DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024     # per source; README "Flow cont
 DEFAULT_SHUTDOWN_GRACE = 30.0
 ENV_PREFIX = "CONNECTOR_"
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+# Queries waiting for a worker, per source: room for one frame of the default maxMessageBytes, or ~60,000
+# trivial queries (a 5-second burst at 10,000/s even if no worker answered one meanwhile).
+DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_TIMEOUT = 60.0
 
 
@@ -457,7 +460,11 @@ class SourceConfig(BaseModel):
     queriesPerWorker: int = Field(default=16, ge=1, le=10_000)       # concurrent queries one worker takes
     executionTimeout: float = Field(default=300.0, ge=0)             # seconds; 0: no limit
     memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
-    maxQueuedQueries: int = Field(default=1000, ge=0)                # waiting for a worker; beyond: "busy"
+    # Queries waiting for a worker (process mode; README "Flow control"): queued by cost. maxQueuedBytes:
+    # their frames' bytes plus ~1 KiB each; beyond it, "busy". maxQueuedQueries: an explicit count cap
+    # (None: none; 0: no query waits).
+    maxQueuedQueries: int | None = Field(default=None, ge=0)
+    maxQueuedBytes: int = Field(default=DEFAULT_MAX_QUEUED_BYTES, ge=0)
     codeGuard: CodeGuardConfig | None = None
     # true: `code` with `script`, and `script` with another `name`, are 400s (ambiguouscode,
     # ambiguousname) instead of upstream's reading of them (run the code; run the script under its name)

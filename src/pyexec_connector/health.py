@@ -36,6 +36,8 @@ ENGINE_FIGURES = {
     "worker_restarts": ("engine_worker_restarts", "Worker processes restarted", True),
     "timeouts": ("engine_timeouts", "Queries stopped for running past their time limit", True),
     "queue_depth": ("engine_queue_depth", "Queries waiting for a worker", False),
+    "queued_bytes": ("engine_queued_bytes", "What the queries waiting for a worker cost, in bytes (bounded by "
+                                            "maxQueuedBytes)", False),
 }
 
 

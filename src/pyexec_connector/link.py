@@ -121,7 +121,8 @@ class LinkCounters:
     """Which path frames took (a debug figure for tests and profiling; the behaviour is the same)."""
     direct_queries: int = 0     # queries taken as websockets parsed them (compat.direct_connection)
     queued_queries: int = 0     # queries taken by the receiving task, from recv()
-    declined: int = 0           # frames the direct path left to recv() (not queries, or too large)
+    declined: int = 0           # frames the direct path left to recv() (not queries, too large, outbox full)
+    read_waits: int = 0         # times the receiving task waited for the outbox's room before reading
     direct_writes: int = 0      # socket writes made by write_now(), in the step the frames were queued
     writer_writes: int = 0      # socket writes made by the writer task
 
@@ -426,9 +427,15 @@ class SourceLink:
 
     async def _receive(self, ws: ClientConnection) -> None:
         limit = self._config.max_message_bytes
+        outbox = self._outbox
         while True:
             # bytes, not str: text frames are not decoded twice, and an oversized one is scanned as is
             if self._ready.is_set():
+                # a full outbox: no more queries (their replies would grow it) until the server reads
+                # again; websockets then stops reading the socket once its own small queue is full
+                if not outbox.has_room():
+                    self.counters.read_waits += 1
+                    await self._room_or_closed(ws)
                 raw = await ws.recv(decode=False)
             else:
                 try:
@@ -443,11 +450,22 @@ class SourceLink:
                 continue
             await self._dispatch(ws, protocol.parse_frame(raw))
 
+    async def _room_or_closed(self, ws: ClientConnection) -> None:
+        """Until the outbox has room, or the socket closed (then recv() raises, and the link reconnects:
+        waiting for room alone would never end with a dead socket)."""
+        room = asyncio.ensure_future(self._outbox.room())
+        closed = asyncio.ensure_future(ws.wait_closed())
+        try:
+            await asyncio.wait((room, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            closed.cancel()
+
     def _take_now(self, raw: bytes) -> bool:
         """The direct path (compat.direct_connection): a message as websockets parses it, while the link
         is ready. A query within maxMessageBytes is taken here; anything else is left to _receive."""
-        if len(raw) > self._config.max_message_bytes or not self._ready.is_set():
-            self.counters.declined += 1
+        if len(raw) > self._config.max_message_bytes or not self._ready.is_set() or not self._outbox.has_room():
+            self.counters.declined += 1     # _receive takes it, once the outbox has room
             return False
         frame = protocol.parse_frame(raw)
         if type(frame) is not protocol.QueryFrame:

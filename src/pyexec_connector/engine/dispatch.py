@@ -1,35 +1,77 @@
 """Dispatcher: which worker takes a query, and the queue of queries waiting for one.
 
 A query goes to the least-busy worker that takes work; when every worker has `queriesPerWorker`
-queries, it waits in a queue of at most `maxQueuedQueries`, and beyond that it is answered "busy" at
-once. Flow control by bytes (issue 12) replaces that count here."""
+queries, it waits. Waiting is queued by cost, not by count (issue 12): a plain query waits as the frame
+it came in (no Job, no task), and each waiting query is charged its frame's bytes plus a fixed
+`ENTRY_COST` for its record. "Busy" is answered only
+- when the waiting queries' bytes would pass `maxQueuedBytes`,
+- when `maxQueuedQueries` is set and that many already wait (an explicit cap; none by default),
+- when a query has waited its whole timeout without a worker taking it (it would start with none left).
+Everything else waits, in order of arrival."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import heapq
+import itertools
 from collections import deque
+from typing import Any, Protocol
 
 from .. import errors
 from ..errors import QueryError
 from .pool import WorkerHandle, WorkerPool, WorkerState
 
 _READY = WorkerState.READY
+# What a waiting query costs beyond its frame: its ReplyChannel, QueryFrame, parsed WITH dict and this
+# record, rounded up (the measured figure is in docs/PERFORMANCE.md, "Queueing by cost").
+ENTRY_COST = 1024
+SWEEP_INTERVAL = 0.1      # seconds between checks for waiting queries whose timeout passed
+
+
+class Starter(Protocol):
+    """Who runs a waiting frame once a worker takes it (ProcessEngine)."""
+
+    def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None: ...
+    def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None: ...
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Waiting:
+    """One query waiting for a worker: a frame to relay (`frame`, `channel`), or a parsed query's task
+    waiting on `ticket`."""
+    cost: int
+    since: float
+    limit: float | None
+    ticket: asyncio.Future | None = None
+    frame: Any = None
+    channel: Any = None
+    gone: bool = False        # taken out of the queue (timeout passed, or cancelled): skipped there
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, per_worker: int, max_queued: int):
+    def __init__(self, pool: WorkerPool, per_worker: int, max_queued: int | None, max_queued_bytes: int,
+                 starter: Starter | None = None):
         self._pool = pool
         self.per_worker = per_worker
         self.max_queued = max_queued
-        self._waiting: deque[asyncio.Future] = deque()
+        self.max_queued_bytes = max_queued_bytes
+        self._starter = starter
+        self._waiting: deque[Waiting] = deque()
+        self._count = 0               # entries in _waiting not gone
+        self._deadlines: list[tuple[float, int, Waiting]] = []     # a heap: one push per query, no scans
+        self._order = itertools.count()
+        self.queued_bytes = 0
+        self.busy = 0                 # queries answered busy (any reason)
+        self.expired_waiting = 0      # of those, queries whose timeout passed while they waited
+        self._sweeping: asyncio.TimerHandle | None = None
 
     @property
     def depth(self) -> int:
-        return len(self._waiting)
+        return self._count
 
     def free_worker(self) -> WorkerHandle | None:
         """The least-busy worker that takes a query now, if no query waits before this one."""
-        return None if self._waiting else self._least_busy()
+        return None if self._count else self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
         best = None
@@ -39,19 +81,58 @@ class Dispatcher:
                     best = worker
         return best
 
-    async def acquire(self) -> WorkerHandle:
-        """A worker for one query (waiting in the queue if need be); raises QueryError (busy, no worker)."""
+    # ---- admission --------------------------------------------------------------------------
+    def _admit(self, cost: int, limit: float | None) -> Waiting:
+        """A place in the queue, or the busy QueryError naming the limit that is reached."""
+        waiting = self._count
+        if self.max_queued is not None and waiting >= self.max_queued:
+            self._refused()
+            raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
+                                          "waiting (maxQueuedQueries {3}). Try again later.",
+                             [self._pool.source_name, self._running(), waiting, self.max_queued])
+        if self.queued_bytes + cost > self.max_queued_bytes:
+            self._refused()
+            raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
+                                          "waiting, holding {3} bytes (maxQueuedBytes {4}). Try again later.",
+                             [self._pool.source_name, self._running(), waiting, self.queued_bytes,
+                              self.max_queued_bytes])
+        loop = asyncio.get_running_loop()
+        entry = Waiting(cost, loop.time(), limit or None)
+        self._waiting.append(entry)
+        self._count += 1
+        self.queued_bytes += cost
+        if entry.limit is not None:
+            heapq.heappush(self._deadlines, (entry.since + entry.limit, next(self._order), entry))
+            if self._sweeping is None:
+                self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        return entry
+
+    def _remove(self, entry: Waiting) -> None:
+        entry.gone = True
+        self._count -= 1
+        self.queued_bytes -= entry.cost
+
+    def _refused(self) -> None:
+        self.busy += 1
+
+    def _running(self) -> int:
+        return sum(len(w.inflight) for w in self._pool.workers)
+
+    def wait(self, frame: Any, channel: Any, cost: int, limit: float | None) -> None:
+        """Queue a frame until a worker takes it (Starter.start_waiting); raises the busy QueryError."""
+        entry = self._admit(cost, limit)
+        entry.frame, entry.channel = frame, channel
+        self.dispatch()
+
+    async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None) -> WorkerHandle:
+        """A worker for one parsed query (waiting in the queue if need be); raises QueryError (busy, no
+        worker)."""
         while True:
             worker = self.free_worker()
             if worker is not None:
                 return worker
-            if len(self._waiting) >= self.max_queued:
-                running = sum(len(w.inflight) for w in self._pool.workers)
-                raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
-                                              "waiting (maxQueuedQueries). Try again later.",
-                                 [self._pool.source_name, running, len(self._waiting)])
-            ticket = asyncio.get_running_loop().create_future()
-            self._waiting.append(ticket)
+            entry = self._admit(cost, limit)
+            ticket = entry.ticket = asyncio.get_running_loop().create_future()
             self.dispatch()
             try:
                 worker = await ticket
@@ -59,28 +140,76 @@ class Dispatcher:
                 if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
                     ticket.result().reserved -= 1
                     self.dispatch()
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiting.remove(ticket)
+                elif not entry.gone:
+                    self._remove(entry)
                 raise
             worker.reserved -= 1
             if worker.alive:
                 return worker
 
+    # ---- giving out workers -----------------------------------------------------------------
     def dispatch(self) -> None:
         """Give waiting queries the workers that can take them now."""
-        while self._waiting:
+        waiting = self._waiting
+        while waiting:
             worker = self._least_busy()
             if worker is None:
                 return
-            ticket = self._waiting.popleft()
-            if ticket.done():
+            entry = waiting.popleft()
+            if entry.gone:
                 continue
-            worker.reserved += 1
-            ticket.set_result(worker)
+            self._remove(entry)
+            ticket = entry.ticket
+            if ticket is None:
+                self._start(entry, worker)
+                entry.frame = entry.channel = None
+            elif not ticket.done():
+                worker.reserved += 1
+                ticket.set_result(worker)
+
+    def _start(self, entry: Waiting, worker: WorkerHandle) -> None:
+        assert self._starter is not None
+        self._starter.start_waiting(entry, worker)
+
+    def _fail(self, entry: Waiting, error: QueryError) -> None:
+        if entry.ticket is not None:
+            if not entry.ticket.done():
+                entry.ticket.set_exception(error)
+        elif self._starter is not None:
+            self._starter.refuse_waiting(entry, error)
+
+    def _sweep(self) -> None:
+        """Busy for the queries whose timeout passed while they waited: nothing of theirs ran, and a
+        worker taking them now would start them with no time left."""
+        self._sweeping = None
+        loop = asyncio.get_running_loop()
+        now, heap = loop.time(), self._deadlines
+        while heap and (heap[0][2].gone or heap[0][0] <= now):
+            entry = heapq.heappop(heap)[2]
+            if entry.gone:
+                continue
+            self._remove(entry)
+            self.busy += 1
+            self.expired_waiting += 1
+            self._fail(entry, QueryError(
+                errors.BUSY, "The source {0} is busy: the query waited {1} s for a worker, its whole "
+                             "timeout (WITH timeout or executionTimeout), and did not start. Try again later.",
+                [self._pool.source_name, round(now - entry.since, 3)]))
+        if not self._count:
+            self._waiting.clear()
+            heap.clear()
+        elif heap:
+            self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def fail_waiting(self, error: QueryError) -> None:
         while self._waiting:
-            ticket = self._waiting.popleft()
-            if not ticket.done():
-                ticket.set_exception(error)
+            entry = self._waiting.popleft()
+            if not entry.gone:
+                self._remove(entry)
+                self._fail(entry, error)
+        self._deadlines.clear()
+
+    def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None

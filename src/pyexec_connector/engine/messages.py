@@ -49,6 +49,21 @@ class Stop(NamedTuple):
     pass
 
 
+class Accepted(NamedTuple):
+    """The connector took `size` more characters of the frames this worker sent for the link (Reply,
+    LinkFrame) into the link's outbox, which had room: the worker's awaited sends wait for this once it is
+    ACCEPT_WINDOW behind (issue 12). Sent for every ACCEPT_EVERY characters taken, not per frame: a worker
+    streaming small replies then costs no extra write either way."""
+    size: int
+
+
+# Characters of link frames a worker may have sent that the connector has not acknowledged: past it, the
+# code's awaited sends wait (README "Flow control"). ACCEPT_EVERY must not exceed it: a worker waiting
+# with more than ACCEPT_WINDOW unacknowledged always gets an Accepted once the connector took them.
+ACCEPT_WINDOW = 1 << 20
+ACCEPT_EVERY = ACCEPT_WINDOW // 2
+
+
 class HealthChanged(NamedTuple):
     """Both ways: the connector tells workers the declared health; a worker's code declares it."""
     healthy: bool
@@ -109,8 +124,8 @@ class Cancelled(NamedTuple):
 
 
 ACKED = Ack()
-TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged)
+TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted)
 FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
 # Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
 KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
-                           Answered, Done, Failed, Cancelled)
+                           Answered, Done, Failed, Cancelled, Accepted)

@@ -279,7 +279,7 @@ class WorkerPool:
     def _broke(self, worker: WorkerHandle, exc: Exception) -> None:
         log.error("source %s: worker %d broke the protocol (%s: %s); replacing it", self.source_name,
                   worker.index, type(exc).__name__, str(exc)[:200])
-        worker.kill(f"it sent a malformed message ({type(exc).__name__})")
+        worker.kill(f"protocol violation: it sent a malformed message ({type(exc).__name__})")
 
     async def _watch(self, worker: WorkerHandle, fd: int) -> None:
         """Wait for the worker's end: read what it said last, fail its queries, replace it."""

@@ -6,10 +6,10 @@ A thin façade over three parts (see docs/ENGINE.md for the picture):
 - this module owns the queries themselves: their records, timeouts, and what workers say about them.
 
 A query reaches a worker one of two ways, decided in `submit`: a plain query's frame goes as it came
-(`Relay`, the worker reads its WITH clause: the connector reads no more of it than the frame's JSON);
-anything else (a script, its own timeout, cache control, a dry run, a name this engine does not know,
-a query that would wait for a worker) is parsed here into a Job (`Run`). Either way the worker's
-answer settles the query's future and Pipeline.finish ends it.
+(`Relay`, the worker reads its WITH clause: the connector reads no more of it than the frame's JSON),
+and when no worker is free it waits in the Dispatcher's queue as that frame; anything else (a script, its
+own timeout, cache control, a dry run, a name this engine does not know) is parsed here into a Job (`Run`).
+Either way the worker's answer settles the query's future and Pipeline.finish ends it.
 
 Each worker is a fresh interpreter (spawned: `python -m pyexec_connector.engine.worker`, never a fork of
 the connector). A worker that dies fails only its own queries and is replaced; one that does not give
@@ -34,9 +34,11 @@ from ..errors import QueryError
 from ..reply import ReplyChannel
 from . import wire
 from .base import Job, Outcome
-from .dispatch import Dispatcher
+from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
+    ACCEPT_EVERY,
     ACKED,
+    Accepted,
     Answered,
     Cancel,
     Cancelled,
@@ -140,12 +142,15 @@ class ProcessEngine:
         self._closed = False
         self._deadlines = Deadlines(self._expire, self._running)
         self.timeouts = 0
+        self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
+        self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
-        self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
+        self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
+                                     config.maxQueuedBytes, self)
 
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
@@ -169,7 +174,9 @@ class ProcessEngine:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
         self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
-        self.dispatcher.per_worker, self.dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
+        dispatcher = self.dispatcher
+        dispatcher.per_worker, dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
+        dispatcher.max_queued_bytes = config.maxQueuedBytes
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
@@ -181,10 +188,13 @@ class ProcessEngine:
         hits, misses = self.pool.retired_cache_counts
         return {"workers_alive": self.pool.alive_count(), "worker_restarts": self.pool.restarts,
                 "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
+                "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
+                "busy_waited_timeout": self.dispatcher.expired_waiting,
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "timeouts_pending": self._deadlines.sweeping}
+                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
+                "timeouts_pending": self._deadlines.sweeping}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -195,9 +205,15 @@ class ProcessEngine:
                           self.source_name, frame.reply_address)
             query = None
         if query is None:
-            self.parsed += 1
-            self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
-            return
+            self._parse(frame, channel)
+        elif isinstance(query, _Query):
+            self._relayed(query)
+
+    def _parse(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        self.parsed += 1
+        self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
+
+    def _relayed(self, query: _Query) -> None:
         self.relayed += 1
         self._pipeline.in_flight.add(query.future)
         query.future.add_done_callback(functools.partial(self._settled, query))
@@ -210,32 +226,62 @@ class ProcessEngine:
         for worker in self.pool.workers:
             yield from worker.inflight.values()
 
-    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | object | None:
         """The frame to a free worker as it came, for a plain query (code and/or a known name, presets, the
-        return options); None for anything else, or when it would have to wait for a worker."""
+        return options), or to the queue as it came when no worker is free (_QUEUED; a busy query is
+        answered here); None for anything else."""
         params = frame.params
         if self._closed or frame.raw is None or type(params) is not dict \
                 or not params.keys() <= _RELAYED_PARAMETERS or not self.pool.started.is_set():
             return None
         code, name = params.get("code"), params.get("name")
-        text = None
         if name is not None and (type(name) is not str or not name or "\x00" in name):
             return None
         if code is None:
-            if name is None:
-                return None
-            text = self._names.text(name)
-            if text is None:
+            if name is None or self._names.text(name) is None:
                 return None
         elif type(code) is not str:
             return None
         worker = self.dispatcher.free_worker()
         if worker is None:
-            return None
+            # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
+            try:
+                self.dispatcher.wait(frame, channel, len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
+            except QueryError as exc:
+                self._pipeline.finish(channel, error=exc)
+            return _QUEUED
+        return self._send_relay(worker, frame, channel)
+
+    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+        params = frame.params
+        code, name = params.get("code"), params.get("name")
+        text = None
+        if code is None:
+            text = self._names.text(name)
+            if text is None:        # forgotten while it waited: the parsed way answers it
+                return None
         qid = next(self._ids)
+        assert frame.raw is not None
         return self._register(worker, qid, channel, self._config.executionTimeout,
                               (name, code, code) if name is not None and code is not None else None,
                               wire.encode(Relay(qid, frame.reply_address, text, frame.raw)))
+
+    # ---- queued frames (dispatch.Starter) ---------------------------------------------------------
+    def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None:
+        frame, channel = waiting.frame, waiting.channel
+        try:
+            query = self._send_relay(worker, frame, channel) if not self._closed else None
+        except Exception:   # noqa: BLE001 - as in submit: the query is parsed instead
+            log.exception("source %s: relaying query %s failed; running it the ordinary way",
+                          self.source_name, frame.reply_address)
+            query = None
+        if query is None:
+            self._parse(frame, channel)
+        else:
+            self._relayed(query)
+
+    def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None:
+        self._pipeline.finish(waiting.channel, error=error)
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
         """A query the connector parsed: to a worker (waiting for one if need be), then its outcome."""
@@ -243,7 +289,8 @@ class ProcessEngine:
         if self._closed:
             raise _shutting_down()
         job = self._names.with_source(job)
-        worker = await self.dispatcher.acquire()
+        # a parsed query waits as its task and Job: charged its code's size (the most of either)
+        worker = await self.dispatcher.acquire(ENTRY_COST + len(job.source_text or ""), job.timeout)
         request = job.request
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
@@ -359,6 +406,7 @@ class ProcessEngine:
                             self.source_name, message.status, worker.index)
             else:
                 query.channel.forward(message.frame, message.terminal, message.status, message.error_code)
+            self._accepted(worker, len(message.frame))
         elif kind is Done:
             worker.cache_counts = message.cache_counts
             self._finish(worker, message.qid,
@@ -373,10 +421,22 @@ class ProcessEngine:
             self._finish(worker, message.qid, None, message.error)
         elif kind is LinkFrame:
             self._link.send(message.frame)
+            self._accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _accepted(self, worker: WorkerHandle, size: int) -> None:
+        """A frame from the worker's code went into the outbox (handled only while it has room): told to the
+        worker, whose awaited sends wait once it is ACCEPT_WINDOW ahead, every ACCEPT_EVERY characters."""
+        self.accepted_frames += 1
+        owed = self._owed.get(worker, 0) + size
+        if owed >= ACCEPT_EVERY:
+            self._owed[worker] = 0
+            worker.send(Accepted(owed))
+        else:
+            self._owed[worker] = owed
 
     def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
@@ -404,6 +464,7 @@ class ProcessEngine:
             if not query.future.done():
                 query.future.set_exception(error)
         worker.inflight.clear()
+        self._owed.pop(worker, None)
         self.dispatcher.dispatch()
 
     def no_worker_starts(self, why: str) -> None:
@@ -422,6 +483,7 @@ class ProcessEngine:
         if self._health_changed in self._health.listeners:
             self._health.listeners.remove(self._health_changed)
         self.dispatcher.fail_waiting(_shutting_down())
+        self.dispatcher.close()
         for worker in self.pool.workers:
             for query in worker.inflight.values():
                 if not query.future.done():
@@ -436,6 +498,7 @@ class ProcessEngine:
 
 
 _ANSWERED = Outcome(answered=True)
+_QUEUED = object()      # _relay: the frame waits in the dispatcher's queue (or was answered busy)
 
 
 class _Expired(Exception):

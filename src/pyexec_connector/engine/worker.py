@@ -26,6 +26,8 @@ from . import output, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
 from .messages import (
+    ACCEPT_WINDOW,
+    Accepted,
     Answered,
     Cancel,
     Cancelled,
@@ -75,6 +77,9 @@ class Worker:
         self._owe_ack = False             # took messages and has not written since (see messages.Ack)
         self._stopping = False
         self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
+        self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
+        self._room: asyncio.Event | None = None     # set when unaccepted falls to ACCEPT_WINDOW
+        self.send_waits = 0                   # awaited sends that waited for the connector's Accepted
 
     # ---- writing ---------------------------------------------------------------------------------
     def send(self, message: Any) -> None:
@@ -95,6 +100,9 @@ class Worker:
         data = wire.encode(message)
         if len(data) > self._frame_limit and self.max_message_bytes is not None:
             data = wire.encode(_within_limit(message, len(data), self.max_message_bytes))
+        kind = type(message)
+        if kind is Reply or kind is LinkFrame:
+            self.unaccepted += len(message.frame)
         return data
 
     def flush(self) -> None:
@@ -114,9 +122,18 @@ class Worker:
         self.send(LinkFrame(frame))
 
     async def drained(self) -> None:
+        """What the code's awaited sends wait for: the pipe written, and the connector having accepted all
+        but ACCEPT_WINDOW of the link frames into the link's outbox (it does so only while that has room).
+        Bounded by the connector: if it goes, this process ends."""
         self.flush()
         if self._writer is not None:
             await self._writer.drain()
+        if self.unaccepted > ACCEPT_WINDOW:
+            self.send_waits += 1
+            while self.unaccepted > ACCEPT_WINDOW:
+                if self._room is None:
+                    self._room = asyncio.Event()
+                await self._room.wait()
 
     # ---- reading ---------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -169,6 +186,12 @@ class Worker:
             self._relay(message)
         elif kind is Run:
             self._start(message.qid, message.job, message.reply_address)
+        elif kind is Accepted:
+            self.unaccepted -= message.size
+            room = self._room
+            if room is not None and self.unaccepted <= ACCEPT_WINDOW:
+                self._room = None
+                room.set()
         elif kind is Cancel:
             task = self.runs.get(message.qid)
             if task is not None:
