@@ -161,7 +161,27 @@ def _command_for(user: str | None) -> tuple[list[str], dict[str, str]]:
     if not system.exists():
         pytest.skip(f"no interpreter {user} can read (this one: {sandbox.unreachable_python(entry.pw_uid, 0)})")
     paths = [sysconfig.get_paths()["purelib"], str(Path(sandbox.__file__).resolve().parent.parent)]
+    for path in paths:      # a checkout under a folder only root may enter (e.g. /root): nothing to run
+        if not _reachable(path, entry.pw_uid, entry.pw_gid):
+            pytest.skip(f"{user} cannot reach {path}: clone the project where other users may read it")
     return [str(system), "-m", "pyexec_connector"], {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def _reachable(path: str, uid: int, gid: int) -> bool:
+    """Whether uid/gid may enter every folder on the way to `path` and read it (no supplementary groups)."""
+    def may(st: os.stat_result, user_bit: int, group_bit: int, other_bit: int) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & user_bit)
+        if st.st_gid == gid:
+            return bool(st.st_mode & group_bit)
+        return bool(st.st_mode & other_bit)
+    import stat
+    real = Path(path).resolve()
+    for step in [*reversed(real.parents), real]:
+        st = step.stat()
+        if not may(st, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
+            return False
+    return may(real.stat(), stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
 
 
 async def _console(directory: Path, env_extra: dict[str, str], user: str | None = None,
