@@ -19,13 +19,6 @@ import time
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def new_group_kwargs() -> dict[str, bool]:
-    """subprocess/asyncio keyword arguments that start a process as the leader of a new process group (in
-    a session of its own: no terminal's signals reach it either). Not `process_group=0`: uvloop's
-    subprocess_exec refuses that argument."""
-    return {"start_new_session": True}
-
-
 def lead_own_group() -> None:
     """In a child just forked: become the leader of a new process group (its id is the child's pid).
     The parent calls `os.setpgid(pid, pid)` too, so that the group exists whichever of the two runs

@@ -135,7 +135,9 @@ class Zygote:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pyexec_connector.engine.zygote", str(theirs.fileno()), str(os.getpid()),
                 *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=clean_environment(),
-                **procgroup.new_group_kwargs())
+                # a group (and session) of its own: signals for the connector's group or terminal are not for
+                # it. Not process_group=0: uvloop's subprocess_exec refuses that argument.
+                start_new_session=True)
         except OSError as exc:
             ours.close()
             raise ZygoteError(f"the zygote process could not be started: {exc}") from exc

@@ -1,0 +1,280 @@
+"""The zygote (engine/zygote.py) and process groups (engine/procgroup.py), with real processes: a spawned
+template interpreter that preloads modules, forks workers that run the real worker runtime, reaps them
+and reports their ends; killing a worker's group kills what its code started; nothing is left behind.
+
+The zygote is not wired into the process engine yet (issue 10 rebuilds that engine): these tests speak
+the worker protocol to a forked worker directly, through WorkerClient, the one place that knows it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyexec_connector import protocol
+from pyexec_connector.engine import procgroup, wire
+from pyexec_connector.engine.zygote import (
+    ForkedWorker,
+    PreloadError,
+    Zygote,
+    ZygoteError,
+    ZygoteGone,
+    ZygoteRegistry,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, process groups and /proc: Linux")
+
+
+class WorkerClient:
+    """The connector's side of the worker protocol, as the process engine speaks it today."""
+
+    def __init__(self, worker: ForkedWorker):
+        self.worker = worker
+        self._ids = 0
+
+    async def start(self) -> int:
+        self.reader, self.writer = await wire.open_pipe(self.worker.sock, 2 ** 20, trusted=False)
+        self.writer.write(wire.pack(("init", {
+            "source_name": "src", "server_config": {}, "healthy": True, "cache_capacity": 16, "forbid": (),
+            "memory_limit_mb": None, "runtime_info": False, "max_message_bytes": None})))
+        kind, pid = await asyncio.wait_for(wire.read(self.reader, trusted=False), 30)
+        assert kind == "ready"
+        return pid
+
+    async def run(self, code: str) -> dict:
+        """pythonCallResults of running `code` (its globals)."""
+        self._ids += 1
+        raw = protocol.dumps({"op": "query", "object": {"code": code}}).encode()
+        self.writer.write(wire.pack_relay(self._ids, "reply-address", None, raw))
+        while True:
+            message = await asyncio.wait_for(wire.read(self.reader, trusted=False), 30)
+            if message[0] == "answered":
+                return json.loads(message[2])["body"]["pythonCallResults"]
+            if message[0] == "done":
+                return json.loads(message[2])
+            assert message[0] not in ("failed", "refused"), message
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def alive(pid: int) -> bool:
+    """Not reaped yet (a zombie counts as alive: someone still owes it a wait)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def proc_file(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+def zombie_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] == b"Z" and int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+async def gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return not alive(pid)
+
+
+@pytest.fixture
+async def zygote():
+    made: list[Zygote] = []
+
+    async def make(preload=()):
+        z = Zygote(preload)
+        made.append(z)
+        await z.start()
+        return z
+
+    yield make
+    for z in made:
+        await z.stop()
+
+
+async def test_forked_worker_is_ready_fast_and_runs_queries(zygote):
+    z = await zygote()
+    times = []
+    workers = []
+    for _ in range(5):
+        started = time.monotonic()
+        workers.append(await z.fork_worker())
+        times.append(time.monotonic() - started)
+    # a spawned worker imports the runtime in its own fresh interpreter: several hundred ms here
+    assert statistics.median(times) < 0.2, times
+    client = WorkerClient(workers[0])
+    assert await client.start() == workers[0].pid
+    assert (await client.run("x = 6 * 7"))["x"] == 42
+    assert os.getpgid(workers[0].pid) == workers[0].pid != os.getpgid(0)     # each leads its own group
+    assert os.getpgid(z.pid) != os.getpgid(0)             # nor is the zygote in the connector's group
+    client.close()
+    assert await asyncio.wait_for(workers[0].wait(), 10) == 0     # its end, reported by the zygote
+
+
+async def test_preloaded_module_is_in_sys_modules_before_the_code_runs(zygote):
+    code = "import sys\nloaded = 'wave' in sys.modules"
+    plain = WorkerClient(await (await zygote()).fork_worker())
+    await plain.start()
+    assert (await plain.run(code))["loaded"] is False        # the worker runtime does not import it
+    preloaded = WorkerClient(await (await zygote(["wave"])).fork_worker())
+    await preloaded.start()
+    assert (await preloaded.run(code))["loaded"] is True
+
+
+async def test_numpy_and_pandas_work_in_forked_workers(zygote):
+    pytest.importorskip("pandas")
+    z = await zygote(["numpy", "pandas"])
+    code = ("import sys\nwarm = 'pandas' in sys.modules\nimport numpy as np\nimport pandas as pd\n"
+            "total = int(pd.DataFrame({'a': np.arange(5)})['a'].sum())\ndraw = float(np.random.rand())")
+    results = []
+    for _ in range(2):
+        client = WorkerClient(await z.fork_worker())
+        await client.start()
+        results.append(await client.run(code))
+    assert [r["total"] for r in results] == [10, 10]
+    assert all(r["warm"] for r in results)
+    assert results[0]["draw"] != results[1]["draw"]       # numpy's global random state is each worker's own
+
+
+async def test_a_failing_preload_is_reported_by_name_and_not_retried(tmp_path, monkeypatch):
+    (tmp_path / "broken_model.py").write_text("raise RuntimeError('no weights file')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    for module, reason in (("no_such_module_here", "ModuleNotFoundError"), ("broken_model", "no weights file")):
+        z = Zygote(["json", module])
+        with pytest.raises(PreloadError) as caught:
+            await z.start()
+        assert caught.value.module == module and module in str(caught.value) and reason in str(caught.value)
+        assert "preload" in str(caught.value)
+        assert z.returncode == 1 and not alive(z.pid)       # ended and reaped: no crash loop, no zombie
+        with pytest.raises(ZygoteGone):
+            await z.fork_worker()
+
+
+async def test_killing_a_workers_group_kills_the_subprocess_its_code_started(zygote):
+    z = await zygote()
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    sleeper = (await client.run("import subprocess\npid = subprocess.Popen(['sleep', '1000']).pid"))["pid"]
+    assert os.getpgid(sleeper) == client.worker.pid
+    assert client.worker.kill()
+    assert await asyncio.wait_for(client.worker.wait(), 10) == -signal.SIGKILL
+    assert await gone(sleeper), "the sleep outlived its worker"
+    assert not client.worker.kill()      # its end was reported: its pid is no longer its to signal
+
+
+async def test_a_worker_that_ends_by_itself_takes_its_subprocesses_along(zygote):
+    z = await zygote()
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    sleeper = (await client.run("import subprocess\npid = subprocess.Popen(['sleep', '1000']).pid"))["pid"]
+    client.close()                          # the connector let go of it: it ends on its own
+    assert await asyncio.wait_for(client.worker.wait(), 10) == 0
+    assert await gone(sleeper)              # killed with the group, and reaped by the zygote (subreaper)
+
+
+async def test_stop_reaps_every_worker_and_what_they_started():
+    z = Zygote()
+    await z.start()
+    clients = [WorkerClient(await z.fork_worker()) for _ in range(3)]
+    for client in clients:
+        await client.start()
+    sleeper = (await clients[0].run("import subprocess\npid = subprocess.Popen(['sleep', '1000']).pid"))["pid"]
+    await clients[1].run("import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()")
+    pids = [c.worker.pid for c in clients]
+    started = time.monotonic()
+    await z.stop(grace=0.5)
+    assert time.monotonic() - started < 10
+    assert z.returncode == 0 and not z.alive
+    assert all(c.worker.exited.done() for c in clients)
+    for pid in [*pids, sleeper, z.pid]:
+        assert await gone(pid, 2.0), f"{pid} left behind"
+    assert zombie_children(os.getpid()) == []
+    with pytest.raises(ZygoteGone):
+        await z.fork_worker()
+
+
+async def test_the_zygote_and_its_workers_never_see_the_token(zygote, monkeypatch):
+    monkeypatch.setenv("CONNECTOR_AUTH_TOKEN", "secret-token-11")
+    monkeypatch.setenv("CONNECTOR_RECONNECT_SECRET", "secret-reconnect-11")
+    z = await zygote(["json"])
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    for pid in (z.pid, client.worker.pid):
+        for name in ("environ", "cmdline"):
+            assert b"secret-" not in proc_file(pid, name)
+    found = await client.run("import os\nleaked = [k for k in os.environ if 'SECRET' in k or 'TOKEN' in k]")
+    assert found["leaked"] == []
+
+
+async def test_a_zygote_that_dies_fails_forks_and_takes_its_workers():
+    z = Zygote()
+    await z.start()
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    os.kill(z.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(client.worker.wait(), 10) is None     # nobody left to report its code
+    assert await gone(client.worker.pid)
+    with pytest.raises(ZygoteGone):
+        await z.fork_worker()
+    await z.stop()
+    assert z.returncode == -signal.SIGKILL
+
+
+async def test_equal_preload_lists_share_one_zygote():
+    registry = ZygoteRegistry()
+    try:
+        first, second = await asyncio.gather(registry.acquire(["json"]), registry.acquire(("json",)))
+        other = await registry.acquire([])
+        assert first is second and first is not other
+        assert set(registry.zygotes()) == {("json",), ()}
+        await registry.release(first)
+        assert first.alive                       # still used by the second source
+        await registry.release(second)
+        assert not first.alive and set(registry.zygotes()) == {()}
+        with pytest.raises(PreloadError):
+            await registry.acquire(["no_such_module_here"])
+        assert set(registry.zygotes()) == {()}   # not kept: the next configure tries again
+        os.kill(other.pid, signal.SIGKILL)
+        assert await gone(other.pid)
+        await asyncio.sleep(0.1)
+        replacement = await registry.acquire([])
+        assert replacement is not other and replacement.alive
+    finally:
+        await registry.close()
+    assert not replacement.alive
+
+
+def test_kill_group_refuses_what_is_not_a_workers_group():
+    for pgid in (0, 1, -5):
+        with pytest.raises(ValueError):
+            procgroup.kill_group(pgid)
+    assert procgroup.kill_group(2 ** 22 + 12345) is False      # no such group: nothing to do
+
+
+async def test_a_fork_request_after_stop_is_refused():
+    z = Zygote()
+    with pytest.raises(ZygoteGone):
+        await z.fork_worker()                # never started
+    await z.start()
+    await z.stop()
+    with pytest.raises(ZygoteError):
+        await z.fork_worker()
