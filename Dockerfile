@@ -11,6 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
 
+# tini as PID 1: it reaps orphans that user code's subprocesses leave (the connector does not) and passes
+# SIGTERM/SIGINT on to the connector alone, which finishes in-flight queries and stops its workers itself.
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+
 # Users' extra packages first: this layer is rebuilt only when the list changes.
 COPY localRequirements.txt /tmp/localRequirements.txt
 RUN pip install -r /tmp/localRequirements.txt && rm /tmp/localRequirements.txt
@@ -30,4 +34,4 @@ EXPOSE 9090 8000
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pyexec-connector", "healthcheck"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["pyexec-connector"]
+ENTRYPOINT ["/usr/bin/tini", "--", "pyexec-connector"]

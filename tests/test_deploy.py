@@ -40,7 +40,9 @@ def test_dockerfile_base_user_and_entrypoint():
     names = [c.cmd for c in commands]
     assert names.index("USER") > max(i for i, c in enumerate(commands) if c.cmd == "RUN" and "pip" in c.value[0])
     (entry,) = first("ENTRYPOINT")
-    assert entry.json and entry.value == ("pyexec-connector",)
+    # tini as PID 1 reaps orphans; without -g it signals the connector alone, which stops its workers
+    assert entry.json and entry.value == ("/usr/bin/tini", "--", "pyexec-connector")
+    assert any("apt-get install" in c.value[0] and " tini" in c.value[0] for c in commands if c.cmd == "RUN")
     (volume,) = first("VOLUME")
     assert any(v.rstrip("/").endswith("/serverConfig") for v in volume.value)
     (workdir,) = first("WORKDIR")
