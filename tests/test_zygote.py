@@ -278,3 +278,21 @@ async def test_a_fork_request_after_stop_is_refused():
     await z.stop()
     with pytest.raises(ZygoteError):
         await z.fork_worker()
+
+
+async def test_threads_a_preload_leaves_running_are_named(tmp_path, monkeypatch, caplog):
+    (tmp_path / "threaded_loader.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(1000,), name='weights-loader',"
+        " daemon=True).start()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    z = Zygote(["threaded_loader"])
+    try:
+        await z.start()
+        assert z.threads == ("weights-loader",)
+        assert "weights-loader" in caplog.text and "preload" in caplog.text
+        client = WorkerClient(await z.fork_worker())      # still forks: the thread is just not in the worker
+        await client.start()
+        names = await client.run("import threading\nnames = [t.name for t in threading.enumerate()]")
+        assert "weights-loader" not in names["names"]
+    finally:
+        await z.stop()

@@ -533,6 +533,9 @@ def _die_with(parent_pid: int) -> None:
 def _preload(modules: Sequence[str]) -> tuple[str, str] | None:
     """Import the worker runtime, then each module in order; (module, reason) of the first that fails."""
     import importlib
+
+    from ..eventloop import event_loop_factory
+    event_loop_factory()     # imports uvloop (creates no loop): every worker would import it first thing
     for module in (_RUNTIME, *modules):
         try:
             importlib.import_module(module)
