@@ -296,3 +296,21 @@ async def test_threads_a_preload_leaves_running_are_named(tmp_path, monkeypatch,
         assert "weights-loader" not in names["names"]
     finally:
         await z.stop()
+
+
+async def test_a_connector_killed_outright_takes_its_zygote_and_workers_along(tmp_path):
+    script = tmp_path / "connector.py"
+    script.write_text(
+        "import asyncio\nfrom pyexec_connector.engine.zygote import Zygote\n"
+        "async def main():\n"
+        "    z = Zygote()\n    await z.start()\n    w = await z.fork_worker()\n"
+        "    print(z.pid, w.pid, flush=True)\n    await asyncio.sleep(1000)\n"
+        "asyncio.run(main())\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        zygote_pid, worker_pid = map(int, line.split())
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert await gone(zygote_pid) and await gone(worker_pid)     # no one left holding a socket to nobody
