@@ -314,3 +314,12 @@ async def test_a_connector_killed_outright_takes_its_zygote_and_workers_along(tm
         proc.kill()
         await proc.wait()
     assert await gone(zygote_pid) and await gone(worker_pid)     # no one left holding a socket to nobody
+
+
+async def test_a_forked_worker_is_watched_as_a_spawned_process_is(zygote):
+    z = await zygote()
+    worker = await z.fork_worker()
+    assert worker.returncode is None
+    worker.terminate()
+    assert await asyncio.wait_for(worker.wait(), 10) == -signal.SIGTERM == worker.returncode
+    worker.sock.close()

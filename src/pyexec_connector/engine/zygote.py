@@ -78,7 +78,9 @@ def clean_environment() -> dict[str, str]:
 class ForkedWorker:
     """A worker forked by a zygote: its pid (also its process group's id) and the connector's end of its
     socket. `exited` resolves to its exit code as subprocess reports it (negative: killed by that signal),
-    or None when its zygote vanished before it could report."""
+    or None when its zygote vanished before it could report. pid, returncode, wait(), kill(),
+    terminate() and send_signal() work as asyncio.subprocess.Process's do (for the whole group), so a pool
+    can watch a forked worker as it watches a spawned one."""
 
     pid: int
     sock: socket.socket
@@ -94,6 +96,12 @@ class ForkedWorker:
         if self.exited.done():
             return False
         return procgroup.kill_group(self.pid, sig)
+
+    def send_signal(self, sig: int) -> None:
+        self.kill(sig)
+
+    def terminate(self) -> None:
+        self.kill(signal.SIGTERM)
 
     async def wait(self) -> int | None:
         return await asyncio.shield(self.exited)
