@@ -323,3 +323,18 @@ async def test_a_forked_worker_is_watched_as_a_spawned_process_is(zygote):
     worker.terminate()
     assert await asyncio.wait_for(worker.wait(), 10) == -signal.SIGTERM == worker.returncode
     worker.sock.close()
+
+
+async def test_an_acquirer_that_gives_up_while_the_zygote_starts_leaves_nothing_running():
+    registry = ZygoteRegistry()
+    acquiring = asyncio.ensure_future(registry.acquire(["json"]))
+    await asyncio.sleep(0.05)
+    zygote = registry.zygotes()[("json",)]
+    acquiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+    assert registry.zygotes() == {}
+    deadline = time.monotonic() + 30
+    while (zygote.pid is None or zygote.alive) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert zygote.pid is not None and await gone(zygote.pid)

@@ -160,6 +160,7 @@ class Zygote:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._ready)
         except TimeoutError:
+            self._ready.cancel()     # nobody waits for it any more
             await self.stop(grace=0)
             raise ZygoteError(f"the zygote did not import its preload list within {timeout:g} s") from None
         except ZygoteError:
@@ -172,7 +173,8 @@ class Zygote:
     async def fork_worker(self, timeout: float = FORK_TIMEOUT) -> ForkedWorker:
         """A new worker, forked from the zygote, leading its own process group and waiting for the
         worker protocol's first message on `sock`, as a spawned worker does."""
-        if not self.alive or self._ready is None or not self._ready.done():
+        ready = self._ready
+        if not self.alive or ready is None or not ready.done() or ready.cancelled() or ready.exception():
             raise ZygoteGone("the zygote is not running")
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
@@ -358,7 +360,7 @@ class ZygoteRegistry:
             if self._entries.get(key) is entry and (entry.refs == 0 or entry.started.done()):
                 del self._entries[key]
                 if not entry.started.done():       # cancelled while starting, and nobody else waits
-                    entry.started.add_done_callback(lambda _: asyncio.ensure_future(entry.zygote.stop(0)))
+                    entry.started.add_done_callback(_stop_unused(entry.zygote))
             raise
         return entry.zygote
 
@@ -377,6 +379,14 @@ class ZygoteRegistry:
         entries = list(self._entries.values())
         self._entries.clear()
         await asyncio.gather(*(e.zygote.stop() for e in entries), return_exceptions=True)
+
+
+def _stop_unused(zygote: Zygote) -> Callable[[asyncio.Future[None]], None]:
+    def stop(started: asyncio.Future[None]) -> None:
+        # a start that failed has stopped its zygote already (and its error was reported to the waiters)
+        if not started.cancelled() and started.exception() is None:
+            asyncio.ensure_future(zygote.stop(0))
+    return stop
 
 
 @dataclasses.dataclass(eq=False)
