@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from pyexec_connector.engine.zygote import (
     ZygoteGone,
     ZygoteRegistry,
 )
+
+from .conftest import ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, process groups and /proc: Linux")
 
@@ -126,6 +129,8 @@ async def test_forked_worker_is_ready_fast_and_runs_queries(zygote):
     assert (await client.run("x = 6 * 7"))["x"] == 42
     assert os.getpgid(workers[0].pid) == workers[0].pid != os.getpgid(0)     # each leads its own group
     assert os.getpgid(z.pid) != os.getpgid(0)             # nor is the zygote in the connector's group
+    assert proc_file(z.pid, "comm") == b"pyexec-zygote\n"
+    assert proc_file(workers[0].pid, "comm") == b"pyexec-worker\n"    # its command line is the zygote's
     client.close()
     assert await asyncio.wait_for(workers[0].wait(), 10) == 0     # its end, reported by the zygote
 
@@ -338,3 +343,13 @@ async def test_an_acquirer_that_gives_up_while_the_zygote_starts_leaves_nothing_
     while (zygote.pid is None or zygote.alive) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert zygote.pid is not None and await gone(zygote.pid)
+
+
+def test_the_standalone_fork_benchmark_runs():
+    pytest.importorskip("psutil")
+    done = subprocess.run([sys.executable, "-m", "bench.zygote_fork", "--preload", "json", "--rounds", "1",
+                           "--workers", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["preload"] == ["json"] and figures["first_reply_forked_ms_p50"] > 0
+    assert figures["pss_zygote_and_forked_mib"] > 0

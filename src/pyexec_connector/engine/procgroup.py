@@ -15,7 +15,8 @@ import os
 import signal
 import time
 
-# PR_SET_CHILD_SUBREAPER (linux/prctl.h); not in the os module
+# linux/prctl.h; not in the os module
+_PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -75,6 +76,17 @@ def become_subreaper() -> bool:
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def set_process_name(name: str) -> None:
+    """Linux: the name `ps -o comm`, top and the OOM killer's log show (15 bytes at most). A forked worker's
+    command line is its zygote's: without this, workers and zygotes would look alike."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reap_all(deadline: float) -> dict[int, int]:

@@ -469,6 +469,7 @@ class _Server:
         code = 1
         try:
             procgroup.lead_own_group()
+            procgroup.set_process_name("pyexec-worker")
             zygote_pid = os.getppid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -577,6 +578,7 @@ def main() -> None:
             control.send(json.dumps({"kind": "preload-failed", "module": failed[0], "error": failed[1]}).encode())
         os._exit(1)
     procgroup.become_subreaper()
+    procgroup.set_process_name("pyexec-zygote")
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     server = _Server(control)
