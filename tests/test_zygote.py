@@ -353,3 +353,21 @@ def test_the_standalone_fork_benchmark_runs():
     figures = json.loads(done.stdout)
     assert figures["preload"] == ["json"] and figures["first_reply_forked_ms_p50"] > 0
     assert figures["pss_zygote_and_forked_mib"] > 0
+
+
+def parent_of(pid: int) -> int:
+    stat = proc_file(pid, "stat")
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+async def test_orphans_of_user_code_are_reaped_by_the_zygote(zygote):
+    z = await zygote()
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    # sh starts sleep in the background and exits: the sleep is an orphan, as in the image-check scenario
+    found = await client.run("import subprocess\nout = subprocess.run(['sh', '-c', 'sleep 1.5 & echo $!'],"
+                             " capture_output=True, text=True).stdout")
+    orphan = int(found["out"])
+    assert parent_of(orphan) == z.pid          # adopted by the zygote (a subreaper), not by PID 1
+    assert await gone(orphan, 10)              # and reaped when it ends: no zombie, no init needed
+    assert zombie_children(z.pid) == []
