@@ -365,8 +365,8 @@ async def test_orphans_of_user_code_are_reaped_by_the_zygote(zygote):
     client = WorkerClient(await z.fork_worker())
     await client.start()
     # sh starts sleep in the background and exits: the sleep is an orphan, as in the image-check scenario
-    found = await client.run("import subprocess\nout = subprocess.run(['sh', '-c', 'sleep 2 >/dev/null 2>&1 & echo $!'],"
-                             " capture_output=True, text=True).stdout")
+    found = await client.run("import subprocess\nout = subprocess.run(['sh', '-c', 'sleep 2 >/dev/null 2>&1 & "
+                             "echo $!'], capture_output=True, text=True).stdout")
     orphan = int(found["out"])
     assert parent_of(orphan) == z.pid          # adopted by the zygote (a subreaper), not by PID 1
     assert await gone(orphan, 10)              # and reaped when it ends: no zombie, no init needed
