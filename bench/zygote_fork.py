@@ -20,8 +20,6 @@ import subprocess
 import sys
 import time
 
-import psutil
-
 from pyexec_connector import protocol
 from pyexec_connector.engine import wire
 from pyexec_connector.engine.zygote import Zygote, clean_environment
@@ -29,51 +27,81 @@ from pyexec_connector.engine.zygote import Zygote, clean_environment
 _INIT = {"source_name": "bench", "server_config": {}, "healthy": True, "cache_capacity": 16, "forbid": (),
          "memory_limit_mb": None, "runtime_info": False, "max_message_bytes": None}
 
+try:     # the typed worker messages of the rebuilt process engine (issue 10), when it is there
+    from pyexec_connector.engine import messages as _typed
+except ImportError:
+    _typed = None
 
-class _Client:
-    """The connector's side of the worker protocol (as the process engine speaks it today)."""
+
+class WorkerClient:
+    """The connector's side of the worker protocol, enough to start a worker and run code on it: the one
+    place here (and in tests/test_zygote.py) that knows the protocol. Speaks both the tuple messages and
+    the typed ones, until the pool that forks from the zygote replaces it."""
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock, self.pid = sock, pid
+        self._ids = 0
 
-    async def ready(self) -> None:
-        self.reader, self.writer = await wire.open_pipe(self.sock, 2 ** 20, trusted=False)
-        self.writer.write(wire.pack(("init", _INIT)))
-        assert (await asyncio.wait_for(wire.read(self.reader, trusted=False), 120))[0] == "ready"
+    async def ready(self) -> int:
+        """Send the settings, wait for the worker's first message; returns the pid it reports."""
+        if _typed is None:
+            self.reader, self.writer = await wire.open_pipe(self.sock, 2 ** 20, trusted=False)
+            self.writer.write(wire.pack(("init", _INIT)))
+        else:
+            self.reader, self.writer = await wire.open_pipe(self.sock, trusted=False)
+            self.writer.write(wire.encode(_typed.Init(_INIT)))
+        kind, fields = await self._read()
+        assert kind == "ready", (kind, fields)
+        return fields[0]
 
-    async def query(self, code: str) -> None:
+    async def run(self, code: str) -> dict:
+        """pythonCallResults of running `code` (its globals)."""
+        self._ids += 1
         raw = protocol.dumps({"op": "query", "object": {"code": code}}).encode()
-        self.writer.write(wire.pack_relay(1, "bench", None, raw))
+        if _typed is None:
+            self.writer.write(wire.pack_relay(self._ids, "reply-address", None, raw))
+        else:
+            self.writer.write(wire.encode(_typed.Relay(self._ids, "reply-address", None, raw)))
         while True:
+            kind, fields = await self._read()
+            if kind == "answered":
+                return json.loads(fields[1])["body"]["pythonCallResults"]
+            if kind == "done":
+                return json.loads(fields[1])
+            if kind in ("failed", "refused"):
+                raise RuntimeError(f"the query failed: {fields}")
+
+    async def _read(self) -> tuple[str, tuple]:
+        if _typed is None:
             message = await asyncio.wait_for(wire.read(self.reader, trusted=False), 120)
-            if message[0] in ("answered", "done"):
-                return
-            if message[0] in ("failed", "refused"):
-                raise RuntimeError(f"the query failed: {message}")
+            return message[0], tuple(message[1:])
+        message = await asyncio.wait_for(wire.read(self.reader), 120)
+        return type(message).__name__.lower(), tuple(message)
 
     def close(self) -> None:
         self.writer.close()
 
 
-async def _spawned() -> tuple[_Client, asyncio.subprocess.Process]:
+async def _spawned() -> tuple[WorkerClient, asyncio.subprocess.Process]:
     ours, theirs = socket.socketpair()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pyexec_connector.engine.worker", str(theirs.fileno()), str(os.getpid()),
         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=clean_environment())
     theirs.close()
-    client = _Client(ours, proc.pid)
+    client = WorkerClient(ours, proc.pid)
     await client.ready()
     return client, proc
 
 
-async def _forked(zygote: Zygote) -> _Client:
+async def _forked(zygote: Zygote) -> WorkerClient:
     worker = await zygote.fork_worker()
-    client = _Client(worker.sock, worker.pid)
+    client = WorkerClient(worker.sock, worker.pid)
     await client.ready()
     return client
 
 
 def _pss(pids: list[int]) -> int:
+    import psutil
     return sum(psutil.Process(pid).memory_full_info().pss for pid in pids)
 
 
@@ -87,20 +115,20 @@ async def main(preload: list[str], rounds: int, workers: int) -> dict:
     for _ in range(rounds):      # alternately: both see the same neighbours
         t0 = time.perf_counter()
         client, proc = await _spawned()
-        await client.query(code)
+        await client.run(code)
         spawn_times.append(time.perf_counter() - t0)
         client.close()
         await asyncio.wait_for(proc.wait(), 30)
         t0 = time.perf_counter()
         forked = await _forked(zygote)
-        await forked.query(code)
+        await forked.run(code)
         fork_times.append(time.perf_counter() - t0)
         forked.close()
     spawned = [await _spawned() for _ in range(workers)]
     forks = [await _forked(zygote) for _ in range(workers)]
     for client in [c for c, _ in spawned] + forks:
         for _ in range(10):
-            await client.query(code)
+            await client.run(code)
     await asyncio.sleep(0.5)
     pss_spawned = _pss([c.pid for c, _ in spawned])
     pss_one = _pss([spawned[0][0].pid])

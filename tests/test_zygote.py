@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from bench.zygote_fork import WorkerClient as _ProtocolClient
 
-from pyexec_connector import protocol
-from pyexec_connector.engine import procgroup, wire
+from pyexec_connector.engine import procgroup
 from pyexec_connector.engine.zygote import (
     ForkedWorker,
     PreloadError,
@@ -34,37 +34,16 @@ from .conftest import ROOT
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, process groups and /proc: Linux")
 
 
-class WorkerClient:
-    """The connector's side of the worker protocol, as the process engine speaks it today."""
+class WorkerClient(_ProtocolClient):
+    """A forked worker and the connector's side of the worker protocol (bench/zygote_fork.py has the one
+    copy of that protocol knowledge)."""
 
     def __init__(self, worker: ForkedWorker):
+        super().__init__(worker.sock, worker.pid)
         self.worker = worker
-        self._ids = 0
 
     async def start(self) -> int:
-        self.reader, self.writer = await wire.open_pipe(self.worker.sock, 2 ** 20, trusted=False)
-        self.writer.write(wire.pack(("init", {
-            "source_name": "src", "server_config": {}, "healthy": True, "cache_capacity": 16, "forbid": (),
-            "memory_limit_mb": None, "runtime_info": False, "max_message_bytes": None})))
-        kind, pid = await asyncio.wait_for(wire.read(self.reader, trusted=False), 30)
-        assert kind == "ready"
-        return pid
-
-    async def run(self, code: str) -> dict:
-        """pythonCallResults of running `code` (its globals)."""
-        self._ids += 1
-        raw = protocol.dumps({"op": "query", "object": {"code": code}}).encode()
-        self.writer.write(wire.pack_relay(self._ids, "reply-address", None, raw))
-        while True:
-            message = await asyncio.wait_for(wire.read(self.reader, trusted=False), 30)
-            if message[0] == "answered":
-                return json.loads(message[2])["body"]["pythonCallResults"]
-            if message[0] == "done":
-                return json.loads(message[2])
-            assert message[0] not in ("failed", "refused"), message
-
-    def close(self) -> None:
-        self.writer.close()
+        return await self.ready()
 
 
 def alive(pid: int) -> bool:
