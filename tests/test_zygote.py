@@ -141,7 +141,7 @@ async def test_numpy_and_pandas_work_in_forked_workers(zygote):
 
 async def test_a_failing_preload_is_reported_by_name_and_not_retried(tmp_path, monkeypatch):
     (tmp_path / "broken_model.py").write_text("raise RuntimeError('no weights file')\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
     for module, reason in (("no_such_module_here", "ModuleNotFoundError"), ("broken_model", "no weights file")):
         z = Zygote(["json", module])
         with pytest.raises(PreloadError) as caught:
@@ -268,7 +268,7 @@ async def test_threads_a_preload_leaves_running_are_named(tmp_path, monkeypatch,
     (tmp_path / "threaded_loader.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(1000,), name='weights-loader',"
         " daemon=True).start()\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
     z = Zygote(["threaded_loader"])
     try:
         await z.start()
