@@ -71,6 +71,20 @@ class WorkerClient:
             if kind in ("failed", "refused"):
                 raise RuntimeError(f"the query failed: {fields}")
 
+    async def ping(self, timeout: float) -> bool:
+        """Whether the worker reads its pipe: any message makes it write at least an acknowledgement, so
+        the declared health, unchanged, serves as a ping (see engine/liveness.py)."""
+        if _typed is None:
+            self.writer.write(wire.pack(("health", True)))
+        else:
+            self.writer.write(wire.encode(_typed.HealthChanged(True)))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._read()
+        except TimeoutError:
+            return False
+        return True
+
     async def _read(self) -> tuple[str, tuple]:
         if _typed is None:
             message = await asyncio.wait_for(wire.read(self.reader, trusted=False), 120)
