@@ -11,18 +11,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
 
-# tini as PID 1: it reaps orphans that user code's subprocesses leave (the connector does not) and passes
-# SIGTERM/SIGINT on to the connector alone, which finishes in-flight queries and stops its workers itself.
+# tini as PID 1: it reaps orphans that user code's subprocesses leave behind (the connector, as PID 1,
+# would not) and passes SIGTERM/SIGINT on to the connector.
 RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 
-# Users' extra packages first: this layer is rebuilt only when the list changes.
-COPY localRequirements.txt /tmp/localRequirements.txt
-RUN pip install -r /tmp/localRequirements.txt && rm /tmp/localRequirements.txt
+# Users' extra packages and the connector's dependencies in ONE pip resolution, so that a pin in
+# localRequirements.txt that clashes with ours fails the build with pip's message instead of being
+# silently replaced. Its own layer: rebuilt only when either list changes.
+COPY localRequirements.txt pyproject.toml /tmp/deps/
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb')); print(*p['project']['dependencies'], sep='\n')" > /tmp/deps/project.txt \
+ && pip install -r /tmp/deps/localRequirements.txt -r /tmp/deps/project.txt && rm -rf /tmp/deps
 
-# The project itself, from the build context.
+# The project itself, from the build context: its dependencies are all there already (--no-deps, so
+# nothing resolved above is replaced); pip check proves it.
 COPY pyproject.toml README.md /tmp/build/
 COPY src /tmp/build/src
-RUN pip install /tmp/build && rm -rf /tmp/build
+RUN pip install --no-deps /tmp/build && pip check && rm -rf /tmp/build
 
 # server.config and logger.ini are mounted here (or come from CONNECTOR_* environment variables).
 RUN mkdir -p /home/connector/serverConfig && chown connector:connector /home/connector/serverConfig
@@ -34,4 +38,4 @@ EXPOSE 9090 8000
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pyexec-connector", "healthcheck"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/bin/tini", "--", "pyexec-connector"]
+ENTRYPOINT ["tini", "--", "pyexec-connector"]

@@ -74,6 +74,16 @@ async def stream():
 
 asyncio.get_event_loop().create_task(stream())
 """
+# (i): 1,000 rows of 5 fields, as VAIL wants them; (l): the same rows as a DataFrame, built as pandas
+# users build one (columns), named in limitReturnTo: what turning a frame into rows costs
+ROWS_CODE = ("rows = [{'id': i, 'name': 'item%d' % i, 'price': i * 0.5, 'qty': i % 7, 'ok': i % 2 == 0} "
+             "for i in range(1000)]\n")
+FRAME_CODE = """import numpy as np
+import pandas as pd
+ids = np.arange(1000)
+rows = pd.DataFrame({"id": ids, "name": ["item%d" % i for i in range(1000)], "price": ids * 0.5,
+                     "qty": ids % 7, "ok": ids % 2 == 0})
+"""
 SCRIPT_NAME = "bench_script"
 SCRIPT_TEXT = "result = x * 2\n"
 
@@ -126,10 +136,14 @@ class Scenario:
     constant: bool = True                      # every query the same: encode once
     partials: int = 0                          # 100 replies expected before the terminal 200
     counted: bool = False                      # (f): a fixed number of queries, split over the rounds
+    kinds: tuple[str, ...] = ("ours", "floor", "peer")   # which targets run it
+    baseline: Scenario | None = None           # run alternately with it in the same cell (rows "<target>@<key>")
 
 
 def scenarios(cpu_iterations: int) -> list[Scenario]:
     cpu = cpu_code(cpu_iterations)
+    rows = Scenario("i", "rows: 1,000 rows x 5 fields as a list of dicts", (8,),
+                    lambda i: {"name": "rows", "code": ROWS_CODE})
     return [
         Scenario("a", "cached named code, trivial body", (1, 32),
                  lambda i: {"name": "trivial", "code": "result = x + 1\n", "presetValues": {"x": 1}}),
@@ -143,6 +157,12 @@ def scenarios(cpu_iterations: int) -> list[Scenario]:
                  lambda i: {"name": "cpu", "code": cpu}),
         Scenario("f", "10,000 distinct names through a 128-entry cache", (32,),
                  lambda i: {"name": f"n{i}", "code": f"result = {i}\n"}, constant=False, counted=True),
+        rows,
+        # ours only: upstream cannot return a DataFrame (nor has pandas), the floors neither. Alternately
+        # with (i)'s list of dicts on the same processes: the time ratio is read within the cell
+        Scenario("l", "the same rows as a DataFrame, limitReturnTo", (8,),
+                 lambda i: {"name": "frame", "code": FRAME_CODE, "limitReturnTo": ["rows"]}, kinds=("ours",),
+                 baseline=rows),
     ]
 
 
@@ -419,27 +439,33 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
         for target in targets:
             idle_rss.setdefault(target.name, target.rss()[0])
         per_round = -(-size.names // size.rounds) if scenario.counted else None
-        samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
+        # (target, scenario, row name): a scenario with a baseline runs it too, on the same processes,
+        # alternately with its own queries, so that the two compare within one run
+        runs = [(t, scenario, t.name) for t in targets]
+        if scenario.baseline is not None:
+            runs += [(t, scenario.baseline, f"{t.name}@{scenario.baseline.key}") for t in targets]
+        samples: dict[str, list[Sample]] = {name: [] for _, _, name in runs}
         settled: dict[str, int] = {}
-        for target in targets:         # warm-up, not measured: caches filled, code paths hot
-            await drive(server, target, scenario, concurrency, duration=0, min_queries=size.warmup,
+        for target, chosen, name in runs:         # warm-up, not measured: caches filled, code paths hot
+            await drive(server, target, chosen, concurrency, duration=0, min_queries=size.warmup,
                         max_queries=size.warmup, timeout=size.per_query_timeout, lean=lean)
             if scenario.counted:
                 own, workers = target.rss()
-                settled[target.name] = own + workers
+                settled[name] = own + workers
         for round_no in range(size.rounds):
-            for target in targets:
-                sample = await drive(server, target, scenario, concurrency, duration=size.duration,
+            for target, chosen, name in runs:
+                sample = await drive(server, target, chosen, concurrency, duration=size.duration,
                                      min_queries=per_round or size.min_queries, max_queries=per_round,
                                      timeout=size.per_query_timeout, lean=lean)
-                samples[target.name].append(sample)
-                progress(f"  ({scenario.key}) c={concurrency} round {round_no + 1}/{size.rounds} {target.name}: "
+                samples[name].append(sample)
+                progress(f"  ({scenario.key}) c={concurrency} round {round_no + 1}/{size.rounds} {name}: "
                          f"{sample.qps:,.0f} q/s, {sample.errors} errors")
         rows = []
-        for target in targets:
-            got = samples[target.name]
+        for target, chosen, name in runs:
+            got = samples[name]
             latencies = [x for s in got for x in s.latencies]
-            row = Row(scenario.key, scenario.title, concurrency, target.name, target.mode,
+            title = scenario.title if chosen is scenario else f"{scenario.title}: ({chosen.key}) alternately"
+            row = Row(scenario.key, title, concurrency, name, target.mode,
                       qps=statistics.median(s.qps for s in got),
                       p50_ms=_percentile(latencies, 0.50) * 1000, p99_ms=_percentile(latencies, 0.99) * 1000,
                       queries=sum(s.queries for s in got), errors=sum(s.errors for s in got),
@@ -453,7 +479,7 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
                       first_error=next((s.first_error for s in got if s.first_error), None))
             if scenario.counted:
                 own, workers = target.rss()
-                row.rss_growth = (own + workers - settled[target.name]) / settled[target.name]
+                row.rss_growth = (own + workers - settled[name]) / settled[name]
             rows.append(row)
         return rows
     finally:
@@ -512,6 +538,11 @@ def evaluate(rows: list[Row], idle_rss: dict[str, int], modes: list[str],
     check("(e) c=32 process (workers 2) q/s vs inline",
           process.qps / inline.qps if inline and process and inline.qps else None, ">=", 1.7, engine_missing,
           capacity_note)
+    check(f"(i) c=8 {default} q/s vs upstream", ratio("i", 8, default, "qps_vs_upstream"), ">=", 2.5, no_peer)
+    for mode in modes:
+        rows_list, frame = _find(rows, "l", 8, f"ours/{mode}@i"), _find(rows, "l", 8, f"ours/{mode}")
+        check(f"(l) c=8 ours/{mode} time per query vs (i), alternately",
+              rows_list.qps / frame.qps if rows_list and frame and frame.qps else None, "<=", 1.3)
     peer_idle = idle_rss.get("upstream")
     check(f"idle RSS {default} vs upstream",
           idle_rss[default] / peer_idle if peer_idle and default in idle_rss else None, "<=", 1.2, no_peer)
@@ -610,7 +641,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="override the size's number of alternating rounds")
     parser.add_argument("--duration", type=float, help="override the size's seconds per measurement")
     parser.add_argument("--concurrency", help="override every scenario's concurrencies, e.g. '4' or '1,32'")
-    parser.add_argument("--scenarios", default="abcdef", help="which scenarios, e.g. 'ab' (default all)")
+    parser.add_argument("--scenarios", default="abcdefil", help="which scenarios, e.g. 'ab' (default all)")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
     parser.add_argument("--no-process-floor", action="store_true",
                         help="leave out floor/process (the floor split over two processes, bench/floor_process.py)")
@@ -654,7 +685,8 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     if scenario.key == "e" and concurrency > 1 and size.duration:
                         # what (e) can gain from a second worker depends on the cores free right now
                         capacity_e = await asyncio.to_thread(parallel_capacity)
-                    rows += await run_cell(server, targets, scenario, concurrency, size, Path(scratch), idle_rss,
+                    cell = [t for t in targets if t.kind in scenario.kinds]
+                    rows += await run_cell(server, cell, scenario, concurrency, size, Path(scratch), idle_rss,
                                            args.client == "lean", progress)
     add_ratios(rows)
     return {

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pyexec_connector import logqueue
 from pyexec_connector.config import build_server_config
 from pyexec_connector.connector import Connector
 from pyexec_connector.devserver import DevServer
@@ -24,6 +25,12 @@ TOKEN = "tok-3f9a1c7e5b2d4c68a0e1f2b3c4d5e6f7"
 
 def example(name: str) -> str:
     return (EXAMPLES / name).read_text()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_rate_limits():
+    """Rate-limited warnings (bad frames) start with their full budget in each test, as in a new process."""
+    logqueue.reset_rate_limits()
 
 
 @pytest.fixture

@@ -33,14 +33,18 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
     report = run_bench(tmp_path, "--modes", "inline", "--concurrency", "4")
     rows = report["rows"]
     assert {(r["scenario"], r["target"]) for r in rows} == {
-        (s, t) for s in "abcdef" for t in ("ours/inline", "floor")}
+        (s, t) for s in "abcdefi" for t in ("ours/inline", "floor")} | {
+        ("l", "ours/inline"), ("l", "ours/inline@i")}   # (l): ours alone, alternately with (i)'s queries
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["errors"] == 0 and row["unanswered"] == 0, row
         assert row["queries"] == (300 if row["scenario"] == "f" else 24), row
         assert row["qps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["rss_peak_mb"] > 5
-        assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
+        if row["scenario"] == "l":      # ours alone: nothing to compare with in its cell
+            assert row["ratios"] == {}
+        else:
+            assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
         assert (row["rss_growth"] is not None) == (row["scenario"] == "f")
     assert set(report["idle_rss"]) == {"ours/inline", "floor"}
     meta = report["meta"]
@@ -87,3 +91,14 @@ def test_process_floor_answers_every_scenario(tmp_path):
     without = run_bench(tmp_path / "without", "--scenarios", "a", "--concurrency", "1", "--modes", "process",
                         "--no-process-floor")
     assert {r["target"] for r in without["rows"]} == {"ours/process", "floor"}
+
+
+def test_slow_server_scenario_runs_and_delivers_in_order(tmp_path):
+    command = [sys.executable, "-m", "bench.slow_server", "--modes", "inline,process", "--frames", "6",
+               "--frame-mb", "0.25", "--pause", "0.5", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "slow_server.json").read_text())
+    assert [r["target"] for r in report["results"]] == ["ours/inline", "ours/process"]
+    for result in report["results"]:
+        assert result["in_order"] and result["frames_received"] == 7 and result["peak_rss_mb"] > 0, result

@@ -51,7 +51,7 @@ def test_java_properties_syntax(tmp_path):
 def test_defaults():
     config = build_server_config(props(), env={})
     assert (config.send_pings, config.fail_on_connection_error, config.tcp_probe_port) == (False, False, 8000)
-    assert config.connect_kwargs == {} and config.reconnect_secret is None
+    assert websocket_options(config) == {} and config.verify_tls and config.reconnect_secret is None
     assert config.max_message_bytes >= 64 * 1024 * 1024
 
 
@@ -85,12 +85,36 @@ def test_token_from_environment():
     ({"connectKWArgs": "{not json"}, "connectKWArgs"),
     ({"connectKWArgs": "[1]"}, "connectKWArgs"),
     ({"connectKWArgs": '{"bogus": 1}'}, "connectKWArgs.bogus"),
+    ({"connectKWArgs": '{"open_timeout": "soon"}'}, "connectKWArgs.open_timeout"),
+    ({"connectKWArgs": '{"open_timeout": -1}'}, "connectKWArgs.open_timeout"),
+    ({"connectKWArgs": '{"ping_interval": [1]}'}, "connectKWArgs.ping_interval"),
+    ({"connectKWArgs": '{"max_size": "big"}'}, "connectKWArgs.max_size"),
+    ({"connectKWArgs": '{"max_queue": "x"}'}, "connectKWArgs.max_queue"),
+    ({"connectKWArgs": '{"write_limit": -5}'}, "connectKWArgs.write_limit"),
+    ({"connectKWArgs": '{"compression": "gzip"}'}, "connectKWArgs.compression"),
+    ({"connectKWArgs": '{"additional_headers": ["x"]}'}, "connectKWArgs.additional_headers"),
+    ({"connectKWArgs": '{"extra_headers": {"a": 1}}'}, "connectKWArgs.extra_headers"),
+    ({"connectKWArgs": '{"user_agent_header": 3}'}, "connectKWArgs.user_agent_header"),
+    ({"connectKWArgs": '{"proxy": 5}'}, "connectKWArgs.proxy"),
+    ({"connectKWArgs": '{"disableSslVerification": "maybe"}'}, "connectKWArgs.disableSslVerification"),
+    ({"connectKWArgs": '{"caFile": "/no/such/ca.pem"}'}, "connectKWArgs.caFile"),
+    ({"connectKWArgs": '{"logger": "x"}'}, "connectKWArgs.logger"),      # the connector's own
+    ({"connectKWArgs": '{"ssl": false}'}, "connectKWArgs.ssl"),
 ])
 def test_bad_config_names_the_key(changes, key):
     with pytest.raises(ConfigError) as info:
         build_server_config(props(**changes), env={}, file="x/server.config")
     assert info.value.key == key
     assert "x/server.config" in str(info.value) and key in str(info.value)
+
+
+def test_connect_options_are_typed_and_checked_against_websockets():
+    config = build_server_config(props(connectKWArgs='{"open_timeout": "7.5", "extra_headers": {"X-A": "b"}, '
+                                                     '"local_addr": ["127.0.0.1", 0], "compression": "deflate", '
+                                                     '"disableSslVerification": "yes"}'), env={})
+    assert websocket_options(config) == {"open_timeout": 7.5, "additional_headers": {"X-A": "b"},
+                                         "local_addr": ["127.0.0.1", 0], "compression": "deflate"}
+    assert config.verify_tls is False
 
 
 def test_config_is_frozen():
@@ -145,3 +169,54 @@ def test_source_config_unknown_key_warns(caplog):
 def test_source_config_wrong_types_keep_defaults(caplog, document):
     assert parse_source_config(document, "src") == SourceConfig()
     assert any(r.levelname == "ERROR" and "src" in r.getMessage() for r in caplog.records)
+
+
+THREE_PROBLEMS = "targetServer=https://dev.vantiq.com\nsources=\nsendPings = maybe\n"
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["check"]])
+def test_every_problem_of_a_file_at_once(tmp_path, command):
+    """No token, an empty sources and sendPings = maybe: all three in one go, from `run` and `check`."""
+    (tmp_path / "serverConfig").mkdir()
+    (tmp_path / "serverConfig" / "server.config").write_text(THREE_PROBLEMS)
+    done = subprocess.run(console_command() + command, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 3, lines
+    for line, key in zip(lines, ("authToken", "sources", "sendPings"), strict=True):
+        assert f"serverConfig/server.config: key '{key}'" in line
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ('{"open_timeout": "soon"}', "connectKWArgs.open_timeout"),
+    ('{"disableSslVerification": "maybe"}', "connectKWArgs.disableSslVerification"),
+    ('{"max_size": -1}', "connectKWArgs.max_size"),
+    ('{"no_such_option": 1}', "connectKWArgs.no_such_option"),
+])
+@pytest.mark.parametrize("origin", ["file", "environment"])
+def test_bad_connect_kwargs_exit_2_at_start(tmp_path, kwargs, key, origin):
+    """Once a retry loop ("unexpected error on the connection; reconnecting") or a traceback."""
+    config = "targetServer=https://127.0.0.1:9\nauthToken=abc\nsources=s\nfailOnConnectionError=true\n"
+    env = {"PATH": "/usr/bin:/bin"}
+    if origin == "file":
+        config += f"connectKWArgs = {kwargs}\n"
+    else:
+        env["CONNECTOR_CONNECT_KW_ARGS"] = kwargs
+    (tmp_path / "server.config").write_text(config)
+    done = subprocess.run(console_command(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"key '{key}'" in lines[0], done.stderr
+    assert ("server.config" if origin == "file" else "environment variable CONNECTOR_CONNECT_KW_ARGS") in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr and "reconnecting" not in done.stdout
+
+
+def test_healthcheck_exits_only_0_or_1(tmp_path):
+    """Docker reserves exit code 2 of a HEALTHCHECK: a configuration error is "unhealthy" (1)."""
+    (tmp_path / "server.config").write_text(THREE_PROBLEMS)
+    done = subprocess.run(console_command() + ["healthcheck"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "configuration error" in done.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging.config
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,27 +41,27 @@ def test_dockerfile_base_user_and_entrypoint():
     names = [c.cmd for c in commands]
     assert names.index("USER") > max(i for i, c in enumerate(commands) if c.cmd == "RUN" and "pip" in c.value[0])
     (entry,) = first("ENTRYPOINT")
-    # tini as PID 1 reaps orphans; without -g it signals the connector alone, which stops its workers
-    assert entry.json and entry.value == ("/usr/bin/tini", "--", "pyexec-connector")
-    assert any("apt-get install" in c.value[0] and " tini" in c.value[0] for c in commands if c.cmd == "RUN")
+    assert entry.json and entry.value == ("tini", "--", "pyexec-connector")     # an init reaps orphans
     (volume,) = first("VOLUME")
     assert any(v.rstrip("/").endswith("/serverConfig") for v in volume.value)
     (workdir,) = first("WORKDIR")
     assert volume.value[0].startswith(workdir.value[0])        # serverConfig/ relative to the working dir
 
 
-def test_dockerfile_installs_local_requirements_then_the_project():
+def test_dockerfile_resolves_local_requirements_with_the_projects_dependencies():
     assert (ROOT / "localRequirements.txt").is_file()
     commands = instructions()
     copies = [c for c in commands if c.cmd == "COPY"]
     runs = [c.value[0] for c in commands if c.cmd == "RUN"]
-    assert any(c.value[0] == "localRequirements.txt" for c in copies)
-    assert any("pip install -r /tmp/localRequirements.txt" in r for r in runs)
+    assert any("localRequirements.txt" in c.value[:-1] and "pyproject.toml" in c.value[:-1] for c in copies)
+    # one pip command over both lists: a conflict is pip's error, not a silent replacement
+    (resolve,) = [r for r in runs if "localRequirements.txt" in r]
+    assert re.search(r"pip install -r \S*localRequirements\.txt -r \S*project\.txt", resolve)
     sources = {v for c in copies for v in c.value[:-1]}
     assert {"pyproject.toml", "src"} <= sources                # the project from the build context
-    local_at = next(i for i, r in enumerate(runs) if "localRequirements" in r)
-    project_at = next(i for i, r in enumerate(runs) if "pip install /tmp/build" in r)
-    assert local_at < project_at                               # users' packages in their own, earlier layer
+    (project,) = [r for r in runs if "/tmp/build" in r and "pip install" in r]
+    assert "--no-deps" in project and "pip check" in project   # it cannot replace what was resolved
+    assert runs.index(resolve) < runs.index(project)           # users' packages in their own, earlier layer
 
 
 def test_dockerfile_healthcheck_asks_healthz():
@@ -94,14 +95,16 @@ async def test_healthcheck_command(server, tmp_path):
         assert await asyncio.wait_for(connector.wait(), 30) == 0
 
 
-@pytest.mark.slow
-def test_image_install_steps_in_a_fresh_venv(tmp_path):
-    """Replay the Dockerfile's COPY and pip RUN steps: a copy of the build context, a fresh venv,
-    `pip install -r localRequirements.txt`, the project, then `pyexec-connector --help`."""
+def replay_image_install(tmp_path: Path, local_requirements: str | None = None) -> tuple[Path, str | None]:
+    """Replay the Dockerfile's COPY steps and its RUN steps that call pip or python, in a fresh venv
+    standing in for the image. Returns (the venv, None) or (the venv, the failing step and its output)."""
     context = tmp_path / "context"
     root = tmp_path / "root"                                    # stands in for the image's filesystem
-    ignored = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist")
+    ignored = shutil.ignore_patterns(".venv", ".venv-upstream", ".git", "__pycache__", "*.egg-info", "build",
+                                     "dist")
     shutil.copytree(ROOT, context, ignore=ignored)
+    if local_requirements is not None:
+        (context / "localRequirements.txt").write_text(local_requirements)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
@@ -122,13 +125,32 @@ def test_image_install_steps_in_a_fresh_venv(tmp_path):
                     shutil.copytree(path, destination)
                 else:
                     shutil.copy(path, destination)
-        elif command.cmd == "RUN" and command.value[0].startswith("pip "):
+        elif command.cmd == "RUN" and re.search(r"\b(pip|python3?) ", command.value[0]):
             line = command.value[0].replace("/tmp/", f"{root}/tmp/")
             done = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+            if done.returncode != 0:
+                return venv, f"{line}\n{done.stdout}\n{done.stderr}"
+    return venv, None
+
+
+@pytest.mark.slow
+def test_image_install_steps_in_a_fresh_venv(tmp_path):
+    """The image's install steps, then `pyexec-connector --help`."""
+    venv, failed = replay_image_install(tmp_path)
+    assert failed is None, failed
     help_text = subprocess.run([str(venv / "bin" / "pyexec-connector"), "--help"], capture_output=True, text=True,
                                timeout=60)
     assert help_text.returncode == 0 and "check" in help_text.stdout
+
+
+@pytest.mark.slow
+def test_a_pin_that_conflicts_with_ours_fails_the_image_build(tmp_path):
+    """Once: websockets==12.0 installed, then silently replaced by ours, and the build passed."""
+    venv, failed = replay_image_install(tmp_path, "# a user's pin older than the connector allows\nwebsockets==12.0\n")
+    assert failed is not None, "the conflicting pin was accepted"
+    assert "localRequirements.txt" in failed.splitlines()[0]         # the resolving step failed
+    assert "websockets==12.0" in failed and ("ResolutionImpossible" in failed or "conflict" in failed), failed
+    assert not (venv / "bin" / "pyexec-connector").exists()
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------------

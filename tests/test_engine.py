@@ -104,7 +104,7 @@ async def test_cpu_bound_queries_run_in_parallel_and_do_not_block_the_connector(
     await asyncio.sleep(0.2)
     trivial = await server.send_query(SOURCE, {"code": "quick = 1"})
     assert (await server.replies_for(trivial)).results == {"quick": 1}
-    assert server._replies[long_one].empty()       # still running
+    assert server.received(long_one) == 0       # still running
     assert (await server.replies_for(long_one, timeout=30)).results["finished"] is True
 
 
@@ -176,7 +176,7 @@ async def test_busy_beyond_the_queue(server, start_connector):
     await wait_for(lambda: stats(running)["queue_depth"] == 1)
     busy = await server.query(params)
     assert busy.status == 400 and busy.error_code == errors.BUSY
-    assert server._replies[first].empty()          # answered at once, while the first still runs
+    assert server.received(first) == 0          # answered at once, while the first still runs
     assert (await server.replies_for(first)).results["done"] is True
     assert (await server.replies_for(second)).results["done"] is True
 

@@ -10,6 +10,7 @@ from pyexec_connector.config import (
     config_problems,
     env_name,
     load_server_config,
+    websocket_options,
 )
 from pyexec_connector.errors import ConfigError
 
@@ -48,7 +49,7 @@ def test_environment_fills_only_what_the_file_lacks():
 def test_no_file_at_all(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_server_config(env={**REQUIRED, "CONNECTOR_CONNECT_KW_ARGS": '{"open_timeout": 5}'})
-    assert config.sources == ("a", "b") and config.connect_kwargs == {"open_timeout": 5}
+    assert config.sources == ("a", "b") and websocket_options(config) == {"open_timeout": 5}
 
 
 def test_no_file_and_not_enough_environment(tmp_path, monkeypatch):
@@ -74,3 +75,15 @@ def test_every_problem_is_collected():
                                         "sendPings": "sometimes", "metricsPort": "0"}, env={})
     assert config is None
     assert {p.key for p in problems} == {"targetServer", "sendPings", "metricsPort"}
+
+
+def test_every_problem_is_collected_even_with_required_keys_missing():
+    config, problems = config_problems({"targetServer": "https://dev.vantiq.com", "sources": " ",
+                                        "sendPings": "maybe", "connectKWArgs": '{"open_timeout": "soon"}'},
+                                       env={"CONNECTOR_TCP_PROBE_PORT": "-1"}, file="s.config")
+    assert config is None
+    assert [(p.key, p.file) for p in problems] == [
+        ("authToken", "s.config"), ("sources", "s.config"), ("sendPings", "s.config"),
+        ("tcpProbePort", "environment variable CONNECTOR_TCP_PROBE_PORT"),
+        ("connectKWArgs.open_timeout", "s.config")]
+    assert "CONNECTOR_AUTH_TOKEN" in str(problems[0])

@@ -79,11 +79,9 @@ async def test_drop_between_a_partial_and_the_final_reply(connected):
             "    await connector_connection.send_query_response(connector_context, 200, {'part': 2})\n"
             "asyncio.get_event_loop().create_task(go())")
     address = await server.send_query(SOURCE, {"code": code, "codeHandlesReturn": True})
-    first = await server._replies[address].get()
-    assert first["status"] == 100
+    await server.wait_received(address, 1)        # the first partial reply
     server.close_during_handshake("validate", 2)     # the first two reconnects fail as well
     await server.drop(SOURCE)
-    server._replies[address].put_nowait(first)
     result = await server.replies_for(address, timeout=20)
     assert [(r["status"], r["body"]["part"]) for r in result.replies] == [(100, 1), (200, 2)]
     assert await server.wait_notifications(SOURCE, 1) == [{"between": True}]
@@ -160,7 +158,7 @@ async def test_refusals_back_off(server, start_connector):
     server.refuse(SOURCE, 409, "io.vantiq.source.already.served", "The source {0} is already served.")
     running = await start_connector(wait=False)
     await wait_for(lambda: server.connects(SOURCE) >= 5)
-    backoff = running.session.link._backoff
+    backoff = running.session.link.backoff
     assert backoff.attempt >= 4                     # growing delays (capped at 0.2 s by the fixture)
     server.accept(SOURCE)
     await running.connector.wait_ready(timeout=10)

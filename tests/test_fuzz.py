@@ -57,7 +57,7 @@ async def test_cut_off_queries_are_answered_when_they_name_their_address(connect
         address = f"cut-{n}"
         text = json.dumps({**VALID, "messageHeaders": {"REPLY_ADDR_HEADER": address}})[:cut]
         has_address = f'"{address}"' in text
-        server._replies[address] = asyncio.Queue()
+        server.expect(address)
         await server.send_raw(SOURCE, text.encode() if n % 2 else text)
         if has_address and not text.endswith("}}"):
             result = await server.replies_for(address, timeout=10)
@@ -65,7 +65,7 @@ async def test_cut_off_queries_are_answered_when_they_name_their_address(connect
             assert "could not be read" in result.body["messageTemplate"]
             answered += 1
         else:
-            server._replies.pop(address)
+            server.forget(address)
         await alive(server, running, n)
     assert answered > 10
 

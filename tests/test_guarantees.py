@@ -11,8 +11,14 @@ from .conftest import SOURCE
 class _BrokenEngine:
     """Stands in for a connector bug: the one thing here that cannot be produced for real."""
 
-    async def run(self, job, channel):
+    def submit(self, frame, channel):
         raise RuntimeError("engine bug")
+
+    def stats(self):
+        return {}
+
+    async def retire(self):
+        pass
 
     def reconfigure(self, config):
         pass
@@ -54,12 +60,12 @@ async def test_code_handles_return_tasks_cancelled_when_stopping(connected):
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
 async def test_query_whose_task_never_started_is_answered_on_close(server, start_connector, mode):
-    """A query task cancelled before its first step never reaches answer()'s finally."""
+    """A query task cancelled before its first step never reaches its own end: close() answers it."""
     server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
     running = await start_connector()
     session = running.session
     address = "never-started"
-    server._replies[address] = asyncio.Queue()
+    server.expect(address)
     session.on_query(protocol.QueryFrame(address, {"code": "x = 1"}))
     await session.close()            # no await between: the task has not run a single step
     result = await server.replies_for(address, timeout=10)

@@ -85,7 +85,7 @@ async def test_garbage_frames_are_skipped(connected, garbage):
 async def test_binary_query_frames_are_answered(connected):
     server, _ = connected
     address = "bin-1"
-    server._replies[address] = asyncio.Queue()
+    server.expect(address)
     await server.send_raw(SOURCE, json.dumps({"op": "query", "object": {"code": "b = 1"},
                                               "messageHeaders": {"REPLY_ADDR_HEADER": address}}).encode())
     assert (await server.replies_for(address)).results == {"b": 1}

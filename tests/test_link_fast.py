@@ -1,7 +1,7 @@
 """The fast paths of the link and the process engine: queries taken as websockets parses them
-(_LinkConnection / SourceLink._message_now), a worker's replies written in the step they came
-(SourceLink.write_now), and timeouts checked by one sweep (ProcessEngine._sweep). The real connector over
-real loopback websockets against devserver.py."""
+(compat.direct_connection), a worker's replies written in the step they came (SourceLink.write_now), and
+timeouts checked by one sweep (pipeline.Deadlines). The real connector over real loopback websockets
+against devserver.py; which path ran is read from SourceLink.counters and the engine's stats()."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ import pytest
 
 from pyexec_connector import errors
 from pyexec_connector.engine import process
-from pyexec_connector.link import SourceLink
+from pyexec_connector.link import LinkState
 
 from .conftest import SOURCE
 
@@ -33,9 +33,7 @@ def configure_text(general: dict) -> str:
 
 
 def expect(server, address: str) -> str:
-    """Let replies_for() collect the replies to a query frame sent with send_raw()."""
-    server._replies[address] = asyncio.Queue()
-    return address
+    return server.expect(address)
 
 
 async def start(server, start_connector, mode: str, **properties):
@@ -54,30 +52,6 @@ async def eventually(predicate, timeout: float = 2.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
-
-
-class MessageNowCounter:
-    """SourceLink._message_now wrapped at class level (before the connector connects: each connection
-    captures the bound method when the link becomes ready): (op, returned) of every call."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[tuple[str | None, bool]] = []
-        original = SourceLink._message_now
-        calls = self.calls
-
-        def message_now(link, raw):
-            taken = original(link, raw)
-            try:
-                op = json.loads(bytes(raw)).get("op")
-            except (ValueError, AttributeError):
-                op = None
-            calls.append((op, taken))
-            return taken
-
-        monkeypatch.setattr(SourceLink, "_message_now", message_now)
-
-    def count(self, op: str | None, taken: bool) -> int:
-        return self.calls.count((op, taken))
 
 
 # ---- 1a. a configure and the query right after it, in one burst ----------------------------------
@@ -131,9 +105,9 @@ async def test_query_over_the_limit_still_gets_too_large_and_the_link_stays(serv
 
 # ---- 1c. non-query frames while ready: the normal path ---------------------------------------------
 
-async def test_non_query_frames_while_ready_go_the_normal_way(server, start_connector, caplog, monkeypatch):
-    counter = MessageNowCounter(monkeypatch)
+async def test_non_query_frames_while_ready_go_the_normal_way(server, start_connector, caplog):
     running = await start(server, start_connector, "process")
+    counters = running.session.link.counters
     caplog.set_level(logging.INFO, logger="pyexec_connector.link")
     cut = expect(server, "cut-1")
     after = expect(server, "after-junk")
@@ -151,86 +125,56 @@ async def test_non_query_frames_while_ready_go_the_normal_way(server, start_conn
     assert any("reported status 500" in m and "boom" in m for m in messages)
     assert any("unreadable query cut-1" in m for m in messages)
     # only the first frame of the burst is offered to the direct path (the others queue behind it)
-    assert [op for op, taken in counter.calls if taken] == ["query"]     # the warm-up query
-    assert counter.count("publish", False) == 1
+    assert counters.direct_queries == 1          # the warm-up query
+    assert counters.declined == 1                # the publish
+    assert counters.queued_queries == 1          # the query behind the junk
     assert running.session.link.reconnects == 0
 
 
 # ---- 1d. the direct path is the one used -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["process", "inline"])
-async def test_plain_queries_take_the_direct_path_and_a_configure_does_not(server, start_connector, mode,
-                                                                           monkeypatch):
-    counter = MessageNowCounter(monkeypatch)
+async def test_plain_queries_take_the_direct_path_and_a_configure_does_not(server, start_connector, mode):
     running = await start(server, start_connector, mode)
-    taken_before = counter.count("query", True)
+    counters = running.session.link.counters
+    taken_before = counters.direct_queries
     assert taken_before >= 1                        # the warm-up query
     answers = await asyncio.gather(*(server.query({"code": f"x = {i}"}) for i in range(10)))
     assert [a.results["x"] for a in answers] == list(range(10))
-    assert counter.count("query", True) == taken_before + 10
-    assert counter.count("query", False) == 0
+    assert counters.direct_queries == taken_before + 10
+    assert counters.queued_queries == 0 and counters.declined == 0
     await server.reconfigure(SOURCE, {"executionMode": mode, "workers": 1, "returnRuntimeInformation": True})
     assert await eventually(lambda: running.session.source_config.returnRuntimeInformation)
-    assert counter.count("configureExtension", False) == 1
-    assert counter.count("configureExtension", True) == 0
+    assert counters.declined == 1                   # the configure: left to the receiving task
     result = await server.query({"code": "y = 1"})
     assert result.results == {"y": 1} and "connectorRuntimeInfo" in result.body
-    assert counter.count("query", True) == taken_before + 11
+    assert counters.direct_queries == taken_before + 11
 
 
 # ---- 1e. after a reconnect ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("abrupt", [False, True])
-async def test_a_new_connection_gets_the_direct_path_again(server, start_connector, monkeypatch, abrupt):
-    counter = MessageNowCounter(monkeypatch)
+async def test_a_new_connection_gets_the_direct_path_again(server, start_connector, abrupt):
     running = await start(server, start_connector, "process")
-    first_ws = running.session.link._ws
+    counters = running.session.link.counters
     await server.drop(SOURCE, abrupt=abrupt)
     await server.wait_attached(SOURCE)
     await running.connector.wait_ready(timeout=5)
     assert await eventually(lambda: running.session.link.reconnects == 1)
-    ws = running.session.link._ws
-    assert ws is not None and ws is not first_ws
-    assert await eventually(lambda: ws.on_message is not None)
-    taken = counter.count("query", True)
+    assert await eventually(lambda: running.session.link.ready)
+    taken, queued = counters.direct_queries, counters.queued_queries
     answers = await asyncio.gather(*(server.query({"code": f"x = {i}"}) for i in range(5)))
     assert [a.results["x"] for a in answers] == list(range(5))
-    assert counter.count("query", True) == taken + 5
+    assert counters.direct_queries == taken + 5 and counters.queued_queries == queued
     assert server.connects(SOURCE) == 2
 
 
 # ---- 2. SourceLink.write_now: a worker's replies written in the step they came --------------------
 
-class WriteCounter:
-    """Counts the writes to the link socket's transport, and the direct writer's calls."""
-
-    def __init__(self, link: SourceLink):
-        self.writes = 0
-        self.direct = 0
-        self.direct_wrote = 0
-        transport = link._ws.transport
-        write = transport.write
-
-        def counting_write(data):
-            self.writes += 1
-            return write(data)
-
-        transport.write = counting_write
-        direct = link._write_now
-        assert direct is not None, "the writer task made no direct writer for this socket"
-
-        def counting_direct():
-            self.direct += 1
-            wrote = direct()
-            self.direct_wrote += bool(wrote)
-            return wrote
-
-        link._write_now = counting_direct
-
-
 async def test_a_burst_of_100_queries_is_answered_once_each(server, start_connector):
     running = await start(server, start_connector, "process")
-    writes = WriteCounter(running.session.link)
+    counters = running.session.link.counters
+    writes_before = counters.direct_writes + counters.writer_writes
     addresses = [await server.send_query(SOURCE, {"code": "y = x * 2", "presetValues": {"x": i}})
                  for i in range(100)]
     results = await asyncio.gather(*(server.replies_for(a) for a in addresses))
@@ -239,8 +183,9 @@ async def test_a_burst_of_100_queries_is_answered_once_each(server, start_connec
         assert result.status == 200 and result.results == {"x": i, "y": 2 * i}
     await asyncio.sleep(0.1)       # a duplicate would come after the terminal reply: nobody waits for it
     assert server.stray_replies == []
-    assert writes.direct_wrote >= 1                 # the worker's answers went out in the step they came
-    assert writes.writes < 100                      # and in batches, not a socket write per reply
+    assert counters.direct_writes >= 1              # the worker's answers went out in the step they came
+    # and in batches, not a socket write per reply
+    assert counters.direct_writes + counters.writer_writes - writes_before < 100
     assert running.session.link.pending_frames == 0
 
 
@@ -274,7 +219,7 @@ async def test_a_query_over_its_timeout_is_answered_with_the_timeout_error(serve
     assert loop.time() - began < 3
     assert result.status == 400 and result.error_code == errors.TIMEOUT
     assert engine.stats()["timeouts"] == 1
-    assert await eventually(lambda: engine._sweeping is None)
+    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
 
 
@@ -283,20 +228,12 @@ async def test_the_configured_execution_timeout_applies_to_relayed_queries(serve
     running = await start_connector()
     assert (await server.query({"code": "warm = 1"})).results == {"warm": 1}
     engine = running.session.engine
-    relayed = []
-    relay = engine.relay
-
-    def counting_relay(frame, channel):
-        query = relay(frame, channel)
-        relayed.append(query is not None)
-        return query
-
-    engine.relay = counting_relay
+    relayed = engine.stats()["relayed"]
     result = await server.query({"code": SLEEPER}, timeout=3)
-    assert relayed == [True]
+    assert engine.stats()["relayed"] == relayed + 1
     assert result.status == 400 and result.error_code == errors.TIMEOUT
     assert engine.stats()["timeouts"] == 1
-    assert await eventually(lambda: engine._sweeping is None)
+    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
 
 
 async def test_queries_with_different_timeouts_at_once_each_get_the_right_answer(server, start_connector):
@@ -323,27 +260,31 @@ async def test_queries_with_different_timeouts_at_once_each_get_the_right_answer
     assert untimed_r.status == 200 and untimed_r.results == {"quick": 1}
     assert order.index("short") < order.index("longer")
     assert engine.stats()["timeouts"] == 2
-    assert await eventually(lambda: engine._sweeping is None)
+    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
 
 
 async def test_the_writer_survives_write_now_sending_what_it_waited_to_send(server, start_connector):
-    """The writer task waits for the link to be ready again (an attach) with frames queued; write_now()
-    sends them in the step the link becomes ready, before the writer runs: the writer must find the
-    outbox empty and wait again, not fail (it did: an IndexError ended it, and later frames stayed
-    queued for good)."""
+    """Frames queued while the link attaches again (after reconnectRequired) wait for it; write_now() may
+    send them in the step the link becomes ready, before the writer task runs: the writer must find the
+    outbox empty and wait again, not fail (it did: an IndexError ended it, and later frames stayed queued
+    for good)."""
     running = await start(server, start_connector, "inline")
     link = running.session.link
-    link._ready.clear()                 # as while attaching again after reconnectRequired
+    server.configure_delay = 0.3
+    await server.request_reconnect(SOURCE)
+    assert await eventually(lambda: link.state is LinkState.ATTACHING)
     link.send(json.dumps({"op": "notification", "resourceName": "sources", "resourceId": SOURCE,
                           "object": {"n": 1}}))
-    await asyncio.sleep(0.05)           # the writer is now waiting for the link to be ready
-    link._ready.set()
-    link.write_now()                    # sends the queued frame before the writer's next step
-    assert link.pending_frames == 0
+    async with asyncio.timeout(5):
+        while not link.ready:           # the writer waits for the link; write_now() tries in every step
+            link.write_now()
+            await asyncio.sleep(0)
+    link.write_now()                    # the step the link became ready: it may send the queued frame
     await asyncio.sleep(0.05)
     link.send(json.dumps({"op": "notification", "resourceName": "sources", "resourceId": SOURCE,
                           "object": {"n": 2}}))
     await server.wait_notifications(SOURCE, 2, timeout=5)
     assert sorted(n["n"] for n in server.notifications[SOURCE]) == [1, 2]
+    assert link.pending_frames == 0
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}

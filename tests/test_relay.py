@@ -1,6 +1,6 @@
 """The process engine's relay path (plain query frames go to a worker as they came), ack-gated writes to
 workers, the relay wire format, and the cap on message_code metric labels: the real connector over real
-loopback websockets against devserver.py, and the real _Worker and wire functions."""
+loopback websockets against devserver.py, and the real WorkerHandle and wire functions."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,8 @@ import time
 import pytest
 
 from pyexec_connector import errors, health
-from pyexec_connector.engine import process, wire
+from pyexec_connector.engine import pool, process, wire
+from pyexec_connector.engine.messages import ACKED, Cancel, Relay
 
 from .conftest import SOURCE
 
@@ -17,27 +18,26 @@ PIDS = "import asyncio, os\npid = os.getpid()\nawait asyncio.sleep(0.2)"
 
 
 class RelayCounter:
-    """Wraps relay() on the live engine: counts the queries it took (relayed) and those it left to run()."""
+    """Which way queries reached the workers since it was made: relayed as they came, or parsed by the
+    connector (declined), from the engine's stats()."""
 
     def __init__(self, engine: process.ProcessEngine):
-        self.relayed = 0
-        self.declined = 0
-        original = engine.relay
+        self._engine = engine
+        stats = engine.stats()
+        self._relayed, self._parsed = stats["relayed"], stats["parsed"]
 
-        def relay(frame, channel):
-            query = original(frame, channel)
-            if query is None:
-                self.declined += 1
-            else:
-                self.relayed += 1
-            return query
+    @property
+    def relayed(self) -> int:
+        return self._engine.stats()["relayed"] - self._relayed
 
-        engine.relay = relay
+    @property
+    def declined(self) -> int:
+        return self._engine.stats()["parsed"] - self._parsed
 
 
 async def start_process(server, start_connector, **general):
-    """A connector in process mode whose workers are up (a first query went through run(), which waits for
-    them), with a RelayCounter on its engine."""
+    """A connector in process mode whose workers are up (a first query was parsed and waited for them),
+    with a RelayCounter on its engine."""
     server.set_source_config(SOURCE, {"executionMode": "process", "workers": 1, **general})
     running = await start_connector()
     assert isinstance(running.session.engine, process.ProcessEngine)
@@ -129,7 +129,7 @@ async def test_name_only_after_a_successful_run(server, start_connector):
 
 async def test_name_only_queries_run_on_any_worker(server, start_connector):
     running, relays = await start_process(server, start_connector, workers=2)
-    assert len(running.session.engine._workers) == 2
+    assert running.session.engine.stats()["workers_alive"] == 2
     first = await server.query({"name": "pids", "code": PIDS})     # an idle pool: the first worker runs it
     assert first.status == 200
     for _ in range(3):              # one after another: each an idle pool again
@@ -155,7 +155,7 @@ async def test_query_with_a_timeout_is_not_relayed_and_times_out(server, start_c
     assert relays.relayed == 0 and relays.declined == 1
     engine = running.session.engine     # the worker lets go of the timed-out query: plain ones are relayed again
     async with asyncio.timeout(5):
-        while any(w.cancelling or w.inflight for w in engine._workers):
+        while any(w.cancelling or w.inflight for w in engine.pool.workers):
             await asyncio.sleep(0.02)
     assert (await server.query({"code": "next_one = 1"})).results == {"next_one": 1}
     assert relays.relayed == 1
@@ -227,8 +227,8 @@ class FakeWriter:
         return False
 
 
-def fake_worker() -> tuple[process._Worker, FakeWriter]:
-    worker = process._Worker(0)
+def fake_worker() -> tuple[pool.WorkerHandle, FakeWriter]:
+    worker = pool.WorkerHandle(0)
     writer = FakeWriter()
     worker.writer = writer
     return worker, writer
@@ -257,7 +257,7 @@ async def test_a_held_run_is_written_by_the_guard_timer_without_hearing_from_the
     worker.send_run(b"second")
     worker.send_run(b"third")
     assert writer.writes == [b"first"]
-    await asyncio.sleep(process.HOLD_MAX * 5 + 0.05)
+    await asyncio.sleep(pool.HOLD_MAX * 5 + 0.05)
     assert writer.writes == [b"first", b"secondthird"]
     worker.heard()
     assert writer.writes == [b"first", b"secondthird"]     # the timer's write was the only one
@@ -267,16 +267,16 @@ async def test_a_message_sent_while_runs_are_held_goes_after_them_in_the_same_wr
     worker, writer = fake_worker()
     worker.send_run(b"first")
     worker.send_run(b"held")
-    worker.send(("cancel", 7))
-    assert writer.writes == [b"first", b"held" + wire.pack(("cancel", 7))]
+    worker.send(Cancel(7))
+    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
     worker.heard()
-    await asyncio.sleep(process.HOLD_MAX * 5 + 0.05)     # the guard timer was cancelled: no empty write
-    assert writer.writes == [b"first", b"held" + wire.pack(("cancel", 7))]
+    await asyncio.sleep(pool.HOLD_MAX * 5 + 0.05)     # the guard timer was cancelled: no empty write
+    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
 
 
 async def test_a_worker_busy_with_a_query_still_writes_back_so_runs_are_not_held(server, start_connector):
     running, relays = await start_process(server, start_connector)
-    worker = running.session.engine._workers[0]
+    worker = running.session.engine.pool.workers[0]
     address = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(1)\nslow = 1"})
     async with asyncio.timeout(0.8):     # its ACK: long before the query ends
         while not worker.inflight or worker.awaiting:
@@ -307,26 +307,26 @@ RAW = '{"op": "query", "object": {"code": "größe = \'✓\'"}}'.encode()
 @pytest.mark.parametrize("text", [None, "", "x = 1", "s = '\U0001f600 ü'\n"])
 @pytest.mark.parametrize("raw", [RAW, b""])
 def test_relay_messages_round_trip(qid, address, text, raw):
-    packed = wire.pack_relay(qid, address, text, raw)
+    packed = wire.encode(Relay(qid, address, text, raw))
     assert int.from_bytes(packed[:4], "big") == len(packed) - 4
     decoded = wire.decode(packed[4:], trusted=True)
-    assert decoded == ("relay", qid, address, text, raw)
-    assert (decoded[3] is None) == (text is None)
-    assert isinstance(decoded[4], bytes)
+    assert decoded == Relay(qid, address, text, raw) and type(decoded) is Relay
+    assert (decoded.text is None) == (text is None)
+    assert isinstance(decoded.raw, bytes)
 
 
 def test_relay_messages_are_decoded_only_from_the_connector():
-    packed = wire.pack_relay(5, "reply-5", "x = 1", RAW)
-    with pytest.raises(Exception) as caught:  # noqa: B017 - anything but a relay
+    packed = wire.encode(Relay(5, "reply-5", "x = 1", RAW))
+    with pytest.raises(wire.MalformedMessage):
         wire.decode(packed[4:], trusted=False)
-    assert "unpickl" in str(caught.value).lower() or caught.type.__name__ == "UnpicklingError"
-    assert wire.decode(memoryview(packed)[4:], trusted=True)[0] == "relay"
+    assert type(wire.decode(memoryview(packed)[4:], trusted=True)) is Relay
 
 
 def test_ack_decodes_to_acked():
     assert int.from_bytes(wire.ACK[:4], "big") == len(wire.ACK) - 4 == 1
-    assert wire.decode(wire.ACK[4:], trusted=False) is wire.ACKED
-    assert wire.decode(memoryview(wire.ACK)[4:], trusted=False) is wire.ACKED
+    assert wire.decode(wire.ACK[4:], trusted=False) is ACKED
+    assert wire.decode(memoryview(wire.ACK)[4:], trusted=False) is ACKED
+    assert wire.encode(ACKED) == wire.ACK
 
 
 # ---- 4. the cap on message_code labels ------------------------------------------------------------
@@ -359,17 +359,20 @@ async def test_message_codes_beyond_the_cap_are_counted_as_other(server, start_c
     assert sample("pyexec_query_duration_seconds_bucket", le="+Inf") == 9
 
 
-async def test_a_query_whose_relay_fails_is_still_answered(server, start_connector):
-    """A bug in relay() must not cost the query its reply: it runs the ordinary way."""
-    running, _ = await start_process(server, start_connector)
-    engine = running.session.engine
+async def test_a_query_whose_relay_fails_is_still_answered(server, start_connector, monkeypatch):
+    """A bug on the relay path must not cost the query its reply: it runs the ordinary way."""
+    _, relays = await start_process(server, start_connector)
+    encode = wire.encode
 
-    def broken(frame, channel):
-        raise RuntimeError("relay bug")
+    def broken(message):
+        if type(message) is Relay:
+            raise RuntimeError("relay bug")
+        return encode(message)
 
-    engine.relay = broken
+    monkeypatch.setattr(wire, "encode", broken)
     result = await server.query({"code": "y = x * 2", "presetValues": {"x": 21}}, timeout=5)
     assert result.status == 200 and result.results == {"x": 21, "y": 42}
+    assert relays.relayed == 0 and relays.declined == 1
 
 
 async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, start_connector):
@@ -377,11 +380,7 @@ async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, s
     link's writer task sends the replies."""
     running, _ = await start_process(server, start_connector)
     link = running.session.link
-
-    def broken() -> bool:
-        raise RuntimeError("write bug")
-
-    link._write_now = broken
+    link.break_direct_writes()
     for i in range(3):
         result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
         assert result.status == 200 and result.results == {"x": i, "y": i + 1}

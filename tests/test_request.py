@@ -5,9 +5,9 @@ from pyexec_connector.errors import QueryError
 from pyexec_connector.request import parse_query
 
 
-def code_of(params):
+def code_of(params, strict=False):
     with pytest.raises(QueryError) as info:
-        parse_query(params)
+        parse_query(params, strict=strict)
     return info.value.code
 
 
@@ -20,8 +20,6 @@ def code_of(params):
     ({"code": "x=1", "presetValues": "a=1"}, errors.BAD_GLOBAL_PRESET),
     ({}, errors.NO_CODE),
     ({"presetValues": {}}, errors.NO_CODE),
-    ({"code": "x=1", "script": "s.py"}, errors.AMBIGUOUS_CODE),
-    ({"script": "s.py", "name": "other"}, errors.AMBIGUOUS_NAME),
     (None, errors.BAD_QUERY),
     ([1, 2], errors.BAD_QUERY),
     ("code", errors.BAD_QUERY),
@@ -34,6 +32,20 @@ def code_of(params):
 ])
 def test_rules(params, code):
     assert code_of(params) == code
+    assert code_of(params, strict=True) == code
+
+
+@pytest.mark.parametrize("params, code, expected", [
+    ({"code": "x=1", "script": "s.py"}, errors.AMBIGUOUS_CODE, ("x=1", None, None)),
+    ({"code": "x=1", "script": "s.py", "name": "n"}, errors.AMBIGUOUS_CODE, ("x=1", "n", None)),
+    ({"script": "s.py", "name": "other"}, errors.AMBIGUOUS_NAME, (None, "s.py", "s.py")),
+])
+def test_upstreams_reading_unless_strict(params, code, expected):
+    heard = []
+    parsed = parse_query(params, warn=lambda *args: heard.append(args))
+    assert (parsed.code, parsed.name, parsed.script) == expected
+    assert heard == [(code, params["script"], params.get("name"))]
+    assert code_of(params, strict=True) == code
 
 
 def test_bad_parameter_names_the_parameter():

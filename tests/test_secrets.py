@@ -71,6 +71,10 @@ async def test_busy_connector_at_debug_through_faults_never_shows_the_token(serv
         return result
 
     with everything_at_debug() as capture:
+        # no redacting filter anywhere on the way to this capture: what it sees is what the code logged,
+        # so a clean capture proves the token never reaches a log call (whatever its length)
+        from pyexec_connector.logsetup import RedactingFilter
+        assert not any(isinstance(f, RedactingFilter) for h in logging.getLogger().handlers for f in h.filters)
         port = free_port()
         running = await start_connector(maxMessageBytes=1024 * 1024, documentTimeout=0.5, metricsPort=port)
         server.put_document("doc.py", "from_doc = 1")
@@ -175,3 +179,40 @@ async def test_user_code_cannot_ask_for_the_token(server, start_connector, mode)
     seen = await server.query({"code": USER_CODE_LOOKS + "import sys\nargv = sys.argv\n"})
     assert seen.status == 200 and "authToken" not in seen.results["config"]
     assert leaks(json.dumps(seen.results)) == []
+
+
+def test_a_short_secret_is_not_looked_for_in_log_text():
+    """A one-character token would turn every 'x' into '***' (pye***ec-connector): below the safe length
+    the filter leaves text alone; the sweep above shows the token never reaches a log call anyway."""
+    from pyexec_connector.logsetup import MIN_REDACTED_LENGTH, RedactingFilter
+    for secret in ("x", "e", "ab", "x" * (MIN_REDACTED_LENGTH - 1)):
+        flt = RedactingFilter(secret)
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "pyexec-connector %s starting; send it again "
+                                   "to exit at once; unexpected error", ("0.1.0",), None)
+        flt.filter(record)
+        assert record.getMessage() == ("pyexec-connector 0.1.0 starting; send it again to exit at once; "
+                                       "unexpected error")
+    long_enough = "x" * MIN_REDACTED_LENGTH
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "a %s b", (long_enough,), None)
+    RedactingFilter(long_enough).filter(record)
+    assert record.getMessage() == "a *** b"
+
+
+async def test_console_command_with_a_one_character_token_logs_readable_lines(tmp_path):
+    """The real command, token `x`, everything at DEBUG: lines stay as written, none withheld."""
+    from pyexec_connector.devserver import DevServer
+    async with DevServer(token="x", sources=(SOURCE,)) as server:
+        (tmp_path / "server.config").write_text(f"targetServer = {server.url}\nauthToken = x\nsources = {SOURCE}\n")
+        proc = await asyncio.create_subprocess_exec(*console_command(), "--log-level", "DEBUG", cwd=tmp_path,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            await server.wait_attached(SOURCE, timeout=30)
+            assert (await server.query({"code": "x = 'exe'"})).results == {"x": "exe"}
+        finally:
+            proc.terminate()
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert "pyexec-connector " in text and " starting" in text and "connected and configured" in text
+    assert "***" not in text and "withheld" not in text, text
+    assert "system.credentials" not in text      # the validate frame itself is still redacted at its source

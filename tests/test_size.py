@@ -46,7 +46,7 @@ async def test_frame_over_the_websocket_ceiling_costs_a_reconnect_not_the_connec
     assert running.session.link.reconnects == 1
     await running.connector.wait_ready(timeout=10)
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
-    server._replies.pop(address, None)
+    server.forget(address)
 
 
 async def test_results_over_the_limit_get_a_400(server, start_connector):
@@ -113,7 +113,7 @@ async def test_refused_frames_are_counted_like_any_other_answered_query(server, 
     running = await start_connector(maxMessageBytes=MiB)
     await server.query({"code": "x = 1", "presetValues": {"blob": "b" * (2 * MiB)}}, timeout=30)
     address = "cut-1"
-    server._replies[address] = asyncio.Queue()
+    server.expect(address)
     await server.send_raw(SOURCE, '{"op": "query", "messageHeaders": {"REPLY_ADDR_HEADER": "cut-1"}, "object": {')
     assert (await server.replies_for(address)).error_code == errors.BAD_QUERY
     registry = running.connector.metrics.registry

@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import uuid
+from typing import Any
 
-from . import __version__
+from . import __version__, logqueue
 from .config import TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
 from .connector import Connector
 from .errors import AuthenticationError, ConfigError
@@ -115,13 +116,14 @@ def run_check(config_path: str | None, timeout: float) -> int:
 
 
 def run_healthcheck(config_path: str | None) -> int:
+    """0 healthy, 1 anything else: Docker reserves every other exit code of a HEALTHCHECK."""
     import urllib.error
     import urllib.request
     try:
         config = load_server_config(config_path)
     except ConfigError as exc:
         print(f"configuration error: {exc}")
-        return EXIT_CONFIG
+        return EXIT_FAILURE
     if config.metrics_port is None:
         print("metricsPort is not set: no /healthz to ask")
         return EXIT_OK
@@ -148,15 +150,23 @@ async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, Chec
 
 
 class _NoQueries:
-    def on_query(self, frame) -> None: ...
-    def on_configure(self, config) -> None: ...
+    """`check` only handshakes: a query or configuration that comes meanwhile is ignored."""
+
+    def on_query(self, frame: Any) -> None: ...
+    def on_configure(self, config: Any) -> None: ...
+    def on_unreadable_query(self, reply_address: str, error: Any) -> None: ...
 
 
 def run_connector(config_path: str | None, log_level: str | None, log_format: str = "text") -> int:
     try:
-        config = load_server_config(config_path)
+        properties, file = read_config_sources(config_path)
     except ConfigError as exc:
         print(f"pyexec-connector: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config, problems = config_problems(properties, file=file)
+    if problems or config is None:
+        for problem in problems:        # every problem at once: one start to find them all
+            print(f"pyexec-connector: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     # User code runs in this process (and its children inherit the environment): it must not find the token.
     os.environ.pop(TOKEN_ENV, None)
@@ -165,7 +175,12 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
     loop_factory, loop_name = event_loop_factory()
     log.info("pyexec-connector %s starting; logging: %s; event loop: %s", __version__, logging_source, loop_name)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config))
+        code = runner.run(serve(config))
+    if not logqueue.stop():
+        # The log output takes nothing (a pipe nobody reads): exiting normally would wait on it forever
+        # (logging's and the interpreter's final flush). The lines still queued are lost either way.
+        os._exit(code)
+    return code
 
 
 async def serve(config: ServerConfig) -> int:
@@ -181,7 +196,8 @@ async def serve(config: ServerConfig) -> int:
             connector.stop()
             return
         log.warning("%s received again: exiting at once; in-flight queries are not answered", sig.name)
-        logging.shutdown()
+        if logqueue.stop(timeout=1.0):
+            logging.shutdown()
         os._exit(EXIT_FAILURE)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,7 @@
 into frozen, typed objects."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -9,11 +10,11 @@ import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import javaproperties
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
 
 from .booleans import FALSE_WORDS, TRUE_WORDS, parse_bool  # noqa: F401 - re-exported
 from .errors import ConfigError
@@ -26,10 +27,118 @@ TOKEN_ENV = "CONNECTOR_AUTH_TOKEN"
 _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$", re.ASCII)
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024     # per source; README "Flow control" says why
 DEFAULT_SHUTDOWN_GRACE = 30.0
 ENV_PREFIX = "CONNECTOR_"
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_TIMEOUT = 60.0
+
+
+@functools.cache
+def _websockets_connect_parameters() -> frozenset[str]:
+    """Every keyword the installed websockets' asyncio connect() takes, by name: its own, and those it
+    hands to loop.create_connection(). Asked of the library itself, so that a key is refused at start
+    rather than by a TypeError at every connection attempt (a retry loop with failOnConnectionError off)."""
+    import asyncio
+    import inspect
+
+    from websockets.asyncio.client import connect
+
+    names = {n for n, p in inspect.signature(connect.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    names |= {n for n, p in inspect.signature(asyncio.BaseEventLoop.create_connection).parameters.items()
+              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return frozenset(names)
+
+
+# connect() keywords the connector sets itself (TLS comes from disableSslVerification/caFile), or that
+# take Python objects JSON cannot give: not for connectKWArgs.
+_CONNECTOR_OWNED = frozenset({"self", "uri", "protocol_factory", "host", "port", "sock", "ssl", "logger",
+                              "create_connection", "process_exception", "extensions"})
+_CONNECT_ALIASES = {"extra_headers": "additional_headers"}     # websockets' legacy name, as upstream used
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class ConnectOptions(BaseModel):
+    """connectKWArgs: the connector's own TLS keys, then websockets' connect() options, each typed. A key
+    neither knows is passed on only when the installed websockets accepts it by name (`passthrough`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    disableSslVerification: bool = False
+    caFile: FilePath | None = None
+    open_timeout: _Seconds | None = None
+    close_timeout: _Seconds | None = None
+    ping_interval: _Seconds | None = None
+    ping_timeout: _Seconds | None = None
+    max_size: Annotated[int, Field(ge=1024)] | None = None
+    max_queue: Annotated[int, Field(ge=1)] | tuple[int | None, int | None] | None = None
+    write_limit: Annotated[int, Field(ge=0)] | tuple[int, int | None] | None = None
+    compression: Literal["deflate"] | None = None
+    user_agent_header: str | None = None
+    origin: str | None = None
+    additional_headers: dict[str, str] | None = Field(default=None, alias="extra_headers")
+    proxy: str | Literal[True] | None = None
+    subprotocols: list[str] | None = None
+    # untyped keys websockets' connect() (or loop.create_connection) accepts by name
+    passthrough: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    given: frozenset[str] = Field(default_factory=frozenset, exclude=True)   # the keys the user wrote
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sort_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        typed = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.model_fields)
+        typed -= {"passthrough", "given"}
+        accepted = _websockets_connect_parameters() - _CONNECTOR_OWNED
+        known: dict[str, Any] = {}
+        passthrough: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in typed or key not in accepted:
+                known[key] = item            # typed, or refused by extra="forbid" naming the key
+            else:
+                passthrough[key] = item
+        return {**known, "passthrough": passthrough, "given": frozenset(value)}
+
+    @field_validator("disableSslVerification", mode="before")
+    @classmethod
+    def _bool(cls, value: Any) -> bool:
+        return parse_bool(value, name="connectKWArgs.disableSslVerification")
+
+    @model_validator(mode="after")
+    def _installed_websockets_takes_them(self) -> ConnectOptions:
+        accepted = _websockets_connect_parameters()
+        for key in self.websocket_keys():
+            if key not in accepted:     # a typed key an older websockets lacks (proxy came in 15.0)
+                raise ValueError(f"{key!r} is not an option of the installed websockets "
+                                 f"{_websockets_version()}")
+        return self
+
+    def websocket_keys(self) -> list[str]:
+        return [_CONNECT_ALIASES.get(k, k) for k in self.given if k not in ("disableSslVerification", "caFile")]
+
+    def websocket_options(self) -> dict[str, Any]:
+        """The options the user gave, as websockets' connect() keywords."""
+        options = dict(self.passthrough)
+        for key in self.given:
+            if key in ("disableSslVerification", "caFile") or key in self.passthrough:
+                continue
+            name = _CONNECT_ALIASES.get(key, key)
+            options[name] = getattr(self, name)
+        return options
+
+
+def _websockets_version() -> str:
+    import websockets
+    return str(getattr(websockets, "__version__", "?"))
+
+
+def connect_option_names() -> list[str]:
+    """What connectKWArgs may hold, for the message that refuses an unknown key."""
+    typed = {f.alias or n for n, f in ConnectOptions.model_fields.items() if n not in ("passthrough", "given")}
+    typed |= {n for n in ConnectOptions.model_fields if n not in ("passthrough", "given")}
+    return sorted(typed | (_websockets_connect_parameters() - _CONNECTOR_OWNED))
 
 
 class ServerConfig(BaseModel):
@@ -43,9 +152,11 @@ class ServerConfig(BaseModel):
     send_pings: bool = Field(default=False, alias="sendPings")
     fail_on_connection_error: bool = Field(default=False, alias="failOnConnectionError")
     tcp_probe_port: int = Field(default=8000, alias="tcpProbePort", ge=0, le=65535)
-    connect_kwargs: dict[str, Any] = Field(default_factory=dict, alias="connectKWArgs")
+    connect_kwargs: ConnectOptions = Field(default_factory=ConnectOptions, alias="connectKWArgs")
     reconnect_secret: str | None = Field(default=None, alias="reconnectSecret")
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, alias="maxMessageBytes", ge=1024)
+    # Frames waiting for the websocket, per source; past it, code sending replies waits (flow control).
+    max_pending_bytes: int = Field(default=DEFAULT_MAX_PENDING_BYTES, alias="maxPendingBytes", ge=65536)
     max_document_bytes: int = Field(default=DEFAULT_MAX_DOCUMENT_BYTES, alias="maxDocumentBytes", ge=1024)
     document_timeout: float = Field(default=DEFAULT_DOCUMENT_TIMEOUT, alias="documentTimeout", gt=0)
     # HTTP /healthz, /readyz and /metrics; off when absent.
@@ -97,7 +208,9 @@ class ServerConfig(BaseModel):
 
     @field_validator("connect_kwargs", mode="before")
     @classmethod
-    def _kwargs(cls, value: Any) -> dict[str, Any]:
+    def _kwargs(cls, value: Any) -> Any:
+        if isinstance(value, ConnectOptions):
+            return value
         if isinstance(value, str):
             if not value.strip():
                 return {}
@@ -125,48 +238,25 @@ class ServerConfig(BaseModel):
 
     @property
     def verify_tls(self) -> bool:
-        return not parse_bool(self.connect_kwargs.get("disableSslVerification", False),
-                              name="connectKWArgs.disableSslVerification")
+        return not self.connect_kwargs.disableSslVerification
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for wss/https, or None for plain connections."""
         if urlsplit(self.websocket_url).scheme != "wss":
             return None
         ctx = ssl.create_default_context()
-        cafile = self.connect_kwargs.get("caFile")
-        if cafile:
-            ctx.load_verify_locations(cafile=cafile)
+        cafile = self.connect_kwargs.caFile
+        if cafile is not None:
+            ctx.load_verify_locations(cafile=str(cafile))
         if not self.verify_tls:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
 
-_OWN_CONNECT_KEYS = {"disableSslVerification", "caFile"}
-# websockets' asyncio connect() options a user may pass through connectKWArgs.
-_PASSTHROUGH_CONNECT_KEYS = {
-    "open_timeout", "close_timeout", "ping_interval", "ping_timeout", "max_size", "max_queue",
-    "write_limit", "compression", "user_agent_header", "origin", "additional_headers", "proxy",
-}
-_CONNECT_ALIASES = {"extra_headers": "additional_headers"}
-
-
 def websocket_options(config: ServerConfig) -> dict[str, Any]:
-    """connectKWArgs translated to websockets' connect() options (unknown keys were refused at load)."""
-    options: dict[str, Any] = {}
-    for key, value in config.connect_kwargs.items():
-        if key in _OWN_CONNECT_KEYS:
-            continue
-        options[_CONNECT_ALIASES.get(key, key)] = value
-    return options
-
-
-def _check_connect_keys(kwargs: Mapping[str, Any], file: str | None) -> None:
-    allowed = _OWN_CONNECT_KEYS | _PASSTHROUGH_CONNECT_KEYS | set(_CONNECT_ALIASES)
-    for key in kwargs:
-        if key not in allowed:
-            raise ConfigError(f"unknown option {key!r}; known: {', '.join(sorted(allowed))}",
-                              key=f"connectKWArgs.{key}", file=file)
+    """connectKWArgs translated to websockets' connect() options (checked at load)."""
+    return config.connect_kwargs.websocket_options()
 
 
 def find_config_file(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -225,32 +315,48 @@ def _origin(key: str, from_env: Mapping[str, str], file: str | None) -> str | No
 
 def config_problems(properties: Mapping[str, str], env: Mapping[str, str] | None = None,
                     *, file: str | None = None) -> tuple[ServerConfig | None, list[ConfigError]]:
-    """Validate everything and collect every problem (for `pyexec-connector check`), each naming its key
-    and where the value came from (the file or the environment variable)."""
+    """Validate everything and collect every problem at once (a user fixes a file in one go, not one
+    line per start), each naming its key and where the value came from (the file or the environment
+    variable)."""
     env = os.environ if env is None else env
     values, from_env = merge_environment(properties, env)
-    problems: list[ConfigError] = []
     for required in REQUIRED_KEYS:
         if _blank(values.get(required)):
-            problems.append(ConfigError(f"is required (or set the environment variable {ENV_FOR_KEY[required]})",
-                                        key=required, file=file))
-    if problems:
-        return None, problems
+            values.pop(required, None)      # reported as missing, with the variable that could supply it
     values["public_properties"] = {k: str(v) for k, v in values.items() if k != "authToken"}
     try:
-        config = ServerConfig.model_validate(values)
+        return ServerConfig.model_validate(values), []
     except ValidationError as exc:
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            key = _KEY_FOR_FIELD.get(field, field)
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(ConfigError(message, key=key, file=_origin(key, from_env, file)))
-        return None, problems
-    try:
-        _check_connect_keys(config.connect_kwargs, _origin("connectKWArgs", from_env, file))
-    except ConfigError as exc:
-        return None, [exc]
-    return config, []
+        return None, _problems(exc, from_env, file)
+
+
+_REQUIRED_FIELDS = {"target_server", "auth_token", "sources", *REQUIRED_KEYS}
+
+
+def _problems(exc: ValidationError, from_env: Mapping[str, str], file: str | None) -> list[ConfigError]:
+    """One ConfigError per key (a union type reports one error per alternative: the first says enough)."""
+    by_key: dict[str, ConfigError] = {}
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]] or ["?"]
+        top = _KEY_FOR_FIELD.get(loc[0], loc[0])
+        key = top if len(loc) == 1 or top != "connectKWArgs" else f"{top}.{loc[1]}"
+        if key in by_key:
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing" and top in REQUIRED_KEYS:
+            message = f"is required (or set the environment variable {ENV_FOR_KEY[top]})"
+        elif error["type"] == "extra_forbidden":
+            message = ("is not an option of the connector or of websockets' connect(); known: "
+                       + ", ".join(connect_option_names()))
+        elif key.startswith("connectKWArgs.") and _shown(error.get("input")) not in message:
+            message += f", not {_shown(error.get('input'))}"
+        by_key[key] = ConfigError(message, key=key, file=_origin(top, from_env, file))
+    return list(by_key.values())
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def build_server_config(properties: Mapping[str, str], env: Mapping[str, str] | None = None,
@@ -319,6 +425,12 @@ class SourceConfig(BaseModel):
     memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
     maxQueuedQueries: int = Field(default=1000, ge=0)                # waiting for a worker; beyond: "busy"
     codeGuard: CodeGuardConfig | None = None
+    # true: `code` with `script`, and `script` with another `name`, are 400s (ambiguouscode,
+    # ambiguousname) instead of upstream's reading of them (run the code; run the script under its name)
+    strictParameters: bool = False
+    # Which globals a plain query returns: "plain", upstream's rule (what plain JSON encodes; the rest is
+    # left out), or "rich": numpy, pandas, datetimes... encoded too (see values.py and the README).
+    resultValues: Literal["plain", "rich"] = "plain"
 
     @field_validator("minWorkers")
     @classmethod

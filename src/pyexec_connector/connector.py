@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Mapping
 
+from . import compat
 from .config import ServerConfig
 from .connection import Health
 from .engine.base import Engine
@@ -47,6 +48,7 @@ class Connector:
         failOnConnectionError) stops the rest and is raised."""
         log.info("connecting %d source(s) to %s: %s", len(self.sessions), self.config.websocket_url,
                  ", ".join(self.sessions))
+        compat.report_missing()
         links: dict[asyncio.Task, str] = {}
         stopper = asyncio.create_task(self._stop.wait())
         try:
@@ -62,8 +64,9 @@ class Connector:
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if task is not stopper and task.exception() is not None:
-                        raise task.exception()
+                    failure = task.exception() if task is not stopper else None
+                    if failure is not None:
+                        raise failure
                 if stopper in done or not (pending - {stopper}):
                     return
         finally:
@@ -103,12 +106,10 @@ class Connector:
             problems.append("declared unhealthy (connector_connection.declare_unhealthy())")
         seen: set[int] = set()
         for name, session in self.sessions.items():
-            engine: Engine = session.engine
-            if id(engine) in seen:
+            engine: Engine | None = session.engine
+            if engine is None or id(engine) in seen:
                 continue
             seen.add(id(engine))
-            if getattr(engine, "healthy", True) is False:
-                problems.append(f"source {name}: the engine reports it is not healthy")
             if engine_stats(engine).get("workers_alive", 1) == 0:
                 problems.append(f"source {name}: no engine worker alive")
         return problems

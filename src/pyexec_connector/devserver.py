@@ -8,7 +8,9 @@ the two document endpoints with bearer-token checks. Knobs let tests inject faul
 - `request_reconnect(source)` sends reconnectRequired; `refuse(...)` / `accept(...)` answer connectExtension;
 - `silent_validate = True` never answers validate; `answer_pings = False` leaves pings unanswered;
 - `put_document(..., content_size=, incomplete=, fault="error" | "hang")` for the document endpoints;
-- `send_raw(source, data)` sends any text or bytes; `start(ssl=context)` serves wss/https."""
+- `send_raw(source, data)` sends any text or bytes; `start(ssl=context)` serves wss/https;
+- `pause_reading()` / `resume_reading()`: a slow server that stops reading its sockets (what the connector
+  sends backs up in TCP, then in the connector), and picks up where it stopped."""
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +24,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 from aiohttp import WSMsgType, web
+
+
+def _loads(data: str | bytes) -> Any:
+    """A frame from a connector: orjson first (the bench's client reads 50 KB replies: it must not be
+    what limits the q/s it measures), json for what orjson refuses (a bare NaN, as upstream writes for a
+    NaN float, lone surrogates, integers beyond 64 bits)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
 
 log = logging.getLogger(__name__)
 WS_PATH = "/api/v1/wsock/websocket"
@@ -75,6 +89,10 @@ class _SourceState:
 
 
 class DevServer:
+    """The stand-in server (see the module docstring). Longer than the house's ~300 lines per class on
+    purpose: every fault knob and every public method tests use instead of its privates lives here, so
+    that tests and benchmarks have one surface to learn."""
+
     def __init__(self, *, token: str = "dev-token", sources: tuple[str, ...] = ("pythonSource",),
                  max_message_bytes: int = 256 * 1024 * 1024):
         self.token = token
@@ -92,6 +110,7 @@ class DevServer:
         self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
         self.silent_validate = False     # knob: accept the socket but never answer validate
         self.answer_pings = True         # knob: False leaves the connector's websocket pings unanswered
+        self.configure_delay = 0.0       # knob: seconds between connectExtension and its configureExtension
         self.pings = 0                   # pings received from connectors
         self._close_during: dict[str, int] = {}   # handshake stage -> sockets still to close at it
         self._ssl: ssl.SSLContext | None = None
@@ -100,6 +119,8 @@ class DevServer:
         self._max = max_message_bytes
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
+        self._reading = asyncio.Event()    # cleared by pause_reading()
+        self._reading.set()
         self.port: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -123,6 +144,7 @@ class DevServer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._reading.set()
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
@@ -161,6 +183,20 @@ class DevServer:
         self.documents[name] = doc
         return doc
 
+    def pause_reading(self) -> None:
+        """Stop reading every socket (new ones too) until resume_reading(). Nothing is lost: aiohttp's own
+        flow control stops taking data from TCP, so the connector's writes back up as with a slow server.
+        Pings wait too: keep the pause shorter than the connector's ping timeout, or sendPings off."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        """Read again, from where reading stopped."""
+        self._reading.set()
+
+    @property
+    def reading(self) -> bool:
+        return self._reading.is_set()
+
     async def wait_attached(self, source: str = "pythonSource", timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
             await self.source(source).attached.wait()
@@ -171,10 +207,28 @@ class DevServer:
     def connects(self, source: str = "pythonSource") -> int:
         return self.source(source).connects
 
+    def expect(self, address: str) -> str:
+        """Collect the replies to `address` (for a query frame sent with `send_raw`); returns it."""
+        self._replies[address] = asyncio.Queue()
+        return address
+
+    def forget(self, address: str) -> None:
+        """Stop collecting replies to `address` (later ones count as stray)."""
+        self._replies.pop(address, None)
+
+    def received(self, address: str) -> int:
+        """Replies to `address` received and not yet taken by `replies_for`."""
+        return self._replies[address].qsize()
+
+    async def wait_received(self, address: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until `count` replies to `address` were received (leaving them to `replies_for`)."""
+        async with asyncio.timeout(timeout):
+            while self._replies[address].qsize() < count:
+                await asyncio.sleep(0.01)
+
     async def send_query(self, source: str, params: Any, *, address: str | None = None) -> str:
         """Send a query frame; returns its reply address (collect replies with `replies_for`)."""
-        address = address or f"reply-{next(self._addresses)}"
-        self._replies[address] = asyncio.Queue()
+        address = self.expect(address or f"reply-{next(self._addresses)}")
         await self.send_frame(source, {"op": "query", "resourceName": "sources", "resourceId": source,
                                        "object": params, "messageHeaders": {"REPLY_ADDR_HEADER": address}})
         return address
@@ -275,6 +329,8 @@ class DevServer:
         validated = False
         try:
             async for msg in ws:
+                if not self._reading.is_set():
+                    await self._reading.wait()
                 if msg.type is WSMsgType.PING:
                     self.pings += 1
                     if self.answer_pings:
@@ -283,7 +339,7 @@ class DevServer:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     continue
                 try:
-                    frame = json.loads(msg.data)
+                    frame = _loads(msg.data)
                 except ValueError:
                     self.bad_frames += 1
                     continue
@@ -313,7 +369,7 @@ class DevServer:
                     await self._connect_extension(ws, frame)
                 elif op == "notification":
                     async with self._notified:
-                        self.notifications[frame.get("resourceId")].append(frame.get("object"))
+                        self.notifications[str(frame.get("resourceId"))].append(frame.get("object"))
                         self._notified.notify_all()
                 elif "status" in frame and isinstance(frame.get("headers"), dict):
                     address = frame["headers"].get("X-Reply-Address")
@@ -341,7 +397,7 @@ class DevServer:
         return ws
 
     async def _connect_extension(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
-        source = frame.get("resourceId")
+        source = str(frame.get("resourceId"))
         state = self.source(source)
         state.connects += 1
         if state.refusal is not None:
@@ -355,6 +411,8 @@ class DevServer:
                                                          "message": "Bad reconnect secret.", "params": []}]})
             return
         state.ws = ws
+        if self.configure_delay:
+            await asyncio.sleep(self.configure_delay)
         await self._send_configure(source, ws)
 
     async def _send_configure(self, source: str, ws: web.WebSocketResponse) -> None:

@@ -16,6 +16,8 @@ BAD_QUERY = _RUN + "badquery"
 BAD_PARAMETER = _RUN + "badparameter"
 NO_REPLY = _RUN + "noreply"
 TOO_LARGE = _RUN + "toolarge"
+# a global named in limitReturnTo whose value no encoder can turn into JSON
+UNENCODABLE_GLOBAL = _RUN + "unencodableglobal"
 SHUTTING_DOWN = "io.vantiq.pyexecsource.shuttingdown"
 SYNTAX_ERROR = "io.vantiq.pyexecsource.compile.syntaxerror"
 EXECUTION_EXCEPTION = "io.vantiq.pyexecsource.execution.exception"

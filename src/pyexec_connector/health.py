@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import logqueue
 from .errors import ConfigError
 from .session import QueryEnded
 
@@ -143,6 +144,10 @@ class _SessionCollector(Collector):
                                       "1 while the source is connected and configured", labels=["source"])
         in_flight = GaugeMetricFamily(f"{PREFIX}_queries_in_flight", "Queries being answered", labels=["source"])
         reconnects = CounterMetricFamily(f"{PREFIX}_link_reconnects", "Websocket reconnects", labels=["source"])
+        pending = GaugeMetricFamily(f"{PREFIX}_link_pending_bytes", "Bytes of frames waiting for the websocket "
+                                    "(bounded by maxPendingBytes)", labels=["source"])
+        waits = CounterMetricFamily(f"{PREFIX}_link_sender_waits", "Times a sender waited for room in the "
+                                    "outbox (the server read slower than replies were made)", labels=["source"])
         fetches = CounterMetricFamily(f"{PREFIX}_document_fetches",
                                       "Document metadata requests (a script query checks the document each time)",
                                       labels=["source"])
@@ -163,6 +168,8 @@ class _SessionCollector(Collector):
             connected.add_metric([name], 1.0 if session.link.ready else 0.0)
             in_flight.add_metric([name], len(session.in_flight))
             reconnects.add_metric([name], session.link.reconnects)
+            pending.add_metric([name], session.link.pending_bytes)
+            waits.add_metric([name], session.link.sender_waits)
             fetches.add_metric([name], session.documents.fetches)
             downloads.add_metric([name], session.documents.downloads)
             engines.setdefault(id(session.engine), (session.engine, []))[1].append(name)
@@ -178,13 +185,21 @@ class _SessionCollector(Collector):
             }
             for family, key in ((hits, "cache_hits"), (misses, "cache_misses"), (size, "cache_size"),
                                 (capacity, "cache_capacity")):
-                if isinstance(figures[key], int | float):
-                    family.add_metric([label], figures[key])
+                figure = figures[key]
+                if isinstance(figure, int | float):
+                    family.add_metric([label], figure)
             for key, family in engine_families.items():
                 value = stats.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     family.add_metric([label], value)
-        yield from (connected, in_flight, reconnects, fetches, downloads, hits, misses, size, capacity)
+        yield from (connected, in_flight, reconnects, pending, waits, fetches, downloads, hits, misses, size,
+                    capacity)
+        pump = logqueue.current()
+        if pump is not None:
+            dropped = CounterMetricFamily(f"{PREFIX}_log_lines_dropped", "Log lines dropped because the log "
+                                          "output did not keep up")
+            dropped.add_metric([], pump.dropped_total)
+            yield dropped
         yield from (f for f in engine_families.values() if f.samples)
 
 

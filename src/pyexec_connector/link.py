@@ -9,26 +9,27 @@ import enum
 import itertools
 import logging
 import random
+import re
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
-from . import protocol
+from . import compat, forkguard, protocol
 from .config import ServerConfig, websocket_options
 from .errors import BAD_QUERY, TOO_LARGE, AuthenticationError, QueryError
+from .logqueue import rate_limit
 from .logsetup import secret_pieces
+from .outbox import Outbox
 
 log = logging.getLogger(__name__)
+rate_limit(log)     # warnings about bad frames carry a rate_key: a flood of them costs a few lines
 
 HANDSHAKE_TIMEOUT = 30.0
-OUTBOX_HIGH_WATER = 1000      # user code awaiting a send waits while the outbox is longer than this
 BATCH_FRAMES = 64             # queued frames written to the socket at once
 BATCH_BYTES = 256 * 1024
 PING_INTERVAL = 20.0
@@ -115,27 +116,22 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-class _LinkConnection(ClientConnection):
-    """websockets' client connection, handing each whole text or binary message to `on_message` as it
-    is parsed, in the step the data came in, when nothing is queued before it (order is kept): a query
-    then skips the message queue, the wake-up of the link's receiving task and its recv() — one loop
-    iteration of latency and ~10 us of CPU. `on_message` returns False for what it leaves to recv().
-    Set only while the link is ready; everything else goes through recv() as before."""
-
-    on_message: Callable[[bytes], bool] | None = None
-
-    def process_event(self, event: Any) -> None:
-        handler = self.on_message
-        if handler is not None and type(event) is Frame and event.fin and event.opcode in _WHOLE_MESSAGES \
-                and not len(self.recv_messages.frames) and handler(event.data):
-            return
-        super().process_event(event)
-
-
-_WHOLE_MESSAGES = (Opcode.TEXT, Opcode.BINARY)
+@dataclass(slots=True)
+class LinkCounters:
+    """Which path frames took (a debug figure for tests and profiling; the behaviour is the same)."""
+    direct_queries: int = 0     # queries taken as websockets parsed them (compat.direct_connection)
+    queued_queries: int = 0     # queries taken by the receiving task, from recv()
+    declined: int = 0           # frames the direct path left to recv() (not queries, or too large)
+    direct_writes: int = 0      # socket writes made by write_now(), in the step the frames were queued
+    writer_writes: int = 0      # socket writes made by the writer task
 
 
 class SourceLink:
+    """One source's websocket for the connector's whole life: handshake, message loop, reconnects, and
+    the ordered outbox with its two writing paths (the writer task, and write_now() in the step frames
+    were queued). Longer than ~300 lines for a reason: it is the one owner of a websocket (house rule),
+    and these parts share one socket's state; websockets' internals are kept out, in compat.py."""
+
     def __init__(self, source_name: str, config: ServerConfig, handler: LinkHandler, *,
                  reconnect_secret: str, backoff: Backoff | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -144,19 +140,18 @@ class SourceLink:
         self._config = config
         self._handler = handler
         self._secret = reconnect_secret
-        self._backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff()
         self._handshake_timeout = handshake_timeout
         self._on_state = on_state
         self.state = LinkState.IDLE
-        self._outbox: deque[str] = deque()
+        self._outbox = Outbox(config.max_pending_bytes)     # bounded in bytes: see outbox.py
         self._has_output = asyncio.Event()
         self._ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._stopping = False
         self._ws: ClientConnection | None = None
         self._writing = False        # the writer task holds frames it has not popped yet
-        self._write_now: Callable[[], bool] | None = None   # see write_now()
+        self._write_now: Callable[[], int] | None = None   # see write_now()
+        self.counters = LinkCounters()
         self._last_problem: str | None = None     # logged at WARNING once per change, then at DEBUG
         self.reconnects = 0          # sockets opened after the first
         self._wire_log = logging.getLogger(f"pyexec_connector.wire.{source_name}")
@@ -167,8 +162,6 @@ class SourceLink:
         """Queue a frame. Frames go out in the order queued, after reconnects if need be; none is dropped."""
         self._outbox.append(frame)
         self._has_output.set()
-        if len(self._outbox) > OUTBOX_HIGH_WATER:
-            self._drained.clear()
 
     def write_now(self) -> None:
         """Write what is queued at once, in this step, when the socket can take it: a caller that
@@ -176,24 +169,47 @@ class SourceLink:
         iteration of latency. Otherwise, or on any doubt, the writer task sends them as usual."""
         if self._outbox and not self._writing and self._write_now is not None and self._ready.is_set():
             try:
-                self._write_now()
+                written = self._write_now()
             except Exception:   # noqa: BLE001 - its caller is a worker pipe's data_received: keep that alive
                 log.exception("source %s: writing queued frames at once failed; the writer sends them",
                               self.source_name)
                 self._write_now = None
+                return
+            if written:
+                self.counters.direct_writes += 1
+                self._written(written)
+
+    def break_direct_writes(self) -> None:
+        """Make the next write_now() fail as a bug there would (for tests: the writer task must take over)."""
+        def broken() -> int:
+            raise RuntimeError("direct write broken on purpose")
+        if self._write_now is not None:
+            self._write_now = broken
 
     async def drained(self) -> None:
-        """Wait while the outbox is over its high-water mark (back-pressure for chatty user code)."""
-        if not self._drained.is_set():
-            await self._drained.wait()
+        """Wait while the outbox is full (maxPendingBytes): back-pressure for whoever produces frames."""
+        await self._outbox.room()
 
     def is_drained(self) -> bool:
         """Whether drained() would return at once."""
-        return self._drained.is_set()
+        return self._outbox.has_room()
 
     @property
     def pending_frames(self) -> int:
         return len(self._outbox)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._outbox.pending_bytes
+
+    @property
+    def sender_waits(self) -> int:
+        return self._outbox.waits
+
+    @property
+    def peak_pending_bytes(self) -> int:
+        """The most the outbox ever held, in bytes (at most about maxPendingBytes plus a frame per producer)."""
+        return self._outbox.peak_bytes
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued frame went out (or the timeout). True if the outbox is empty."""
@@ -204,10 +220,9 @@ class SourceLink:
         return not self._outbox
 
     async def _writer(self, ws: ClientConnection) -> None:
-        send_batch = _batch_sender(ws)
+        send_batch = compat.batch_sender(ws)
         outbox = self._outbox
-        self._write_now = _direct_writer(ws, outbox, self._sent, self._has_output) \
-            if send_batch is not None and hasattr(ws, "paused") else None
+        self._write_now = compat.direct_writer(ws, outbox, lambda: _batch_size(outbox), _sendable)
         try:
             while True:
                 if not outbox:
@@ -220,21 +235,25 @@ class SourceLink:
                 count = _batch_size(outbox) if send_batch is not None else 1
                 self._writing = True
                 try:
-                    if count > 1:
-                        await send_batch(list(itertools.islice(outbox, count)))
+                    if count > 1 and send_batch is not None:
+                        await send_batch([_sendable(frame) for frame in itertools.islice(outbox, count)])
                     else:
                         await ws.send(_sendable(outbox[0]))
                 finally:
                     self._writing = False
-                for _ in range(count):
-                    outbox.popleft()    # only once sent: frames cut off by a drop go out again later
-                self._sent()
+                self.counters.writer_writes += 1
+                self._written(count)    # only once sent: frames cut off by a drop go out again later
         finally:
             self._write_now = None
 
-    def _sent(self) -> None:
-        if len(self._outbox) < OUTBOX_HIGH_WATER // 2:
-            self._drained.set()
+    def _written(self, count: int) -> None:
+        """`count` frames at the head of the outbox went out (from either writing path)."""
+        outbox = self._outbox
+        for _ in range(count):
+            outbox.popleft()
+        outbox.update_room()
+        if not outbox:
+            self._has_output.clear()
 
     # ---- lifecycle ------------------------------------------------------------------------
     def _set_state(self, state: LinkState) -> None:
@@ -286,7 +305,7 @@ class SourceLink:
             if self._stopping:
                 break
             self._set_state(LinkState.BACKOFF)
-            delay = self._backoff.next()
+            delay = self.backoff.next()
             log.info("source %s: reconnecting in %.2f s", self.source_name, delay)
             await asyncio.sleep(delay)
         self._set_state(LinkState.CLOSED)
@@ -352,7 +371,7 @@ class SourceLink:
             # Replies are small JSON: permessage-deflate costs both ends more CPU than it saves on
             # the wire. connectKWArgs {"compression": "deflate"} turns it back on.
             "compression": None,
-            "create_connection": _LinkConnection,
+            "create_connection": compat.direct_connection(),
         }
         ssl_context = self._config.ssl_context()
         if ssl_context is not None:
@@ -364,16 +383,23 @@ class SourceLink:
         self._set_state(LinkState.CONNECTING)
         async with connect(self._config.websocket_url, **self._connect_options()) as ws:
             self._ws = ws
+            fd = compat.socket_fd(ws)
+            if fd is not None:
+                forkguard.protect(fd)     # a fork of user code must never write to it
             if self._stopping:
                 return
-            await self._validate(ws)
-            writer = asyncio.create_task(self._writer(ws), name=f"writer-{self.source_name}")
             try:
-                await self._attach(ws)
-                await self._receive(ws)
+                await self._validate(ws)
+                writer = asyncio.create_task(self._writer(ws), name=f"writer-{self.source_name}")
+                try:
+                    await self._attach(ws)
+                    await self._receive(ws)
+                finally:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
             finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+                if fd is not None:
+                    forkguard.release(fd)
 
     async def _validate(self, ws: ClientConnection) -> None:
         await ws.send(protocol.validate_frame(self._config.auth_token))
@@ -417,19 +443,27 @@ class SourceLink:
                 continue
             await self._dispatch(ws, protocol.parse_frame(raw))
 
-    def _message_now(self, raw: bytes) -> bool:
-        """A message as it arrives (see _LinkConnection): queries are handled here; anything else, and
-        anything over maxMessageBytes, is left to _receive."""
+    def _take_now(self, raw: bytes) -> bool:
+        """The direct path (compat.direct_connection): a message as websockets parses it, while the link
+        is ready. A query within maxMessageBytes is taken here; anything else is left to _receive."""
         if len(raw) > self._config.max_message_bytes or not self._ready.is_set():
+            self.counters.declined += 1
             return False
-        frame = protocol.parse_frame(raw if type(raw) is bytes else bytes(raw))   # websockets may hand a bytearray
+        frame = protocol.parse_frame(raw)
         if type(frame) is not protocol.QueryFrame:
+            self.counters.declined += 1
             return False
+        self.counters.direct_queries += 1
+        self._query(frame)
+        return True
+
+    def _query(self, frame: protocol.QueryFrame) -> None:
+        """Every query frame, from either path. A failure in the handler costs neither the socket nor the
+        frames after it (the direct path runs inside websockets' data_received)."""
         try:
             self._handler.on_query(frame)
-        except Exception:   # noqa: BLE001 - inside websockets' data_received: must not break the socket
+        except Exception:   # noqa: BLE001
             log.exception("source %s: unexpected error taking query %s", self.source_name, frame.reply_address)
-        return True
 
     def _refuse_oversized(self, raw: bytes, limit: int) -> None:
         """A frame over maxMessageBytes is never parsed: its reply address is scanned for and answered
@@ -437,7 +471,8 @@ class SourceLink:
         size = len(raw)
         address = protocol.sniff_reply_address(raw)
         log.warning("source %s: skipped a %d-byte frame, over maxMessageBytes (%d)%s", self.source_name, size,
-                    limit, f"; answering query {address} with an error" if address else "")
+                    limit, f"; answering query {address} with an error" if address else "",
+                    extra={"rate_key": f"{self.source_name}: oversized frame"})
         if address is not None:
             self._handler.on_unreadable_query(address, QueryError(
                 TOO_LARGE, "The query is {0} bytes, over the connector's limit of {1} bytes (maxMessageBytes "
@@ -445,17 +480,18 @@ class SourceLink:
 
     async def _dispatch(self, ws: ClientConnection, frame: protocol.Frame) -> None:
         if isinstance(frame, protocol.QueryFrame):
-            self._handler.on_query(frame)
+            self.counters.queued_queries += 1
+            self._query(frame)
         elif isinstance(frame, protocol.ConfigureFrame):
             self._handler.on_configure(frame.config)
             if not self._ready.is_set():
                 log.info("source %s: connected and configured", self.source_name)
-            self._backoff.reset()
+            self.backoff.reset()
             self._last_problem = None
             self._set_state(LinkState.READY)
             self._ready.set()
-            if isinstance(ws, _LinkConnection) and hasattr(ws.recv_messages, "frames"):
-                ws.on_message = self._message_now
+            if compat.can_take_directly(ws):
+                ws.on_message = self._take_now    # type: ignore[attr-defined]
         elif isinstance(frame, protocol.ReconnectRequiredFrame):
             log.info("source %s: the server asked for a reconnect; attaching again", self.source_name)
             await self._attach(ws)
@@ -464,16 +500,19 @@ class SourceLink:
                 if not self._ready.is_set():
                     raise _Refused(f"status {frame.status}: {protocol.status_messages(frame.body)}")
                 log.warning("source %s: the server reported status %d: %s", self.source_name, frame.status,
-                            protocol.status_messages(frame.body))
+                            protocol.status_messages(frame.body),
+                            extra={"rate_key": f"{self.source_name}: status {frame.status}"})
         elif isinstance(frame, protocol.PublishFrame):
             log.info("source %s: ignored a publish (this source only runs queries)", self.source_name)
         elif frame.reply_address is not None:
             log.warning("source %s: unreadable query %s (%s); answering with an error", self.source_name,
-                        frame.reply_address, frame.reason)
+                        frame.reply_address, frame.reason,
+                        extra={"rate_key": f"{self.source_name}: unreadable query: {_reason_kind(frame.reason)}"})
             self._handler.on_unreadable_query(frame.reply_address, QueryError(
                 BAD_QUERY, "The query frame could not be read: {0}", [frame.reason]))
         else:
-            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason))
+            log.warning("source %s: skipped a frame: %s", self.source_name, _clip(frame.reason),
+                        extra={"rate_key": f"{self.source_name}: bad frame: {_reason_kind(frame.reason)}"})
 
 
 def _batch_size(outbox: deque[str]) -> int:
@@ -485,60 +524,6 @@ def _batch_size(outbox: deque[str]) -> int:
             break
         count += 1
     return count
-
-
-def _batch_sender(ws: ClientConnection) -> Callable[[list[str]], Awaitable[None]] | None:
-    """Several text messages in one socket write. websockets writes each message separately (one
-    send() system call each, the largest cost per reply under load); its sans-I/O protocol frames the
-    messages, and its send context keeps the state checks, flow control and close handling of
-    `send()`. None when this websockets version lacks those parts: the writer then sends one by one."""
-    protocol_, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
-    if protocol_ is None or transport is None or not hasattr(ws, "send_context") or \
-            not hasattr(protocol_, "data_to_send"):
-        return None
-
-    async def send_batch(frames: list[str]) -> None:
-        async with ws.send_context():
-            _frame_and_write(protocol_, transport, frames)
-
-    return send_batch
-
-
-def _frame_and_write(protocol_: Any, transport: Any, frames: Iterable[str]) -> None:
-    """Frame the text messages with websockets' sans-I/O protocol and write them in one socket write."""
-    for frame in frames:
-        protocol_.send_text(_sendable(frame).encode())
-    chunks = protocol_.data_to_send()
-    if all(chunks):     # only frames (no end-of-stream marker): one write
-        transport.write(b"".join(chunks))
-    else:               # never seen while open; keep websockets' own handling
-        for chunk in chunks:
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
-
-
-def _direct_writer(ws: ClientConnection, outbox: deque[str], sent: Callable[[], None],
-                   has_output: asyncio.Event) -> Callable[[], bool]:
-    """SourceLink.write_now's writing: the queued frames (a batch) in one socket write, without waiting,
-    only while the connection is open, expects no close and its transport takes data without pushing back
-    (websockets' own flow control); else False, and nothing was taken from the outbox."""
-    protocol_, transport = ws.protocol, ws.transport
-
-    def write_now() -> bool:
-        if protocol_.state is not State.OPEN or ws.paused or protocol_.close_expected() or transport.is_closing():
-            return False
-        count = _batch_size(outbox)
-        _frame_and_write(protocol_, transport, itertools.islice(outbox, count))
-        for _ in range(count):
-            outbox.popleft()
-        sent()
-        if not outbox:
-            has_output.clear()
-        return True
-
-    return write_now
 
 
 def _frame_kind(frame: protocol.Frame) -> str:
@@ -556,6 +541,15 @@ def _sendable(frame: str) -> str:
     except UnicodeEncodeError:
         return frame.encode("utf-8", "backslashreplace").decode("utf-8")
     return frame
+
+
+_REASON_KIND = re.compile(r"[A-Za-z .]*")
+
+
+def _reason_kind(reason: str) -> str:
+    """What kind of bad frame a reason describes, without its details: "unknown op 'x'" -> "unknown op"."""
+    match = _REASON_KIND.match(reason)
+    return (match.group(0) if match else "").strip() or "other"
 
 
 def _clip(text: str, limit: int = 200) -> str:

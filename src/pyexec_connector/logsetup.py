@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import logqueue
 from .config import LOGGER_INI
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,7 +44,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str | None = None, logger_ini: Path | None = None, log_format: str = "text") -> str:
     """Returns what configured logging, for the start-up line. logger.ini, when present, wins over
-    `log_format`."""
+    `log_format`. The handlers end up behind a log pump (see logqueue): call logqueue.stop() before exit."""
     ini = logger_ini if logger_ini is not None else LOGGER_INI
     if ini.is_file():
         logging.config.fileConfig(ini, disable_existing_loggers=False)
@@ -61,13 +62,23 @@ def configure_logging(level: str | None = None, logger_ini: Path | None = None, 
     for noisy in ("websockets", "aiohttp.access"):
         if logging.getLogger(noisy).level == logging.NOTSET:
             logging.getLogger(noisy).setLevel(logging.INFO)
+    logqueue.install()      # writing a line must never block the event loop (a stalled stdout)
     return source
 
 
-def secret_pieces(secret: str, width: int = 8) -> tuple[str, ...]:
-    """The secret and every `width`-character piece of it: what a line cut short could still show."""
+# Below this length a secret is not looked for in log text: "x" would turn "pyexec-connector" into
+# "pye***ec-connector". Such a secret is safe anyway: no log call is ever given the token (the DEBUG
+# sweep in tests/test_secrets.py runs without these filters to prove it); they are a second line only.
+MIN_REDACTED_LENGTH = 8
+
+
+def secret_pieces(secret: str, width: int = MIN_REDACTED_LENGTH) -> tuple[str, ...]:
+    """The secret and every `width`-character piece of it: what a line cut short could still show.
+    Nothing for a secret shorter than MIN_REDACTED_LENGTH."""
+    if len(secret) < MIN_REDACTED_LENGTH:
+        return ()
     if len(secret) <= width:
-        return (secret,) if secret else ()
+        return (secret,)
     return tuple({secret[i:i + width] for i in range(len(secret) - width + 1)})
 
 
@@ -77,7 +88,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secret: str):
         super().__init__()
-        self._secret = secret
+        self._secret = secret if len(secret) >= MIN_REDACTED_LENGTH else ""
         self._pieces = secret_pieces(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import values
 from .errors import QueryError
 
 STATUS_PARTIAL = 100
@@ -16,43 +17,12 @@ STATUS_ERROR = 400
 TERMINAL_STATUSES = frozenset({STATUS_COMPLETE, STATUS_EMPTY})
 QUERY_RESPONSE_CODES = frozenset({STATUS_PARTIAL, STATUS_COMPLETE, STATUS_EMPTY})
 
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-_dumps = _encoder.encode
 _loads = json.loads
 
 
-class _Dumps:
-    """_encoder.encode with its C iterator made once, not on every call (json makes a new one each time:
-    half the cost of encoding a small object). The iterator's cycle markers may keep entries of an
-    encode that failed, so a failure makes a new one."""
-
-    def __init__(self) -> None:
-        self._make = getattr(json.encoder, "c_make_encoder", None)
-        self._iterate = self._new()
-
-    def _new(self) -> Any:
-        if self._make is None:
-            return None
-        return self._make({}, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False,
-                          False)
-
-    def __call__(self, value: Any) -> str:
-        iterate = self._iterate
-        if iterate is None or type(value) is str:
-            return _dumps(value)
-        try:
-            return "".join(iterate(value, 0))
-        except BaseException:
-            self._iterate = self._new()
-            raise
-
-
-dumps_fast = _Dumps()
-
-
-def dumps(value: Any) -> str:
-    """Strict JSON (no NaN), compact."""
-    return dumps_fast(value)
+# Compact JSON of anything the connector sends, through the one value encoder (values.py): numpy, pandas,
+# datetimes... become data, NaN null. Raises values.Unencodable (a TypeError).
+dumps = values.dumps
 
 
 def loads(raw: str | bytes) -> Any:
@@ -185,11 +155,24 @@ def reply_frame(reply_address: str, status: int, body: Any = None) -> str:
 def reply_frame_raw(reply_address: str, status: int, body_json: str) -> str:
     """A reply whose body is already JSON text: spares decoding and re-encoding it."""
     return '{"status":%d,"headers":{"X-Reply-Address":%s},"body":%s}' % (
-        status, _dumps(reply_address), body_json)
+        status, values.encode_str(reply_address), body_json)
 
 
 def error_frame(reply_address: str, error: QueryError) -> str:
-    return reply_frame(reply_address, STATUS_ERROR, error.to_body())
+    body = error.to_body()
+    try:
+        return reply_frame(reply_address, STATUS_ERROR, body)
+    except values.Unencodable:    # user code may raise QueryError with any parameters: the error still goes out
+        body["parameters"] = [_parameter(p) for p in error.params]
+        return reply_frame(reply_address, STATUS_ERROR, body)
+
+
+def _parameter(value: Any) -> Any:
+    try:
+        values.dumps(value)
+    except values.Unencodable:
+        return repr(value)
+    return value
 
 
 def notification_frame(source: str, obj: Any) -> str:

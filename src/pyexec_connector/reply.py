@@ -35,7 +35,7 @@ class ReplyChannel:
     reply (200, 204 or an error) everything else for this query is dropped and logged."""
 
     __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "_context", "status", "error_code",
-                 "max_bytes")
+                 "max_bytes", "started")
 
     def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str,
                  max_bytes: int | None = None):
@@ -48,6 +48,7 @@ class ReplyChannel:
         self.error_code: str | None = None   # the messageCode of the terminal error, for logs and metrics
         self._done: asyncio.Future | None = None
         self._context: QueryContext | None = None
+        self.started = 0.0                   # perf_counter() when the query came (Pipeline.begin)
 
     @property
     def context(self) -> QueryContext:

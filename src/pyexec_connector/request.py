@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,9 +109,18 @@ def _limit_return_to(value: Any) -> tuple[str, ...] | None:
 
 _PLAIN_PARAMETERS = frozenset({"code", "name", "presetValues"})
 
+# What parse_query tells its caller when it accepted a combination upstream accepts but the protocol
+# calls ambiguous: (the messageCode strict mode would answer with, the script, the name or None).
+LenientWarning = Callable[[str, str, str | None], None]
 
-def parse_query(params: Any) -> QueryRequest:
-    """Validate the query object. Raises QueryError (a 400 for the caller) naming what is wrong."""
+
+def parse_query(params: Any, *, strict: bool = False, warn: LenientWarning | None = None) -> QueryRequest:
+    """Validate the query object. Raises QueryError (a 400 for the caller) naming what is wrong.
+
+    `code` with `script`, and `script` with a different `name`, are accepted as upstream 1.3.4 accepts
+    them (queries that work there must keep working): `code` runs and `script` is ignored; the document
+    runs under the script's name. `warn` hears of each. `strict` (the source key strictParameters)
+    makes both a 400 instead."""
     if type(params) is dict and params.keys() <= _PLAIN_PARAMETERS:
         # the common query (code and/or a name, presets) in a few checks; the same result as below
         code, name, presets = params.get("code"), params.get("name"), params.get("presetValues")
@@ -119,10 +129,10 @@ def parse_query(params: Any) -> QueryRequest:
                 and (presets is None or type(presets) is dict):
             return QueryRequest(code, name, None, {} if presets is None else presets, False, None,
                                 name is not None, False)
-    return _parse_query(params)
+    return _parse_query(params, strict, warn)
 
 
-def _parse_query(params: Any) -> QueryRequest:
+def _parse_query(params: Any, strict: bool = False, warn: LenientWarning | None = None) -> QueryRequest:
     if not isinstance(params, dict):
         raise QueryError(errors.BAD_QUERY, "The query object must be a JSON object of WITH parameters, not {0}.",
                          [type(params).__name__ if params is not None else "null"])
@@ -153,12 +163,20 @@ def _parse_query(params: Any) -> QueryRequest:
         raise QueryError(errors.NO_CODE, "The query must provide code, a script document, or the name of "
                                          "cached code.")
     if code is not None and script is not None:
-        raise QueryError(errors.AMBIGUOUS_CODE,
-                         "The query provides both code and script ({0}); provide one.", [script])
+        if strict:
+            raise QueryError(errors.AMBIGUOUS_CODE, "The query provides both code and script ({0}); provide "
+                                                    "one (the source sets strictParameters).", [script])
+        if warn is not None:
+            warn(errors.AMBIGUOUS_CODE, script, name)
+        script = None
     if script is not None and name is not None and name != script:
-        raise QueryError(errors.AMBIGUOUS_NAME,
-                         "The script {0} and the name {1} differ; a script is cached under its own name.",
-                         [script, name])
+        if strict:
+            raise QueryError(errors.AMBIGUOUS_NAME, "The script {0} and the name {1} differ; a script is cached "
+                                                    "under its own name (the source sets strictParameters).",
+                             [script, name])
+        if warn is not None:
+            warn(errors.AMBIGUOUS_NAME, script, name)
+        name = script
 
     return QueryRequest(
         code=code,

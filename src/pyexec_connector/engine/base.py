@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:   # at run time too heavy for worker processes, which only unpickle Jobs
     from ..config import SourceConfig
+    from ..protocol import QueryFrame
     from ..reply import ReplyChannel
     from ..request import QueryRequest
 
@@ -19,6 +20,7 @@ class Job:
     fingerprint: Any             # what a cached entry must match: the code text, or the document's time
     runtime_info: bool           # the source asked for connectorRuntimeInformation
     timeout: float | None = None  # seconds the run may take (None: no limit)
+    rich_results: bool = False   # the source's resultValues is "rich": every global through the rich encoder
 
     def __reduce__(self):   # sent to a worker per query: see QueryRequest.__reduce__
         return (Job, _job_fields(self))
@@ -39,9 +41,11 @@ class Outcome:
 
 
 class Engine(Protocol):
-    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
-        """Run the job. Raises QueryError for anything the caller should be told about (a timeout too).
-        For codeHandlesReturn jobs, returns once the code's terminal reply went out through `channel`."""
+    """Where a source's queries run (inline.py, process.py). The session sees nothing else of it."""
+
+    def submit(self, frame: QueryFrame, channel: ReplyChannel) -> None:
+        """Take one query (the Pipeline's `begin` was called for `channel`). The engine decides how to run
+        it and ends it through Pipeline.finish, whatever happens; it never raises."""
         ...
 
     def reconfigure(self, config: SourceConfig) -> None:
@@ -49,9 +53,13 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """workers_alive, worker_restarts, timeouts, queue_depth (for metrics)."""
+        """workers_alive, worker_restarts, timeouts, queue_depth, cache figures (for metrics)."""
         ...
 
     async def close(self) -> None:
         """Stop. Every query still running gets its terminal reply (an error) before this returns."""
+        ...
+
+    async def retire(self) -> None:
+        """After a reconfigure replaced this engine: finish the queries it has, then close."""
         ...

@@ -84,7 +84,7 @@ class _Finder(ast.NodeVisitor):
         self.generic_visit(node)
 
     def _check_root(self, node: ast.Attribute) -> None:
-        root = node
+        root: ast.expr = node
         while isinstance(root, ast.Attribute):
             root = root.value
         if isinstance(root, ast.Name):

@@ -8,24 +8,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .. import errors
+from .. import protocol
 from ..cache import CodeCache
 from ..config import SourceConfig
-from ..errors import QueryError
 from ..reply import ReplyChannel
 from . import output, runtime
 from .base import Job, Outcome
 from .guard import CodeGuard
-
-
-def timeout_error(seconds: float) -> QueryError:
-    return QueryError(errors.TIMEOUT, "The code did not finish within its timeout of {0} seconds "
-                                      "(WITH timeout, or the source's executionTimeout).", [seconds])
+from .pipeline import Pipeline, timeout_error
 
 
 class InlineEngine:
-    def __init__(self, connection: Any, config: SourceConfig | None = None):
+    def __init__(self, pipeline: Pipeline, connection: Any, config: SourceConfig | None = None):
         config = config or SourceConfig()
+        self._pipeline = pipeline
         self._connection = connection
         self.cache = CodeCache(config.codeCacheSize)
         self.guard = CodeGuard(config.codeGuard.forbid if config.codeGuard else ())
@@ -39,18 +35,39 @@ class InlineEngine:
         self.cache.hits, self.cache.misses = old.hits, old.misses
         self.guard = CodeGuard(config.codeGuard.forbid if config.codeGuard else ())
 
-    async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
+    def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self._run)))
+
+    async def _run(self, job: Job, channel: ReplyChannel) -> Outcome:
         if not self._tracking_installed:
             runtime.install_task_tracking(asyncio.get_running_loop())
             self._tracking_installed = True
         if job.request.capture_output:
             output.install()
-        try:
-            async with asyncio.timeout(job.timeout):
-                return await runtime.run_job(self.cache, job, self._connection, channel, self.guard)
-        except TimeoutError:
+        if not job.timeout:
+            return await runtime.run_job(self.cache, job, self._connection, channel, self.guard)
+        # The timeout is answered at its deadline by the timer itself, not by the run: code that swallows
+        # CancelledError (an `await` in a `try/except BaseException` loop) would never let the run end.
+        task = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
             self.timeouts += 1
-            raise timeout_error(job.timeout) from None
+            self._pipeline.finish(channel, error=timeout_error(job.timeout))
+            if task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(job.timeout, expire)
+        try:
+            return await runtime.run_job(self.cache, job, self._connection, channel, self.guard)
+        except asyncio.CancelledError:
+            if expired:     # answered already: what the run ends with is not sent
+                raise timeout_error(job.timeout) from None
+            raise
+        finally:
+            timer.cancel()
 
     def stats(self) -> dict[str, Any]:
         # no workers: None, not 0 (readiness reads workers_alive == 0 as "nothing can run code")
@@ -58,3 +75,6 @@ class InlineEngine:
 
     async def close(self) -> None:
         self.cache.clear()
+
+    async def retire(self) -> None:
+        await self.close()

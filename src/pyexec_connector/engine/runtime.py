@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
-from .. import errors, protocol
+from .. import errors, values
 from ..cache import CodeCache
 from ..errors import QueryError
 from . import output
@@ -21,9 +21,8 @@ from .guard import CodeGuard
 COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
                               "__builtins__"})
-_SKIPPED_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-                  type, types.CoroutineType, types.GeneratorType, set, frozenset, asyncio.Future)
-_encode = protocol.dumps_fast
+# never data: left out without a word (not in skippedGlobals either)
+_CODE_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 
 
 def compile_code(source: str, filename: str, guard: CodeGuard | None = None) -> types.CodeType:
@@ -69,7 +68,7 @@ def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None,
     started = perf_counter()
     code = compile_code(job.source_text, request.filename, guard)
     stored = key is not None and request.cache_code
-    if stored:
+    if key is not None and stored:
         cache.put(key, code, job.fingerprint)
     _note(info, using_cached=False, newCacheEntry=stored, compileTime=perf_counter() - started)
     return code
@@ -123,25 +122,19 @@ async def execute(code: types.CodeType, run_globals: dict[str, Any]) -> None:
         raise execution_error(exc) from None
 
 
-def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None) -> str:
-    """pythonCallResults: every global JSON can encode, as JSON text. One encode in the common case;
-    value by value only when that fails."""
-    if limit is None:
-        names = [k for k in run_globals if k not in RESERVED_GLOBALS]
-    else:
+def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, rich: bool = False,
+                 skipped: list[dict[str, str]] | None = None) -> str:
+    """pythonCallResults as JSON text. Upstream's rule by default: the globals plain JSON can encode, the
+    others left out (and listed in `skipped`). Globals named in limitReturnTo, and every global when the
+    source sets resultValues "rich", go through the rich encoder (numpy, pandas, datetimes...); a named
+    one that still cannot be encoded fails the query (QueryError naming it)."""
+    if limit is not None:
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
-    candidates = {k: v for k in names if not isinstance(v := run_globals[k], _SKIPPED_TYPES)}
-    try:
-        return _encode(candidates)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        pass
-    parts = []
-    for key, value in candidates.items():
-        try:
-            parts.append(f"{_encode(key)}:{_encode(value)}")
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            continue   # not JSON: left out silently, as upstream does
-    return "{" + ",".join(parts) + "}"
+        # asked for by name: even a function or a module is the caller's business (and a 400)
+        return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
+    names = [k for k in run_globals if k not in RESERVED_GLOBALS]
+    candidates = {k: v for k in names if not isinstance(v := run_globals[k], _CODE_TYPES)}
+    return values.globals_json(candidates, rich, (), skipped)
 
 
 class RunTracker:
@@ -189,7 +182,7 @@ def install_task_tracking(loop: asyncio.AbstractEventLoop) -> None:
         task = previous(loop, coro, **kwargs) if previous else asyncio.Task(coro, loop=loop, **kwargs)
         run = CURRENT_RUN.get()
         if run is not None:
-            run.track(task)
+            run.track(task)  # type: ignore[arg-type]  # a task factory may return any Future; ours are Tasks
         return task
 
     factory._pyexec_tracking = True  # type: ignore[attr-defined]
@@ -240,7 +233,9 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     (in a task of its own, where it must be cancellable). Saves a task per query for plain code."""
     if job.request.dry_run:
         return dry_run(cache, job, guard)
-    info: dict[str, Any] | None = {"name": job.request.cache_key} if job.runtime_info else None
+    info: dict[str, Any] | None = None
+    if job.runtime_info:    # `name` only when there is one, as upstream
+        info = {} if job.request.cache_key is None else {"name": job.request.cache_key}
     code = resolve_code(cache, job, info, guard)
     run_globals = make_globals(job, connection, channel.context)
     if code.co_flags & inspect.CO_COROUTINE or job.request.code_handles_return:
@@ -302,7 +297,9 @@ class _RunScope:
 
 def _outcome(cache: CodeCache, job: Job, run_globals: dict[str, Any], info: dict[str, Any] | None,
              captured: output.Captured | None, executed: float) -> Outcome:
-    results = results_json(run_globals, job.request.limit_return_to)
+    skipped: list[dict[str, str]] | None = [] if info is not None else None
+    results = results_json(run_globals, job.request.limit_return_to, job.rich_results, skipped)
     if info is not None:
-        info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity)
+        info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity,
+                    skippedGlobals=skipped)
     return Outcome(results, info, captured.result() if captured is not None else None)

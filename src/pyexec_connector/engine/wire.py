@@ -1,7 +1,14 @@
-"""Messages between the connector and its worker processes: length-prefixed pickles over a socket pair.
+"""The codec of the worker pipe: each message (engine/messages.py) as a 4-byte length and a body.
 
-The connector unpickles what a worker sends with a restricted unpickler (plain data and QueryError only):
-a worker runs user code, and a crafted pickle must not run code in the connector."""
+Bodies are pickles of a plain tuple, the kind's number and the fields (a pickled NamedTuple names its
+class, which the connector's restricted unpickler would have to look up for every message: that cost
+streamed replies a third more CPU per query), except the three messages of every query, which have
+binary formats of their own (measured: pickling them cost the connector more than the rest of its work
+on a relayed query, see docs/PERFORMANCE.md): `Relay` (b"R"), `Answered` (b"A") and `Ack` (b"K").
+
+A worker runs user code, so what it sends is untrusted input: the connector unpickles it with a
+restricted unpickler (message types, plain data and QueryError only), never accepts a frame longer
+than the largest legitimate message (`frame_limit`), and a frame it cannot decode ends that worker."""
 from __future__ import annotations
 
 import asyncio
@@ -11,63 +18,79 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from .. import compat
+from . import messages
+from .messages import ACKED, KINDS, Answered, Relay
+
 _LENGTH = struct.Struct("!I")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
-# A worker's "I have read what you sent": what it writes after taking messages when it has nothing else
-# to say. The connector holds further runs for a worker until it hears from it (see process._Worker).
+_RELAY = struct.Struct("!cQII")       # b"R", qid, address and code lengths; then address, code, frame
+_NO_TEXT = 0xFFFFFFFF
+_new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
-# A relayed query: b"R", qid, the lengths of the reply address and of the code text (0: the frame's own
-# code); then the address, the text and the query frame as received. See ProcessEngine.relay().
-_RELAY = struct.Struct("!cQII")
-ACKED = ("ack",)
+# Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
+FRAMING_ALLOWANCE = 64 * 1024
 
 
-def pack(message: Any) -> bytes:
-    data = pickle.dumps(message, PROTOCOL)
+class MalformedMessage(ValueError):
+    """A frame that is not a message this side accepts (garbled, too long, of a forbidden type)."""
+
+
+def frame_limit(max_message_bytes: int) -> int:
+    """The longest body a worker may send: anything longer is a protocol violation."""
+    return max_message_bytes + FRAMING_ALLOWANCE
+
+
+def encode(message: Any) -> bytes:
+    """The message's frame, length prefix included."""
+    kind = type(message)
+    if kind is Answered:
+        qid, frame, (hits, misses) = message
+        text = frame.encode("utf-8", "surrogatepass")
+        return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+    if kind is Relay:
+        qid, reply_address, text, raw = message
+        address = reply_address.encode("utf-8", "surrogatepass")
+        code = text.encode("utf-8", "surrogatepass") if text is not None else b""
+        return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
+                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT),
+                         address, code, raw))
+    if message is ACKED:
+        return ACK
+    data = pickle.dumps((_NUMBERS[kind], *message), PROTOCOL)
     return _LENGTH.pack(len(data)) + data
-
-
-def pack_answered(qid: int, frame: str, cache_counts: tuple[int, int]) -> bytes:
-    """("answered", qid, frame, cache_counts) without pickle: the most common message from a worker, and
-    one the connector decodes without a restricted unpickler."""
-    text = frame.encode("utf-8", "surrogatepass")
-    return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, *cache_counts) + text
-
-
-def pack_relay(qid: int, reply_address: str, text: str | None, raw: bytes) -> bytes:
-    address = reply_address.encode("utf-8", "surrogatepass")
-    code = text.encode("utf-8", "surrogatepass") if text is not None else b""
-    return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
-                     _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else 0xFFFFFFFF),
-                     address, code, raw))
-
-
-async def read(reader: asyncio.StreamReader, *, trusted: bool) -> Any:
-    """The next message; raises asyncio.IncompleteReadError at the end of the stream."""
-    header = await reader.readexactly(_LENGTH.size)
-    data = await reader.readexactly(_LENGTH.unpack(header)[0])
-    return decode(data, trusted)
 
 
 def decode(data: bytes | memoryview, trusted: bool) -> Any:
     first = data[:1]        # pickles start with the PROTO opcode, b"\x80"
     if first == b"A":
         _, qid, hits, misses = _ANSWERED.unpack_from(data)
-        return "answered", qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)
+        return _new(Answered, (qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)))
     if first == b"K" and len(data) == 1:
         return ACKED
     if first == b"R" and trusted:     # only the connector relays queries, to a worker
         _, qid, address_size, code_size = _RELAY.unpack_from(data)
         start = _RELAY.size + address_size
         address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
-        if code_size == 0xFFFFFFFF:
-            return "relay", qid, address, None, bytes(data[start:])
+        if code_size == _NO_TEXT:
+            return _new(Relay, (qid, address, None, bytes(data[start:])))
         end = start + code_size
-        return "relay", qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])
-    return pickle.loads(data) if trusted else _DataUnpickler(io.BytesIO(data)).load()
+        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])))
+    if trusted:
+        fields = pickle.loads(data)
+        return _new(KINDS[fields[0]], fields[1:])
+    try:
+        fields = _DataUnpickler(io.BytesIO(data)).load()
+        kind = KINDS[fields[0]] if type(fields) is tuple and type(fields[0]) is int else None
+    except Exception as exc:
+        raise MalformedMessage(f"{type(exc).__name__}: {exc}") from None
+    if kind not in _FROM_WORKER:
+        raise MalformedMessage("not a message a worker may send")
+    message: Any = _new(kind, fields[1:])
+    if len(message) != _SIZES[kind]:
+        raise MalformedMessage(f"a {kind.__name__} with {len(message)} fields")
+    return message
 
 
 class Reader(asyncio.StreamReader):
@@ -75,29 +98,30 @@ class Reader(asyncio.StreamReader):
     iteration that waking the reading task costs. Only while `handler` is set (its owner sets it while
     it waits in read() with nothing buffered) and only for messages `handler` accepts: it returns False
     for one it cannot handle at once, which is then buffered, with everything after it, for read() —
-    so messages are always handled in the order they came."""
+    so messages are always handled in the order they came, by the same handler."""
 
     handler: Callable[[Any], bool] | None = None
     after: Callable[[], None] | None = None     # called once the handler took what arrived
     on_data: Callable[[], None] | None = None   # called first whenever anything arrives
     trusted = False
+    max_size: int | None = None                 # the longest body accepted (None: any)
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]  # asyncio feeds bytes
         if self.on_data is not None:
             self.on_data()
         handler = self.handler
-        if handler is None or self._buffer or self._eof:
+        if handler is None or compat.stream_buffer(self) or compat.stream_ended(self):
             super().feed_data(data)
             return
         view = memoryview(data)
         start, end = 0, len(data)
-        after = self.after
+        after, limit = self.after, self.max_size
         try:
             while end - start >= _LENGTH.size:
                 length = _LENGTH.unpack_from(view, start)[0]
                 stop = start + _LENGTH.size + length
-                if stop > end:
-                    break
+                if stop > end or (limit is not None and length > limit):
+                    break       # read() waits for the rest, or refuses it
                 message = decode(view[start + _LENGTH.size:stop], self.trusted)
                 if not handler(message):
                     break
@@ -115,11 +139,22 @@ class Reader(asyncio.StreamReader):
             super().feed_data(data[start:] if start else data)
 
 
-async def open_pipe(sock: Any, limit: int, trusted: bool) -> tuple[Reader, asyncio.StreamWriter]:
+async def read(reader: Reader) -> Any:
+    """The next message; raises asyncio.IncompleteReadError at the end of the stream and
+    MalformedMessage for a frame this side does not accept (before reading a body over the limit)."""
+    header = await reader.readexactly(_LENGTH.size)
+    length = _LENGTH.unpack(header)[0]
+    if reader.max_size is not None and length > reader.max_size:
+        raise MalformedMessage(f"a message of {length} bytes announced, over the limit of {reader.max_size}")
+    return decode(await reader.readexactly(length), reader.trusted)
+
+
+async def open_pipe(sock: Any, trusted: bool, max_size: int | None = None) -> tuple[Reader, asyncio.StreamWriter]:
     """asyncio.open_connection(sock=...), with a Reader."""
     loop = asyncio.get_running_loop()
-    reader = Reader(limit=limit, loop=loop)
+    reader = Reader(limit=2 ** 20, loop=loop)
     reader.trusted = trusted
+    reader.max_size = max_size
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -127,10 +162,13 @@ async def open_pipe(sock: Any, limit: int, trusted: bool) -> tuple[Reader, async
 
 def has_message(reader: asyncio.StreamReader) -> bool:
     """Whether a whole message is already buffered (read() would return without waiting)."""
-    buffer = reader._buffer     # noqa: SLF001 - asyncio's StreamReader keeps what it received there
+    buffer = compat.stream_buffer(reader)
     return len(buffer) >= _LENGTH.size and len(buffer) >= _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
 
 
+_NUMBERS = {kind: number for number, kind in enumerate(KINDS)}
+_FROM_WORKER = frozenset(messages.FROM_WORKER)
+_SIZES = {kind: len(kind._fields) for kind in KINDS}  # type: ignore[attr-defined]  # NamedTuples
 _ALLOWED = {("pyexec_connector.errors", "QueryError")}
 
 

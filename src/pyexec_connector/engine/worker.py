@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from .. import errors, protocol
+from .. import errors, forkguard, protocol, values
 from ..cache import CodeCache
 from ..connection import ConnectorConnection, Health
 from ..errors import QueryError
@@ -25,6 +25,21 @@ from ..request import parse_query
 from . import output, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
+from .messages import (
+    Answered,
+    Cancel,
+    Cancelled,
+    Configure,
+    Done,
+    Failed,
+    HealthChanged,
+    LinkFrame,
+    Ready,
+    Relay,
+    Reply,
+    Run,
+    Stop,
+)
 
 log = logging.getLogger("pyexec_connector.worker")
 
@@ -41,7 +56,7 @@ class PipeChannel(ReplyChannel):
         self._qid = qid
 
     def _deliver(self, frame: str, terminal: bool, status: int) -> None:
-        self._worker.send(("reply", self._qid, frame, terminal, status, self.error_code))
+        self._worker.send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))
 
 
 class Worker:
@@ -54,128 +69,148 @@ class Worker:
         self.guard = CodeGuard(())
         self.max_message_bytes: int | None = None
         self.runtime_info = False         # the source's returnRuntimeInformation, for relayed queries
+        self.health = Health()
+        self.rich_results = False         # the source's resultValues is "rich", for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
-        self._owe_ack = False             # took messages and has not written since (see wire.ACK)
+        self._owe_ack = False             # took messages and has not written since (see messages.Ack)
+        self._stopping = False
+        self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
 
+    # ---- writing ---------------------------------------------------------------------------------
     def send(self, message: Any) -> None:
         """Write the message now (after any batched ones: order is kept). Frames the code sends go out
         at once, even if the code then blocks."""
-        self._batch.append(wire.pack(message))
+        self._batch.append(self._encode(message))
         self.flush()
 
     def send_soon(self, message: Any) -> None:
         """Write at the end of this loop iteration, with the other runs that end in it: one write."""
-        self._batch.append(wire.pack(message))
+        self._batch.append(self._encode(message))
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def _encode(self, message: Any) -> bytes:
+        """The message's frame; one the connector would refuse as too long becomes the error it means."""
+        forkguard.check()
+        data = wire.encode(message)
+        if len(data) > self._frame_limit and self.max_message_bytes is not None:
+            data = wire.encode(_within_limit(message, len(data), self.max_message_bytes))
+        return data
+
     def flush(self) -> None:
-        """Write what is batched; after taking messages, at least wire.ACK: the connector holds the next
+        """Write what is batched; after taking messages, at least an Ack: the connector holds the next
         runs until it hears from this worker."""
         batch = self._batch
         if self._owe_ack:
             self._owe_ack = False
             if not batch:
                 batch.append(wire.ACK)
-        if batch:
+        if batch and self._writer is not None:
             data = b"".join(batch) if len(batch) > 1 else batch[0]
             batch.clear()
             self._writer.write(data)
 
     def send_frame(self, frame: str) -> None:
-        self.send(("link", frame))
+        self.send(LinkFrame(frame))
 
     async def drained(self) -> None:
         self.flush()
-        await self._writer.drain()
+        if self._writer is not None:
+            await self._writer.drain()
 
+    # ---- reading ---------------------------------------------------------------------------------
     async def serve(self) -> None:
+        forkguard.arm()
+        forkguard.protect(self._fd)
         sock = socket.socket(fileno=self._fd)
-        reader, self._writer = await wire.open_pipe(sock, 2 ** 20, trusted=True)
-        _, settings = await wire.read(reader, trusted=True)
-        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False))
+        reader, self._writer = await wire.open_pipe(sock, trusted=True)
+        init = await wire.read(reader)
+        settings = init.settings
+        self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False),
+                        settings.get("rich_results", False))
         source = settings["source_name"]
-        health = Health()
-        health.declared = settings["healthy"]
+        self.health.declared = settings["healthy"]
 
         async def report_health(healthy: bool) -> None:
-            self.send(("health", healthy))
+            self.send(HealthChanged(healthy))
 
-        health.listeners.append(report_health)
+        self.health.listeners.append(report_health)
         self.max_message_bytes = settings.get("max_message_bytes")
+        if self.max_message_bytes is not None:
+            self._frame_limit = wire.frame_limit(self.max_message_bytes) + 4     # with its length prefix
         self.connection = ConnectorConnection(source, self.send_frame, self.drained,
                                               notification_builder(source, self.max_message_bytes),
-                                              settings["server_config"], health)
+                                              settings["server_config"], self.health)
         self.source_name = source
         runtime.install_task_tracking(asyncio.get_running_loop())
         output.install()
         _limit_memory(settings["memory_limit_mb"])
-        self.send(("ready", os.getpid()))
-        while True:
-            reader.handler, reader.after = self._run_at_once, self.flush
+        self.send(Ready(os.getpid()))
+        reader.after = self.flush
+        while not self._stopping:
+            reader.handler = self.take
             try:
-                message = await wire.read(reader, trusted=True)
+                message = await wire.read(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return                     # the connector is gone
             finally:
-                reader.handler = reader.after = None
-            kind = message[0]
-            self._owe_ack = True
-            if kind == "run":
-                _, qid, job, reply_address = message
-                self._start(qid, job, reply_address)
-            elif kind == "cancel":
-                task = self.runs.get(message[1])
-                if task is not None:
-                    self.cancelled.add(message[1])
-                    task.cancel()
-            elif kind == "health":
-                health.declared = message[1]
-            elif kind == "relay":
-                self._relay(*message[1:])
-            elif kind == "configure":
-                self._configure(*message[1:])
-            elif kind == "stop":
-                self.flush()
-                return
+                reader.handler = None
+            self.take(message)
             if not wire.has_message(reader):
-                self.flush()        # nothing else to take now: its ends (or ACK) go out without a loop iteration
+                self.flush()        # nothing else to take now: its ends (or Ack) go out without a loop iteration
 
-    def _run_at_once(self, message: Any) -> bool:
-        """Runs arriving while the read loop waits: started as they arrive (see wire.Reader)."""
-        kind = message[0]
-        if kind == "relay":
-            self._owe_ack = True
-            self._relay(*message[1:])
-            return True
-        if kind != "run":
-            return False
+    def take(self, message: Any) -> bool:
+        """Every message from the connector, as it arrives (wire.Reader's handler) or from serve()."""
+        forkguard.check()
         self._owe_ack = True
-        _, qid, job, reply_address = message
-        self._start(qid, job, reply_address)
+        kind = type(message)
+        if kind is Relay:
+            self._relay(message)
+        elif kind is Run:
+            self._start(message.qid, message.job, message.reply_address)
+        elif kind is Cancel:
+            task = self.runs.get(message.qid)
+            if task is not None:
+                self.cancelled.add(message.qid)
+                task.cancel()
+        elif kind is HealthChanged:
+            self.health.declared = message.healthy
+        elif kind is Configure:
+            self._configure(*message)
+        elif kind is Stop:
+            self.flush()
+            self._stopping = True
+            return False
         return True
 
-    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False) -> None:
+    def _configure(self, cache_capacity: int, forbid: tuple[str, ...], runtime_info: bool = False,
+                   rich_results: bool = False) -> None:
         self.runtime_info = runtime_info
+        self.rich_results = rich_results
         old = self.cache
         self.cache = CodeCache(cache_capacity)
         self.cache.hits, self.cache.misses = old.hits, old.misses     # counters over the worker's life
         self.guard = CodeGuard(forbid)
 
-    def _relay(self, qid: int, reply_address: str, text: str | None, raw: bytes) -> None:
-        """A query frame the connector relayed as it came (see ProcessEngine.relay): its WITH clause is
-        read here. `text`: the code cached under the query's name, for a query that gave only the name."""
+    # ---- running ---------------------------------------------------------------------------------
+    def _relay(self, message: Relay) -> None:
+        """A query frame the connector relayed as it came: its WITH clause is read here."""
+        qid = message.qid
         try:
-            request = parse_query(protocol.loads(raw).get("object"))
+            # strict: a relayed frame never holds `script` (ProcessEngine.relay keeps those for the
+            # connector, which knows strictParameters and logs the lenient reading), so strictness
+            # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
+            request = parse_query(protocol.loads(message.raw).get("object"), strict=True)
         except QueryError as exc:
-            self.send_soon(("refused", qid, exc, self._cache_counts()))
+            self.send_soon(Failed(qid, exc, self._cache_counts(), refused=True))
             return
         except Exception as exc:    # noqa: BLE001 - the connector parsed this frame: should not happen
-            self.send_soon(("refused", qid, QueryError(errors.BAD_QUERY, "The query frame could not be read: {0}",
-                                                       [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
+            self.send_soon(Failed(qid, QueryError(errors.BAD_QUERY, "The query frame could not be read: {0}",
+                                                  [f"{type(exc).__name__}: {exc}"]), self._cache_counts(),
+                                  refused=True))
             return
-        code = request.code if text is None else text
-        self._start(qid, Job(request, code, code, self.runtime_info, None), reply_address)
+        code = request.code if message.text is None else message.text
+        self._start(qid, Job(request, code, code, self.runtime_info, None, self.rich_results), message.reply_address)
 
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
@@ -208,30 +243,28 @@ class Worker:
             self.cancelled.discard(qid)
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
-        """The one message that ends a run: done, failed or cancelled."""
+        """The one message that ends a run: Answered, Done, Failed or Cancelled."""
         if exc is None:
+            assert outcome is not None
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
                     and outcome.results_json is not None:
                 # the whole reply, built here: the connector only puts it in the link's outbox
                 frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
                                                  '{"pythonCallResults":' + outcome.results_json + "}")
                 if not oversize(frame, self.max_message_bytes):
-                    self._batch.append(wire.pack_answered(qid, frame, self._cache_counts()))
-                    if len(self._batch) == 1:
-                        asyncio.get_running_loop().call_soon(self.flush)
+                    self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
                     return
-            self.send_soon(("done", qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
-                            self._cache_counts()))
+            self.send_soon(Done(qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
+                                self._cache_counts()))
         elif isinstance(exc, asyncio.CancelledError):
             if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
-                self.send(("cancelled", qid))
+                self.send(Cancelled(qid))
         elif isinstance(exc, QueryError):
-            self.send(("failed", qid, _sendable(exc), self._cache_counts()))
+            self.send(Failed(qid, _sendable(exc), self._cache_counts()))
         elif isinstance(exc, Exception):
             log.error("query %s failed inside the worker", reply_address, exc_info=exc)
-            self.send(("failed", qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running "
-                                                 "the query: {0}", [f"{type(exc).__name__}: {exc}"]),
-                       self._cache_counts()))
+            self.send(Failed(qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running the query: "
+                                             "{0}", [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
         else:
             raise exc
 
@@ -239,13 +272,36 @@ class Worker:
         return self.cache.hits, self.cache.misses
 
 
+_new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
+
+
+def _within_limit(message: Any, size: int, max_bytes: int) -> Any:
+    """A message too long for the pipe (the connector would take it for a protocol violation): the run's
+    end it stands for, as the error the connector would have answered with."""
+    if type(message) is Done:
+        return Failed(message.qid, QueryError(
+            errors.TOO_LARGE, "The results are {0} bytes, over the connector's limit of {1} bytes "
+                              "(maxMessageBytes); use limitReturnTo or codeHandlesReturn to send less.",
+            [size, max_bytes]), message.cache_counts)
+    if type(message) is Failed:
+        log.warning("an error message of %d bytes was too large to send: %s", size, message.error.message()[:2000])
+        return Failed(message.qid, QueryError(
+            message.error.code, "The error message was {0} bytes, over maxMessageBytes ({1}); see the "
+                                "connector's log.", [size, max_bytes]), message.cache_counts, message.refused)
+    raise ValueError(f"a {type(message).__name__} of {size} bytes is over the pipe's limit")
+
+
 def _sendable(error: QueryError) -> QueryError:
-    """A QueryError whose parameters the connector can receive and encode (user code may raise odd ones)."""
+    """A QueryError whose parameters the connector can receive (plain data only) and encode: user code
+    may raise it with numpy values, datetimes... (encoded here, as the connector would) or odd objects."""
+    return QueryError(error.code, error.template, [_parameter(p) for p in error.params])
+
+
+def _parameter(value: Any) -> Any:
     try:
-        protocol.dumps(error.params)
-        return error
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return QueryError(error.code, error.template, [repr(p) for p in error.params])
+        return values.to_data(value)
+    except values.Unencodable:
+        return repr(value)
 
 
 def _limit_memory(megabytes: int | None) -> None:

@@ -1,0 +1,116 @@
+"""The messages between the connector and a worker process: one small type per kind.
+
+`wire.py` is their codec. The connector decodes what a worker sends as untrusted input: only these types,
+plain data inside them, and QueryError may cross (see wire._DataUnpickler)."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..errors import QueryError
+
+CacheCounts = tuple[int, int]     # a worker's code cache's hits and misses, over its life
+
+
+# ---- connector -> worker -------------------------------------------------------------------------
+
+class Init(NamedTuple):
+    """The first message: the source's settings (see WorkerPool._settings)."""
+    settings: dict[str, Any]
+
+
+class Configure(NamedTuple):
+    cache_capacity: int
+    forbid: tuple[str, ...]
+    runtime_info: bool
+    rich_results: bool = False
+
+
+class Run(NamedTuple):
+    """A query the connector parsed: its Job (see base.Job)."""
+    qid: int
+    job: Any
+    reply_address: str
+
+
+class Relay(NamedTuple):
+    """A query frame as it came; the worker reads its WITH clause. `text`: the code cached under the
+    query's name, for a query that gave only the name."""
+    qid: int
+    reply_address: str
+    text: str | None
+    raw: bytes
+
+
+class Cancel(NamedTuple):
+    qid: int
+
+
+class Stop(NamedTuple):
+    pass
+
+
+class HealthChanged(NamedTuple):
+    """Both ways: the connector tells workers the declared health; a worker's code declares it."""
+    healthy: bool
+
+
+# ---- worker -> connector -------------------------------------------------------------------------
+
+class Ready(NamedTuple):
+    pid: int
+
+
+class Ack(NamedTuple):
+    """'I have read what you sent', when the worker has nothing else to say (see WorkerHandle.send_run)."""
+
+
+class Reply(NamedTuple):
+    """A reply the code sent through connector_connection (checked in the worker)."""
+    qid: int
+    frame: str
+    terminal: bool
+    status: int
+    error_code: str | None
+
+
+class LinkFrame(NamedTuple):
+    """A frame for the link that belongs to no query (a notification)."""
+    frame: str
+
+
+class Answered(NamedTuple):
+    """The run ended and the worker built its whole 200 reply."""
+    qid: int
+    frame: str
+    cache_counts: CacheCounts
+
+
+class Done(NamedTuple):
+    """The run ended; the connector builds the reply (runtime information, output, dry run)."""
+    qid: int
+    results_json: str | None
+    runtime: dict[str, Any] | None
+    output: dict[str, str] | None
+    dry_run: dict[str, Any] | None
+    cache_counts: CacheCounts
+
+
+class Failed(NamedTuple):
+    """The run ended with an error. `refused`: a relayed query's WITH clause was wrong; nothing ran."""
+    qid: int
+    error: QueryError
+    cache_counts: CacheCounts
+    refused: bool = False
+
+
+class Cancelled(NamedTuple):
+    """The run the connector told to stop has stopped."""
+    qid: int
+
+
+ACKED = Ack()
+TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged)
+FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
+# Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
+KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
+                           Answered, Done, Failed, Cancelled)

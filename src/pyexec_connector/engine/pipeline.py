@@ -1,0 +1,220 @@
+"""What every query goes through whichever engine runs it: from its frame to its Job, and its one end.
+
+    SourceSession.on_query ──► Engine.submit(frame, channel)
+                                  ├─ the engine hands the frame on as it came (process mode, plain query)
+                                  └─ Pipeline.answer: parse the WITH clause, make the Job (documents), run
+                               ──► Pipeline.finish(channel, outcome | error)   the one completion
+
+`finish` builds the reply body, ends the query through its ReplyChannel (once only), and reports the
+end to the session (log line, metrics). A query ends once: a second `finish` for it (its code let go
+after its timeout was answered) does nothing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+from .. import errors, forkguard, protocol
+from ..config import SourceConfig
+from ..errors import QueryError
+from ..reply import ReplyChannel
+from ..request import QueryRequest, parse_query
+from .base import Job, Outcome
+
+log = logging.getLogger(__name__)
+_MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
+
+Runner = Callable[[Job, ReplyChannel], Awaitable[Outcome]]
+
+
+class Pipeline:
+    """One source's query pipeline: the parts of a query's handling no engine owns."""
+
+    def __init__(self, source_name: str, documents: Any, on_end: Callable[[ReplyChannel], None]):
+        self.source_name = source_name
+        self.config = SourceConfig()
+        self._documents = documents
+        self._on_end = on_end
+        self.in_flight: set[asyncio.Future] = set()    # queries running: close() cancels them
+        self.unanswered: set[ReplyChannel] = set()     # queries taken and not ended yet
+        self._warned: set[tuple[str, str, str | None]] = set()   # lenient combinations logged once each
+
+    def begin(self, channel: ReplyChannel) -> None:
+        channel.started = perf_counter()
+        self.unanswered.add(channel)
+
+    def track(self, running: asyncio.Future) -> None:
+        self.in_flight.add(running)
+        running.add_done_callback(self.in_flight.discard)
+
+    # ---- the connector parses the query -------------------------------------------------------
+    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, run: Runner) -> None:
+        """Parse, make the Job, run it with `run`, finish. Every outcome ends in `finish`."""
+        try:
+            job = await self.job(parse_query(frame.params, strict=self.config.strictParameters,
+                                                  warn=self._lenient))
+            outcome = await run(job, channel)
+        except QueryError as exc:
+            self.finish(channel, error=exc)
+        except asyncio.CancelledError:
+            self.finish(channel, error=stopped())
+            raise
+        except Exception as exc:   # noqa: BLE001 - answered, and logged
+            self.finish(channel, error=self._internal_error(channel, exc))
+        else:
+            self.finish(channel, outcome)
+
+    def _lenient(self, code: str, script: str, name: str | None) -> None:
+        """A combination upstream accepts and strictParameters would refuse: said once per source and
+        (script, name), so a busy query does not flood the log; the set stops growing at a bound."""
+        key = (code, script, name)
+        if key in self._warned or len(self._warned) >= _MAX_WARNED:
+            return
+        self._warned.add(key)
+        if code == errors.AMBIGUOUS_CODE:
+            log.warning("source %s: a query gives both code and script %r: the code runs and the script is "
+                        "ignored, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script)
+        else:
+            log.warning("source %s: a query gives script %r with the name %r: the document runs under the "
+                        "script's name, as upstream does (set strictParameters: true to refuse it)",
+                        self.source_name, script, name)
+
+    async def job(self, request: QueryRequest) -> Job:
+        if request.script is None:
+            return self._make_job(request, request.code, request.code)
+        script = await self._documents.get(request.script, force=request.replace)
+        return self._make_job(request, script.text, script.modified)
+
+    def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
+        limit = request.timeout if request.timeout is not None else self.config.executionTimeout
+        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None,
+                   self.config.resultValues == "rich")
+
+    # ---- the end --------------------------------------------------------------------------------
+    def settle(self, channel: ReplyChannel, outcome_of: Callable[..., Outcome], *args: Any) -> None:
+        """Finish with what `outcome_of(*args)` returns or raises (a query whose run ended elsewhere)."""
+        try:
+            outcome = outcome_of(*args)
+        except QueryError as exc:
+            self.finish(channel, error=exc)
+        except asyncio.CancelledError:
+            self.finish(channel, error=stopped())
+        except Exception as exc:   # noqa: BLE001 - answered, and logged
+            self.finish(channel, error=self._internal_error(channel, exc))
+        else:
+            self.finish(channel, outcome)
+
+    def finish(self, channel: ReplyChannel, outcome: Outcome | None = None,
+               error: QueryError | None = None) -> None:
+        """The one end of every query: its terminal reply (the error, or the body built from the
+        outcome unless a worker or the code sent it), then its log line and metrics."""
+        forkguard.check()
+        if channel not in self.unanswered:
+            return      # ended already: its timeout was answered at the deadline, or the source closed
+        try:
+            if error is not None:
+                channel.error(error)
+            elif outcome is not None and not outcome.answered and outcome.results_json is not None:
+                channel.complete_raw(body(outcome, channel.started))
+        except Exception as exc:   # noqa: BLE001 - a bug here must not cost the reply
+            channel.error(self._internal_error(channel, exc))
+        finally:
+            if not channel.terminated:
+                channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
+            self.unanswered.discard(channel)
+            self._on_end(channel)
+
+    def _internal_error(self, channel: ReplyChannel, exc: Exception) -> QueryError:
+        log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,
+                  exc_info=exc)
+        return QueryError(errors.INTERNAL_ERROR, "The connector failed while answering: {0}",
+                          [f"{type(exc).__name__}: {exc}"])
+
+    async def close(self, grace: float) -> None:
+        """Stop what still runs (each is answered "shutting down") and answer the queries that never
+        started. Code that ignores cancellation is given `grace` seconds, not more."""
+        for running in list(self.in_flight):
+            running.cancel()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=grace)
+        for channel in list(self.unanswered):
+            self.finish(channel, error=QueryError(errors.SHUTTING_DOWN,
+                                                  "The connector stopped before the query finished."))
+
+
+def body(outcome: Outcome, started: float) -> str:
+    text = '{"pythonCallResults":' + (outcome.results_json or "{}")
+    if outcome.runtime is not None:
+        # query_time: upstream's name for the same figure; VAIL written against it keeps working
+        outcome.runtime["totalTime"] = outcome.runtime["query_time"] = perf_counter() - started
+        text += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
+    if outcome.output is not None:
+        text += ',"pythonOutput":' + protocol.dumps(outcome.output)
+    if outcome.dry_run is not None:
+        text += ',"dryRun":' + protocol.dumps(outcome.dry_run)
+    return text + "}"
+
+
+def stopped() -> QueryError:
+    return QueryError(errors.SHUTTING_DOWN, "The connector stopped before the query finished.")
+
+
+def not_accepting() -> QueryError:
+    return QueryError(errors.SHUTTING_DOWN, "The connector is shutting down; send the query again once it is "
+                                            "back.")
+
+
+def timeout_error(seconds: float | None) -> QueryError:
+    return QueryError(errors.TIMEOUT, "The code did not finish within its timeout of {0} seconds "
+                                      "(WITH timeout, or the source's executionTimeout).", [seconds])
+
+
+class Deadlines:
+    """Timeouts of running queries, checked by one sweep every `interval` while any is running, not a
+    timer per query (a timer handle made and cancelled per query cost ~2 us of the connector's CPU).
+    An item has a `deadline` attribute (loop time; 0.0: none or passed); `pending()` yields the items
+    still running; `expire(item)` is called once for each whose deadline passed."""
+
+    def __init__(self, expire: Callable[[Any], None], pending: Callable[[], Iterable[Any]],
+                 interval: float = 0.05):
+        self._expire = expire
+        self._pending = pending
+        self._interval = interval
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def watch(self, item: Any, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+        item.deadline = loop.time() + seconds
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(self._interval, self._sweep, loop)
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether a sweep is scheduled (none while no query with a timeout runs)."""
+        return self._sweeping is not None
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeping = None
+        now, waiting, expired = loop.time(), False, []
+        for item in self._pending():
+            deadline = item.deadline
+            if deadline:
+                if deadline <= now:
+                    item.deadline = 0.0
+                    expired.append(item)
+                else:
+                    waiting = True
+        for item in expired:
+            try:
+                self._expire(item)
+            except Exception:   # noqa: BLE001 - one query's end must not stop the sweep
+                log.exception("answering a timed-out query failed")
+        if waiting:
+            self._sweeping = loop.call_later(self._interval, self._sweep, loop)
+
+    def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None

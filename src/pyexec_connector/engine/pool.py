@@ -1,0 +1,365 @@
+"""WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
+reading, replacing and stopping them. Each worker's lifecycle is an explicit state (WorkerState).
+
+What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; the pool
+knows nothing of queries beyond counting them on each worker (`WorkerHandle.inflight`)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from .. import forkguard
+from ..config import TOKEN_ENV
+from . import wire
+from .messages import Init, Ready, Stop
+from .oom import sigkill_hint
+
+log = logging.getLogger("pyexec_connector.engine.process")
+
+START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
+STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
+HOLD_MAX = 0.02           # seconds a query is held for a worker that has not written back (send_run)
+RESTART_DELAY_MAX = 30.0
+LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"      # spawned (or waiting to be, after failed starts); not ready yet
+    READY = "ready"            # takes queries
+    DRAINING = "draining"      # told to stop a query it has not let go of: takes nothing new
+    STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
+    DEAD = "dead"              # ended; a fresh handle replaces it
+
+
+class PoolEvents(Protocol):
+    """What the pool tells its owner."""
+
+    def take(self, worker: WorkerHandle, message: Any) -> bool:
+        """A worker's message, handled now; False to have it handled by `take_later` instead (it needs
+        to wait). Raising means the worker broke the protocol: it is killed."""
+        ...
+
+    async def take_later(self, worker: WorkerHandle, message: Any) -> None: ...
+
+    def taken(self) -> None:
+        """take() handled what just arrived from a worker (as it arrived): a chance to pass it on at once."""
+        ...
+
+    def worker_ready(self, worker: WorkerHandle) -> None: ...
+
+    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
+        """It ended (`what`: how): fail the queries it had."""
+        ...
+
+    def no_worker_starts(self, why: str) -> None:
+        """Workers die before they are ready: queries waiting for one would wait for nothing."""
+        ...
+
+
+class WorkerHandle:
+    """The connector's end of one worker process (engine/worker.py is the other)."""
+
+    def __init__(self, index: int, restarts: int = 0):
+        self.index = index
+        self.state = WorkerState.STARTING
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: wire.Reader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task | None = None
+        self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
+        self.reserved = 0                       # slots promised to queued queries that have not resumed yet
+        self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
+        self.kill_reason: str | None = None
+        self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)
+        self.became_ready = False
+        self.backing_off = False                # waiting to start again after failed starts
+        self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
+        self._held: list[bytes] = []            # messages not written yet: see send_run()
+        self.awaiting = False                   # written to, and not heard from since
+        self._release: asyncio.TimerHandle | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight) + self.reserved
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not WorkerState.DEAD
+
+    def send(self, message: Any) -> None:
+        """Write the message now (after any held ones: order is kept)."""
+        self._held.append(wire.encode(message))
+        self.flush()
+
+    def send_run(self, data: bytes) -> None:
+        """A query: written now to a worker that has answered everything written to it, else held until it
+        writes back (an Ack at the latest, see heard()). Under load a worker then takes the queries that
+        came meanwhile in one read, and answers them in one write, instead of one wake-up of each process
+        per query; an idle worker gets its query at once."""
+        self._held.append(data)
+        if not self.awaiting:
+            self.flush()
+        elif len(self._held) == 1:      # a guard: a worker stuck in code gets them anyway, to read later
+            self._release = asyncio.get_running_loop().call_later(HOLD_MAX, self.flush)
+
+    def heard(self) -> None:
+        """The worker wrote something: it reads again. What was held goes now, in one write."""
+        self.awaiting = False
+        if self._held:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if not self._held:
+            return
+        data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
+        self._held.clear()
+        if self.writer is None or self.writer.is_closing():
+            return
+        self.awaiting = True
+        try:
+            self.writer.write(data)
+        except (ConnectionError, RuntimeError):
+            pass    # it is dying; its watcher fails its queries
+
+    def kill(self, reason: str) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill_reason = self.kill_reason or reason
+            if self.state is not WorkerState.DEAD:
+                self.state = WorkerState.STOPPING
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class WorkerPool:
+    """Starts `size` workers, keeps that many running (a dead one is replaced, with a backoff when
+    workers die before they are ready), and stops them all at close. Scaling and recycling land here."""
+
+    def __init__(self, source_name: str, size: int, events: PoolEvents, settings: Callable[[], dict[str, Any]],
+                 max_message_bytes: int | None):
+        self.source_name = source_name
+        self._events = events
+        self._settings = settings
+        self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
+        self.workers = [WorkerHandle(index) for index in range(size)]
+        self.restarts = 0
+        self.retired_cache_counts = (0, 0)      # of workers gone
+        self.closed = False
+        self._closing = asyncio.Event()
+        self.started = asyncio.Event()          # every first start ended (ready or not)
+        self._tasks: set[asyncio.Task] = set()
+        self._starting: set[asyncio.Task] = set()   # spawns under way: stop() waits for them, never cancels
+        self._spawn(self._start_all(), "start")
+
+    def alive_count(self) -> int:
+        """Processes alive or starting (not those waiting to retry after failed starts)."""
+        return sum(1 for w in self.workers if w.alive and not w.backing_off)
+
+    def broadcast(self, message: Any) -> None:
+        for worker in self.workers:
+            worker.send(message)
+
+    # ---- starting ----------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        # cancelling a spawn midway would leave a process nobody watches
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"pyexec-{self.source_name}-{name}")
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    def _background(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"pyexec-{self.source_name}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_all(self) -> None:
+        try:
+            await asyncio.gather(*(self._start(w) for w in self.workers), return_exceptions=True)
+        finally:
+            self.started.set()
+
+    async def _start(self, worker: WorkerHandle, delay: float = 0.0) -> None:
+        if delay:
+            worker.backing_off = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            worker.backing_off = False
+        if self.closed:
+            worker.state = WorkerState.DEAD
+            return
+        parent_end, child_end = socket.socketpair()
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()), str(os.getpid()),
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_environment())
+        except OSError as exc:
+            parent_end.close()
+            log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
+            self._replace_later(worker, f"it could not be started: {exc}")
+            return
+        finally:
+            child_end.close()
+        forkguard.protect(parent_end.fileno())
+        worker.reader, worker.writer = await wire.open_pipe(parent_end, trusted=False, max_size=self._max_size)
+        worker.reader.on_data = worker.heard
+        worker.reader.after = self._events.taken
+        self._background(self._watch(worker, parent_end.fileno()), f"watch-{worker.index}")
+        if self.closed:                  # stop() ran while it was starting
+            worker.kill("the engine closed")
+            return
+        worker.send(Init(self._settings()))
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                hello = await wire.read(worker.reader)
+            if type(hello) is not Ready:
+                raise ValueError(f"unexpected first message {type(hello).__name__}")
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
+            log.error("source %s: worker %d did not start: %s", self.source_name, worker.index, type(exc).__name__)
+            worker.kill("it did not start")
+            return
+        worker.state = WorkerState.READY
+        worker.became_ready = True
+        worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
+        log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
+        self._events.worker_ready(worker)
+
+    # ---- watching ----------------------------------------------------------------------------------
+    async def _read(self, worker: WorkerHandle) -> None:
+        """Everything a worker says, in the order it said it: each message goes to events.take, as it
+        arrives while this task waits (wire.Reader's handler) or from here; what take() leaves goes to
+        take_later, here. One handler, one failure rule: a message it cannot handle ends the worker."""
+        reader = worker.reader
+        assert reader is not None
+        events = self._events
+        broken = False
+
+        def take(message: Any) -> bool:
+            nonlocal broken
+            try:
+                return events.take(worker, message)
+            except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
+                broken = True
+                reader.handler = None
+                self._broke(worker, exc)
+                return True
+
+        while not broken:
+            reader.handler = take
+            try:
+                message = await wire.read(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            except Exception as exc:   # noqa: BLE001 - a garbled or oversized frame
+                self._broke(worker, exc)
+                return
+            finally:
+                reader.handler = None
+            if broken or take(message):
+                continue
+            try:
+                await events.take_later(worker, message)
+            except Exception as exc:   # noqa: BLE001
+                self._broke(worker, exc)
+                return
+
+    def _broke(self, worker: WorkerHandle, exc: Exception) -> None:
+        log.error("source %s: worker %d broke the protocol (%s: %s); replacing it", self.source_name,
+                  worker.index, type(exc).__name__, str(exc)[:200])
+        worker.kill(f"it sent a malformed message ({type(exc).__name__})")
+
+    async def _watch(self, worker: WorkerHandle, fd: int) -> None:
+        """Wait for the worker's end: read what it said last, fail its queries, replace it."""
+        assert worker.proc is not None
+        returncode = await worker.proc.wait()
+        if worker.state is not WorkerState.DEAD:
+            worker.state = WorkerState.STOPPING      # no new queries while its last words are read
+        if worker.reader_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(worker.reader_task), LAST_WORDS)
+            worker.reader_task.cancel()
+        worker.state = WorkerState.DEAD
+        forkguard.release(fd)
+        if worker.writer is not None:
+            worker.writer.close()
+        what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
+        if worker.kill_reason:
+            what = f"{what}; {worker.kill_reason}"
+        if not self.closed:
+            level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
+            log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
+                    self.source_name, worker.index, what, len(worker.inflight))
+        self._events.worker_ended(worker, what)
+        if not self.closed:
+            self._replace_later(worker, what)
+
+    def _replace_later(self, worker: WorkerHandle, why: str) -> None:
+        worker.state = WorkerState.DEAD
+        hits, misses = self.retired_cache_counts
+        self.retired_cache_counts = (hits + worker.cache_counts[0], misses + worker.cache_counts[1])
+        fresh = WorkerHandle(worker.index, 0 if worker.became_ready else worker.restarts + 1)
+        self.workers[worker.index] = fresh
+        self.restarts += 1
+        # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
+        delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** fresh.restarts) if fresh.restarts else 0.0
+        if fresh.restarts and not any(w.state is WorkerState.READY for w in self.workers):
+            self._events.no_worker_starts(why)
+        self._spawn(self._start(fresh, delay), f"start-{worker.index}")
+
+    # ---- stopping ----------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
+        self.closed = True
+        self._closing.set()
+        self.broadcast(Stop())
+        if self._starting:
+            await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
+        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        if procs:
+            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
+            for proc in procs:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for task in pending:
+                with contextlib.suppress(Exception):
+                    await task
+        if self._starting:       # their processes are gone now: they end at once
+            await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers:
+            if worker.writer is not None:
+                worker.writer.close()
+        self.started.set()
+
+
+def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
+    if returncode is None:
+        return "unknown exit"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        hint = sigkill_hint() if -returncode == signal.SIGKILL and not killed_by_us else ""
+        return f"killed by signal {name} ({-returncode}){hint}"
+    return f"exit code {returncode}"
+
+
+def _worker_environment() -> dict[str, str]:
+    """The connector's environment without the access token: user code never sees it."""
+    return {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
