@@ -467,7 +467,7 @@ class SourceConfig(BaseModel):
     @property
     def pool_shape(self) -> tuple[Any, ...]:
         """What a worker pool is built from: a change here needs a new pool, anything else does not."""
-        return (self.executionMode, self.worker_count, self.memoryLimitMB or None)
+        return (self.executionMode, self.worker_count, self.memoryLimitMB or None, self.preload)
 
 
 def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:

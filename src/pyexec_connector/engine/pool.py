@@ -9,17 +9,13 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from .. import forkguard
-from ..config import TOKEN_ENV
-from . import wire
+from . import wire, zygote
+from .launch import WorkerLauncher, WorkerProcess
 from .messages import Init, Ready, Stop
 from .oom import sigkill_hint
 
@@ -71,7 +67,7 @@ class WorkerHandle:
     def __init__(self, index: int, restarts: int = 0):
         self.index = index
         self.state = WorkerState.STARTING
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
         self.reader: wire.Reader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task | None = None
@@ -147,8 +143,10 @@ class WorkerPool:
     workers die before they are ready), and stops them all at close. Scaling and recycling land here."""
 
     def __init__(self, source_name: str, size: int, events: PoolEvents, settings: Callable[[], dict[str, Any]],
-                 max_message_bytes: int | None):
+                 max_message_bytes: int | None, preload: Sequence[str] = ()):
         self.source_name = source_name
+        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
+        self.launcher = WorkerLauncher(zygote.registry(), preload, source_name)
         self._events = events
         self._settings = settings
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
@@ -187,6 +185,9 @@ class WorkerPool:
 
     async def _start_all(self) -> None:
         try:
+            await self.launcher.open()
+            if self.closed:                   # stop() ran while the zygote started: give it back
+                await self.launcher.close()
             await asyncio.gather(*(self._start(w) for w in self.workers), return_exceptions=True)
         finally:
             self.started.set()
@@ -200,18 +201,14 @@ class WorkerPool:
         if self.closed:
             worker.state = WorkerState.DEAD
             return
-        parent_end, child_end = socket.socketpair()
         try:
-            worker.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()), str(os.getpid()),
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_environment())
+            launched = await self.launcher.launch()
         except OSError as exc:
-            parent_end.close()
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
             self._replace_later(worker, f"it could not be started: {exc}")
             return
-        finally:
-            child_end.close()
+        worker.proc = launched.process
+        parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
         worker.reader, worker.writer = await wire.open_pipe(parent_end, trusted=False, max_size=self._max_size)
         worker.reader.on_data = worker.heard
@@ -344,6 +341,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.writer is not None:
                 worker.writer.close()
+        await self.launcher.close()       # the zygote stops with its last pool
         self.started.set()
 
 
@@ -360,6 +358,3 @@ def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:
     return f"exit code {returncode}"
 
 
-def _worker_environment() -> dict[str, str]:
-    """The connector's environment without the access token: user code never sees it."""
-    return {k: v for k, v in os.environ.items() if k != TOKEN_ENV}

@@ -141,7 +141,8 @@ class ProcessEngine:
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
-        self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes)
+        self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
+                               preload=config.preload)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
 
     # ---- configuration ----------------------------------------------------------------------

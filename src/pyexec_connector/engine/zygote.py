@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -387,6 +388,19 @@ def _stop_unused(zygote: Zygote) -> Callable[[asyncio.Future[None]], None]:
         if not started.cancelled() and started.exception() is None:
             asyncio.ensure_future(zygote.stop(0))
     return stop
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ZygoteRegistry] = weakref.WeakKeyDictionary()
+
+
+def registry() -> ZygoteRegistry:
+    """The running loop's registry: every source's pool in this connector shares its zygotes (one per loop,
+    since a zygote's handle belongs to the loop it was started on)."""
+    loop = asyncio.get_running_loop()
+    found = _REGISTRIES.get(loop)
+    if found is None:
+        found = _REGISTRIES[loop] = ZygoteRegistry()
+    return found
 
 
 @dataclasses.dataclass(eq=False)
