@@ -95,3 +95,22 @@ async def test_a_worker_killed_on_timeout_is_replaced_by_a_preloaded_fork(server
     assert after.status == 200 and after.results["warm"] is True
     assert after.results["pid"] != first.results["pid"]
     assert proc_file(after.results["pid"], "comm") == b"pyexec-worker\n"     # forked from the zygote
+
+
+async def test_recycling_by_query_count_and_memory_loses_no_query(server, start_connector):
+    server.set_source_config(SOURCE, {"workers": 2, "maxQueriesPerWorker": 20})
+    running = await start_connector()
+    results = await asyncio.gather(*(server.query({"code": f"x = {i}"}, SOURCE, timeout=60) for i in range(300)))
+    assert [r.status for r in results] == [200] * 300
+    assert [r.results["x"] for r in results] == list(range(300))
+    stats = running.session.engine.stats()
+    assert stats["worker_recycles"].get("queries", 0) >= 5, stats
+    assert stats["worker_forks"] > 2
+
+
+async def test_recycling_by_memory_loses_no_query(server, start_connector):
+    server.set_source_config(SOURCE, {"workers": 2, "maxWorkerMemoryMB": 1})     # every worker is past 1 MiB
+    running = await start_connector()
+    results = await asyncio.gather(*(server.query({"code": "y = 1"}, SOURCE, timeout=60) for _ in range(60)))
+    assert [r.status for r in results] == [200] * 60
+    assert running.session.engine.stats()["worker_recycles"].get("memory", 0) >= 2

@@ -51,6 +51,7 @@ from .messages import (
 )
 from .pipeline import Deadlines, Pipeline, timeout_error
 from .pool import WorkerHandle, WorkerPool, WorkerState
+from .recycle import RecyclePolicy
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class ProcessEngine:
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
-                               preload=config.preload)
+                               preload=config.preload, recycle=RecyclePolicy.from_config(config))
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries)
 
     # ---- configuration ----------------------------------------------------------------------
@@ -165,6 +166,7 @@ class ProcessEngine:
         self._apply(config)
         self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
         self.dispatcher.per_worker, self.dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
+        self.pool.set_recycle_policy(RecyclePolicy.from_config(config))
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
@@ -179,7 +181,9 @@ class ProcessEngine:
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "timeouts_pending": self._deadlines.sweeping}
+                "relayed": self.relayed, "parsed": self.parsed, "timeouts_pending": self._deadlines.sweeping,
+                "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
+                "worker_spawns": self.pool.launcher.spawns}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -387,6 +391,7 @@ class ProcessEngine:
                     query.future.set_result(outcome)
                 else:
                     query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
+            self.pool.query_ended(worker)
         self.dispatcher.dispatch()
 
     def worker_ready(self, worker: WorkerHandle) -> None:
