@@ -35,6 +35,7 @@ CONFIG_LOCATIONS = (Path("serverConfig") / "server.config", Path("server.config"
 LOGGER_INI = Path("serverConfig") / "logger.ini"
 TOKEN_ENV = "CONNECTOR_AUTH_TOKEN"
 _WSOCK_PATH = re.compile(r"^/api/v\d+/wsock/websocket/?$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$", re.ASCII)
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024     # per source; README "Flow control" says why
 DEFAULT_SHUTDOWN_GRACE = 30.0
@@ -456,7 +457,13 @@ class SourceConfig(BaseModel):
     # Where user code runs: "process" (a pool of worker processes, protected) or "inline" (the
     # connector's own loop, as upstream; not protected).
     executionMode: Literal["process", "inline"] = "process"
-    workers: int | None = Field(default=None, ge=1, le=512)           # None: os.cpu_count()
+    workers: int | None = Field(default=None, ge=1, le=512)           # the most at once; None: os.cpu_count()
+    minWorkers: int = Field(default=1, ge=0, le=512)                 # kept running even when idle
+    workerIdleSeconds: float = Field(default=60.0, gt=0)             # a worker beyond minWorkers idle this long ends
+    maxQueriesPerWorker: int = Field(default=0, ge=0)                # then it is replaced (±10 %); 0: never
+    maxWorkerMemoryMB: int = Field(default=0, ge=0)                  # resident, after a query: replaced; 0: never
+    # modules a template process (the zygote) imports once; workers are forked from it with them loaded
+    preload: tuple[str, ...] = ()
     queriesPerWorker: int = Field(default=16, ge=1, le=10_000)       # concurrent queries one worker takes
     executionTimeout: float = Field(default=300.0, ge=0)             # seconds; 0: no limit
     memoryLimitMB: int | None = Field(default=None, ge=0)            # address-space limit per worker; 0/None: none
@@ -477,15 +484,43 @@ class SourceConfig(BaseModel):
     maxOpenFiles: int = Field(default=sandbox.DEFAULT_MAX_OPEN_FILES, ge=16, le=1_048_576)
     maxProcessesPerWorker: int = Field(default=sandbox.DEFAULT_MAX_PROCESSES, ge=8, le=4_194_304)
 
+    @field_validator("minWorkers")
+    @classmethod
+    def _min_within_max(cls, value: int, info) -> int:
+        most = info.data.get("workers")
+        if most is not None and value > most:
+            raise ValueError(f"must not exceed workers ({most}), the most that may run")
+        return value
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _module_names(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ValueError(f"must be a list of module names such as [\"numpy\", \"pandas\"], not {value!r}")
+        names: list[str] = []
+        for item in value:
+            if not isinstance(item, str) or not _MODULE_NAME.match(item.strip()):
+                raise ValueError(f"{item!r} is not a module name (such as \"pandas\" or \"mypackage.models\")")
+            if item.strip() not in names:
+                names.append(item.strip())
+        return tuple(names)
+
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
     @property
+    def min_worker_count(self) -> int:
+        """Workers kept warm: minWorkers, within the most that may run."""
+        return min(self.minWorkers, self.worker_count)
+
+    @property
     def pool_shape(self) -> tuple[Any, ...]:
         """What a worker pool is built from: a change here needs a new pool, anything else does not."""
         return (self.executionMode, self.worker_count, self.memoryLimitMB or None, self.maxOpenFiles,
-                self.maxProcessesPerWorker)
+                self.maxProcessesPerWorker, self.preload)
 
 
 def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:

@@ -38,6 +38,8 @@ ENGINE_FIGURES = {
     "queue_depth": ("engine_queue_depth", "Queries waiting for a worker", False),
     "queued_bytes": ("engine_queued_bytes", "What the queries waiting for a worker cost, in bytes (bounded by "
                                             "maxQueuedBytes)", False),
+    "worker_forks": ("engine_worker_forks", "Worker processes forked from a zygote", True),
+    "worker_spawns": ("engine_worker_spawns", "Worker processes spawned as fresh interpreters", True),
 }
 
 
@@ -165,6 +167,8 @@ class _SessionCollector(Collector):
         engine_families = {
             key: (CounterMetricFamily if counter else GaugeMetricFamily)(f"{PREFIX}_{name}", text, labels=["source"])
             for key, (name, text, counter) in ENGINE_FIGURES.items()}
+        recycles = CounterMetricFamily(f"{PREFIX}_engine_worker_recycles", "Workers replaced after "
+                                       "maxQueriesPerWorker or maxWorkerMemoryMB", labels=["source", "reason"])
         engines: dict[int, tuple[Any, list[str]]] = {}
         for name, session in sessions.items():
             connected.add_metric([name], 1.0 if session.link.ready else 0.0)
@@ -194,8 +198,11 @@ class _SessionCollector(Collector):
                 value = stats.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     family.add_metric([label], value)
+            if "worker_recycles" in stats:
+                for reason in ("queries", "memory"):
+                    recycles.add_metric([label, reason], stats["worker_recycles"].get(reason, 0))
         yield from (connected, in_flight, reconnects, pending, waits, fetches, downloads, hits, misses, size,
-                    capacity)
+                    capacity, recycles)
         pump = logqueue.current()
         if pump is not None:
             dropped = CounterMetricFamily(f"{PREFIX}_log_lines_dropped", "Log lines dropped because the log "

@@ -9,18 +9,16 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from .. import forkguard, sandbox
-from . import wire
+from . import recycle, wire, zygote
+from .launch import WorkerLauncher, WorkerProcess
 from .messages import Init, Ready, Stop
 from .oom import sigkill_hint
+from .recycle import RecyclePolicy, WorkerBudget
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
@@ -35,6 +33,7 @@ class WorkerState(enum.Enum):
     STARTING = "starting"      # spawned (or waiting to be, after failed starts); not ready yet
     READY = "ready"            # takes queries
     DRAINING = "draining"      # told to stop a query it has not let go of: takes nothing new
+    RETIRING = "retiring"      # recycled (maxQueriesPerWorker, maxWorkerMemoryMB): finishes its queries, then stops
     STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
     DEAD = "dead"              # ended; a fresh handle replaces it
 
@@ -67,10 +66,11 @@ class PoolEvents(Protocol):
 class WorkerHandle:
     """The connector's end of one worker process (engine/worker.py is the other)."""
 
-    def __init__(self, index: int, restarts: int = 0):
+    def __init__(self, index: int, restarts: int = 0, budget: WorkerBudget | None = None):
         self.index = index
+        self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
         self.state = WorkerState.STARTING
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
         self.reader: wire.Reader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task | None = None
@@ -146,14 +146,20 @@ class WorkerPool:
     workers die before they are ready), and stops them all at close. Scaling and recycling land here."""
 
     def __init__(self, source_name: str, size: int, events: PoolEvents, settings: Callable[[], dict[str, Any]],
-                 max_message_bytes: int | None, spawn_options: Callable[[], dict[str, Any]] | None = None):
+                 max_message_bytes: int | None, preload: Sequence[str] = (),
+                 recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None):
         self.source_name = source_name
+        self.recycle_policy = recycle
+        self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
+        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
         self._events = events
         self._settings = settings
         # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
         self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
+        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
+        self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options)
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
-        self.workers = [WorkerHandle(index) for index in range(size)]
+        self.workers = [WorkerHandle(index, budget=recycle.budget()) for index in range(size)]
         self.restarts = 0
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
@@ -188,6 +194,9 @@ class WorkerPool:
 
     async def _start_all(self) -> None:
         try:
+            await self.launcher.open()
+            if self.closed:                   # stop() ran while the zygote started: give it back
+                await self.launcher.close()
             await asyncio.gather(*(self._start(w) for w in self.workers), return_exceptions=True)
         finally:
             self.started.set()
@@ -201,18 +210,14 @@ class WorkerPool:
         if self.closed:
             worker.state = WorkerState.DEAD
             return
-        parent_end, child_end = socket.socketpair()
         try:
-            worker.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyexec_connector.engine.worker", str(child_end.fileno()), str(os.getpid()),
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, **self._spawn_options())
+            launched = await self.launcher.launch()
         except OSError as exc:
-            parent_end.close()
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
             self._replace_later(worker, f"it could not be started: {exc}")
             return
-        finally:
-            child_end.close()
+        worker.proc = launched.process
+        parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
         worker.reader, worker.writer = await wire.open_pipe(parent_end, trusted=False, max_size=self._max_size)
         worker.reader.on_data = worker.heard
@@ -310,7 +315,8 @@ class WorkerPool:
         worker.state = WorkerState.DEAD
         hits, misses = self.retired_cache_counts
         self.retired_cache_counts = (hits + worker.cache_counts[0], misses + worker.cache_counts[1])
-        fresh = WorkerHandle(worker.index, 0 if worker.became_ready else worker.restarts + 1)
+        fresh = WorkerHandle(worker.index, 0 if worker.became_ready else worker.restarts + 1,
+                             self.recycle_policy.budget())
         self.workers[worker.index] = fresh
         self.restarts += 1
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
@@ -318,6 +324,45 @@ class WorkerPool:
         if fresh.restarts and not any(w.state is WorkerState.READY for w in self.workers):
             self._events.no_worker_starts(why)
         self._spawn(self._start(fresh, delay), f"start-{worker.index}")
+
+    # ---- recycling ---------------------------------------------------------------------------------
+    def set_recycle_policy(self, policy: RecyclePolicy) -> None:
+        """A new configuration's limits, for running workers too (their query counts are kept)."""
+        self.recycle_policy = policy
+        for worker in self.workers:
+            queries, worker.budget = worker.budget.queries, policy.budget()
+            worker.budget.queries = queries
+
+    def query_ended(self, worker: WorkerHandle) -> None:
+        """A query on `worker` ended: past maxQueriesPerWorker or maxWorkerMemoryMB, it takes nothing new,
+        finishes what it runs and is replaced (no query fails for it: those arriving meanwhile wait)."""
+        if worker.state is WorkerState.RETIRING:
+            self._stop_if_idle(worker)
+            return
+        if worker.state is not WorkerState.READY and worker.state is not WorkerState.DRAINING:
+            return
+        policy = self.recycle_policy
+        memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
+        reason = worker.budget.after_query(memory)
+        if reason is None:
+            return
+        self.recycles[reason.value] = self.recycles.get(reason.value, 0) + 1
+        log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", self.source_name,
+                 worker.index, reason.value, worker.budget.queries, "?" if memory is None else memory >> 20)
+        worker.state = WorkerState.RETIRING
+        worker.kill_reason = f"recycled ({reason.value})"     # its end is expected: no warning
+        self._stop_if_idle(worker)
+
+    def _stop_if_idle(self, worker: WorkerHandle) -> None:
+        if worker.inflight or worker.reserved:
+            return
+        worker.send(Stop())
+
+        def kill_if_still_there() -> None:
+            if worker.alive and worker.proc is not None and worker.proc.returncode is None:
+                worker.kill("it did not stop after it was recycled")
+
+        asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
 
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -345,6 +390,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.writer is not None:
                 worker.writer.close()
+        await self.launcher.close()       # the zygote stops with its last pool
         self.started.set()
 
 

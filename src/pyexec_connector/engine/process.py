@@ -53,6 +53,7 @@ from .messages import (
 )
 from .pipeline import Deadlines, Pipeline, timeout_error
 from .pool import WorkerHandle, WorkerPool, WorkerState
+from .recycle import RecyclePolicy
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class ProcessEngine:
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
+                               preload=config.preload, recycle=RecyclePolicy.from_config(config),
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
                                      config.maxQueuedBytes, self)
@@ -177,6 +179,7 @@ class ProcessEngine:
         dispatcher = self.dispatcher
         dispatcher.per_worker, dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
         dispatcher.max_queued_bytes = config.maxQueuedBytes
+        self.pool.set_recycle_policy(RecyclePolicy.from_config(config))
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
@@ -194,7 +197,9 @@ class ProcessEngine:
                 "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
                 "cache_size": len(self._names), "cache_capacity": self._names.capacity,
                 "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
-                "timeouts_pending": self._deadlines.sweeping}
+                "timeouts_pending": self._deadlines.sweeping,
+                "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
+                "worker_spawns": self.pool.launcher.spawns}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -452,6 +457,7 @@ class ProcessEngine:
                     query.future.set_result(outcome)
                 else:
                     query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
+            self.pool.query_ended(worker)
         self.dispatcher.dispatch()
 
     def worker_ready(self, worker: WorkerHandle) -> None:
