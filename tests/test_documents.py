@@ -78,9 +78,8 @@ async def test_one_session_per_source_closed_on_shutdown(connected):
     server.put_document("s.py", "v = 1")
     await server.query({"script": "s.py"})
     store = running.session.documents
-    session = store._session
-    assert session is not None and not session.closed
+    assert store.session_open and store.sessions_opened == 1
     await server.query({"script": "s.py"})
-    assert store._session is session
+    assert store.session_open and store.sessions_opened == 1
     await running.stop()
-    assert session.closed
+    assert not store.session_open

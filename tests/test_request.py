@@ -81,7 +81,7 @@ def test_limit_return_to_forms():
 ])
 def test_the_plain_query_shortcut_gives_what_the_full_parse_gives(params):
     assert request._PLAIN_PARAMETERS >= params.keys()
-    assert parse_query(params) == request._parse_query(params)
+    assert parse_query(params) == request.parse_query_full(params)
 
 
 @pytest.mark.parametrize("params", [
@@ -92,5 +92,5 @@ def test_the_plain_query_shortcut_leaves_bad_queries_to_the_full_parse(params):
     with pytest.raises(QueryError) as shortcut:
         parse_query(params)
     with pytest.raises(QueryError) as full:
-        request._parse_query(params)
+        request.parse_query_full(params)
     assert (shortcut.value.code, shortcut.value.params) == (full.value.code, full.value.params)

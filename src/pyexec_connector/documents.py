@@ -41,6 +41,7 @@ class DocumentStore:
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._session: aiohttp.ClientSession | None = None
+        self.sessions_opened = 0     # HTTP sessions made: one per store while it is open (a metric for tests)
         self._texts: LRUCache[str, Script] = LRUCache(maxsize=cache_capacity)
         self.fetches = 0        # document metadata requests
         self.downloads = 0      # content downloads
@@ -51,9 +52,15 @@ class DocumentStore:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             import aiohttp
+            self.sessions_opened += 1
             self._session = aiohttp.ClientSession(headers=self._headers,
                                                   timeout=aiohttp.ClientTimeout(total=self._timeout))
         return self._session
+
+    @property
+    def session_open(self) -> bool:
+        """Whether the store holds an open HTTP session (close() closes it)."""
+        return self._session is not None and not self._session.closed
 
     async def close(self) -> None:
         if self._session is not None:

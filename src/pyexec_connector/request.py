@@ -129,10 +129,11 @@ def parse_query(params: Any, *, strict: bool = False, warn: LenientWarning | Non
                 and (presets is None or type(presets) is dict):
             return QueryRequest(code, name, None, {} if presets is None else presets, False, None,
                                 name is not None, False)
-    return _parse_query(params, strict, warn)
+    return parse_query_full(params, strict, warn)
 
 
-def _parse_query(params: Any, strict: bool = False, warn: LenientWarning | None = None) -> QueryRequest:
+def parse_query_full(params: Any, strict: bool = False, warn: LenientWarning | None = None) -> QueryRequest:
+    """parse_query without the plain query's shortcut: every check, in order (what the shortcut must match)."""
     if not isinstance(params, dict):
         raise QueryError(errors.BAD_QUERY, "The query object must be a JSON object of WITH parameters, not {0}.",
                          [type(params).__name__ if params is not None else "null"])
