@@ -30,7 +30,12 @@ def attempt(f):
         return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-ppid = os.getppid()
+def _parent_of(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+parent = os.getppid()       # the zygote a worker was forked from, or the connector for a spawned one
+ppid = parent               # the connector: above the zygote
+while open(f"/proc/{ppid}/comm").read().strip() in ("pyexec-zygote", "pyexec-worker"):
+    ppid = _parent_of(ppid)
 ids = [os.getuid(), os.getgid(), os.getgroups()]
 environment = dict(os.environ)
 parent_environ = attempt(lambda: open(f"/proc/{ppid}/environ", "rb").read())

@@ -70,7 +70,12 @@ def attempt(f):
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-ppid = os.getppid()
+def _parent_of(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+parent = os.getppid()       # the zygote a worker was forked from, or the connector for a spawned one
+ppid = parent               # the connector: above the zygote
+while open(f"/proc/{ppid}/comm").read().strip() in ("pyexec-zygote", "pyexec-worker"):
+    ppid = _parent_of(ppid)
 ids = [os.getuid(), os.getgid(), os.getgroups()]
 no_new_privs = open("/proc/self/status").read().split("NoNewPrivs:")[1].split()[0]
 environment = dict(os.environ)
@@ -86,7 +91,7 @@ def read_mem():
         return mem.read(min(end - start, 1 << 20))
 parent_mem = attempt(read_mem)
 def siblings():
-    # the other workers of this connector (same parent)
+    # the other workers of this connector (same parent: the zygote, or the connector)
     found = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit() and int(pid) != os.getpid():
@@ -94,7 +99,7 @@ def siblings():
                 stat = open(f"/proc/{pid}/stat").read()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
                 found[pid] = attempt(lambda: open(f"/proc/{pid}/mem", "rb").close() or "opened")
     return found
 sibling_mem = siblings()
