@@ -16,6 +16,7 @@ imported them, so their classes are looked up in sys.modules."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import math
 import sys
@@ -50,7 +51,22 @@ class _Refused(TypeError):
 # ---- public ------------------------------------------------------------------------------------
 
 def dumps(value: Any) -> str:
-    """Rich JSON text of any value the connector sends. Raises Unencodable."""
+    """Rich JSON text of any value the connector sends. Raises Unencodable.
+
+    The cyclic GC is paused meanwhile: what the converters make (a DataFrame's thousand row dicts and
+    its column lists) is freed by orjson before this returns and holds no cycles, yet its allocations
+    would trigger a collection that scans it all (~35 µs a 1,000-row frame) and promote the user's
+    frame to older generations, bringing on full collections (docs/PERFORMANCE.md, (l))."""
+    if not gc.isenabled():
+        return _dumps_rich(value)
+    gc.disable()
+    try:
+        return _dumps_rich(value)
+    finally:
+        gc.enable()
+
+
+def _dumps_rich(value: Any) -> str:
     try:
         return _dumps(value, default=_rich_default, option=_RICH).decode()
     except _ENCODE_ERRORS as exc:
