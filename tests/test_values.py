@@ -258,3 +258,37 @@ async def test_result_values_follows_a_reconfigure_that_keeps_the_workers(server
     assert (await server.query({"code": code})).results == {"n": 1, "when": "2026-01-02"}
     await server.query({"code": code, "name": "cached"})
     assert (await server.query({"name": "cached"})).results == {"n": 1, "when": "2026-01-02"}
+
+
+GC_DURING_ENCODING = """
+import gc, pandas as pd
+df = pd.DataFrame({"a": range(10_000), "b": [str(i) for i in range(10_000)]})
+seen = []
+def probe(phase, info):
+    if phase == "start":
+        seen.append(info["generation"])
+gc.collect()
+gc.callbacks.append(probe)
+try:
+    await connector_connection.send_query_response(connector_context, 100, df)
+finally:
+    gc.callbacks.remove(probe)
+enabled_after = gc.isenabled()
+gc.disable()
+await connector_connection.send_query_response(connector_context, 100, df.head(2))
+disabled_stays = not gc.isenabled()
+gc.enable()
+await connector_connection.send_query_response(connector_context, 200, {
+    "collections": seen, "enabled_after": enabled_after, "disabled_stays": disabled_stays})
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_encoding_a_dataframe_triggers_no_garbage_collection(server, start_connector, mode):
+    """Its 10,000 row dicts are made and freed within the encoding and hold no cycles: the GC is paused
+    meanwhile (a collection would only scan them), and left as the code had it."""
+    await start(server, start_connector, mode)
+    result = await server.query({"code": GC_DURING_ENCODING, "codeHandlesReturn": True}, timeout=30)
+    assert [r["status"] for r in result.replies] == [100, 100, 200], result.body
+    assert len(result.replies[0]["body"]) == 10_000
+    assert result.replies[-1]["body"] == {"collections": [], "enabled_after": True, "disabled_stays": True}

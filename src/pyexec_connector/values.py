@@ -16,6 +16,7 @@ imported them, so their classes are looked up in sys.modules."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import math
 import sys
@@ -50,7 +51,22 @@ class _Refused(TypeError):
 # ---- public ------------------------------------------------------------------------------------
 
 def dumps(value: Any) -> str:
-    """Rich JSON text of any value the connector sends. Raises Unencodable."""
+    """Rich JSON text of any value the connector sends. Raises Unencodable.
+
+    The cyclic GC is paused meanwhile: what the converters make (a DataFrame's thousand row dicts and
+    its column lists) is freed by orjson before this returns and holds no cycles, yet its allocations
+    would trigger a collection that scans it all (~35 µs a 1,000-row frame) and promote the user's
+    frame to older generations, bringing on full collections (docs/PERFORMANCE.md, (l))."""
+    if not gc.isenabled():
+        return _dumps_rich(value)
+    gc.disable()
+    try:
+        return _dumps_rich(value)
+    finally:
+        gc.enable()
+
+
+def _dumps_rich(value: Any) -> str:
     try:
         return _dumps(value, default=_rich_default, option=_RICH).decode()
     except _ENCODE_ERRORS as exc:
@@ -277,16 +293,24 @@ def _frame_rows(frame: Any) -> list[dict[str, Any]]:
     twelve times quicker than to_dict("records")."""
     if any(name is not None for name in frame.index.names):
         frame = frame.reset_index(allow_duplicates=True)
-    names = []
-    columns = []
-    for name, column in frame.items():
-        names.append(_key_text(name))
-        columns.append(column.tolist())
+    names = [_key_text(name) for name in frame.columns]
+    columns = _column_lists(frame)
     if not columns:
         return [{} for _ in range(len(frame))]
     if len(names) > _MAX_MADE_ROW:
         return [dict(zip(names, row, strict=False)) for row in zip(*columns, strict=False)]
     return _rows_maker(tuple(names))(*columns)
+
+
+def _column_lists(frame: Any) -> list[list[Any]]:
+    """Each column's values, in order. Series.tolist() is its array's tolist(); pandas' own
+    _get_column_array gives that array without making a Series per column, which frame.items() does
+    (~10 µs each on a frame not yet read: a third of the conversion, docs/PERFORMANCE.md). items() where
+    a pandas lacks it."""
+    column_array = getattr(frame, "_get_column_array", None)
+    if column_array is None:
+        return [column.tolist() for _, column in frame.items()]
+    return [column_array(i).tolist() for i in range(len(frame.columns))]
 
 
 _rows_makers: dict[tuple[str, ...], Callable[..., list[dict[str, Any]]]] = {}
