@@ -292,3 +292,15 @@ async def test_encoding_a_dataframe_triggers_no_garbage_collection(server, start
     assert [r["status"] for r in result.replies] == [100, 100, 200], result.body
     assert len(result.replies[0]["body"]) == 10_000
     assert result.replies[-1]["body"] == {"collections": [], "enabled_after": True, "disabled_stays": True}
+
+
+def test_the_dataframe_fast_path_still_exists_and_agrees_with_items():
+    """values._column_lists relies on pandas' private DataFrame._get_column_array (with items() as the
+    fallback): a pandas upgrade that drops it must fail here, not show up as a silent slowdown."""
+    pd = pytest.importorskip("pandas")
+    assert hasattr(pd.DataFrame, "_get_column_array"), \
+        "pandas has no DataFrame._get_column_array: values._column_lists falls back to items() (slower)"
+    frame = pd.DataFrame({"a": [1, 2], "b": ["x", None], "c": pd.to_datetime(["2026-01-01", None])})
+    frame.columns = ["a", "a", "c"]     # duplicate names: by position, not by name
+    assert [frame._get_column_array(i).tolist() for i in range(3)] == \
+        [column.tolist() for _, column in frame.items()]
