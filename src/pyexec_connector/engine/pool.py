@@ -263,6 +263,12 @@ class WorkerPool:
         """Processes alive or starting (not those waiting to retry after failed starts)."""
         return sum(1 for w in self.workers if w.alive and not w.backing_off)
 
+    def can_run(self) -> bool:
+        """The first workers are starting, a worker is up, or one can be forked when a query comes
+        (minWorkers 0, no failed starts)."""
+        return not self.started.is_set() or self.alive_count() > 0 \
+            or (self.scale_policy.min_workers == 0 and not self._failed_starts)
+
     # ---- how many run ------------------------------------------------------------------------------
     def _live(self) -> list[WorkerHandle]:
         """Workers that take queries or will: starting or ready (see _LIVE)."""

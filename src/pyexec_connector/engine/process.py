@@ -189,10 +189,12 @@ class ProcessEngine:
 
     def stats(self) -> dict[str, Any]:
         """For metrics and readiness. workers_alive counts processes alive or starting (not those waiting
-        to retry after failed starts): 0 means this source cannot run code. relayed/parsed: which way
+        to retry after failed starts); can_run: whether the source can run code (a worker is up, or one can be
+forked on demand: minWorkers 0). relayed/parsed: which way
         queries reached the workers (a debug figure)."""
         hits, misses = self.pool.retired_cache_counts
-        return {"workers_alive": self.pool.alive_count(), "worker_restarts": self.pool.restarts,
+        return {"workers_alive": self.pool.alive_count(), "can_run": self.pool.can_run(),
+                "worker_restarts": self.pool.restarts,
                 "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
                 "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
                 "busy_waited_timeout": self.dispatcher.expired_waiting,
