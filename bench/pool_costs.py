@@ -35,12 +35,17 @@ from .run import MB, TOKEN, Target, _command, _console_command
 PANDAS = "import pandas\nok = 1"
 
 
-def total_pss(target: Target) -> int:
+def total_pss(target: Target, parts: dict[str, float] | None = None) -> int:
+    """PSS of the connector and every process under it; `parts` gets each one's MiB (connector, then
+    zygotes and workers by pid)."""
     assert target.ps is not None
     total = 0
     for proc in (target.ps, *target.ps.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
-            total += proc.memory_full_info().pss
+            pss = proc.memory_full_info().pss
+            total += pss
+            if parts is not None:
+                parts["connector" if proc is target.ps else str(proc.pid)] = round(pss / MB, 1)
     return total
 
 
@@ -63,7 +68,7 @@ async def replacement(server: DevServer, target: Target, scratch: Path, rounds: 
         await target.stop()
 
 
-async def memory_one_source(server: DevServer, target: Target, scratch: Path) -> int:
+async def memory_one_source(server: DevServer, target: Target, scratch: Path, parts: dict[str, float]) -> int:
     await target.start(server, scratch)
     try:
         for _ in range(100):
@@ -71,7 +76,7 @@ async def memory_one_source(server: DevServer, target: Target, scratch: Path) ->
                                              for _ in range(4)))
             assert all(r.status == 200 for r in results), [r.replies for r in results]
         await asyncio.sleep(1.0)
-        return total_pss(target)
+        return total_pss(target, parts)
     finally:
         await target.stop()
 
@@ -143,10 +148,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     target = Target(build, "ours", "process", f"{build}_h1", command,
                                     {"executionMode": "process", "workers": 4, "minWorkers": 4,
                                      "preload": ["pandas"]})
-                    pss = await memory_one_source(server, target, scratch)
+                    parts: dict[str, float] = {}
+                    pss = await memory_one_source(server, target, scratch, parts)
                     ten = await memory_ten_sources(server, command, build, scratch)
                     report["h"][build] = {"one_source_4_workers_pandas_mib": round(pss / MB, 1),
-                                          "over_one_spawned": round(pss / one, 2),
+                                          "over_one_spawned": round(pss / one, 2), "parts_mib": parts,
                                           "ten_idle_sources_mib": round(ten / MB, 1)}
     return report
 
