@@ -109,3 +109,14 @@ async def test_a_worker_wedged_after_answering_is_replaced_and_queries_sent_to_i
     assert await figure(port, "worker_wedged") == 1
     assert await figure(port, "queries_requeued") >= 1
     await wait_until(lambda: _is(figure(port, "workers_alive"), 2), 30)     # replaced
+
+
+async def test_a_query_in_synchronous_code_longer_than_a_ping_is_not_taken_for_a_wedged_worker(server, connector):
+    port = free_port()
+    await connector(port, workers=1, minWorkers=1, executionTimeout=60)
+    assert (await server.query({"code": "warm = 1"}, SOURCE, timeout=60)).status == 200
+    # silent for 12 s: pinged after 5, unanswered for 5 more; but it runs the query it read
+    result = await server.query({"code": "import time\ntime.sleep(12)\ndone = True"}, SOURCE, timeout=60)
+    assert result.status == 200 and result.results["done"] is True, result.body
+    assert await figure(port, "worker_wedged") == 0
+    assert await figure(port, "worker_restarts") == 0

@@ -10,7 +10,7 @@ import pytest
 
 from pyexec_connector import errors, health
 from pyexec_connector.engine import pool, process, wire
-from pyexec_connector.engine.messages import ACKED, Cancel, Relay
+from pyexec_connector.engine.messages import ACKED, Cancel, Ping, Relay
 
 from .conftest import SOURCE
 
@@ -395,3 +395,15 @@ async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, s
     for i in range(3):
         result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
         assert result.status == 200 and result.results == {"x": i, "y": i + 1}
+
+
+async def test_a_ping_holds_later_runs_and_a_worker_owing_an_answer_is_not_written_to():
+    worker, writer = fake_worker()
+    worker.ping()
+    assert writer.writes == [wire.encode(Ping())]
+    worker.send_run(b"run", 1)                  # held: a worker that does not answer the ping never reads it
+    assert writer.writes == [wire.encode(Ping())] and worker.take_back() == [1]
+    worker.heard()
+    worker.send_run(b"run", 2)
+    worker.ping()                               # the run written is its ping: its socket holds only that
+    assert writer.writes == [wire.encode(Ping()), b"run"] and worker.unheard == [2]

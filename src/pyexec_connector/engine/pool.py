@@ -187,11 +187,15 @@ class WorkerHandle:
         return pending
 
     def ping(self) -> None:
-        """Written at once, past held queries: it asks only for an answer."""
+        """A worker that owes an answer to what was written to it has its ping already: nothing is written
+        (so its socket holds only that, see unstarted()). Else a Ping, after which runs are held until it
+        answers, as after any write: a worker that does not answer has then read none of them."""
         self.pinged_at = time.monotonic()
-        if self.writer is not None and not self.writer.is_closing():
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                self.writer.write(_PING)
+        if self.awaiting or self.writer is None or self.writer.is_closing():
+            return
+        self.awaiting = True
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.writer.write(_PING)
 
     def flush(self) -> None:
         if not self._held:
