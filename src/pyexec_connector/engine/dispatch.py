@@ -92,7 +92,9 @@ class Dispatcher:
     def _admit(self, cost: int, limit: float | None) -> Waiting:
         """A place in the queue, or the busy QueryError naming the limit that is reached."""
         waiting = self._count
-        if self.max_queued is not None and waiting >= self.max_queued:
+        # a query waiting for a fork (below `workers`) is not one maxQueuedQueries counts: it would have
+        # run at once on a busy worker before workers were forked on demand
+        if self.max_queued is not None and waiting >= self.max_queued and not self._pool.can_grow():
             self._refused()
             raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
                                           "waiting (maxQueuedQueries {3}). Try again later.",
