@@ -28,7 +28,7 @@ def stats(running):
 
 
 async def test_runaway_loop_times_out_and_the_worker_is_replaced(server, start_connector):
-    running = await start(server, start_connector, workers=2)
+    running = await start(server, start_connector, workers=2, minWorkers=2)
     began = time.monotonic()
     runaway = await server.send_query(SOURCE, {"code": RUNAWAY, "timeout": 1})
     other = await server.query({"code": "import asyncio\nawait asyncio.sleep(0.3)\nok = 1"})
@@ -56,7 +56,7 @@ async def test_execution_timeout_from_source_config(server, start_connector):
      "await asyncio.sleep(1)", "exit code 4"),
 ])
 async def test_worker_death_is_answered_and_the_next_query_served(server, start_connector, code, expected):
-    running = await start(server, start_connector, workers=2)
+    running = await start(server, start_connector, workers=2, minWorkers=2)
     result = await server.query({"code": code})
     assert result.status == 400 and result.error_code == errors.WORKER_DIED
     assert expected in result.body["parameters"][0]
@@ -65,7 +65,7 @@ async def test_worker_death_is_answered_and_the_next_query_served(server, start_
 
 
 async def test_worker_death_leaves_queries_on_other_workers_alone(server, start_connector):
-    await start(server, start_connector, workers=2)
+    await start(server, start_connector, workers=2, minWorkers=2)
     slow = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 0.5}})
     await asyncio.sleep(0.1)
     assert (await server.query({"code": "import os\nos._exit(1)"})).error_code == errors.WORKER_DIED
@@ -80,7 +80,7 @@ async def test_memory_limit_is_a_reply(server, start_connector):
 
 
 async def test_cpu_bound_queries_run_in_parallel_and_do_not_block_the_connector(server, start_connector):
-    await start(server, start_connector, workers=2)
+    await start(server, start_connector, workers=2, minWorkers=2)
     # Each run reports its own wall-clock span: the machine is shared and noisy, so the pair is compared
     # with the runs' own durations under the same load, not with a run measured at another moment.
     spin = ("import os, time\nbegan = time.time()\nend = time.process_time() + seconds\n"
@@ -216,7 +216,7 @@ async def test_module_state_persists_per_worker(server, start_connector):
 
 
 async def test_health_declared_in_a_worker_reaches_the_connector(server, start_connector):
-    running = await start(server, start_connector, workers=2)
+    running = await start(server, start_connector, workers=2, minWorkers=2)
     await server.query({"code": "await connector_connection.declare_unhealthy()"})
     assert running.connector.health.declared is False
     # the other worker sees it too
@@ -239,7 +239,7 @@ async def test_reconfigure_to_a_new_pool_answers_queries_in_flight(server, start
     old_engine = running.session.engine
     slow = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 0.5}})
     await asyncio.sleep(0.2)
-    await server.reconfigure(SOURCE, {"workers": 2})
+    await server.reconfigure(SOURCE, {"workers": 2, "minWorkers": 2})
     assert (await server.replies_for(slow)).results["done"] is True
     assert (await server.query({"code": "new = 1"})).results == {"new": 1}
     assert running.session.engine is not old_engine
@@ -273,7 +273,7 @@ async def test_stats_keys(server, start_connector):
 
 
 async def test_name_only_query_runs_on_a_worker_that_never_saw_the_code(server, start_connector):
-    await start(server, start_connector, workers=2, returnRuntimeInformation=True)
+    await start(server, start_connector, workers=2, minWorkers=2, returnRuntimeInformation=True)
     first = await server.query({"code": "import os\npid = os.getpid()", "name": "cached"})
     assert first.body["connectorRuntimeInfo"]["newCacheEntry"] is True
     slow = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 0.5}})   # occupies worker 0

@@ -77,3 +77,13 @@ async def test_an_explicit_max_queued_queries_still_caps_the_count(server, start
     assert (await server.replies_for(first)).results["done"] is True
     assert [(await server.replies_for(a)).results["n"] for a in waiting] == [0, 1]
     assert stats(running)["busy"] == 1
+
+
+async def test_a_query_waiting_for_a_fork_is_not_counted_by_max_queued_queries(server, start_connector):
+    # below `workers`, a query that finds the warm worker busy waits for a fork of its own: not "busy"
+    await start(server, start_connector, workers=2, minWorkers=1, maxQueuedQueries=0)
+    first = await server.send_query(SOURCE, {"code": SLOW, "presetValues": {"delay": 1.0}})
+    await asyncio.sleep(0.2)
+    second = await server.query({"code": "n = 2"}, timeout=30)
+    assert second.status == 200 and second.results == {"n": 2}, second.body
+    assert (await server.replies_for(first)).results["done"] is True

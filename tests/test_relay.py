@@ -10,7 +10,7 @@ import pytest
 
 from pyexec_connector import errors, health
 from pyexec_connector.engine import pool, process, wire
-from pyexec_connector.engine.messages import ACKED, Cancel, Relay
+from pyexec_connector.engine.messages import ACKED, Cancel, Ping, Relay
 
 from .conftest import SOURCE
 
@@ -128,7 +128,7 @@ async def test_name_only_after_a_successful_run(server, start_connector):
 
 
 async def test_name_only_queries_run_on_any_worker(server, start_connector):
-    running, relays = await start_process(server, start_connector, workers=2)
+    running, relays = await start_process(server, start_connector, workers=2, minWorkers=2)
     assert running.session.engine.stats()["workers_alive"] == 2
     first = await server.query({"name": "pids", "code": PIDS})     # an idle pool: the first worker runs it
     assert first.status == 200
@@ -228,6 +228,16 @@ class FakeWriter:
     def is_closing(self) -> bool:
         return False
 
+    @property
+    def transport(self) -> FakeWriter:
+        return self
+
+    def get_write_buffer_size(self) -> int:
+        return 0        # read to its end: the query written is running
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
 
 def fake_worker() -> tuple[pool.WorkerHandle, FakeWriter]:
     worker = pool.WorkerHandle(0)
@@ -253,16 +263,16 @@ async def test_runs_for_a_worker_that_has_not_written_back_are_held_then_written
     assert writer.writes[-1] == b"run-5"
 
 
-async def test_a_held_run_is_written_by_the_guard_timer_without_hearing_from_the_worker():
+async def test_a_held_run_waits_for_the_worker_to_write_back_and_a_silent_one_gives_it_back():
     worker, writer = fake_worker()
-    worker.send_run(b"first")
-    worker.send_run(b"second")
-    worker.send_run(b"third")
-    assert writer.writes == [b"first"]
-    await asyncio.sleep(pool.HOLD_MAX * 5 + 0.05)
-    assert writer.writes == [b"first", b"secondthird"]
+    worker.send_run(b"first", 1)
+    worker.send_run(b"second", 2)
+    worker.send_run(b"third", 3)
+    await asyncio.sleep(0.1)
+    assert writer.writes == [b"first"]          # a worker stuck in code gets nothing more ...
+    assert worker.take_back() == [2, 3]         # ... so what is held can go to another worker
     worker.heard()
-    assert writer.writes == [b"first", b"secondthird"]     # the timer's write was the only one
+    assert writer.writes == [b"first"]
 
 
 async def test_a_message_sent_while_runs_are_held_goes_after_them_in_the_same_write():
@@ -272,7 +282,6 @@ async def test_a_message_sent_while_runs_are_held_goes_after_them_in_the_same_wr
     worker.send(Cancel(7))
     assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
     worker.heard()
-    await asyncio.sleep(pool.HOLD_MAX * 5 + 0.05)     # the guard timer was cancelled: no empty write
     assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
 
 
@@ -386,3 +395,15 @@ async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, s
     for i in range(3):
         result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
         assert result.status == 200 and result.results == {"x": i, "y": i + 1}
+
+
+async def test_a_ping_holds_later_runs_and_a_worker_owing_an_answer_is_not_written_to():
+    worker, writer = fake_worker()
+    worker.ping()
+    assert writer.writes == [wire.encode(Ping())]
+    worker.send_run(b"run", 1)                  # held: a worker that does not answer the ping never reads it
+    assert writer.writes == [wire.encode(Ping())] and worker.take_back() == [1]
+    worker.heard()
+    worker.send_run(b"run", 2)
+    worker.ping()                               # the run written is its ping: its socket holds only that
+    assert writer.writes == [wire.encode(Ping()), b"run"] and worker.unheard == [2]

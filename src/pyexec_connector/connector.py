@@ -110,7 +110,8 @@ class Connector:
             if engine is None or id(engine) in seen:
                 continue
             seen.add(id(engine))
-            if engine_stats(engine).get("workers_alive", 1) == 0:
+            stats = engine_stats(engine)
+            if not stats.get("can_run", stats.get("workers_alive", 1) != 0):
                 problems.append(f"source {name}: no engine worker alive")
         return problems
 

@@ -40,6 +40,12 @@ ENGINE_FIGURES = {
                                             "maxQueuedBytes)", False),
     "worker_forks": ("engine_worker_forks", "Worker processes forked from a zygote", True),
     "worker_spawns": ("engine_worker_spawns", "Worker processes spawned as fresh interpreters", True),
+    "worker_idle_retired": ("engine_worker_idle_retired", "Workers beyond minWorkers ended after "
+                            "workerIdleSeconds idle", True),
+    "worker_wedged": ("engine_worker_wedged", "Workers killed for not answering a liveness ping while "
+                      "running no query", True),
+    "queries_requeued": ("engine_queries_requeued", "Queries taken back from a silent worker that never "
+                         "read them and given to another", True),
 }
 
 

@@ -95,7 +95,7 @@ class SourceSession:
         self.engine = self._make_engine(config)
         log.info("source %s: executing code %s", self.source_name,
                  "inline, on the connector's loop (not protected)" if config.executionMode == "inline"
-                 else f"in {config.worker_count} worker process(es)")
+                 else f"in worker processes: {config.min_worker_count} warm, up to {config.worker_count}")
         if old is not None:
             task = asyncio.create_task(old.retire())
             self._retiring[task] = old

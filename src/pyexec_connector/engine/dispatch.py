@@ -45,6 +45,7 @@ class Waiting:
     ticket: asyncio.Future | None = None
     frame: Any = None
     channel: Any = None
+    query: Any = None         # a query taken back from a silent worker (Starter.start_waiting sends it again)
     gone: bool = False        # taken out of the queue (timeout passed, or cancelled): skipped there
 
 
@@ -74,18 +75,26 @@ class Dispatcher:
         return None if self._count else self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
+        """An idle worker; else, when the pool cannot grow, the least-busy one with room (below `workers`
+        a query that finds every worker busy waits for a fork: see scaling.py)."""
         best = None
         for worker in self._pool.workers:
-            if worker.state is _READY and worker.load < self.per_worker:
+            if worker.state is _READY and worker.load < self.per_worker and not worker.silent:
                 if best is None or worker.load < best.load:
                     best = worker
+                    if not worker.load:
+                        return worker
+        if best is not None and self._pool.can_grow():
+            return None
         return best
 
     # ---- admission --------------------------------------------------------------------------
     def _admit(self, cost: int, limit: float | None) -> Waiting:
         """A place in the queue, or the busy QueryError naming the limit that is reached."""
         waiting = self._count
-        if self.max_queued is not None and waiting >= self.max_queued:
+        # a query waiting for a fork (below `workers`) is not one maxQueuedQueries counts: it would have
+        # run at once on a busy worker before workers were forked on demand
+        if self.max_queued is not None and waiting >= self.max_queued and not self._pool.can_grow():
             self._refused()
             raise QueryError(errors.BUSY, "The source {0} is busy: {1} queries are running and {2} are "
                                           "waiting (maxQueuedQueries {3}). Try again later.",
@@ -154,6 +163,8 @@ class Dispatcher:
         while waiting:
             worker = self._least_busy()
             if worker is None:
+                if self._count:
+                    self._pool.scale(self._count)
                 return
             entry = waiting.popleft()
             if entry.gone:
@@ -166,6 +177,14 @@ class Dispatcher:
             elif not ticket.done():
                 worker.reserved += 1
                 ticket.set_result(worker)
+
+    def wait_again(self, query: Any, cost: int) -> None:
+        """A query taken back from a worker that never read it: first in line (it was admitted already;
+        its own deadline still runs)."""
+        entry = Waiting(cost, asyncio.get_running_loop().time(), None, query=query)
+        self._waiting.appendleft(entry)
+        self._count += 1
+        self.queued_bytes += cost
 
     def _start(self, entry: Waiting, worker: WorkerHandle) -> None:
         assert self._starter is not None

@@ -70,7 +70,7 @@ class InlineEngine:
             timer.cancel()
 
     def stats(self) -> dict[str, Any]:
-        # no workers: None, not 0 (readiness reads workers_alive == 0 as "nothing can run code")
+        # no workers: None, not 0 (nothing to count; readiness reads can_run, absent here: it can)
         return {"workers_alive": None, "worker_restarts": 0, "timeouts": self.timeouts, "queue_depth": None}
 
     async def close(self) -> None:

@@ -64,6 +64,10 @@ ACCEPT_WINDOW = 1 << 20
 ACCEPT_EVERY = ACCEPT_WINDOW // 2
 
 
+class Ping(NamedTuple):
+    """Asks for nothing: the worker's acknowledgement (any message) shows its loop reads (engine/liveness.py)."""
+
+
 class HealthChanged(NamedTuple):
     """Both ways: the connector tells workers the declared health; a worker's code declares it."""
     healthy: bool
@@ -124,8 +128,8 @@ class Cancelled(NamedTuple):
 
 
 ACKED = Ack()
-TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted)
+TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted, Ping)
 FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
 # Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
 KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
-                           Answered, Done, Failed, Cancelled, Accepted)
+                           Answered, Done, Failed, Cancelled, Accepted, Ping)

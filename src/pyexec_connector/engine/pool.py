@@ -1,6 +1,13 @@
 """WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
 reading, replacing and stopping them. Each worker's lifecycle is an explicit state (WorkerState).
 
+How many run is decided in one place, `WorkerPool.scale` (with engine/scaling.py): `minWorkers` warm,
+one more forked for each query that finds every worker busy, up to `workers`; those beyond `minWorkers`
+retire after `workerIdleSeconds` idle. Workers are started in one place (`_add`) and their ends handled
+in one place (`_ended`). Liveness (engine/liveness.py): `_supervise` pings each worker that has been
+silent; one that does not answer and runs nothing is killed, and the queries sent to it that it never
+read go to another worker.
+
 What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; the pool
 knows nothing of queries beyond counting them on each worker (`WorkerHandle.inflight`)."""
 from __future__ import annotations
@@ -8,23 +15,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
+import itertools
 import logging
 import signal
+import struct
+import termios
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
 from .launch import WorkerLauncher, WorkerProcess
-from .messages import Init, Ready, Stop
+from .liveness import LivenessPolicy, Verdict
+from .messages import Init, Ping, Ready, Stop
 from .oom import sigkill_hint
 from .recycle import RecyclePolicy, WorkerBudget
+from .scaling import ScalePolicy
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
-HOLD_MAX = 0.02           # seconds a query is held for a worker that has not written back (send_run)
+LIVENESS_TICK = 1.0      # seconds between liveness checks (each worker is pinged after LivenessPolicy.interval)
+_PING = wire.encode(Ping())
 RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
 
@@ -62,6 +77,15 @@ class PoolEvents(Protocol):
         """Workers die before they are ready: queries waiting for one would wait for nothing."""
         ...
 
+    def reading(self) -> bool:
+        """Whether workers' pipes are read now (not while the link is backed up): silence means nothing
+        while they are not."""
+        ...
+
+    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
+        """Queries sent to `worker` that it never read: give them to another worker."""
+        ...
+
 
 class WorkerHandle:
     """The connector's end of one worker process (engine/worker.py is the other)."""
@@ -83,8 +107,14 @@ class WorkerHandle:
         self.backing_off = False                # waiting to start again after failed starts
         self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
         self._held: list[bytes] = []            # messages not written yet: see send_run()
+        self._held_runs: list[int] = []         # the queries among them
         self.awaiting = False                   # written to, and not heard from since
-        self._release: asyncio.TimerHandle | None = None
+        self.unheard: list[int] = []            # queries written to it since it last wrote (read or not)
+        self.unheard_writes = 0                 # writes since it last wrote
+        self.last_heard = time.monotonic()      # liveness: when it last wrote anything
+        self.pinged_at: float | None = None     # the ping it has not answered yet
+        self.silent = False                     # did not answer a ping while running queries: nothing new for it
+        self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
 
     @property
     def load(self) -> int:
@@ -99,34 +129,87 @@ class WorkerHandle:
         self._held.append(wire.encode(message))
         self.flush()
 
-    def send_run(self, data: bytes) -> None:
+    def send_run(self, data: bytes, qid: int | None = None) -> None:
         """A query: written now to a worker that has answered everything written to it, else held until it
         writes back (an Ack at the latest, see heard()). Under load a worker then takes the queries that
         came meanwhile in one read, and answers them in one write, instead of one wake-up of each process
-        per query; an idle worker gets its query at once."""
+        per query; an idle worker gets its query at once. A worker stuck in code gets nothing more: what
+        is held for it can go to another worker (see take_back), which a query in its pipe could not."""
         self._held.append(data)
+        if qid is not None:
+            self._held_runs.append(qid)
         if not self.awaiting:
             self.flush()
-        elif len(self._held) == 1:      # a guard: a worker stuck in code gets them anyway, to read later
-            self._release = asyncio.get_running_loop().call_later(HOLD_MAX, self.flush)
 
     def heard(self) -> None:
         """The worker wrote something: it reads again. What was held goes now, in one write."""
         self.awaiting = False
+        self.last_heard = time.monotonic()
+        self.pinged_at = None
+        self.silent = False
+        if self.unheard_writes:
+            self.unheard.clear()
+            self.unheard_writes = 0
         if self._held:
             self.flush()
 
+    def unstarted(self) -> list[int]:
+        """The queries sent to this worker that it has certainly not started: those held, and those
+        written since it last wrote when that was one write it has not read to its end (a stream is read
+        in order: unread bytes are the last ones written). Its loop may be blocked by the first query of a
+        write it did read: that one is running."""
+        if self.unheard and self.unheard_writes == 1 and self._unread_bytes() > 0:
+            return self._held_runs + self.unheard
+        return self._held_runs[:]
+
+    def take_back(self) -> list[int]:
+        """unstarted(), no longer this worker's to run (written ones it will never read: it is killed)."""
+        qids = self.unstarted()
+        if len(qids) > len(self._held_runs):
+            self.unheard.clear()
+        self._held.clear()
+        self._held_runs.clear()
+        return qids
+
+    def _unread_bytes(self) -> int:
+        """Bytes written to the worker it has not read: in the transport's buffer, or the socket's (SIOCOUTQ,
+        for a Unix socket the data its peer has not read)."""
+        writer = self.writer
+        if writer is None:
+            return 0
+        pending = writer.transport.get_write_buffer_size()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                return 1         # cannot tell: taken as unread (the worker is killed either way)
+        return pending
+
+    def ping(self) -> None:
+        """A worker that owes an answer to what was written to it has its ping already: nothing is written
+        (so its socket holds only that, see unstarted()). Else a Ping, after which runs are held until it
+        answers, as after any write: a worker that does not answer has then read none of them."""
+        self.pinged_at = time.monotonic()
+        if self.awaiting or self.writer is None or self.writer.is_closing():
+            return
+        self.awaiting = True
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.writer.write(_PING)
+
     def flush(self) -> None:
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
         if not self._held:
             return
         data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
         self._held.clear()
         if self.writer is None or self.writer.is_closing():
+            self._held_runs.clear()       # it is dying: its watcher fails its queries
             return
         self.awaiting = True
+        if self._held_runs:
+            self.unheard.extend(self._held_runs)
+            self._held_runs.clear()
+        self.unheard_writes += 1
         try:
             self.writer.write(data)
         except (ConnectionError, RuntimeError):
@@ -142,13 +225,17 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """Starts `size` workers, keeps that many running (a dead one is replaced, with a backoff when
-    workers die before they are ready), and stops them all at close. Scaling and recycling land here."""
+    """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
+    replaces dead ones (with a backoff when workers die before they are ready), recycles and supervises
+    them, and stops them all at close."""
 
-    def __init__(self, source_name: str, size: int, events: PoolEvents, settings: Callable[[], dict[str, Any]],
-                 max_message_bytes: int | None, preload: Sequence[str] = (),
-                 recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None):
+    def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
+                 settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
+                 recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None,
+                 liveness: LivenessPolicy = LivenessPolicy()):
         self.source_name = source_name
+        self.scale_policy = scale
+        self.liveness = liveness
         self.recycle_policy = recycle
         self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
         # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
@@ -159,19 +246,87 @@ class WorkerPool:
         # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
         self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options)
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
-        self.workers = [WorkerHandle(index, budget=recycle.budget()) for index in range(size)]
+        self.workers: list[WorkerHandle] = []
+        self._indexes = itertools.count()
+        self._failed_starts = 0                 # workers in a row that died before they were ready
+        self._retire_timer: asyncio.TimerHandle | None = None
         self.restarts = 0
+        self.idle_retired = 0                   # workers beyond minWorkers ended after workerIdleSeconds
+        self.wedged = 0                         # workers killed for not answering a liveness ping
+        self.requeued = 0                       # queries taken back from those and given to another worker
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
         self.started = asyncio.Event()          # every first start ended (ready or not)
         self._tasks: set[asyncio.Task] = set()
         self._starting: set[asyncio.Task] = set()   # spawns under way: stop() waits for them, never cancels
+        self.launcher_open = False
         self._spawn(self._start_all(), "start")
 
     def alive_count(self) -> int:
         """Processes alive or starting (not those waiting to retry after failed starts)."""
         return sum(1 for w in self.workers if w.alive and not w.backing_off)
+
+    def can_run(self) -> bool:
+        """The first workers are starting, a worker is up, or one can be forked when a query comes
+        (minWorkers 0, no failed starts)."""
+        return not self.started.is_set() or self.alive_count() > 0 \
+            or (self.scale_policy.min_workers == 0 and not self._failed_starts)
+
+    # ---- how many run ------------------------------------------------------------------------------
+    def _live(self) -> list[WorkerHandle]:
+        """Workers that take queries or will: starting or ready (see _LIVE)."""
+        return [w for w in self.workers if w.state in _LIVE]
+
+    def can_grow(self) -> bool:
+        """Whether a query finding every worker busy should wait for a fork (one more, or one on its way)
+        rather than share a busy worker."""
+        if self.closed or self._failed_starts:
+            return False
+        live = self._live()
+        return len(live) < self.scale_policy.max_workers or any(w.state is WorkerState.STARTING for w in live)
+
+    def scale(self, waiting: int = 0) -> None:
+        """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
+        `waiting` queries that found no idle worker (retiring idle ones is _retire_idle's, on a timer)."""
+        if self.closed or not self.launcher_open:
+            return
+        live = self._live()
+        busy = sum(1 for w in live if w.state is WorkerState.READY and (w.load or w.silent))
+        for _ in range(self.scale_policy.to_start(len(live), busy, waiting)):
+            self._add()
+
+    def set_scale_policy(self, policy: ScalePolicy) -> None:
+        self.scale_policy = policy
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
+        self.scale()
+        self._plan_retire()
+
+    def _idle(self) -> dict[WorkerHandle, float | None]:
+        return {w: None if w.load else w.idle_since for w in self.workers if w.state is WorkerState.READY}
+
+    def _plan_retire(self) -> None:
+        if self._retire_timer is not None or self.closed:
+            return
+        now = time.monotonic()
+        when = self.scale_policy.next_check(self._idle(), now)
+        if when is not None:
+            self._retire_timer = asyncio.get_running_loop().call_later(max(0.0, when - now) + 0.01,
+                                                                       self._retire_idle)
+
+    def _retire_idle(self) -> None:
+        self._retire_timer = None
+        if self.closed:
+            return
+        for worker in self.scale_policy.to_retire(self._idle(), time.monotonic()):
+            self.idle_retired += 1
+            worker.state = WorkerState.RETIRING
+            worker.kill_reason = f"idle for {self.scale_policy.idle_seconds:g} s (workerIdleSeconds)"
+            log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, worker.kill_reason)
+            self._stop_if_idle(worker)
+        self._plan_retire()
 
     def broadcast(self, message: Any) -> None:
         for worker in self.workers:
@@ -197,9 +352,22 @@ class WorkerPool:
             await self.launcher.open()
             if self.closed:                   # stop() ran while the zygote started: give it back
                 await self.launcher.close()
-            await asyncio.gather(*(self._start(w) for w in self.workers), return_exceptions=True)
+                return
+            self.launcher_open = True
+            self.scale()
+            await asyncio.gather(*(t for t in self._starting if t is not asyncio.current_task()),
+                                 return_exceptions=True)
+            self._background(self._supervise(), "supervise")
         finally:
             self.started.set()
+
+    def _add(self) -> None:
+        """The one place a worker is started (after failed starts, with a backoff)."""
+        worker = WorkerHandle(next(self._indexes), self._failed_starts, self.recycle_policy.budget())
+        self.workers.append(worker)
+        # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
+        delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** self._failed_starts) if self._failed_starts else 0.0
+        self._spawn(self._start(worker, delay), f"start-{worker.index}")
 
     async def _start(self, worker: WorkerHandle, delay: float = 0.0) -> None:
         if delay:
@@ -214,7 +382,7 @@ class WorkerPool:
             launched = await self.launcher.launch()
         except OSError as exc:
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
-            self._replace_later(worker, f"it could not be started: {exc}")
+            self._ended(worker, f"it could not be started: {exc}")
             return
         worker.proc = launched.process
         parent_end = launched.sock
@@ -238,9 +406,12 @@ class WorkerPool:
             return
         worker.state = WorkerState.READY
         worker.became_ready = True
+        self._failed_starts = 0
+        worker.idle_since = worker.last_heard = time.monotonic()
         worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
         self._events.worker_ready(worker)
+        self._plan_retire()
 
     # ---- watching ----------------------------------------------------------------------------------
     async def _read(self, worker: WorkerHandle) -> None:
@@ -307,23 +478,26 @@ class WorkerPool:
             level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
             log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
                     self.source_name, worker.index, what, len(worker.inflight))
-        self._events.worker_ended(worker, what)
-        if not self.closed:
-            self._replace_later(worker, what)
+        self._ended(worker, what)
 
-    def _replace_later(self, worker: WorkerHandle, why: str) -> None:
+    def _ended(self, worker: WorkerHandle, why: str) -> None:
+        """The one place a worker's end is handled: its queries fail (worker_ended), and scale() starts what
+        is now missing: below minWorkers, or for queries that wait."""
         worker.state = WorkerState.DEAD
+        with contextlib.suppress(ValueError):
+            self.workers.remove(worker)
         hits, misses = self.retired_cache_counts
         self.retired_cache_counts = (hits + worker.cache_counts[0], misses + worker.cache_counts[1])
-        fresh = WorkerHandle(worker.index, 0 if worker.became_ready else worker.restarts + 1,
-                             self.recycle_policy.budget())
-        self.workers[worker.index] = fresh
-        self.restarts += 1
-        # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
-        delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** fresh.restarts) if fresh.restarts else 0.0
-        if fresh.restarts and not any(w.state is WorkerState.READY for w in self.workers):
+        if not worker.kill_reason or not worker.kill_reason.startswith("idle"):
+            self.restarts += 1
+        if not worker.became_ready and not self.closed:
+            self._failed_starts += 1
+        self._events.worker_ended(worker, why)      # may ask scale() for the queries that wait
+        if self.closed:
+            return
+        if self._failed_starts and not any(w.state is WorkerState.READY for w in self.workers):
             self._events.no_worker_starts(why)
-        self._spawn(self._start(fresh, delay), f"start-{worker.index}")
+        self.scale()
 
     # ---- recycling ---------------------------------------------------------------------------------
     def set_recycle_policy(self, policy: RecyclePolicy) -> None:
@@ -341,6 +515,9 @@ class WorkerPool:
             return
         if worker.state is not WorkerState.READY and worker.state is not WorkerState.DRAINING:
             return
+        if not worker.load:
+            worker.idle_since = time.monotonic()
+            self._plan_retire()
         policy = self.recycle_policy
         memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
         reason = worker.budget.after_query(memory)
@@ -364,11 +541,63 @@ class WorkerPool:
 
         asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
 
+    # ---- liveness ----------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """Ping workers that have been silent; act on those that do not answer (see liveness.py)."""
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), LIVENESS_TICK)
+            if self.closed:
+                return
+            try:
+                self.check_liveness()
+            except Exception:   # noqa: BLE001 - supervision must go on
+                log.exception("source %s: checking workers' liveness failed", self.source_name)
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        reading = self._events.reading()
+        for worker in list(self.workers):
+            if worker.state not in _SUPERVISED or worker.writer is None:
+                continue
+            if not reading:       # its answers wait unread: its silence says nothing
+                worker.last_heard, worker.pinged_at = now, None
+                continue
+            running = len(worker.inflight)
+            if worker.pinged_at is not None:     # what it has not read is not running
+                running -= len(worker.unstarted())
+            verdict = self.liveness.verdict(now, worker.last_heard, worker.pinged_at, max(0, running))
+            if verdict is Verdict.PING:
+                worker.ping()
+            elif verdict is Verdict.SILENT:
+                if not worker.silent:
+                    worker.silent = True      # the dispatcher passes it by until it writes again
+                    log.warning("source %s: worker %d has not answered for %.1f s while running queries; "
+                                "no new queries go to it until it does", self.source_name, worker.index,
+                                now - worker.last_heard)
+                self._requeue(worker, worker.take_back())
+            elif verdict is Verdict.WEDGED:
+                self.wedged += 1
+                log.warning("source %s: worker %d ran no query and did not answer a ping for %.1f s: something "
+                            "its code left behind blocks it; replacing it", self.source_name, worker.index,
+                            now - worker.last_heard)
+                qids = worker.take_back()
+                worker.kill(f"it did not answer a liveness ping within {self.liveness.timeout:g} s")
+                self._requeue(worker, qids)       # after kill(): it takes nothing now
+
+    def _requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
+        if qids:
+            self.requeued += len(qids)
+            self._events.requeue(worker, qids)
+
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
@@ -392,6 +621,12 @@ class WorkerPool:
                 worker.writer.close()
         await self.launcher.close()       # the zygote stops with its last pool
         self.started.set()
+
+
+# A draining worker is not counted: it holds a query past its timeout and is killed unless it lets go
+# within KILL_GRACE, and the next query should not wait for that (it may run `workers` + 1 meanwhile).
+_LIVE = frozenset({WorkerState.STARTING, WorkerState.READY})
+_SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
 
 
 def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:

@@ -54,6 +54,7 @@ from .messages import (
 from .pipeline import Deadlines, Pipeline, timeout_error
 from .pool import WorkerHandle, WorkerPool, WorkerState
 from .recycle import RecyclePolicy
+from .scaling import ScalePolicy
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class _Query:
     limit: float | None = None                  # its timeout, seconds
     deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
     known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
+    message: bytes = b""                        # what its worker was sent (again to another, see requeue)
 
 
 class ProcessEngine:
@@ -148,7 +150,7 @@ class ProcessEngine:
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         health.listeners.append(self._health_changed)
-        self.pool = WorkerPool(source_name, config.worker_count, self, self._settings, max_message_bytes,
+        self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
@@ -180,16 +182,19 @@ class ProcessEngine:
         dispatcher.per_worker, dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
         dispatcher.max_queued_bytes = config.maxQueuedBytes
         self.pool.set_recycle_policy(RecyclePolicy.from_config(config))
+        self.pool.set_scale_policy(ScalePolicy.from_config(config))
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
 
     def stats(self) -> dict[str, Any]:
         """For metrics and readiness. workers_alive counts processes alive or starting (not those waiting
-        to retry after failed starts): 0 means this source cannot run code. relayed/parsed: which way
+        to retry after failed starts); can_run: whether the source can run code (a worker is up, or one can be
+forked on demand: minWorkers 0). relayed/parsed: which way
         queries reached the workers (a debug figure)."""
         hits, misses = self.pool.retired_cache_counts
-        return {"workers_alive": self.pool.alive_count(), "worker_restarts": self.pool.restarts,
+        return {"workers_alive": self.pool.alive_count(), "can_run": self.pool.can_run(),
+                "worker_restarts": self.pool.restarts,
                 "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
                 "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
                 "busy_waited_timeout": self.dispatcher.expired_waiting,
@@ -199,7 +204,8 @@ class ProcessEngine:
                 "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
                 "timeouts_pending": self._deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
-                "worker_spawns": self.pool.launcher.spawns}
+                "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
+                "worker_wedged": self.pool.wedged, "queries_requeued": self.pool.requeued}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -273,6 +279,13 @@ class ProcessEngine:
 
     # ---- queued frames (dispatch.Starter) ---------------------------------------------------------
     def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None:
+        if waiting.query is not None:       # taken back from a worker that never read it
+            query, waiting.query = waiting.query, None
+            if not query.future.done():
+                query.worker = worker
+                worker.inflight[query.qid] = query
+                worker.send_run(query.message, query.qid)
+            return
         frame, channel = waiting.frame, waiting.channel
         try:
             query = self._send_relay(worker, frame, channel) if not self._closed else None
@@ -286,6 +299,10 @@ class ProcessEngine:
             self._relayed(query)
 
     def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None:
+        if waiting.query is not None:
+            if not waiting.query.future.done():
+                waiting.query.future.set_exception(error)
+            return
         self._pipeline.finish(waiting.channel, error=error)
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
@@ -317,9 +334,9 @@ class ProcessEngine:
                   known: tuple[str, str, Any] | None, message: bytes) -> _Query:
         """The query becomes the worker's (its death or close() answers it) and its message goes out."""
         loop = asyncio.get_running_loop()
-        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known)
+        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message)
         worker.inflight[qid] = query
-        worker.send_run(message)
+        worker.send_run(message, qid)
         if limit:
             self._deadlines.watch(query, limit, loop)
         return query
@@ -475,6 +492,16 @@ class ProcessEngine:
 
     def no_worker_starts(self, why: str) -> None:
         self.dispatcher.fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
+
+    def reading(self) -> bool:
+        return self._link.is_drained()
+
+    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
+        for qid in reversed(qids):      # each goes first in line: their order is kept
+            query = worker.inflight.pop(qid, None)
+            if query is not None and not query.future.done():
+                self.dispatcher.wait_again(query, ENTRY_COST + len(query.message))
+        self.dispatcher.dispatch()
 
     async def _health_changed(self, healthy: bool) -> None:
         self.pool.broadcast(HealthChanged(healthy))
