@@ -227,7 +227,12 @@ class WorkerHandle:
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
     replaces dead ones (with a backoff when workers die before they are ready), recycles and supervises
-    them, and stops them all at close."""
+    them, and stops them all at close.
+
+    Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule),
+    and scaling, recycling and liveness each decide in their own pure module (scaling.py, recycle.py,
+    liveness.py) but act here, on the same worker states. The next split, if it grows: supervision
+    (check_liveness, _supervise, _requeue) into a class of its own that asks the pool to end a worker."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),

@@ -129,6 +129,14 @@ class _Query:
 
 
 class ProcessEngine:
+    """The process engine's façade: the query records (which worker has which query, their deadlines and
+    futures), what each message from a worker does to them, and the link credit workers' sends wait for.
+    The processes belong to WorkerPool, the waiting to Dispatcher, the end of a query to Pipeline.
+
+    Longer than ~300 lines for a reason: every message kind a worker sends ends in a query record kept
+    here, so their handling (take/_handle/_finish) stays beside the records; the relay and parsed paths
+    share _register. The next split, if it grows: the Accepted credit accounting into a class of its own."""
+
     def __init__(self, config: SourceConfig, pipeline: Pipeline, link: LinkOutlet, health: Health, *,
                  source_name: str, server_config: dict[str, str], max_message_bytes: int | None = None,
                  worker_credentials: tuple[int, int] | None = None):
