@@ -26,7 +26,7 @@ from typing import Any
 
 from pyexec_connector.devserver import DevServer
 
-from .run import MB, MODES, QUERY_FRAME, TOKEN, Target, _command, _console_command, _percentile
+from .run import MB, QUERY_FRAME, TOKEN, Target, _command, _console_command, _percentile, side_parser
 
 QUERY = json.dumps({"code": "x = 1"})
 BUSY = "io.vantiq.pyexecsource.busy"
@@ -134,15 +134,10 @@ async def one_target(server: DevServer, target: Target, args: argparse.Namespace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peer", metavar="CMD", help="the upstream connector's command (or another build of ours)")
-    parser.add_argument("--peer-mode", choices=sorted(MODES), help="engine mode of the peer when it is ours")
-    parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the console script)")
-    parser.add_argument("--modes", default="process", help="engine modes of ours (default: process)")
+    parser = side_parser("python -m bench.burst", __doc__, "process")
     parser.add_argument("--burst", type=int, default=5000, help="queries written at once (default 5000)")
     parser.add_argument("--rate", type=int, default=10000, help="queries per second (default 10000)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds at that rate (default 5)")
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for the last reply")
     parser.add_argument("--out", default="bench-results", help="directory for burst.json")
     return parser.parse_args(argv)

@@ -628,6 +628,17 @@ def update_docs(report: dict[str, Any], table: str, path: Path = ROOT / "docs" /
 
 # ---- entry -----------------------------------------------------------------------------------------------
 
+def side_parser(prog: str, doc: str | None, modes: str) -> argparse.ArgumentParser:
+    """The options every side command of the bench (burst, slow_server) takes: what runs and how often."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--peer", metavar="CMD", help="the upstream connector's command (or another build of ours)")
+    parser.add_argument("--peer-mode", choices=sorted(MODES), help="engine mode of the peer when it is ours")
+    parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the console script)")
+    parser.add_argument("--modes", default=modes, help=f"engine modes of ours (default: {modes})")
+    parser.add_argument("--rounds", type=int, default=1)
+    return parser
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", metavar="CMD",

@@ -27,7 +27,7 @@ from typing import Any
 
 from pyexec_connector.devserver import DevServer
 
-from .run import MB, MODES, TOKEN, Target, _command, _console_command
+from .run import MB, MODES, TOKEN, Target, _command, _console_command, side_parser
 
 STREAM = """import asyncio
 
@@ -96,15 +96,10 @@ async def one_stream(server: DevServer, target: Target, args: argparse.Namespace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.slow_server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peer", metavar="CMD", help="the upstream connector's command (or another build of ours)")
-    parser.add_argument("--peer-mode", choices=sorted(MODES), help="engine mode of the peer when it is ours")
-    parser.add_argument("--ours", metavar="CMD", help="our connector's command (default: the console script)")
-    parser.add_argument("--modes", default="inline,process", help="engine modes of ours")
+    parser = side_parser("python -m bench.slow_server", __doc__, "inline,process")
     parser.add_argument("--frames", type=int, default=300, help="partial replies streamed (default 300)")
     parser.add_argument("--frame-mb", type=float, default=4.0, help="size of each, in MB (default 4)")
     parser.add_argument("--pause", type=float, default=20.0, help="seconds the server stops reading (default 20)")
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for delivery after resuming")
     parser.add_argument("--out", default="bench-results", help="directory for slow_server.json")
     return parser.parse_args(argv)
