@@ -286,20 +286,29 @@ class WorkerPool:
     def can_grow(self) -> bool:
         """Whether a query finding every worker busy should wait for a fork (one more, or one on its way)
         rather than share a busy worker."""
-        if self.closed or self._failed_starts:
-            return False
         live = self._live()
-        return len(live) < self.scale_policy.max_workers or any(w.state is WorkerState.STARTING for w in live)
+        return self.grows(len(live), any(w.state is WorkerState.STARTING for w in live))
+
+    def grows(self, live: int, starting: bool) -> bool:
+        """can_grow() from counts the caller made in its own pass over `workers` (the dispatcher's, once per
+        query: one loop there instead of a second one here)."""
+        return not (self.closed or self._failed_starts) and (starting or live < self.scale_policy.max_workers)
 
     def scale(self, waiting: int = 0) -> None:
         """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
         `waiting` queries that found no idle worker (retiring idle ones is _retire_idle's, on a timer)."""
         if self.closed or not self.launcher_open:
             return
-        live = self._live()
-        busy = sum(1 for w in live if w.state is WorkerState.READY and (w.load or w.silent))
-        for _ in range(self.scale_policy.to_start(len(live), busy, waiting)):
-            self._add()
+        live = busy = 0
+        for w in self.workers:          # called while queries wait, per dispatch: no lists built
+            if w.state is _READY:
+                live += 1
+                busy += bool(w.load or w.silent)
+            elif w.state is _STARTING:
+                live += 1
+        if live < self.scale_policy.max_workers:
+            for _ in range(self.scale_policy.to_start(live, busy, waiting)):
+                self._add()
 
     def set_scale_policy(self, policy: ScalePolicy) -> None:
         self.scale_policy = policy
@@ -522,10 +531,15 @@ class WorkerPool:
             return
         if not worker.load:
             worker.idle_since = time.monotonic()
-            self._plan_retire()
+            if len(self.workers) > self.scale_policy.min_workers:     # else nothing is spare to retire
+                self._plan_retire()
+        budget = worker.budget
+        if not budget.limited:
+            budget.queries += 1
+            return
         policy = self.recycle_policy
         memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
-        reason = worker.budget.after_query(memory)
+        reason = budget.after_query(memory)
         if reason is None:
             return
         self.recycles[reason.value] = self.recycles.get(reason.value, 0) + 1
@@ -631,6 +645,7 @@ class WorkerPool:
 # A draining worker is not counted: it holds a query past its timeout and is killed unless it lets go
 # within KILL_GRACE, and the next query should not wait for that (it may run `workers` + 1 meanwhile).
 _LIVE = frozenset({WorkerState.STARTING, WorkerState.READY})
+_READY, _STARTING = WorkerState.READY, WorkerState.STARTING
 _SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
 
 
