@@ -21,7 +21,7 @@ from .. import errors
 from ..errors import QueryError
 from .pool import WorkerHandle, WorkerPool, WorkerState
 
-_READY, _STARTING = WorkerState.READY, WorkerState.STARTING
+_READY = WorkerState.READY
 # What a waiting query costs beyond its frame: its ReplyChannel, QueryFrame, parsed WITH dict and this
 # record, rounded up (the measured figure is in docs/PERFORMANCE.md, "Queueing by cost").
 ENTRY_COST = 1024
@@ -78,19 +78,13 @@ class Dispatcher:
         """An idle worker; else, when the pool cannot grow, the least-busy one with room (below `workers`
         a query that finds every worker busy waits for a fork: see scaling.py)."""
         best = None
-        live, starting = 0, False
         for worker in self._pool.workers:
-            state = worker.state
-            if state is _READY:
-                live += 1
-                if worker.load < self.per_worker and not worker.silent and (best is None or worker.load < best.load):
+            if worker.state is _READY and worker.load < self.per_worker and not worker.silent:
+                if best is None or worker.load < best.load:
                     best = worker
                     if not worker.load:
                         return worker
-            elif state is _STARTING:
-                live += 1
-                starting = True
-        if best is not None and self._pool.grows(live, starting):
+        if best is not None and self._pool.can_grow():
             return None
         return best
 

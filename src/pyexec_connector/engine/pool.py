@@ -276,20 +276,17 @@ class WorkerPool:
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
     # ---- how many run ------------------------------------------------------------------------------
-    def _live(self) -> list[WorkerHandle]:
-        """Workers that take queries or will: starting or ready (see _LIVE)."""
-        return [w for w in self.workers if w.state in _LIVE]
-
     def can_grow(self) -> bool:
         """Whether a query finding every worker busy should wait for a fork (one more, or one on its way)
-        rather than share a busy worker."""
-        live = self._live()
-        return self.grows(len(live), any(w.state is WorkerState.STARTING for w in live))
-
-    def grows(self, live: int, starting: bool) -> bool:
-        """can_grow() from counts the caller made in its own pass over `workers` (the dispatcher's, once per
-        query: one loop there instead of a second one here)."""
-        return not (self.closed or self._failed_starts) and (starting or live < self.scale_policy.max_workers)
+        rather than share a busy worker. Asked once per query while every worker is busy: no list built."""
+        if self.closed or self._failed_starts:
+            return False
+        live = 0
+        for w in self.workers:
+            if w.state is _STARTING:
+                return True
+            live += w.state is _READY
+        return live < self.scale_policy.max_workers
 
     def scale(self, waiting: int = 0) -> None:
         """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
@@ -593,9 +590,9 @@ class WorkerPool:
         self.started.set()
 
 
-# A draining worker is not counted: it holds a query past its timeout and is killed unless it lets go
-# within KILL_GRACE, and the next query should not wait for that (it may run `workers` + 1 meanwhile).
-_LIVE = frozenset({WorkerState.STARTING, WorkerState.READY})
+# Live workers (counted against `workers`) are those starting or ready. A draining worker is not counted:
+# it holds a query past its timeout and is killed unless it lets go within KILL_GRACE, and the next query
+# should not wait for that (it may run `workers` + 1 meanwhile).
 _READY, _STARTING = WorkerState.READY, WorkerState.STARTING
 _SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
 
