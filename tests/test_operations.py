@@ -298,6 +298,27 @@ async def test_check_reports_an_unknown_source_per_line(server, spawn):
     assert "missingSource" in lines[1] and "source unknown" in lines[1] and "404" in lines[1]
 
 
+async def test_check_imports_the_preload_list_and_names_a_module_that_fails(server, spawn):
+    server.set_source_config(SOURCE, {"preload": ["json", "no_such_module_for_check"]})
+    proc = await spawn("check", config=config_text(server))
+    assert await proc.wait() == 1, proc.output
+    line = next(line for line in proc.lines if line.startswith(f"source {SOURCE}"))
+    assert "preload failed" in line and "'no_such_module_for_check'" in line and "ModuleNotFoundError" in line
+    server.set_source_config(SOURCE, {"preload": ["json"]})
+    proc = await spawn("check", config=config_text(server))
+    assert await proc.wait() == 0, proc.output
+    assert f"source {SOURCE}  connected" in proc.output and "preload imported: json" in proc.output
+
+
+async def test_check_reports_a_bad_source_configuration_by_key(server, spawn):
+    server.set_source_config(SOURCE, {"workers": "many", "noSuchKey": 1})
+    proc = await spawn("check", config=config_text(server))
+    assert await proc.wait() == 1, proc.output
+    line = next(line for line in proc.lines if line.startswith(f"source {SOURCE}"))
+    assert "bad configuration" in line and "pythonExecConfig.general.workers" in line
+    assert "pythonExecConfig.general.noSuchKey" in line
+
+
 async def test_check_reports_an_unreachable_host(spawn):
     port = free_port()
     proc = await spawn("check", config=f"targetServer = http://127.0.0.1:{port}\nauthToken = t\nsources = a\n")

@@ -113,6 +113,7 @@ async def test_recycling_by_query_count_and_memory_loses_no_query(server, start_
 async def test_recycling_by_memory_loses_no_query(server, start_connector):
     server.set_source_config(SOURCE, {"workers": 2, "maxWorkerMemoryMB": 1})     # every worker is past 1 MiB
     running = await start_connector()
-    results = await asyncio.gather(*(server.query({"code": "y = 1"}, SOURCE, timeout=60) for _ in range(60)))
-    assert [r.status for r in results] == [200] * 60
-    assert running.session.engine.stats()["worker_recycles"].get("memory", 0) >= 2
+    results = await asyncio.gather(*(server.query({"code": f"y = {i}"}, SOURCE, timeout=120) for i in range(300)))
+    assert [r.status for r in results] == [200] * 300
+    assert [r.results["y"] for r in results] == list(range(300))
+    assert running.session.engine.stats()["worker_recycles"].get("memory", 0) >= 5

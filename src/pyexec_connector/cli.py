@@ -11,8 +11,17 @@ import uuid
 from typing import Any
 
 from . import __version__, logqueue, sandbox
-from .config import ENV_FOR_KEY, TOKEN_ENV, ServerConfig, config_problems, load_server_config, read_config_sources
+from .config import (
+    ENV_FOR_KEY,
+    TOKEN_ENV,
+    ServerConfig,
+    config_problems,
+    load_server_config,
+    read_config_sources,
+    source_config_problems,
+)
 from .connector import Connector
+from .engine.zygote import PreloadError, Zygote, ZygoteError
 from .errors import AuthenticationError, ConfigError
 from .eventloop import event_loop_factory
 from .link import CheckResult, ConnectionFailed, SourceLink
@@ -157,8 +166,32 @@ async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, Chec
     for name in config.sources:      # one after the other: the lines come out in the file's order
         link = SourceLink(name, config, _NoQueries(), reconnect_secret=f"{name}_{secret}",
                           handshake_timeout=timeout)
-        results[name] = await link.check()
+        result = await link.check()
+        results[name] = await _check_source_config(config, result) if result.ok else result
     return results
+
+
+async def _check_source_config(config: ServerConfig, result: CheckResult) -> CheckResult:
+    """The source configuration the server sent, as the connector would take it: its errors, and its
+    preload list imported by a zygote started the way the connector starts one (a module that fails to
+    import is named here rather than found at the first query)."""
+    source_config, errors, warnings = source_config_problems(result.config)
+    if source_config is None:
+        return CheckResult("bad configuration", "; ".join(errors + warnings), result.config)
+    detail = "; ".join([result.detail, *warnings])
+    if source_config.executionMode == "inline" or not source_config.preload:
+        return CheckResult(result.outcome, detail, result.config)
+    zygote = Zygote(source_config.preload, sandbox.worker_spawn_options(config.worker_credentials))
+    try:
+        await zygote.start()
+    except PreloadError as exc:
+        return CheckResult("preload failed", str(exc), result.config)
+    except ZygoteError as exc:
+        return CheckResult("preload failed", f"pythonExecConfig.general.preload: {exc}", result.config)
+    finally:
+        await zygote.stop()
+    return CheckResult(result.outcome, f"{detail}; preload imported: {', '.join(source_config.preload)}",
+                       result.config)
 
 
 class _NoQueries:

@@ -523,28 +523,32 @@ class SourceConfig(BaseModel):
                 self.maxProcessesPerWorker, self.preload)
 
 
+def source_config_problems(document: Any) -> tuple[SourceConfig | None, list[str], list[str]]:
+    """What `check` says of a configureExtension document: the configuration (None when it is bad), its
+    errors (the connector would log them and use the defaults) and warnings (unknown keys, ignored)."""
+    section = document.get("pythonExecConfig") if isinstance(document, dict) else None
+    general = section.get("general") if isinstance(section, dict) else section
+    if general is None:
+        return SourceConfig(), [], []
+    if not isinstance(general, dict):
+        return None, [f"pythonExecConfig.general must be an object, not {type(general).__name__}"], []
+    known = set(SourceConfig.model_fields)
+    warnings = [f"unknown key pythonExecConfig.general.{key} ignored (known: {', '.join(sorted(known))})"
+                for key in general if key not in known]
+    try:
+        return SourceConfig.model_validate({k: v for k, v in general.items() if k in known}), [], warnings
+    except ValidationError as exc:
+        return None, [f"pythonExecConfig.general.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                      for e in exc.errors()], warnings
+
+
 def parse_source_config(document: Any, source_name: str = "?") -> SourceConfig:
     """Every configure is a fresh configuration. Unknown keys: a warning. Wrong types: an error in the
     log and the defaults."""
-    section = document.get("pythonExecConfig") if isinstance(document, dict) else None
-    if section is None:
+    config, errors, warnings = source_config_problems(document)
+    for warning in warnings:
+        log.warning("source %s: %s", source_name, warning)
+    if config is None:
+        log.error("source %s: bad configuration (%s); using the defaults", source_name, "; ".join(errors))
         return SourceConfig()
-    general = section.get("general") if isinstance(section, dict) else section
-    if general is None:
-        return SourceConfig()
-    if not isinstance(general, dict):
-        log.error("source %s: pythonExecConfig.general must be an object, not %s; using the defaults",
-                  source_name, type(general).__name__)
-        return SourceConfig()
-    known = set(SourceConfig.model_fields)
-    for key in general:
-        if key not in known:
-            log.warning("source %s: unknown key pythonExecConfig.general.%s ignored (known: %s)",
-                        source_name, key, ", ".join(sorted(known)))
-    try:
-        return SourceConfig.model_validate({k: v for k, v in general.items() if k in known})
-    except ValidationError as exc:
-        problems = "; ".join(f"pythonExecConfig.general.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in exc.errors())
-        log.error("source %s: bad configuration (%s); using the defaults", source_name, problems)
-        return SourceConfig()
+    return config

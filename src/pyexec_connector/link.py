@@ -60,6 +60,7 @@ class CheckResult:
     unknown, refused, host unreachable or TLS failure."""
     outcome: str
     detail: str
+    config: Any = None         # the configureExtension document the server sent (connected only)
 
     @property
     def ok(self) -> bool:
@@ -338,13 +339,14 @@ class SourceLink:
                     while True:
                         frame = protocol.parse_frame(await ws.recv())
                         if isinstance(frame, protocol.ConfigureFrame):
+                            configuration = frame.config
                             break
                         if isinstance(frame, protocol.StatusFrame) and frame.status >= 300:
                             outcome = "source unknown" if frame.status == 404 else "refused"
                             return CheckResult(outcome, f"status {frame.status}: "
                                                         f"{protocol.status_messages(frame.body)}")
                 await ws.close(1000, "check done")
-            return CheckResult("connected", "validated, attached and configured")
+            return CheckResult("connected", "validated, attached and configured", configuration)
         except AuthenticationError as exc:
             return CheckResult("bad token", str(exc))
         except ssl.SSLError as exc:

@@ -4,9 +4,9 @@ reading, replacing and stopping them. Each worker's lifecycle is an explicit sta
 How many run is decided in one place, `WorkerPool.scale` (with engine/scaling.py): `minWorkers` warm,
 one more forked for each query that finds every worker busy, up to `workers`; those beyond `minWorkers`
 retire after `workerIdleSeconds` idle. Workers are started in one place (`_add`) and their ends handled
-in one place (`_ended`). Liveness (engine/liveness.py): `_supervise` pings each worker that has been
-silent; one that does not answer and runs nothing is killed, and the queries sent to it that it never
-read go to another worker.
+in one place (`_ended`). Liveness: the pool's `Supervisor` (engine/supervisor.py, judged by
+engine/liveness.py) pings each worker that has been silent; one that does not answer and runs nothing is
+killed, and the queries sent to it that it never read go to another worker.
 
 What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; the pool
 knows nothing of queries beyond counting them on each worker (`WorkerHandle.inflight`)."""
@@ -28,17 +28,17 @@ from typing import Any, Protocol
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
 from .launch import WorkerLauncher, WorkerProcess
-from .liveness import LivenessPolicy, Verdict
+from .liveness import LivenessPolicy
 from .messages import Init, Ping, Ready, Stop
 from .oom import sigkill_hint
 from .recycle import RecyclePolicy, WorkerBudget
 from .scaling import ScalePolicy
+from .supervisor import Supervisor
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
-LIVENESS_TICK = 1.0      # seconds between liveness checks (each worker is pinged after LivenessPolicy.interval)
 _PING = wire.encode(Ping())
 RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
@@ -226,13 +226,12 @@ class WorkerHandle:
 
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
-    replaces dead ones (with a backoff when workers die before they are ready), recycles and supervises
-    them, and stops them all at close.
+    replaces dead ones (with a backoff when workers die before they are ready), recycles them, has its
+    Supervisor (engine/supervisor.py) watch them, and stops them all at close.
 
-    Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule),
-    and scaling, recycling and liveness each decide in their own pure module (scaling.py, recycle.py,
-    liveness.py) but act here, on the same worker states. The next split, if it grows: supervision
-    (check_liveness, _supervise, _requeue) into a class of its own that asks the pool to end a worker."""
+    Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule);
+    scaling and recycling decide in their own pure modules (scaling.py, recycle.py) but act here, on the
+    same worker states. The next split, if it grows: reading a worker (_read, _broke) into WorkerHandle."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
@@ -240,7 +239,6 @@ class WorkerPool:
                  liveness: LivenessPolicy = LivenessPolicy()):
         self.source_name = source_name
         self.scale_policy = scale
-        self.liveness = liveness
         self.recycle_policy = recycle
         self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
         # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
@@ -257,8 +255,7 @@ class WorkerPool:
         self._retire_timer: asyncio.TimerHandle | None = None
         self.restarts = 0
         self.idle_retired = 0                   # workers beyond minWorkers ended after workerIdleSeconds
-        self.wedged = 0                         # workers killed for not answering a liveness ping
-        self.requeued = 0                       # queries taken back from those and given to another worker
+        self.supervisor = Supervisor(source_name, self._supervised, events, liveness)
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
@@ -279,27 +276,33 @@ class WorkerPool:
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
     # ---- how many run ------------------------------------------------------------------------------
-    def _live(self) -> list[WorkerHandle]:
-        """Workers that take queries or will: starting or ready (see _LIVE)."""
-        return [w for w in self.workers if w.state in _LIVE]
-
     def can_grow(self) -> bool:
         """Whether a query finding every worker busy should wait for a fork (one more, or one on its way)
-        rather than share a busy worker."""
+        rather than share a busy worker. Asked once per query while every worker is busy: no list built."""
         if self.closed or self._failed_starts:
             return False
-        live = self._live()
-        return len(live) < self.scale_policy.max_workers or any(w.state is WorkerState.STARTING for w in live)
+        live = 0
+        for w in self.workers:
+            if w.state is _STARTING:
+                return True
+            live += w.state is _READY
+        return live < self.scale_policy.max_workers
 
     def scale(self, waiting: int = 0) -> None:
         """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
         `waiting` queries that found no idle worker (retiring idle ones is _retire_idle's, on a timer)."""
         if self.closed or not self.launcher_open:
             return
-        live = self._live()
-        busy = sum(1 for w in live if w.state is WorkerState.READY and (w.load or w.silent))
-        for _ in range(self.scale_policy.to_start(len(live), busy, waiting)):
-            self._add()
+        live = busy = 0
+        for w in self.workers:          # called while queries wait, per dispatch: no lists built
+            if w.state is _READY:
+                live += 1
+                busy += bool(w.load or w.silent)
+            elif w.state is _STARTING:
+                live += 1
+        if live < self.scale_policy.max_workers:
+            for _ in range(self.scale_policy.to_start(live, busy, waiting)):
+                self._add()
 
     def set_scale_policy(self, policy: ScalePolicy) -> None:
         self.scale_policy = policy
@@ -362,7 +365,7 @@ class WorkerPool:
             self.scale()
             await asyncio.gather(*(t for t in self._starting if t is not asyncio.current_task()),
                                  return_exceptions=True)
-            self._background(self._supervise(), "supervise")
+            self._background(self.supervisor.run(self._closing), "supervise")
         finally:
             self.started.set()
 
@@ -522,10 +525,15 @@ class WorkerPool:
             return
         if not worker.load:
             worker.idle_since = time.monotonic()
-            self._plan_retire()
+            if len(self.workers) > self.scale_policy.min_workers:     # else nothing is spare to retire
+                self._plan_retire()
+        budget = worker.budget
+        if not budget.limited:
+            budget.queries += 1
+            return
         policy = self.recycle_policy
         memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
-        reason = worker.budget.after_query(memory)
+        reason = budget.after_query(memory)
         if reason is None:
             return
         self.recycles[reason.value] = self.recycles.get(reason.value, 0) + 1
@@ -546,54 +554,8 @@ class WorkerPool:
 
         asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
 
-    # ---- liveness ----------------------------------------------------------------------------------
-    async def _supervise(self) -> None:
-        """Ping workers that have been silent; act on those that do not answer (see liveness.py)."""
-        while not self.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), LIVENESS_TICK)
-            if self.closed:
-                return
-            try:
-                self.check_liveness()
-            except Exception:   # noqa: BLE001 - supervision must go on
-                log.exception("source %s: checking workers' liveness failed", self.source_name)
-
-    def check_liveness(self) -> None:
-        now = time.monotonic()
-        reading = self._events.reading()
-        for worker in list(self.workers):
-            if worker.state not in _SUPERVISED or worker.writer is None:
-                continue
-            if not reading:       # its answers wait unread: its silence says nothing
-                worker.last_heard, worker.pinged_at = now, None
-                continue
-            running = len(worker.inflight)
-            if worker.pinged_at is not None:     # what it has not read is not running
-                running -= len(worker.unstarted())
-            verdict = self.liveness.verdict(now, worker.last_heard, worker.pinged_at, max(0, running))
-            if verdict is Verdict.PING:
-                worker.ping()
-            elif verdict is Verdict.SILENT:
-                if not worker.silent:
-                    worker.silent = True      # the dispatcher passes it by until it writes again
-                    log.warning("source %s: worker %d has not answered for %.1f s while running queries; "
-                                "no new queries go to it until it does", self.source_name, worker.index,
-                                now - worker.last_heard)
-                self._requeue(worker, worker.take_back())
-            elif verdict is Verdict.WEDGED:
-                self.wedged += 1
-                log.warning("source %s: worker %d ran no query and did not answer a ping for %.1f s: something "
-                            "its code left behind blocks it; replacing it", self.source_name, worker.index,
-                            now - worker.last_heard)
-                qids = worker.take_back()
-                worker.kill(f"it did not answer a liveness ping within {self.liveness.timeout:g} s")
-                self._requeue(worker, qids)       # after kill(): it takes nothing now
-
-    def _requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
-        if qids:
-            self.requeued += len(qids)
-            self._events.requeue(worker, qids)
+    def _supervised(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.state in _SUPERVISED]
 
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -628,9 +590,10 @@ class WorkerPool:
         self.started.set()
 
 
-# A draining worker is not counted: it holds a query past its timeout and is killed unless it lets go
-# within KILL_GRACE, and the next query should not wait for that (it may run `workers` + 1 meanwhile).
-_LIVE = frozenset({WorkerState.STARTING, WorkerState.READY})
+# Live workers (counted against `workers`) are those starting or ready. A draining worker is not counted:
+# it holds a query past its timeout and is killed unless it lets go within KILL_GRACE, and the next query
+# should not wait for that (it may run `workers` + 1 meanwhile).
+_READY, _STARTING = WorkerState.READY, WorkerState.STARTING
 _SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
 
 

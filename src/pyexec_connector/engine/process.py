@@ -213,7 +213,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 "timeouts_pending": self._deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
                 "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.wedged, "queries_requeued": self.pool.requeued}
+                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.pool.supervisor.requeued}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:

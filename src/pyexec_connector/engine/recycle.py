@@ -62,6 +62,10 @@ class WorkerBudget:
     query_limit: int                      # 0: never
     queries: int = 0
     retiring: RecycleReason | None = None
+    limited: bool = dataclasses.field(init=False)     # a limit is set: after_query() has something to check
+
+    def __post_init__(self) -> None:
+        self.limited = bool(self.query_limit or self.policy.max_memory_bytes)
 
     def after_query(self, resident_bytes: int | None = None) -> RecycleReason | None:
         """Count one finished query. Returns the reason the first time the worker is past a limit, else None
