@@ -11,7 +11,9 @@ fork requests come in on the control socket with the worker's end of a fresh soc
 the child runs the same worker main loop a spawned worker runs. The connector cannot waitpid() a
 grandchild, so the zygote reaps its children and reports each end as (pid, exit code) on the control
 socket. It is also a child subreaper, so what user code leaves behind when its worker ends is reaped
-here, and it kills the group of every worker that ends (see procgroup).
+here, and it kills the group of every worker that ends (see procgroup). Before it says it is ready it
+runs the worker runtime once (_warm_up), so that what a worker's first queries write (lazy caches,
+quickened bytecode) is written once, in pages its forks share, not again in each of them.
 
 What must not happen in preload: starting threads that are relied on after fork (only the forking thread
 exists in a worker), or initialising a GPU runtime such as CUDA (it does not survive fork)."""
