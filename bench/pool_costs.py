@@ -38,17 +38,21 @@ from .run import MB, TOKEN, Target, _command, _console_command
 PANDAS = "import pandas\nok = 1"
 
 
-def total_pss(target: Target, parts: dict[str, float] | None = None) -> int:
+def total_pss(target: Target, parts: dict[str, float] | None = None, own: dict[str, float] | None = None) -> int:
     """PSS of the connector and every process under it; `parts` gets each one's MiB ("connector", then
-    "pyexec-zygote PID" and "pyexec-worker PID": the name each gives itself)."""
+    "pyexec-zygote PID" and "pyexec-worker PID": the name each gives itself), `own` each one's USS (the
+    pages no other process maps: unlike PSS, not moved by what the machine's other processes map)."""
     assert target.ps is not None
     total = 0
     for proc in (target.ps, *target.ps.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
-            pss = proc.memory_full_info().pss
-            total += pss
+            memory = proc.memory_full_info()
+            total += memory.pss
+            name = "connector" if proc is target.ps else f"{proc.name()} {proc.pid}"
             if parts is not None:
-                parts["connector" if proc is target.ps else f"{proc.name()} {proc.pid}"] = round(pss / MB, 1)
+                parts[name] = round(memory.pss / MB, 1)
+            if own is not None:
+                own[name] = round(memory.uss / MB, 1)
     return total
 
 
@@ -72,7 +76,7 @@ async def replacement(server: DevServer, target: Target, scratch: Path, rounds: 
 
 
 async def memory_one_source(server: DevServer, target: Target, scratch: Path, parts: dict[str, float],
-                            queries: int) -> int:
+                            queries: int, own: dict[str, float] | None = None) -> int:
     await target.start(server, scratch)
     try:
         for _ in range(queries):
@@ -80,7 +84,7 @@ async def memory_one_source(server: DevServer, target: Target, scratch: Path, pa
                                              for _ in range(4)))
             assert all(r.status == 200 for r in results), [r.replies for r in results]
         await asyncio.sleep(1.0)
-        return total_pss(target, parts)
+        return total_pss(target, parts, own)
     finally:
         await target.stop()
 
@@ -153,10 +157,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                     {"executionMode": "process", "workers": 4, "minWorkers": 4,
                                      "preload": ["pandas"]})
                     parts: dict[str, float] = {}
-                    pss = await memory_one_source(server, target, scratch, parts, args.queries)
+                    own: dict[str, float] = {}
+                    pss = await memory_one_source(server, target, scratch, parts, args.queries, own)
                     ten = await memory_ten_sources(server, command, build, scratch, args.idle_sources)
                     report["h"][build] = {"one_source_4_workers_pandas_mib": round(pss / MB, 1),
                                           "over_one_spawned": round(pss / one, 2), "parts_mib": parts,
+                                          "parts_uss_mib": own,
                                           "ten_idle_sources_mib": round(ten / MB, 1), "idle_sources": args.idle_sources,
                                           "queries_per_worker": args.queries}
     return report

@@ -138,4 +138,5 @@ def test_pool_costs_runs_replacement_and_memory_at_a_tiny_size(tmp_path):
     names = sorted(name.split()[0] for name in parts if name != "connector")
     assert names == ["pyexec-worker"] * 4 + ["pyexec-zygote"], parts
     assert abs(sum(parts.values()) - ours["one_source_4_workers_pandas_mib"]) < 1.0, ours
+    assert ours["parts_uss_mib"].keys() == parts.keys() and all(mib > 0 for mib in ours["parts_uss_mib"].values())
     assert report["command"].startswith("python -m bench.pool_costs --rounds 1")
