@@ -114,3 +114,29 @@ def test_burst_scenario_runs_and_answers_everything(tmp_path):
                                                                      ("ours/process", "rate")]
     for result in report["results"]:
         assert result["ok"] == result["sent"] > 0 and result["busy"] == 0 and result["p99_ms"] > 0, result
+
+
+def test_pool_costs_runs_replacement_and_memory_at_a_tiny_size(tmp_path):
+    # (g) and (h) of issue 11 through the real command, tiny: the figures' shape, not their targets (those
+    # are for a quiet machine: exit code 1 says one was missed, and is accepted here)
+    pytest.importorskip("pandas", reason="(g) and (h) preload pandas")
+    command = [sys.executable, "-m", "bench.pool_costs", "--rounds", "1", "--sets", "1", "--queries", "2",
+               "--idle-sources", "2", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "pool_costs.json").read_text())      # written only by a run that ended
+    g = report["g"]["ours"]
+    assert g["n"] == 1 and 0 < g["p50_ms"] <= g["max_ms"], g
+    h = report["h"]
+    assert h["one_spawned_worker_with_pandas_mib"] > 0, h
+    ours = h["ours"]
+    assert ours["one_source_4_workers_pandas_mib"] > 0 and ours["over_one_spawned"] > 0, ours
+    assert ours["ten_idle_sources_mib"] > 0 and (ours["idle_sources"], ours["queries_per_worker"]) == (2, 2), ours
+    parts = ours["parts_mib"]
+    # the connector, the zygote of its preload list and the four workers forked from it, each with its PSS
+    assert parts["connector"] > 0 and all(mib > 0 for mib in parts.values()), parts
+    names = sorted(name.split()[0] for name in parts if name != "connector")
+    assert names == ["pyexec-worker"] * 4 + ["pyexec-zygote"], parts
+    assert abs(sum(parts.values()) - ours["one_source_4_workers_pandas_mib"]) < 1.0, ours
+    assert ours["parts_uss_mib"].keys() == parts.keys() and all(mib > 0 for mib in ours["parts_uss_mib"].values())
+    assert report["command"].startswith("python -m bench.pool_costs --rounds 1")

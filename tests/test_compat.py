@@ -2,6 +2,7 @@
 an upgrade that drops one fails here, loudly, instead of showing up as a silent slowdown."""
 from __future__ import annotations
 
+import linecache
 import logging
 
 from websockets.protocol import Protocol
@@ -13,6 +14,13 @@ from .conftest import SOURCE
 
 def test_every_internal_the_fast_paths_use_is_there():
     assert compat.missing() == []
+
+
+def test_the_check_keeps_no_source_lines_in_memory():
+    # issue 11 (h): made once at start; inspect.getsource cost the connector ~1 MiB, kept in linecache
+    linecache.clearcache()
+    assert compat.missing() == []
+    assert linecache.cache == {}
 
 
 def test_a_missing_internal_is_named_and_logged(monkeypatch, caplog):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -176,3 +178,21 @@ async def test_cache_counters_survive_a_reconfigure(connected):
     metrics = scrape(running.connector)
     assert metrics[("pyexec_code_cache_hits_total", label)] >= before
     assert metrics[("pyexec_code_cache_capacity", label)] == 8
+
+
+def test_prometheus_client_is_loaded_on_the_first_scrape_not_at_start():
+    # issue 11 (h): a connector nobody scrapes does not carry prometheus_client (~2 MiB of its memory)
+    script = (
+        "import sys\n"
+        "from pyexec_connector import cli\n"
+        "from pyexec_connector.config import build_server_config\n"
+        "from pyexec_connector.connector import Connector\n"
+        "config = build_server_config({'targetServer': 'http://127.0.0.1:1', 'authToken': 't', 'sources': 's'},"
+        " env={})\n"
+        "connector = Connector(config)\n"
+        "print(sorted(m for m in ('prometheus_client', 'aiohttp') if m in sys.modules))\n"
+        "text = connector.metrics.exposition().decode()\n"
+        "print('prometheus_client' in sys.modules, 'pyexec_log_lines_dropped' in text or 'pyexec_' in text)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True True"], done.stdout

@@ -43,11 +43,29 @@ def missing() -> list[str]:
 
 
 def _sets(cls: type, name: str) -> bool:
-    import inspect
     try:
-        return f"self.{name} " in inspect.getsource(cls) or f"self.{name}:" in inspect.getsource(cls)
-    except (OSError, TypeError):    # no source (a frozen build): cannot tell, assume it is there
+        source = _class_source(cls)
+    except (OSError, TypeError, UnicodeDecodeError):   # no source (a frozen build): cannot tell, assume it is
         return True
+    return f"self.{name} " in source or f"self.{name}:" in source
+
+
+def _class_source(cls: type) -> str:
+    """The text of the class's top-level statement in its module's file: from `class Name` to the next
+    statement at column 0. Not inspect.getsource: it tokenizes the whole file and keeps its lines in
+    linecache, ~1 MiB of the connector's memory for a check made once at start (issue 11 (h))."""
+    import inspect
+    path = inspect.getsourcefile(cls)
+    if path is None:
+        raise OSError(f"no source file for {cls.__qualname__}")
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    starts = [at for at in (text.find(f"\nclass {cls.__name__}{end}") for end in "(:") if at >= 0]
+    if not starts:
+        return text
+    start = min(starts)
+    following = [at for at in (text.find(f"\n{word}", start + 1) for word in ("class ", "def ", "@")) if at >= 0]
+    return text[start:min(following, default=len(text))]
 
 
 def report_missing() -> None:

@@ -41,9 +41,21 @@ class CredentialError(Exception):
     """The worker could not become the configured user: it must not run code as anyone else."""
 
 
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once per process and kept: a zygote loads it before it forks, so its workers
+    use its handle instead of each building one of their own (each ctypes.CDLL is a new class and its
+    function pointers: ~0.3 MiB of pages a fork would copy; issue 11 (h1))."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
 def _prctl(option: int, arg: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.prctl(option, arg, 0, 0, 0)
+    result = libc().prctl(option, arg, 0, 0, 0)
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

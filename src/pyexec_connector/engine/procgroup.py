@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+from .. import sandbox
+
 # linux/prctl.h; not in the os module
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
@@ -71,9 +73,7 @@ def become_subreaper() -> bool:
     """Linux: orphans among this process's descendants are reparented to it rather than to PID 1, so it
     can reap them (the zygote does). False where the kernel cannot do it."""
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return sandbox.libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
@@ -83,8 +83,7 @@ def set_process_name(name: str) -> None:
     command line is its zygote's: without this, workers and zygotes would look alike."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        sandbox.libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 

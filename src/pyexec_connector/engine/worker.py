@@ -343,10 +343,8 @@ def _die_with_the_connector(connector_pid: int) -> None:
     """Linux: the kernel kills this worker when the connector ends, even by SIGKILL, even while user code
     spins in a loop that never reads the socket again."""
     try:
-        import ctypes
         import signal
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)    # PR_SET_PDEATHSIG
+        sandbox.libc().prctl(1, signal.SIGKILL, 0, 0, 0)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != connector_pid:            # it ended before the line above
