@@ -216,3 +216,19 @@ async def test_console_command_with_a_one_character_token_logs_readable_lines(tm
     assert "pyexec-connector " in text and " starting" in text and "connected and configured" in text
     assert "***" not in text and "withheld" not in text, text
     assert "system.credentials" not in text      # the validate frame itself is still redacted at its source
+
+
+def test_links_of_one_source_share_one_redacting_filter_on_its_wire_logger():
+    from pyexec_connector.config import build_server_config
+    from pyexec_connector.link import SourceLink
+
+    name = "filterCountSource"
+    config = build_server_config({"targetServer": "http://127.0.0.1:1", "authToken": TOKEN, "sources": name})
+    wire_log = logging.getLogger(f"pyexec_connector.wire.{name}")
+    for _ in range(5):        # e.g. `check`, then the connector, in one process
+        SourceLink(name, config, handler=None, reconnect_secret="r")     # type: ignore[arg-type]
+    assert len(wire_log.filters) == 1
+    other = build_server_config({"targetServer": "http://127.0.0.1:1", "authToken": TOKEN + "-other",
+                                 "sources": name})
+    SourceLink(name, other, handler=None, reconnect_secret="r")      # type: ignore[arg-type]
+    assert len(wire_log.filters) == 2              # another token is looked for too

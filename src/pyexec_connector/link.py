@@ -106,6 +106,13 @@ class _RedactFilter(logging.Filter):
         super().__init__()
         self._pieces = secret_pieces(secret)
 
+    # equal for one secret: Logger.addFilter keeps one of them, however many links a source gets
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RedactFilter) and frozenset(other._pieces) == frozenset(self._pieces)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._pieces))
+
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
