@@ -42,8 +42,8 @@ MODES: dict[str, dict[str, Any]] = {
     "inline": {"executionMode": "inline"},
     "process": {"executionMode": "process", "workers": 2},
 }
-HAS_PROCESS_ENGINE = "executionMode" in SourceConfig.model_fields
-DEFAULT_MODE = SourceConfig.model_fields["executionMode"].default if HAS_PROCESS_ENGINE else "inline"
+HAS_PROCESS_ENGINE = hasattr(SourceConfig(), "executionMode")
+DEFAULT_MODE = getattr(SourceConfig(), "executionMode", "inline")
 
 
 @dataclass(frozen=True)
