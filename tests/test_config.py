@@ -9,6 +9,7 @@ from pyexec_connector.config import (
     build_server_config,
     load_server_config,
     parse_source_config,
+    read_properties,
     websocket_options,
 )
 from pyexec_connector.errors import ConfigError
@@ -220,3 +221,13 @@ def test_healthcheck_exits_only_0_or_1(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "configuration error" in done.stdout
+
+
+def test_properties_are_read_as_upstream_reads_them(tmp_path):
+    """Escapes and separators as Java's Properties.load; a malformed \\u escape is kept as its letters, as
+    upstream's reader (the same one) keeps it, rather than refusing a file upstream starts with."""
+    path = tmp_path / "server.config"
+    path.write_text("a=\\u00e9t\\u00e9\nb = x\\ty\nc\\:d = 1\n  e   =   spaced\nf\nbad=\\uZZZZ\ndup=1\ndup=2\n",
+                    encoding="utf-8")
+    assert read_properties(path) == {"a": "été", "b": "x\ty", "c:d": "1", "e": "spaced", "f": "", "bad": "uZZZZ",
+                                     "dup": "2"}

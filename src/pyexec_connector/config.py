@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import javaproperties
+import jprops
 
 from . import sandbox
 from .booleans import FALSE_WORDS, TRUE_WORDS, parse_bool  # noqa: F401 - re-exported
@@ -482,7 +482,7 @@ def find_config_file(explicit: str | os.PathLike | None = None) -> Path | None:
 def read_properties(path: Path) -> dict[str, str]:
     try:
         with path.open("r", encoding="utf-8") as fp:
-            return dict(javaproperties.load(fp))
+            return dict(jprops.load_properties(fp))
     except FileNotFoundError as exc:
         raise ConfigError("file not found", file=str(path)) from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
