@@ -21,6 +21,7 @@ from bench.zygote_fork import WorkerClient as _ProtocolClient
 
 from pyexec_connector.engine import procgroup
 from pyexec_connector.engine.zygote import (
+    WARM_UP_QUERIES,
     ForkedWorker,
     PreloadError,
     Zygote,
@@ -112,6 +113,18 @@ async def test_forked_worker_is_ready_fast_and_runs_queries(zygote):
     assert proc_file(workers[0].pid, "comm") == b"pyexec-worker\n"    # its command line is the zygote's
     client.close()
     assert await asyncio.wait_for(workers[0].wait(), 10) == 0     # its end, reported by the zygote
+
+
+async def test_the_zygote_warms_the_worker_runtime_up_and_keeps_nothing_of_it(zygote):
+    # issue 11 (h1): the runtime's first queries run once in the zygote, so forks share what they write
+    z = await zygote()
+    assert z.warmed_up == WARM_UP_QUERIES
+    links = [os.readlink(f"/proc/{z.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{z.pid}/fd")]
+    assert sum(link.startswith("socket:") for link in links) == 1, links     # its control socket only
+    client = WorkerClient(await z.fork_worker())
+    await client.start()
+    code = "import os, sys\nout = type(sys.stdout).__name__\npid = os.getpid()"
+    assert await client.run(code) == {"out": "_Router", "pid": client.pid}
 
 
 async def test_preloaded_module_is_in_sys_modules_before_the_code_runs(zygote):

@@ -35,6 +35,15 @@ def arm() -> None:
         _sockets.clear()        # a process's own sockets, not those of the one it was forked from
 
 
+def disarm() -> None:
+    """This process forks on purpose again (a zygote after running the worker runtime to warm it up):
+    nothing of its own is protected from its children."""
+    global _owner, _forked
+    _owner = None
+    _forked = False
+    _sockets.clear()
+
+
 def protect(fd: int) -> None:
     """A socket of this process a fork of user code must never use (arms the guard)."""
     arm()
