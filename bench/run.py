@@ -197,11 +197,17 @@ class Target:
             self.proc = await asyncio.create_subprocess_exec(*command, cwd=self.workdir, stdout=log,
                                                              stderr=asyncio.subprocess.STDOUT,
                                                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.ps = psutil.Process(self.proc.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):     # else ended already: reported below
+            self.ps = psutil.Process(self.proc.pid)
+        attached = asyncio.ensure_future(server.wait_attached(self.source, timeout=30))
+        ended = asyncio.ensure_future(self.proc.wait())
         try:
-            await server.wait_attached(self.source, timeout=30)
-        except TimeoutError:
-            raise RuntimeError(f"{self.name} did not connect; see {self.workdir / 'output.log'}") from None
+            await asyncio.wait((attached, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if not attached.done() or attached.exception() is not None:      # ended first, or timed out
+            attached.cancel()
+            raise RuntimeError(f"{self.name} did not connect; see {self.workdir / 'output.log'}")
 
     def rss(self) -> tuple[int, int]:
         """(connector process RSS, sum of its child processes' RSS), in bytes."""
@@ -433,7 +439,11 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
                    ) -> list[Row]:
     for target in targets:
         target.next_index = 0
-    await asyncio.gather(*(t.start(server, scratch) for t in targets))
+    started = await asyncio.gather(*(t.start(server, scratch) for t in targets), return_exceptions=True)
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:      # stop the ones that did start: a process left running skews every later figure
+        await asyncio.gather(*(t.stop() for t in targets), return_exceptions=True)
+        raise failed[0]
     try:
         await asyncio.sleep(size.settle)
         for target in targets:

@@ -2,11 +2,16 @@
 that it runs the real processes, that every query got its reply, and the shape of what it writes."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")
@@ -79,6 +84,25 @@ def test_peer_and_both_engine_modes_are_measured_alternately(tmp_path):
     assert checks["(a) c=32 ours/" + report["meta"]["default_mode"] + " q/s vs upstream"]["status"] in {
         "pass", "fail"}
     assert SCRIPT_NAME   # scenario (c) uses a document the suite uploads to the devserver itself
+
+
+def test_a_target_that_does_not_start_stops_the_others_and_fails_at_once(tmp_path):
+    """A peer that exits at once: the run says so without waiting out the connect timeout, and leaves
+    none of the processes it started running (one left behind skews every figure measured after it)."""
+    mark = f"PYEXEC_BENCH_TEST_{uuid.uuid4().hex}"
+    command = [sys.executable, "-m", "bench", "--size", "tiny", "--out", str(tmp_path), "--scenarios", "a",
+               "--concurrency", "1", "--modes", "process", "--no-process-floor", "--peer", "false"]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, mark: "1"})
+    assert done.returncode != 0 and "upstream did not connect" in done.stderr, done.stdout + done.stderr
+    assert time.monotonic() - started < 25         # not the 30-second connect timeout
+    left = []
+    for proc in psutil.process_iter(["pid", "environ"]):
+        with contextlib.suppress(psutil.Error):
+            if mark in (proc.info["environ"] or {}):
+                left.append(proc.pid)
+    assert left == []
 
 
 def test_process_floor_answers_every_scenario(tmp_path):
