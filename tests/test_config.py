@@ -1,5 +1,6 @@
 import dataclasses
 import subprocess
+import sys
 
 import pytest
 
@@ -231,3 +232,14 @@ def test_properties_are_read_as_upstream_reads_them(tmp_path):
                     encoding="utf-8")
     assert read_properties(path) == {"a": "été", "b": "x\ty", "c:d": "1", "e": "spaced", "f": "", "bad": "uZZZZ",
                                      "dup": "2"}
+
+
+def test_the_connector_imports_no_validation_or_xml_library():
+    """Memory (issue 11 (h1)): pydantic was a sixth of the connector's own memory and javaproperties' XML
+    stack another 0.6 MiB; the configuration needs neither."""
+    probe = ("import sys, pyexec_connector.cli, pyexec_connector.connector\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core', 'xml',"
+             " 'javaproperties')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
