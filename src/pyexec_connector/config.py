@@ -146,7 +146,7 @@ def text_map(value: Any) -> dict[str, str]:
 
 
 def setting(name: str, convert: Callable[[Any], Any], default: Any = dataclasses.MISSING, *,
-        factory: Callable[[], Any] | None = None, repr: bool = True) -> Any:  # noqa: A002 - dataclasses' word
+            factory: Callable[[], Any] | None = None, repr: bool = True) -> Any:
     """A dataclass field read from the configuration key `name` through `convert`."""
     meta = {"key": name, "convert": convert}
     if factory is not None:
@@ -202,7 +202,6 @@ def _websockets_connect_parameters() -> frozenset[str]:
     return frozenset(names)
 
 
-
 # connect() keywords the connector sets itself (TLS comes from disableSslVerification/caFile), or that
 # take Python objects JSON cannot give: not for connectKWArgs.
 _CONNECTOR_OWNED = frozenset({"self", "uri", "protocol_factory", "host", "port", "sock", "ssl", "logger",
@@ -248,9 +247,8 @@ class ConnectOptions:
     """connectKWArgs: the connector's own TLS keys, then websockets' connect() options, each typed. A key
     neither knows is passed on only when the installed websockets accepts it by name (`passthrough`)."""
 
-    disableSslVerification: bool = setting("disableSslVerification",
-                                       functools.partial(boolean, name="connectKWArgs.disableSslVerification"),
-                                       False)
+    disableSslVerification: bool = setting(
+        "disableSslVerification", functools.partial(boolean, name="connectKWArgs.disableSslVerification"), False)
     caFile: Path | None = setting("caFile", optional(_ca_file), None)
     open_timeout: float | None = setting("open_timeout", _seconds, None)
     close_timeout: float | None = setting("close_timeout", _seconds, None)
@@ -349,7 +347,7 @@ def _sources(value: Any) -> tuple[str, ...]:
 
 def _connect_kwargs(value: Any) -> ConnectOptions:
     """JSON text (as a properties file holds it) or an object. Its own keys' problems are reported
-    one by one, under connectKWArgs.<key>, by `_server_problems`."""
+    one by one, under connectKWArgs.<key> (`KeyProblems`, taken apart by `_parse`)."""
     if isinstance(value, ConnectOptions):
         return value
     if isinstance(value, str):
@@ -366,8 +364,6 @@ def _connect_kwargs(value: Any) -> ConnectOptions:
     if options is None:
         raise KeyProblems(problems)
     return options
-
-
 
 
 def _blank_is_none(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -393,7 +389,7 @@ class ServerConfig:
     sources: tuple[str, ...] = setting("sources", _sources)
     send_pings: bool = setting("sendPings", functools.partial(boolean, name="sendPings"), False)
     fail_on_connection_error: bool = setting("failOnConnectionError",
-                                         functools.partial(boolean, name="failOnConnectionError"), False)
+                                             functools.partial(boolean, name="failOnConnectionError"), False)
     tcp_probe_port: int = setting("tcpProbePort", functools.partial(integer, ge=0, le=65535), 8000)
     connect_kwargs: ConnectOptions = setting("connectKWArgs", _connect_kwargs, factory=ConnectOptions)
     reconnect_secret: str | None = setting("reconnectSecret", optional(text), None, repr=False)
@@ -401,13 +397,13 @@ class ServerConfig:
     # Frames waiting for the websocket, per source; past it, code sending replies waits (flow control).
     max_pending_bytes: int = setting("maxPendingBytes", functools.partial(integer, ge=65536), DEFAULT_MAX_PENDING_BYTES)
     max_document_bytes: int = setting("maxDocumentBytes", functools.partial(integer, ge=1024),
-                                  DEFAULT_MAX_DOCUMENT_BYTES)
+                                      DEFAULT_MAX_DOCUMENT_BYTES)
     document_timeout: float = setting("documentTimeout", functools.partial(number, gt=0), DEFAULT_DOCUMENT_TIMEOUT)
     # HTTP /healthz, /readyz and /metrics; off when absent.
     metrics_port: int | None = setting("metricsPort", _blank_is_none(functools.partial(integer, ge=1, le=65535)), None)
     # How long a stopping connector lets in-flight queries finish before answering them with an error.
     shutdown_grace_seconds: float = setting("shutdownGraceSeconds", functools.partial(number, ge=0),
-                                        DEFAULT_SHUTDOWN_GRACE)
+                                            DEFAULT_SHUTDOWN_GRACE)
     # The user (name or uid) worker processes run as, with no supplementary groups; and their group
     # (default: that user's primary group). Needs a connector started as root (README, "Threat model").
     worker_user: str | None = setting("workerUser", _blank_is_none(_worker_user), None)
