@@ -135,12 +135,16 @@ def replay_image_install(tmp_path: Path, local_requirements: str | None = None) 
 
 @pytest.mark.slow
 def test_image_install_steps_in_a_fresh_venv(tmp_path):
-    """The image's install steps, then `pyexec-connector --help`."""
+    """The image's install steps, then `pyexec-connector --help`; the image runs on uvloop, as measured."""
     venv, failed = replay_image_install(tmp_path)
     assert failed is None, failed
     help_text = subprocess.run([str(venv / "bin" / "pyexec-connector"), "--help"], capture_output=True, text=True,
                                timeout=60)
     assert help_text.returncode == 0 and "check" in help_text.stdout
+    probe = "from pyexec_connector.eventloop import event_loop_factory; print(event_loop_factory()[1])"
+    loop = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYEXEC_EVENT_LOOP"})
+    assert loop.stdout.startswith("uvloop "), loop.stdout + loop.stderr
 
 
 @pytest.mark.slow
