@@ -180,6 +180,7 @@ class Target:
     ps: psutil.Process | None = None
     workdir: Path | None = None
     next_index: int = 0        # per target, so that uncached scenarios never repeat a text
+    connect_timeout: float = 30.0     # seconds from its start until its source must be attached
 
     async def start(self, server: DevServer, scratch: Path) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.source}-", dir=scratch))
@@ -199,7 +200,7 @@ class Target:
                                                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
         with contextlib.suppress(psutil.NoSuchProcess):     # else ended already: reported below
             self.ps = psutil.Process(self.proc.pid)
-        attached = asyncio.ensure_future(server.wait_attached(self.source, timeout=30))
+        attached = asyncio.ensure_future(server.wait_attached(self.source, timeout=self.connect_timeout))
         ended = asyncio.ensure_future(self.proc.wait())
         try:
             await asyncio.wait((attached, ended), return_when=asyncio.FIRST_COMPLETED)
@@ -207,6 +208,7 @@ class Target:
             ended.cancel()
         if not attached.done() or attached.exception() is not None:      # ended first, or timed out
             attached.cancel()
+            await self.stop()       # whichever caller: nothing of a target that did not start keeps running
             raise RuntimeError(f"{self.name} did not connect; see {self.workdir / 'output.log'}")
 
     def rss(self) -> tuple[int, int]:

@@ -16,7 +16,9 @@ import pytest
 
 pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
-from bench.run import SCRIPT_NAME, markdown, update_docs  # noqa: E402
+from bench.run import SCRIPT_NAME, TOKEN, Target, markdown, update_docs  # noqa: E402
+
+from pyexec_connector.devserver import DevServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"scenario", "title", "concurrency", "target", "mode", "qps", "p50_ms", "p99_ms", "queries", "errors",
@@ -103,6 +105,17 @@ def test_a_target_that_does_not_start_stops_the_others_and_fails_at_once(tmp_pat
             if mark in (proc.info["environ"] or {}):
                 left.append(proc.pid)
     assert left == []
+
+
+async def test_a_target_that_never_connects_is_stopped_by_its_own_start(tmp_path):
+    """Every bench command starts targets through Target.start: one that never attaches is not left
+    running whichever command started it."""
+    async with DevServer(token=TOKEN, sources=("silent",)) as server:
+        target = Target("silent", "peer", None, "silent", [sys.executable, "-c", "import time; time.sleep(60)"],
+                        connect_timeout=1.0)
+        with pytest.raises(RuntimeError, match="did not connect"):
+            await target.start(server, tmp_path)
+        assert target.proc is not None and target.proc.returncode is not None
 
 
 def test_process_floor_answers_every_scenario(tmp_path):
