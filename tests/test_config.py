@@ -78,6 +78,7 @@ def test_token_from_environment():
 @pytest.mark.parametrize("changes, key", [
     ({"sources": " , "}, "sources"),
     ({"sources": None}, "sources"),
+    ({"sources": 5}, "sources"),                 # built in code rather than read from a file
     ({"authToken": None}, "authToken"),
     ({"targetServer": "not a url"}, "targetServer"),
     ({"targetServer": "ftp://x.example"}, "targetServer"),

@@ -75,18 +75,23 @@ def _bounded(number: Any, ge: float | None, gt: float | None, le: float | None, 
     return number
 
 
+def _from_text(value: str, parse: Callable[[str], Any]) -> Any:
+    """What `parse` makes of the text, or None when it cannot (properties files hold only text)."""
+    try:
+        return parse(value.strip())
+    except ValueError:
+        return None
+
+
 def integer(value: Any, *, ge: int | None = None, le: int | None = None) -> int:
-    """An integer: a JSON number without a fraction, or its text (properties files hold only text)."""
+    """An integer: a JSON number without a fraction, or its text."""
     number: Any = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
     elif isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            number = None
+        number = _from_text(value, int)
     if number is None:
         raise Invalid(f"must be a whole number, not {_shown(value)}")
     return _bounded(number, ge, None, le, value)
@@ -98,10 +103,7 @@ def number(value: Any, *, ge: float | None = None, gt: float | None = None, fini
     if isinstance(value, int | float) and not isinstance(value, bool):
         result = float(value)
     elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            result = None
+        result = _from_text(value, float)
     if result is None or (finite and not math.isfinite(result)):
         raise Invalid(f"must be a {'finite ' if finite else ''}number, not {_shown(value)}")
     return _bounded(result, ge, gt, None, value)
@@ -336,6 +338,8 @@ def _auth_token(value: Any) -> str:
 
 
 def _sources(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str | list | tuple):
+        raise Invalid(f"must be source names, comma-separated, not {_shown(value)}")
     names = value.split(",") if isinstance(value, str) else list(value)
     names = [str(n).strip() for n in names if str(n).strip()]
     if not names:
