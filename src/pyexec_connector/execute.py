@@ -12,9 +12,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .testing import SOURCE, ScriptReply, ScriptRunner, SourceConfigError, query_parameters
+if TYPE_CHECKING:
+    from .testing import ScriptRunner
 
 EXIT_OK = 0
 EXIT_ERROR_REPLY = 1
@@ -72,6 +73,8 @@ class UsageError(Exception):
 
 
 def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    # Imported here: the stand-in brings aiohttp's server, which `run` must not carry (issue 11's memory).
+    from .testing import ScriptRunner, SourceConfigError, query_parameters
     out, err = out or sys.stdout, err or sys.stderr
     try:
         code, name = _code(args)
@@ -97,6 +100,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
 
 
 async def _run(runner: ScriptRunner, params: dict[str, Any], quiet: bool, out: TextIO, err: TextIO) -> int:
+    from .testing import SOURCE, ScriptReply
     await runner.start()
     last: dict[str, Any] | None = None
     try:
