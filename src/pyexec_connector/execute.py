@@ -101,7 +101,11 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
 
 async def _run(runner: ScriptRunner, params: dict[str, Any], quiet: bool, out: TextIO, err: TextIO) -> int:
     from .testing import SOURCE, ScriptReply
-    await runner.start()
+    try:
+        await runner.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"pyexec-connector exec: error: the connector could not start its source: {exc!r}", file=err)
+        return EXIT_ERROR_REPLY
     last: dict[str, Any] | None = None
     try:
         async for frame in runner.stream(params):

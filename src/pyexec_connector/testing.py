@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -29,6 +30,8 @@ from typing import Any
 from .config import build_server_config, source_config_problems
 from .connector import Connector
 from .devserver import DevServer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ScriptReply", "ScriptRunner", "SourceConfigError", "run_script", "run_script_async"]
 
@@ -197,12 +200,15 @@ class ScriptRunner:
         self._connector = Connector(config, backoff_initial=0.1, backoff_max=1.0, environ={})
         self._serving = asyncio.create_task(self._connector.run())
         ready = asyncio.create_task(self._connector.wait_ready(timeout=timeout))
-        done, _ = await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
-        if ready not in done:           # the connector ended (and raised) before the source was ready
+        try:
+            done, _ = await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
+            if ready not in done:       # the connector ended (and raised) before the source was ready
+                raise RuntimeError("the connector stopped before its source was ready")
+            ready.result()
+        except BaseException:
             ready.cancel()
             await self.stop()
-            raise RuntimeError("the connector stopped before its source was ready")
-        ready.result()
+            raise
 
     async def stop(self) -> None:
         """Stop the connector gracefully (what the code still runs gets shutdownGraceSeconds, 5 s), then
@@ -210,7 +216,11 @@ class ScriptRunner:
         try:
             if self._connector is not None and self._serving is not None:
                 self._connector.stop()
-                await asyncio.wait_for(asyncio.shield(self._serving), 60)
+                await asyncio.wait([self._serving], timeout=60)
+                if not self._serving.done():
+                    self._serving.cancel()
+                elif not self._serving.cancelled() and self._serving.exception() is not None:
+                    log.warning("the connector ended with %r", self._serving.exception())
         finally:
             self._connector = None
             self._serving = None
