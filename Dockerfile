@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     CONNECTOR_METRICS_PORT=9090
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin connector
-# The workers' user of the hardened variant (README, "Threat model"): run the image as root with every
+# The workers' user of the hardened variant (docs/THREAT_MODEL.md): run the image as root with every
 # capability dropped but SETUID, SETGID and KILL, and CONNECTOR_WORKER_USER=10002. Unused by default.
 RUN useradd --no-create-home --uid 10002 --shell /usr/sbin/nologin --home-dir /nonexistent pyexec-worker
 

@@ -4,6 +4,7 @@ fresh venv (slow: run with `pytest -m slow`, as .ci/run does)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging.config
 import os
 import re
@@ -249,3 +250,140 @@ def test_hardened_kubernetes_variant_runs_workers_as_the_images_worker_user():
     assert worker not in ("0", "10001")             # neither root nor the connector's own user
     data = manifests()["ConfigMap"]["data"]["server.config"]
     assert "authToken" not in data
+
+
+# ---- Pod Security ---------------------------------------------------------------------------------
+
+# The controls of the Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards),
+# as fields of a pod spec. Baseline lets a container add these capabilities; restricted only the last.
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+RESTRICTED_CAPABILITIES = {"NET_BIND_SERVICE"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def pod_security_violations(pod: dict) -> dict[str, str]:
+    """{control: what breaks it} for the restricted profile (a control of baseline too is marked so)."""
+    found: dict[str, str] = {}
+    pod_context = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found["baseline: host namespaces"] = f"{key} is true"
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if "hostPath" in kinds:
+            found["baseline: hostPath volumes"] = volume["name"]
+        if not kinds <= RESTRICTED_VOLUMES:
+            found["volume types"] = f"{volume['name']}: {sorted(kinds)}"
+    for sysctl in pod_context.get("sysctls") or []:
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found["baseline: sysctls"] = sysctl["name"]
+    if (pod_context.get("seccompProfile") or {}).get("type") == "Unconfined":
+        found["baseline: seccomp"] = "pod: Unconfined"
+    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        where = f"container {container['name']}"
+        context = container.get("securityContext") or {}
+
+        def effective(key: str, context=context) -> object:
+            return context[key] if key in context else pod_context.get(key)
+
+        if context.get("privileged"):
+            found["baseline: privileged"] = where
+        if (context.get("windowsOptions") or {}).get("hostProcess"):
+            found["baseline: hostProcess"] = where
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            found["baseline: hostPorts"] = where
+        if context.get("procMount", "Default") != "Default":
+            found["baseline: /proc mount type"] = where
+        capabilities = context.get("capabilities") or {}
+        added = set(capabilities.get("add") or [])
+        if not added <= BASELINE_CAPABILITIES:
+            found["baseline: capabilities"] = f"{where} adds {sorted(added - BASELINE_CAPABILITIES)}"
+        if not added <= RESTRICTED_CAPABILITIES:
+            found["capabilities: add"] = f"{where} adds {sorted(added - RESTRICTED_CAPABILITIES)}"
+        if "ALL" not in (capabilities.get("drop") or []):
+            found["capabilities: drop ALL"] = where
+        if context.get("allowPrivilegeEscalation") is not False:
+            found["privilege escalation"] = f"{where}: allowPrivilegeEscalation is not false"
+        if effective("runAsNonRoot") is not True:
+            found["running as non-root"] = f"{where}: runAsNonRoot is not true"
+        if effective("runAsUser") == 0:
+            found["running as non-root user"] = f"{where}: runAsUser 0"
+        seccomp = (effective("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found["seccomp"] = f"{where}: seccompProfile {seccomp}"
+    return found
+
+
+def strategic_merge(base: object, patch: object) -> object:
+    """kustomize's strategic merge, as far as the hardened patch needs it: maps merge, lists of named
+    objects (containers, env) merge by name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i
+                                                                  for i in base + patch):
+        merged = {item["name"]: item for item in base}
+        for item in patch:
+            merged[item["name"]] = strategic_merge(merged.get(item["name"], {}), item)
+        return list(merged.values())
+    return patch
+
+
+def hardened_deployment() -> dict:
+    overlay = K8S / "hardened"
+    (patch_ref,) = yaml.safe_load((overlay / "kustomization.yaml").read_text())["patches"]
+    return strategic_merge(manifests()["Deployment"], yaml.safe_load((overlay / patch_ref["path"]).read_text()))
+
+
+def test_kubernetes_pod_meets_the_restricted_pod_security_profile():
+    """A namespace enforcing Pod Security "restricted" admits the default variant; user code cannot read a
+    service-account token because none is mounted."""
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod_security_violations(pod) == {}
+    assert pod["securityContext"]["runAsUser"] == 10001          # the image's connector user (non-root)
+    assert first("USER")[-1].value[0] == "connector"
+    assert any("--uid 10001" in c.value[0] and "connector" in c.value[0] for c in first("RUN"))
+
+
+def test_hardened_pod_breaks_only_the_restricted_controls_its_design_needs():
+    """Root with SETUID, SETGID and KILL is how workers run as another user: that is baseline, not
+    restricted; every other restricted control holds."""
+    pod = hardened_deployment()["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    violations = pod_security_violations(pod)
+    assert set(violations) == {"capabilities: add", "running as non-root", "running as non-root user"}, violations
+    assert "SETUID" in violations["capabilities: add"]
+
+
+def test_pod_security_check_finds_what_the_manifests_once_lacked():
+    """Without seccompProfile and with the token mounted, as before: the check above must see it."""
+    pod = json.loads(json.dumps(manifests()["Deployment"]["spec"]["template"]["spec"]))
+    del pod["securityContext"]["seccompProfile"], pod["containers"][0]["securityContext"]["seccompProfile"]
+    pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert set(pod_security_violations(pod)) == {"seccomp", "privilege escalation", "baseline: hostPath volumes",
+                                                 "volume types"}
+
+
+@pytest.mark.parametrize("variant", ["base", "hardened"])
+def test_kubernetes_manifests_validate_against_the_api_schemas(variant):
+    """kubernetes-validate (PyPI): the manifests against the Kubernetes API's JSON schemas, strict (an
+    unknown or misplaced field fails). The hardened variant as kustomize renders it."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    docs = dict(manifests())
+    if variant == "hardened":
+        docs["Deployment"] = hardened_deployment()
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, version, strict=True)         # raises ValidationError
+    broken = json.loads(json.dumps(docs["Deployment"]))
+    broken["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] = "RuntimeDefault"   # not an object
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)

@@ -1,4 +1,4 @@
-"""The worker boundary as a security boundary (README, "Threat model"): user code in a worker cannot
+"""The worker boundary as a security boundary (docs/THREAT_MODEL.md): user code in a worker cannot
 reach the token, the reconnect secret or the configuration file, through any of the vectors a curious
 user would try; the hardened mode (workerUser) holds when the connector runs as root; the connector
 still times out, kills and replaces such workers; a bounded fork bomb meets its limit and is answered."""
@@ -311,7 +311,7 @@ async def test_default_mode_the_connector_is_not_dumpable_and_workers_hold_no_co
     """The connector and its workers as one ordinary user (nobody, when the suite runs as root): the
     token in CONNECTOR_AUTH_TOKEN stays out of the workers' environment, and the connector's
     /proc/<pid>/environ and mem, readable by its own user otherwise, are refused (non-dumpable). Where
-    this stops: the config file by path, readable by that same user (README, "Threat model")."""
+    this stops: the config file by path, readable by that same user (docs/THREAT_MODEL.md)."""
     user = "nobody" if os.geteuid() == 0 else None
     conf = open_dir / "serverConfig"
     conf.mkdir()

@@ -1,4 +1,4 @@
-"""The console command: `pyexec-connector [run|demo]`."""
+"""The console command: `pyexec-connector [run|check|demo|exec|healthcheck]`."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 import uuid
 from typing import Any
 
-from . import __version__, logqueue, sandbox
+from . import __version__, execute, logqueue, sandbox
 from .config import (
     ENV_FOR_KEY,
     TOKEN_ENV,
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "query and its reply. Needs no configuration and no account.")
     demo.add_argument("--log-level", default=argparse.SUPPRESS,
                       help="log level while the demo runs (default WARNING)")
+    execute.add_parser(sub)
     return parser
 
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from .demo import run_demo
         return run_demo(log_level=getattr(args, "log_level", None) or "WARNING")
+    if command == "exec":
+        return execute.main(args)
     if command in ("check", "doctor"):
         return run_check(getattr(args, "config", None), args.timeout)
     if command == "healthcheck":
