@@ -84,6 +84,16 @@ ids = np.arange(1000)
 rows = pd.DataFrame({"id": ids, "name": ["item%d" % i for i in range(1000)], "price": ids * 0.5,
                      "qty": ids % 7, "ok": ids % 2 == 0})
 """
+# (m): upstream-style code that handles its own reply after awaiting something slow (an HTTP call, say)
+IO_WAIT = 0.5
+IO_CODE = f"""import asyncio
+
+async def reply():
+    await asyncio.sleep({IO_WAIT})
+    await connector_connection.send_query_response(connector_context, 200, {{"waited": {IO_WAIT}}})
+
+asyncio.get_event_loop().create_task(reply())
+"""
 SCRIPT_NAME = "bench_script"
 SCRIPT_TEXT = "result = x * 2\n"
 
@@ -138,6 +148,9 @@ class Scenario:
     counted: bool = False                      # (f): a fixed number of queries, split over the rounds
     kinds: tuple[str, ...] = ("ours", "floor", "peer")   # which targets run it
     baseline: Scenario | None = None           # run alternately with it in the same cell (rows "<target>@<key>")
+    burst: bool = False                        # each round writes `concurrency` queries at once, then waits
+                                               # for all: the figure is the time to answer all
+    timeout: float | None = None               # seconds a query may wait for its reply (default: the size's)
 
 
 def scenarios(cpu_iterations: int) -> list[Scenario]:
@@ -163,6 +176,9 @@ def scenarios(cpu_iterations: int) -> list[Scenario]:
         Scenario("l", "the same rows as a DataFrame, limitReturnTo", (8,),
                  lambda i: {"name": "frame", "code": FRAME_CODE, "limitReturnTo": ["rows"]}, kinds=("ours",),
                  baseline=rows),
+        Scenario("m", f"I/O-bound: codeHandlesReturn queries at once, each awaiting {IO_WAIT} s", (2000,),
+                 lambda i: {"name": "io_wait", "code": IO_CODE, "codeHandlesReturn": True}, burst=True,
+                 timeout=180.0),
     ]
 
 
@@ -398,6 +414,7 @@ class Row:
     cpu_us_per_query: float = 0.0              # the target's CPU time per query: steadier than q/s
     client_cpu_pct: float = 0.0                # the bench process's own (devserver + client)
     rss_growth: float | None = None            # scenario (f): (end - after warm-up) / after warm-up
+    seconds_to_all: float | None = None        # a burst scenario: from the first write to the last reply (median)
     ratios: dict[str, float] = field(default_factory=dict)
     first_error: str | None = None
 
@@ -450,7 +467,7 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
         await asyncio.sleep(size.settle)
         for target in targets:
             idle_rss.setdefault(target.name, target.rss()[0])
-        per_round = -(-size.names // size.rounds) if scenario.counted else None
+        per_round = -(-size.names // size.rounds) if scenario.counted else concurrency if scenario.burst else None
         # (target, scenario, row name): a scenario with a baseline runs it too, on the same processes,
         # alternately with its own queries, so that the two compare within one run
         runs = [(t, scenario, t.name) for t in targets]
@@ -458,17 +475,19 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
             runs += [(t, scenario.baseline, f"{t.name}@{scenario.baseline.key}") for t in targets]
         samples: dict[str, list[Sample]] = {name: [] for _, _, name in runs}
         settled: dict[str, int] = {}
+        timeout = scenario.timeout or size.per_query_timeout
         for target, chosen, name in runs:         # warm-up, not measured: caches filled, code paths hot
-            await drive(server, target, chosen, concurrency, duration=0, min_queries=size.warmup,
-                        max_queries=size.warmup, timeout=size.per_query_timeout, lean=lean)
+            await drive(server, target, chosen, min(concurrency, size.warmup), duration=0,
+                        min_queries=size.warmup, max_queries=size.warmup, timeout=timeout, lean=lean)
             if scenario.counted:
                 own, workers = target.rss()
                 settled[name] = own + workers
         for round_no in range(size.rounds):
             for target, chosen, name in runs:
-                sample = await drive(server, target, chosen, concurrency, duration=size.duration,
+                sample = await drive(server, target, chosen, concurrency,
+                                     duration=0 if scenario.burst else size.duration,
                                      min_queries=per_round or size.min_queries, max_queries=per_round,
-                                     timeout=size.per_query_timeout, lean=lean)
+                                     timeout=timeout, lean=lean)
                 samples[name].append(sample)
                 progress(f"  ({scenario.key}) c={concurrency} round {round_no + 1}/{size.rounds} {name}: "
                          f"{sample.qps:,.0f} q/s, {sample.errors} errors")
@@ -492,6 +511,8 @@ async def run_cell(server: DevServer, targets: list[Target], scenario: Scenario,
             if scenario.counted:
                 own, workers = target.rss()
                 row.rss_growth = (own + workers - settled[name]) / settled[name]
+            if scenario.burst:
+                row.seconds_to_all = statistics.median(s.seconds for s in got)
             rows.append(row)
         return rows
     finally:
@@ -512,6 +533,8 @@ def add_ratios(rows: list[Row]) -> None:
                 row.ratios[f"p50_vs_{base}"] = row.p50_ms / ref.p50_ms if ref.p50_ms else float("nan")
                 row.ratios[f"cpu_vs_{base}"] = (row.cpu_us_per_query / ref.cpu_us_per_query
                                                 if ref.cpu_us_per_query else float("nan"))
+                if row.seconds_to_all is not None and ref.seconds_to_all:
+                    row.ratios[f"seconds_vs_{base}"] = row.seconds_to_all / ref.seconds_to_all
 
 
 def _find(rows: list[Row], scenario: str, concurrency: int, target: str) -> Row | None:
@@ -519,8 +542,9 @@ def _find(rows: list[Row], scenario: str, concurrency: int, target: str) -> Row 
 
 
 def evaluate(rows: list[Row], idle_rss: dict[str, int], modes: list[str],
-             capacity: float | None = None) -> list[dict[str, Any]]:
-    """The issue's targets, each pass / fail / skipped (a baseline or an engine mode is missing)."""
+             capacity: float | None = None, peer_is_ours: bool = False) -> list[dict[str, Any]]:
+    """The issues' targets, each pass / fail / skipped (a baseline or an engine mode is missing).
+    `peer_is_ours`: the peer is another build of ours (--peer-mode), so "×upstream" reads after/before."""
     default = f"ours/{DEFAULT_MODE}" if DEFAULT_MODE in modes else f"ours/{modes[0]}"
     checks: list[dict[str, Any]] = []
 
@@ -561,6 +585,20 @@ def evaluate(rows: list[Row], idle_rss: dict[str, int], modes: list[str],
     for mode in modes:
         row = next((r for r in rows if r.scenario == "f" and r.target == f"ours/{mode}"), None)
         check(f"(f) RSS growth ours/{mode}", row.rss_growth if row else None, "<", 0.10)
+    # issue 20: process mode against the isolated floor (floor/process); the I/O-bound burst; CPU per query
+    no_floor = None if any(r.target == "floor/process" for r in rows) else "no floor/process in this run"
+    check("(a) c=32 ours/process q/s vs floor/process", ratio("a", 32, "ours/process", "qps_vs_floor/process"),
+          ">=", 0.9, no_floor)
+    check("(a) c=1 ours/process p50 vs floor/process", ratio("a", 1, "ours/process", "p50_vs_floor/process"),
+          "<=", 1.15, no_floor)
+    for mode in modes:
+        for row in (r for r in rows if r.scenario == "m" and r.target == f"ours/{mode}"):
+            check(f"(m) c={row.concurrency} ours/{mode} time to answer all vs upstream",
+                  row.ratios.get("seconds_vs_upstream"), "<=", 3.0, no_peer)
+    not_ours = None if peer_is_ours else "the peer is not a build of ours (--peer-mode)"
+    for c in (1, 32):
+        check(f"(a) c={c} ours/process CPU per query vs the peer build",
+              ratio("a", c, "ours/process", "cpu_vs_upstream"), "<=", 1.0, no_peer or not_ours)
     return checks
 
 
@@ -582,9 +620,10 @@ def markdown(report: dict[str, Any]) -> str:
             "", f"Two busy processes got {meta['parallel_capacity']:.2f} cores' worth of CPU on this machine "
                 "during the run (2.00 on two idle cores)."]),
         "",
-        "| scenario | c | target | q/s | ×floor | ×upstream | ×floor/process | p50 ms | p50 ×upstream | p99 ms | "
-        "RSS MB | workers MB | CPU % | CPU µs/q | bench CPU % | queries | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | c | target | q/s | ×floor | ×upstream | ×floor/process | p50 ms | p50 ×upstream | "
+        "p50 ×floor/process | p99 ms | RSS MB | workers MB | CPU % | CPU µs/q | CPU ×upstream | bench CPU % | "
+        "queries | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         ratios = row["ratios"]
@@ -593,11 +632,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"| ({row['scenario']}) {row['title']} | {row['concurrency']} | {row['target']} | {row['qps']:,.0f} | "
             f"{_fmt(ratios.get('qps_vs_floor'))} | {_fmt(ratios.get('qps_vs_upstream'))} | "
             f"{_fmt(ratios.get('qps_vs_floor/process'))} | {row['p50_ms']:.2f} | "
-            f"{_fmt(ratios.get('p50_vs_upstream'))} | {row['p99_ms']:.2f} | "
-            f"{row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | {row['cpu_pct']:.0f} | "
-            f"{row['cpu_us_per_query']:.0f} | {row['client_cpu_pct']:.0f} | "
+            f"{_fmt(ratios.get('p50_vs_upstream'))} | {_fmt(ratios.get('p50_vs_floor/process'))} | "
+            f"{row['p99_ms']:.2f} | {row['rss_peak_mb']:.1f}{growth} | {row['workers_rss_peak_mb']:.1f} | "
+            f"{row['cpu_pct']:.0f} | {row['cpu_us_per_query']:.0f} | {_fmt(ratios.get('cpu_vs_upstream'))} | "
+            f"{row['client_cpu_pct']:.0f} | "
             f"{row['queries']} | "
             f"{row['errors'] + row['unanswered']} |")
+    bursts = [row for row in report["rows"] if row.get("seconds_to_all") is not None]
+    if bursts:
+        lines += ["", "| burst scenario | queries at once | target | all answered, s | ×upstream | ×floor/process "
+                      "| p50 ms | p99 ms | CPU µs/q | errors |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| ({row['scenario']}) {row['title']} | {row['concurrency']} | {row['target']} | "
+                  f"{row['seconds_to_all']:.2f} | {_fmt(row['ratios'].get('seconds_vs_upstream'))} | "
+                  f"{_fmt(row['ratios'].get('seconds_vs_floor/process'))} | {row['p50_ms']:.1f} | "
+                  f"{row['p99_ms']:.1f} | {row['cpu_us_per_query']:.0f} | {row['errors'] + row['unanswered']} |"
+                  for row in bursts]
     lines += ["", "| idle RSS (connector process) | MB |", "|---|---:|"]
     lines += [f"| {name} | {rss / MB:.1f} |" for name, rss in report["idle_rss"].items()]
     lines += ["", "| target | limit | value | result |", "|---|---|---:|---|"]
@@ -664,7 +713,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="override the size's number of alternating rounds")
     parser.add_argument("--duration", type=float, help="override the size's seconds per measurement")
     parser.add_argument("--concurrency", help="override every scenario's concurrencies, e.g. '4' or '1,32'")
-    parser.add_argument("--scenarios", default="abcdefil", help="which scenarios, e.g. 'ab' (default all)")
+    parser.add_argument("--scenarios", default="abcdefilm", help="which scenarios, e.g. 'ab' (default all)")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
     parser.add_argument("--no-process-floor", action="store_true",
                         help="leave out floor/process (the floor split over two processes, bench/floor_process.py)")
@@ -723,7 +772,7 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                  "event_loop": event_loop_factory()[1]},
         "rows": [asdict(r) for r in rows],
         "idle_rss": idle_rss,
-        "checks": evaluate(rows, idle_rss, args.modes, capacity_e or capacity),
+        "checks": evaluate(rows, idle_rss, args.modes, capacity_e or capacity, args.peer_mode is not None),
     }
 
 

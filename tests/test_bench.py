@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
-from bench.run import SCRIPT_NAME, TOKEN, Target, markdown, update_docs  # noqa: E402
+from bench.run import IO_WAIT, SCRIPT_NAME, TOKEN, Target, markdown, update_docs  # noqa: E402
 
 from pyexec_connector.devserver import DevServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"scenario", "title", "concurrency", "target", "mode", "qps", "p50_ms", "p99_ms", "queries", "errors",
             "unanswered", "rss_peak_mb", "workers_rss_peak_mb", "cpu_us_per_query", "rounds_qps", "ratios",
-            "rss_growth"}
+            "rss_growth", "seconds_to_all"}
 
 
 def run_bench(out: Path, *args: str) -> dict:
@@ -40,12 +40,12 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
     report = run_bench(tmp_path, "--modes", "inline", "--concurrency", "4")
     rows = report["rows"]
     assert {(r["scenario"], r["target"]) for r in rows} == {
-        (s, t) for s in "abcdefi" for t in ("ours/inline", "floor")} | {
+        (s, t) for s in "abcdefim" for t in ("ours/inline", "floor")} | {
         ("l", "ours/inline"), ("l", "ours/inline@i")}   # (l): ours alone, alternately with (i)'s queries
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["errors"] == 0 and row["unanswered"] == 0, row
-        assert row["queries"] == (300 if row["scenario"] == "f" else 24), row
+        assert row["queries"] == {"f": 300, "m": 4}.get(row["scenario"], 24), row   # (m): one burst of c
         assert row["qps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["rss_peak_mb"] > 5
         if row["scenario"] == "l":      # ours alone: nothing to compare with in its cell
@@ -53,6 +53,7 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
         else:
             assert "qps_vs_floor" in row["ratios"] if row["target"] != "floor" else row["ratios"] == {}
         assert (row["rss_growth"] is not None) == (row["scenario"] == "f")
+        assert (row["seconds_to_all"] is not None) == (row["scenario"] == "m")
     assert set(report["idle_rss"]) == {"ours/inline", "floor"}
     meta = report["meta"]
     assert meta["size"] == "tiny" and meta["cores"] >= 1 and meta["command"].startswith("python -m bench")
@@ -62,7 +63,7 @@ def test_every_scenario_runs_and_every_query_is_answered(tmp_path):
     # the table names every row and the docs page carries date, machine and command
     table = markdown(report)
     assert sum(line.startswith(f"| ({r['scenario']}) {r['title']} | 4 | {r['target']} |")
-               for r in rows for line in table.splitlines()) == len(rows)
+               for r in rows for line in table.splitlines()) == len(rows) + 2    # (m) in the burst table too
     assert statuses["(f) RSS growth ours/inline"] in {"pass", "fail"}
     page_path = tmp_path / "PERFORMANCE.md"
     page = update_docs(report, table, page_path).read_text()
@@ -86,6 +87,38 @@ def test_peer_and_both_engine_modes_are_measured_alternately(tmp_path):
     assert checks["(a) c=32 ours/" + report["meta"]["default_mode"] + " q/s vs upstream"]["status"] in {
         "pass", "fail"}
     assert SCRIPT_NAME   # scenario (c) uses a document the suite uploads to the devserver itself
+
+
+def test_isolated_floor_and_io_burst_are_judged_against_ours(tmp_path):
+    """Issue 20's figures: process mode against the isolated floor (floor/process: (a)'s q/s at 32, its p50
+    at 1), the I/O-bound burst (m) against the peer by the time to answer all, and CPU per query against
+    a peer that is a build of ours (--peer-mode)."""
+    peer = f"{sys.executable} -m pyexec_connector"
+    report = run_bench(tmp_path, "--scenarios", "am", "--concurrency", "1,32", "--modes", "process",
+                       "--peer", peer, "--peer-mode", "process")
+    rows = report["rows"]
+    targets = {"ours/process", "floor", "floor/process", "upstream"}
+    assert {(r["scenario"], r["concurrency"], r["target"]) for r in rows} == {
+        (s, c, t) for s in "am" for c in (1, 32) for t in targets}
+    for row in rows:
+        assert row["errors"] == 0 and row["unanswered"] == 0, row
+    ours = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == "ours/process"}
+    assert {"qps_vs_floor/process", "p50_vs_floor/process", "cpu_vs_upstream"} <= set(ours[("a", 32)]["ratios"])
+    for row in (r for r in rows if r["scenario"] == "m"):
+        # a burst is one round of c queries written at once, each replying after awaiting IO_WAIT
+        assert row["queries"] == row["concurrency"] and row["seconds_to_all"] >= IO_WAIT, row
+        assert row["p50_ms"] >= IO_WAIT * 1000, row
+    assert "seconds_vs_upstream" in ours[("m", 32)]["ratios"]
+    assert "seconds_vs_floor/process" in ours[("m", 32)]["ratios"]
+    checks = {c["target"]: c for c in report["checks"]}
+    for name in ("(a) c=32 ours/process q/s vs floor/process", "(a) c=1 ours/process p50 vs floor/process",
+                 "(m) c=32 ours/process time to answer all vs upstream",
+                 "(a) c=32 ours/process CPU per query vs the peer build",
+                 "(a) c=1 ours/process CPU per query vs the peer build"):
+        assert checks[name]["status"] in {"pass", "fail"}, checks[name]
+    table = markdown(report)
+    assert "| burst scenario | queries at once | target | all answered, s |" in table
+    assert sum(line.startswith("| (m) I/O-bound") for line in table.splitlines()) == 2 * 2 * len(targets)  # 2 tables
 
 
 def test_a_target_that_does_not_start_stops_the_others_and_fails_at_once(tmp_path):

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from pyexec_connector import errors
+from pyexec_connector.engine import EngineStats
 
 from .conftest import SOURCE
 
@@ -36,8 +37,8 @@ async def test_runaway_loop_times_out_and_the_worker_is_replaced(server, start_c
     result = await server.replies_for(runaway)
     assert time.monotonic() - began < 5
     assert result.error_code == errors.TIMEOUT and result.body["parameters"] == [1.0]
-    await wait_for(lambda: stats(running)["worker_restarts"] >= 1 and stats(running)["workers_alive"] == 2)
-    assert stats(running)["timeouts"] == 1
+    await wait_for(lambda: stats(running).worker_restarts >= 1 and stats(running).workers_alive == 2)
+    assert stats(running).timeouts == 1
     assert (await server.query({"code": "again = 2"})).results == {"again": 2}
 
 
@@ -61,7 +62,7 @@ async def test_worker_death_is_answered_and_the_next_query_served(server, start_
     assert result.status == 400 and result.error_code == errors.WORKER_DIED
     assert expected in result.body["parameters"][0]
     assert (await server.query({"code": "alive = True"})).results == {"alive": True}
-    await wait_for(lambda: stats(running)["worker_restarts"] == 1 and stats(running)["workers_alive"] == 2)
+    await wait_for(lambda: stats(running).worker_restarts == 1 and stats(running).workers_alive == 2)
 
 
 async def test_worker_death_leaves_queries_on_other_workers_alone(server, start_connector):
@@ -173,7 +174,7 @@ async def test_busy_beyond_the_queue(server, start_connector):
     first = await server.send_query(SOURCE, params)
     await asyncio.sleep(0.2)
     second = await server.send_query(SOURCE, params)
-    await wait_for(lambda: stats(running)["queue_depth"] == 1)
+    await wait_for(lambda: stats(running).queue_depth == 1)
     busy = await server.query(params)
     assert busy.status == 400 and busy.error_code == errors.BUSY
     assert server.received(first) == 0          # answered at once, while the first still runs
@@ -198,7 +199,7 @@ async def test_code_handles_return_timeout_drops_later_replies(server, start_con
     assert result.error_code == errors.TIMEOUT
     await asyncio.sleep(1.0)
     assert server.stray_replies == []
-    assert stats(running)["timeouts"] == 1 and stats(running)["worker_restarts"] == 0
+    assert stats(running).timeouts == 1 and stats(running).worker_restarts == 0
     assert (await server.query({"code": "fine = 1"})).results == {"fine": 1}
 
 
@@ -243,10 +244,10 @@ async def test_reconfigure_to_a_new_pool_answers_queries_in_flight(server, start
     assert (await server.replies_for(slow)).results["done"] is True
     assert (await server.query({"code": "new = 1"})).results == {"new": 1}
     assert running.session.engine is not old_engine
-    await wait_for(lambda: old_engine.stats()["workers_alive"] == 0)
+    await wait_for(lambda: old_engine.stats().workers_alive == 0)
     await server.reconfigure(SOURCE, {"executionMode": "inline"})
     assert (await server.query({"code": "inline = 1"})).results == {"inline": 1}
-    assert running.session.engine.stats()["workers_alive"] is None      # inline: no workers
+    assert running.session.engine.stats().workers_alive is None      # inline: no workers
 
 
 async def test_reconfigure_same_shape_keeps_workers(server, start_connector):
@@ -267,9 +268,14 @@ async def test_workers_do_not_see_the_token(server, start_connector, monkeypatch
     assert result.results == {"seen": None}
 
 
-async def test_stats_keys(server, start_connector):
+async def test_inline_stats_report_no_pool_and_its_cache(server, start_connector):
     running = await start(server, start_connector, executionMode="inline")
-    assert set(stats(running)) == {"workers_alive", "worker_restarts", "timeouts", "queue_depth"}
+    assert (await server.query({"code": "x = 1", "name": "once"})).status == 200
+    assert (await server.query({"name": "once"})).status == 200
+    figures = stats(running)
+    assert isinstance(figures, EngineStats) and figures.can_run
+    assert figures.workers_alive is None and figures.queue_depth is None and figures.worker_recycles is None
+    assert (figures.cache_hits, figures.cache_misses, figures.cache_size) == (1, 1, 1)
 
 
 async def test_name_only_query_runs_on_a_worker_that_never_saw_the_code(server, start_connector):

@@ -228,7 +228,7 @@ async def test_a_workers_awaited_send_returns_only_once_the_connector_accepted_i
     ahead = 0
     for _ in range(20):         # 4 s paused
         await asyncio.sleep(0.2)
-        ahead = max(ahead, len(progress.read_text()) - engine.stats()["accepted_frames"])
+        ahead = max(ahead, len(progress.read_text()) - engine.stats().accepted_frames)
     sent = len(progress.read_text())
     assert 0 < sent < count and not done.done()
     assert ahead <= ACCEPT_WINDOW // frame + 1, ahead

@@ -4,6 +4,7 @@ import asyncio
 import pytest
 
 from pyexec_connector import errors, protocol
+from pyexec_connector.engine import EngineStats
 
 from .conftest import SOURCE
 
@@ -15,7 +16,7 @@ class _BrokenEngine:
         raise RuntimeError("engine bug")
 
     def stats(self):
-        return {}
+        return EngineStats()
 
     async def retire(self):
         pass

@@ -1,17 +1,22 @@
 """Health, readiness, metrics and the TCP probe on real connectors in this process; refusal logging."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import pyexec_connector
 from pyexec_connector.config import build_server_config
 from pyexec_connector.connector import Connector
+from pyexec_connector.engine import EngineStats
 
 from .conftest import SOURCE, TOKEN, free_port
 
@@ -44,12 +49,14 @@ async def test_two_connectors_in_one_process_keep_their_own_metrics(server, star
     assert not any(dict(labels).get("source") == "second" for _, labels in one)
 
 
-async def test_engine_figures_come_from_engine_stats_when_it_has_them(server, start_connector):
+async def test_engine_figures_come_from_engine_stats(server, start_connector):
     server.set_source_config(SOURCE, {"executionMode": "inline"})
     running = await start_connector()
     names = {name for name, _ in scrape(running.connector)}
     assert "pyexec_engine_workers_alive" not in names          # the inline engine has no workers
-    figures = {"workers_alive": 2, "worker_restarts": 1, "timeouts": 3, "queue_depth": 0}
+    assert "pyexec_engine_worker_recycles_total" not in names
+    figures = EngineStats(workers_alive=2, worker_restarts=1, timeouts=3, queue_depth=0, cache_hits=7,
+                          worker_recycles={"memory": 4})
     running.session.engine.stats = lambda: figures             # what the process engine provides
     metrics = scrape(running.connector)
     label = frozenset({("source", SOURCE)})
@@ -57,9 +64,30 @@ async def test_engine_figures_come_from_engine_stats_when_it_has_them(server, st
     assert metrics[("pyexec_engine_worker_restarts_total", label)] == 1
     assert metrics[("pyexec_engine_timeouts_total", label)] == 3
     assert metrics[("pyexec_engine_queue_depth", label)] == 0
+    assert metrics[("pyexec_code_cache_hits_total", label)] == 7
+    assert metrics[("pyexec_engine_worker_recycles_total", label | {("reason", "memory")})] == 4
+    assert metrics[("pyexec_engine_worker_recycles_total", label | {("reason", "queries")})] == 0
     assert running.connector.health_problems() == []
-    figures["workers_alive"] = 0
+    figures = replace(figures, workers_alive=0, can_run=False)
     assert "no engine worker alive" in running.connector.health_problems()[0]
+
+
+async def test_metrics_modules_import_downwards_only():
+    """health loads exposition on the first scrape; exposition, and the figures both read, never import
+    health back (issue 20: no import circle, the engine reached only through Engine.stats())."""
+    package = Path(pyexec_connector.__file__).parent
+    graph = {}
+    for module in ("health", "exposition", "figures", "engine/stats"):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        graph[module] = {node.module.lstrip(".").replace(".", "/") for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module and node.level}
+        graph[module] |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                          and node.level and not node.module for alias in node.names}
+    assert "exposition" in graph["health"] and "figures" in graph["exposition"]
+    assert "health" not in graph["exposition"] | graph["figures"] | graph["engine/stats"]
+    assert "exposition" not in graph["figures"] | graph["engine/stats"]
+    source = (package / "health.py").read_text() + (package / "exposition.py").read_text()
+    assert "getattr(" not in source
 
 
 async def test_healthz_follows_declared_health_and_readyz_names_sources(server, start_connector):

@@ -218,8 +218,8 @@ async def test_a_query_over_its_timeout_is_answered_with_the_timeout_error(serve
     result = await server.query({"code": SLEEPER, "timeout": 0.3}, timeout=3)
     assert loop.time() - began < 3
     assert result.status == 400 and result.error_code == errors.TIMEOUT
-    assert engine.stats()["timeouts"] == 1
-    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
+    assert engine.stats().timeouts == 1
+    assert await eventually(lambda: not engine.stats().timeouts_pending)
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
 
 
@@ -228,12 +228,12 @@ async def test_the_configured_execution_timeout_applies_to_relayed_queries(serve
     running = await start_connector()
     assert (await server.query({"code": "warm = 1"})).results == {"warm": 1}
     engine = running.session.engine
-    relayed = engine.stats()["relayed"]
+    relayed = engine.stats().relayed
     result = await server.query({"code": SLEEPER}, timeout=3)
-    assert engine.stats()["relayed"] == relayed + 1
+    assert engine.stats().relayed == relayed + 1
     assert result.status == 400 and result.error_code == errors.TIMEOUT
-    assert engine.stats()["timeouts"] == 1
-    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
+    assert engine.stats().timeouts == 1
+    assert await eventually(lambda: not engine.stats().timeouts_pending)
 
 
 async def test_queries_with_different_timeouts_at_once_each_get_the_right_answer(server, start_connector):
@@ -259,8 +259,8 @@ async def test_queries_with_different_timeouts_at_once_each_get_the_right_answer
     assert in_time_r.status == 200 and in_time_r.results == {"ok": 1}
     assert untimed_r.status == 200 and untimed_r.results == {"quick": 1}
     assert order.index("short") < order.index("longer")
-    assert engine.stats()["timeouts"] == 2
-    assert await eventually(lambda: not engine.stats()["timeouts_pending"])
+    assert engine.stats().timeouts == 2
+    assert await eventually(lambda: not engine.stats().timeouts_pending)
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
 
 

@@ -38,7 +38,7 @@ async def test_code_that_swallows_cancellation_is_answered_at_its_deadline(serve
     await asyncio.sleep(3.5)                     # the code has ended (or its worker was killed) by now
     assert server.stray_replies == []            # its 200 never went out
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
-    assert running.session.engine.stats()["timeouts"] == 1
+    assert running.session.engine.stats().timeouts == 1
 
 
 # The child of a fork returns to connector code right away (plain code) or after an await.

@@ -106,8 +106,8 @@ async def test_recycling_by_query_count_and_memory_loses_no_query(server, start_
     assert [r.status for r in results] == [200] * 300
     assert [r.results["x"] for r in results] == list(range(300))
     stats = running.session.engine.stats()
-    assert stats["worker_recycles"].get("queries", 0) >= 5, stats
-    assert stats["worker_forks"] > 2
+    assert stats.worker_recycles.get("queries", 0) >= 5, stats
+    assert stats.worker_forks > 2
 
 
 async def test_recycling_by_memory_loses_no_query(server, start_connector):
@@ -116,4 +116,4 @@ async def test_recycling_by_memory_loses_no_query(server, start_connector):
     results = await asyncio.gather(*(server.query({"code": f"y = {i}"}, SOURCE, timeout=120) for i in range(300)))
     assert [r.status for r in results] == [200] * 300
     assert [r.results["y"] for r in results] == list(range(300))
-    assert running.session.engine.stats()["worker_recycles"].get("memory", 0) >= 5
+    assert running.session.engine.stats().worker_recycles.get("memory", 0) >= 5

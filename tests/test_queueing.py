@@ -34,8 +34,8 @@ async def test_a_burst_of_5000_trivial_queries_gets_no_busy(server, start_connec
     results = await asyncio.gather(*(server.replies_for(a, timeout=120) for a in addresses))
     statuses = [r.status for r in results]
     assert statuses.count(200) == 5000, {s: statuses.count(s) for s in set(statuses)}
-    assert stats(running)["busy"] == 0
-    assert stats(running)["queue_depth"] == 0 and stats(running)["queued_bytes"] == 0
+    assert stats(running).busy == 0
+    assert stats(running).queue_depth == 0 and stats(running).queued_bytes == 0
 
 
 async def test_busy_past_the_byte_budget_names_the_key(server, start_connector):
@@ -49,7 +49,7 @@ async def test_busy_past_the_byte_budget_names_the_key(server, start_connector):
     assert "maxQueuedBytes" in busy.body["messageTemplate"] and 8192 in busy.body["parameters"]
     assert (await server.replies_for(first)).results["done"] is True
     assert [(await server.replies_for(a)).results["n"] for a in waiting] == [0, 1]
-    assert stats(running)["busy"] == 1 and stats(running)["queued_bytes"] == 0
+    assert stats(running).busy == 1 and stats(running).queued_bytes == 0
 
 
 async def test_a_query_whose_timeout_passes_while_it_waits_is_answered_busy(server, start_connector):
@@ -62,7 +62,7 @@ async def test_a_query_whose_timeout_passes_while_it_waits_is_answered_busy(serv
     assert "did not start" in waited.body["messageTemplate"]
     assert server.received(first) == 0          # answered while the first still ran
     assert (await server.replies_for(first)).results["done"] is True
-    assert stats(running)["busy_waited_timeout"] == 1
+    assert stats(running).busy_waited_timeout == 1
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}
 
 
@@ -76,7 +76,7 @@ async def test_an_explicit_max_queued_queries_still_caps_the_count(server, start
     assert "maxQueuedQueries" in busy.body["messageTemplate"] and 2 in busy.body["parameters"]
     assert (await server.replies_for(first)).results["done"] is True
     assert [(await server.replies_for(a)).results["n"] for a in waiting] == [0, 1]
-    assert stats(running)["busy"] == 1
+    assert stats(running).busy == 1
 
 
 async def test_a_query_waiting_for_a_fork_is_not_counted_by_max_queued_queries(server, start_connector):

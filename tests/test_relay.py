@@ -24,15 +24,15 @@ class RelayCounter:
     def __init__(self, engine: process.ProcessEngine):
         self._engine = engine
         stats = engine.stats()
-        self._relayed, self._parsed = stats["relayed"], stats["parsed"]
+        self._relayed, self._parsed = stats.relayed, stats.parsed
 
     @property
     def relayed(self) -> int:
-        return self._engine.stats()["relayed"] - self._relayed
+        return self._engine.stats().relayed - self._relayed
 
     @property
     def declined(self) -> int:
-        return self._engine.stats()["parsed"] - self._parsed
+        return self._engine.stats().parsed - self._parsed
 
 
 async def start_process(server, start_connector, **general):
@@ -129,7 +129,7 @@ async def test_name_only_after_a_successful_run(server, start_connector):
 
 async def test_name_only_queries_run_on_any_worker(server, start_connector):
     running, relays = await start_process(server, start_connector, workers=2, minWorkers=2)
-    assert running.session.engine.stats()["workers_alive"] == 2
+    assert running.session.engine.stats().workers_alive == 2
     first = await server.query({"name": "pids", "code": PIDS})     # an idle pool: the first worker runs it
     assert first.status == 200
     for _ in range(3):              # one after another: each an idle pool again

@@ -54,5 +54,5 @@ async def test_results_and_errors_near_or_over_the_limit_are_answered_not_fatal(
                                          "raise QueryError('my.code', 'huge {0}', ['e' * (3 * 1024 * 1024)])"})
     assert raised.status == 400 and raised.error_code == "my.code"
     assert "over maxMessageBytes" in raised.body["messageTemplate"]
-    assert running.session.engine.stats()["worker_restarts"] == 0
+    assert running.session.engine.stats().worker_restarts == 0
     assert (await server.query({"code": "ok = 1"})).results == {"ok": 1}

@@ -12,7 +12,8 @@ from . import compat
 from .config import ServerConfig
 from .connection import Health
 from .engine.base import Engine
-from .health import HttpEndpoints, Metrics, TcpProbe, engine_stats
+from .figures import engine_stats
+from .health import HttpEndpoints, Metrics, TcpProbe
 from .link import Backoff
 from .session import SourceSession
 
@@ -110,8 +111,7 @@ class Connector:
             if engine is None or id(engine) in seen:
                 continue
             seen.add(id(engine))
-            stats = engine_stats(engine)
-            if not stats.get("can_run", stats.get("workers_alive", 1) != 0):
+            if not engine_stats(engine).can_run:
                 problems.append(f"source {name}: no engine worker alive")
         return problems
 

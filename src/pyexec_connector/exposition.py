@@ -13,16 +13,42 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import logqueue
-from .health import DURATION_BUCKETS, ENGINE_FIGURES, PREFIX, engine_stats
+from .engine.stats import EngineStats
+from .figures import DURATION_BUCKETS, QueryFigures, engine_stats
 
 if TYPE_CHECKING:
-    from .health import _QueryFigures
+    from .engine.base import Engine
     from .session import SourceSession
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+PREFIX = "pyexec"
+# one series per source and engine figure: (metric name, help, counter?, the figure; None: none reported)
+ENGINE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int | None]], ...] = (
+    ("engine_workers_alive", "Worker processes alive", False, lambda s: s.workers_alive),
+    ("engine_worker_restarts", "Worker processes restarted", True, lambda s: s.worker_restarts),
+    ("engine_timeouts", "Queries stopped for running past their time limit", True, lambda s: s.timeouts),
+    ("engine_queue_depth", "Queries waiting for a worker", False, lambda s: s.queue_depth),
+    ("engine_queued_bytes", "What the queries waiting for a worker cost, in bytes (bounded by maxQueuedBytes)",
+     False, lambda s: s.queued_bytes),
+    ("engine_worker_forks", "Worker processes forked from a zygote", True, lambda s: s.worker_forks),
+    ("engine_worker_spawns", "Worker processes spawned as fresh interpreters", True, lambda s: s.worker_spawns),
+    ("engine_worker_idle_retired", "Workers beyond minWorkers ended after workerIdleSeconds idle", True,
+     lambda s: s.worker_idle_retired),
+    ("engine_worker_wedged", "Workers killed for not answering a liveness ping while running no query", True,
+     lambda s: s.worker_wedged),
+    ("engine_queries_requeued", "Queries taken back from a silent worker that never read them and given to "
+     "another", True, lambda s: s.queries_requeued),
+)
+CACHE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int]], ...] = (
+    ("code_cache_hits", "Compiled-code cache hits", True, lambda s: s.cache_hits),
+    ("code_cache_misses", "Compiled-code cache misses", True, lambda s: s.cache_misses),
+    ("code_cache_size", "Entries in the compiled-code cache", False, lambda s: s.cache_size),
+    ("code_cache_capacity", "Capacity of the compiled-code cache", False, lambda s: s.cache_capacity),
+)
+RECYCLE_REASONS = ("queries", "memory")
 
 
-def registry(figures: dict[str, _QueryFigures],
+def registry(figures: dict[str, QueryFigures],
              sessions: Callable[[], Mapping[str, SourceSession]]) -> CollectorRegistry:
     """A registry of its own per connector: several connectors in one process do not collide."""
     registry = CollectorRegistry(auto_describe=True)
@@ -36,7 +62,7 @@ def render(registry: CollectorRegistry) -> bytes:
 
 
 class _QueryCollector(Collector):
-    def __init__(self, figures: dict[str, _QueryFigures]):
+    def __init__(self, figures: dict[str, QueryFigures]):
         self._figures = figures
 
     def describe(self) -> Iterable[Any]:
@@ -85,19 +111,15 @@ class _SessionCollector(Collector):
                                       labels=["source"])
         downloads = CounterMetricFamily(f"{PREFIX}_document_downloads", "Document contents downloaded",
                                         labels=["source"])
-        hits = CounterMetricFamily(f"{PREFIX}_code_cache_hits", "Compiled-code cache hits", labels=["source"])
-        misses = CounterMetricFamily(f"{PREFIX}_code_cache_misses", "Compiled-code cache misses",
-                                     labels=["source"])
-        size = GaugeMetricFamily(f"{PREFIX}_code_cache_size", "Entries in the compiled-code cache",
-                                 labels=["source"])
-        capacity = GaugeMetricFamily(f"{PREFIX}_code_cache_capacity", "Capacity of the compiled-code cache",
-                                     labels=["source"])
-        engine_families = {
-            key: (CounterMetricFamily if counter else GaugeMetricFamily)(f"{PREFIX}_{name}", text, labels=["source"])
-            for key, (name, text, counter) in ENGINE_FIGURES.items()}
+        cache_families = [(CounterMetricFamily if counter else GaugeMetricFamily)(f"{PREFIX}_{name}", text,
+                                                                                 labels=["source"])
+                          for name, text, counter, _ in CACHE_FIGURES]
+        engine_families = [(CounterMetricFamily if counter else GaugeMetricFamily)(f"{PREFIX}_{name}", text,
+                                                                                  labels=["source"])
+                           for name, text, counter, _ in ENGINE_FIGURES]
         recycles = CounterMetricFamily(f"{PREFIX}_engine_worker_recycles", "Workers replaced after "
                                        "maxQueriesPerWorker or maxWorkerMemoryMB", labels=["source", "reason"])
-        engines: dict[int, tuple[Any, list[str]]] = {}
+        engines: dict[int, tuple[Engine, list[str]]] = {}
         for name, session in sessions.items():
             connected.add_metric([name], 1.0 if session.link.ready else 0.0)
             in_flight.add_metric([name], len(session.in_flight))
@@ -106,35 +128,25 @@ class _SessionCollector(Collector):
             waits.add_metric([name], session.link.sender_waits)
             fetches.add_metric([name], session.documents.fetches)
             downloads.add_metric([name], session.documents.downloads)
-            engines.setdefault(id(session.engine), (session.engine, []))[1].append(name)
+            if session.engine is not None:      # None until the source's first configuration
+                engines.setdefault(id(session.engine), (session.engine, []))[1].append(name)
         for engine, names in engines.values():
             label = ",".join(names)    # an engine shared by several sources is reported once
             stats = engine_stats(engine)
-            cache = getattr(engine, "cache", None)
-            figures = {
-                "cache_hits": stats.get("cache_hits", getattr(cache, "hits", None)),
-                "cache_misses": stats.get("cache_misses", getattr(cache, "misses", None)),
-                "cache_size": stats.get("cache_size", len(cache) if cache is not None else None),
-                "cache_capacity": stats.get("cache_capacity", getattr(cache, "capacity", None)),
-            }
-            for family, key in ((hits, "cache_hits"), (misses, "cache_misses"), (size, "cache_size"),
-                                (capacity, "cache_capacity")):
-                figure = figures[key]
-                if isinstance(figure, int | float):
-                    family.add_metric([label], figure)
-            for key, family in engine_families.items():
-                value = stats.get(key)
-                if isinstance(value, int | float) and not isinstance(value, bool):
+            for family, (_, _, _, cache_figure) in zip(cache_families, CACHE_FIGURES, strict=True):
+                family.add_metric([label], cache_figure(stats))
+            for family, (_, _, _, figure) in zip(engine_families, ENGINE_FIGURES, strict=True):
+                value = figure(stats)
+                if value is not None:
                     family.add_metric([label], value)
-            if "worker_recycles" in stats:
-                for reason in ("queries", "memory"):
-                    recycles.add_metric([label, reason], stats["worker_recycles"].get(reason, 0))
-        yield from (connected, in_flight, reconnects, pending, waits, fetches, downloads, hits, misses, size,
-                    capacity, recycles)
+            if stats.worker_recycles is not None:
+                for reason in RECYCLE_REASONS:
+                    recycles.add_metric([label, reason], stats.worker_recycles.get(reason, 0))
+        yield from (connected, in_flight, reconnects, pending, waits, fetches, downloads, *cache_families, recycles)
         pump = logqueue.current()
         if pump is not None:
             dropped = CounterMetricFamily(f"{PREFIX}_log_lines_dropped", "Log lines dropped because the log "
                                           "output did not keep up")
             dropped.add_metric([], pump.dropped_total)
             yield dropped
-        yield from (f for f in engine_families.values() if f.samples)
+        yield from (f for f in engine_families if f.samples)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .figures import DURATION_BUCKETS, QueryFigures
 from .session import QueryEnded
 
 if TYPE_CHECKING:
@@ -19,42 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "pyexec"
 MAX_MESSAGE_CODES = 100     # distinct message_code label values per source; the rest count as OTHER_CODE
 OTHER_CODE = "other"
 _OK_STATUSES = frozenset({200, 204})
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# engine.stats() keys -> (metric name, help, counter?)
-ENGINE_FIGURES = {
-    "workers_alive": ("engine_workers_alive", "Worker processes alive", False),
-    "worker_restarts": ("engine_worker_restarts", "Worker processes restarted", True),
-    "timeouts": ("engine_timeouts", "Queries stopped for running past their time limit", True),
-    "queue_depth": ("engine_queue_depth", "Queries waiting for a worker", False),
-    "queued_bytes": ("engine_queued_bytes", "What the queries waiting for a worker cost, in bytes (bounded by "
-                                            "maxQueuedBytes)", False),
-    "worker_forks": ("engine_worker_forks", "Worker processes forked from a zygote", True),
-    "worker_spawns": ("engine_worker_spawns", "Worker processes spawned as fresh interpreters", True),
-    "worker_idle_retired": ("engine_worker_idle_retired", "Workers beyond minWorkers ended after "
-                            "workerIdleSeconds idle", True),
-    "worker_wedged": ("engine_worker_wedged", "Workers killed for not answering a liveness ping while "
-                      "running no query", True),
-    "queries_requeued": ("engine_queries_requeued", "Queries taken back from a silent worker that never "
-                         "read them and given to another", True),
-}
-
-
-class _QueryFigures:
-    """One source's query counts, kept as plain numbers: observe() is on every query, and prometheus'
-    own Counter and Histogram take a lock and look their labels up on each call."""
-
-    __slots__ = ("ok", "error", "buckets", "total_seconds", "errors")
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.error = 0
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)    # per bucket (the last: +Inf), not cumulative
-        self.total_seconds = 0.0
-        self.errors: dict[str, int] = {}
 
 
 class Metrics:
@@ -67,7 +35,7 @@ class Metrics:
     def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]]):
         self._sessions = sessions
         self._registry: CollectorRegistry | None = None
-        self._figures: dict[str, _QueryFigures] = {}
+        self._figures: dict[str, QueryFigures] = {}
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -79,7 +47,7 @@ class Metrics:
     def observe(self, ended: QueryEnded) -> None:
         figures = self._figures.get(ended.source)
         if figures is None:
-            figures = self._figures[ended.source] = _QueryFigures()
+            figures = self._figures[ended.source] = QueryFigures()
         duration = ended.duration
         figures.buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
         figures.total_seconds += duration
@@ -102,19 +70,6 @@ class Metrics:
     def exposition(self) -> bytes:
         from . import exposition
         return exposition.render(self.registry)
-
-
-def engine_stats(engine: Any) -> dict[str, Any]:
-    """engine.stats() when the engine has it (the process engine does; the inline engine need not)."""
-    stats = getattr(engine, "stats", None)
-    if not callable(stats):
-        return {}
-    try:
-        figures = stats()
-    except Exception:  # noqa: BLE001 - a scrape must not fail because an engine is restarting
-        log.debug("engine.stats() failed", exc_info=True)
-        return {}
-    return figures if isinstance(figures, dict) else {}
 
 
 class HttpEndpoints:

@@ -10,6 +10,7 @@ if TYPE_CHECKING:   # at run time too heavy for worker processes, which only unp
     from ..protocol import QueryFrame
     from ..reply import ReplyChannel
     from ..request import QueryRequest
+    from .stats import EngineStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +53,8 @@ class Engine(Protocol):
         """A fresh source configuration of the same pool shape: rebuild what depends on it."""
         ...
 
-    def stats(self) -> dict[str, Any]:
-        """workers_alive, worker_restarts, timeouts, queue_depth, cache figures (for metrics)."""
+    def stats(self) -> EngineStats:
+        """The engine's figures now, for /metrics, /healthz and tests. Cheap; never raises."""
         ...
 
     async def close(self) -> None:

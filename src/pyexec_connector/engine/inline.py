@@ -16,6 +16,7 @@ from . import output, runtime
 from .base import Job, Outcome
 from .guard import CodeGuard
 from .pipeline import Pipeline, timeout_error
+from .stats import EngineStats
 
 
 class InlineEngine:
@@ -69,9 +70,11 @@ class InlineEngine:
         finally:
             timer.cancel()
 
-    def stats(self) -> dict[str, Any]:
-        # no workers: None, not 0 (nothing to count; readiness reads can_run, absent here: it can)
-        return {"workers_alive": None, "worker_restarts": 0, "timeouts": self.timeouts, "queue_depth": None}
+    def stats(self) -> EngineStats:
+        # no workers and no queue: their figures stay None; the connector's own loop can always run code
+        cache = self.cache
+        return EngineStats(timeouts=self.timeouts, cache_hits=cache.hits, cache_misses=cache.misses,
+                           cache_size=len(cache), cache_capacity=cache.capacity)
 
     async def close(self) -> None:
         self.cache.clear()

@@ -55,6 +55,7 @@ from .pipeline import Deadlines, Pipeline, timeout_error
 from .pool import WorkerHandle, WorkerPool, WorkerState
 from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
+from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -195,25 +196,22 @@ class ProcessEngine:
                                        config.resultValues == "rich"))
         self.dispatcher.dispatch()
 
-    def stats(self) -> dict[str, Any]:
-        """For metrics and readiness. workers_alive counts processes alive or starting (not those waiting
-        to retry after failed starts); can_run: whether the source can run code (a worker is up, or one can be
-forked on demand: minWorkers 0). relayed/parsed: which way
-        queries reached the workers (a debug figure)."""
+    def stats(self) -> EngineStats:
+        """workers_alive counts processes alive or starting (not those waiting to retry after failed
+        starts); can_run: a worker is up, or one can be forked on demand (minWorkers 0)."""
         hits, misses = self.pool.retired_cache_counts
-        return {"workers_alive": self.pool.alive_count(), "can_run": self.pool.can_run(),
-                "worker_restarts": self.pool.restarts,
-                "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
-                "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
-                "busy_waited_timeout": self.dispatcher.expired_waiting,
-                "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
-                "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
-                "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
-                "timeouts_pending": self._deadlines.sweeping,
-                "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
-                "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.pool.supervisor.requeued}
+        return EngineStats(
+            can_run=self.pool.can_run(), workers_alive=self.pool.alive_count(), worker_restarts=self.pool.restarts,
+            timeouts=self.timeouts, queue_depth=self.dispatcher.depth, queued_bytes=self.dispatcher.queued_bytes,
+            busy=self.dispatcher.busy, busy_waited_timeout=self.dispatcher.expired_waiting,
+            cache_hits=hits + sum(w.cache_counts[0] for w in self.pool.workers),
+            cache_misses=self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
+            cache_size=len(self._names), cache_capacity=self._names.capacity,
+            worker_recycles=dict(self.pool.recycles), worker_forks=self.pool.launcher.forks,
+            worker_spawns=self.pool.launcher.spawns, worker_idle_retired=self.pool.idle_retired,
+            worker_wedged=self.pool.supervisor.wedged, queries_requeued=self.pool.supervisor.requeued,
+            relayed=self.relayed, parsed=self.parsed, accepted_frames=self.accepted_frames,
+            timeouts_pending=self._deadlines.sweeping)
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
