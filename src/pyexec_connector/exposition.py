@@ -22,12 +22,15 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def registry(figures: dict[str, _QueryFigures],
-             sessions: Callable[[], Mapping[str, SourceSession]]) -> CollectorRegistry:
+def registry(figures: dict[str, _QueryFigures], sessions: Callable[[], Mapping[str, SourceSession]],
+             environments: Callable[[], Any] | None = None) -> CollectorRegistry:
     """A registry of its own per connector: several connectors in one process do not collide."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_QueryCollector(figures))
     registry.register(_SessionCollector(sessions))
+    if environments is not None:
+        from .envs.metrics import EnvironmentCollector
+        registry.register(EnvironmentCollector(environments, PREFIX))
     return registry
 
 

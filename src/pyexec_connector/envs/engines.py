@@ -1,0 +1,133 @@
+"""One source's engines for per-script environments: one process engine per environment in use, made on
+its first query, its workers forked from a zygote started with the environment's interpreter (the
+registry keys zygotes by interpreter and preload list), and closed again once it has been idle for
+workerIdleSeconds: an environment nobody uses holds no process and no lease (so it can be evicted)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..config import SourceConfig
+from ..engine.base import Engine
+from ..reply import ReplyChannel
+from .manager import EnvironmentManager
+from .store import Environment, Lease
+
+log = logging.getLogger(__name__)
+
+EngineMaker = Callable[[SourceConfig, Environment], Engine]
+
+
+class EnvironmentGone(Exception):
+    """The environment was removed (pruned) between its lookup and its use: the caller asks again."""
+
+
+@dataclasses.dataclass(eq=False)
+class _InUse:
+    engine: Engine
+    lease: Lease
+    channels: set[ReplyChannel] = dataclasses.field(default_factory=set)
+    idle_since: float | None = None
+
+
+class EnvironmentEngines:
+    def __init__(self, source_name: str, manager: EnvironmentManager, make: EngineMaker):
+        self.source_name = source_name
+        self._manager = manager
+        self._make = make
+        self._engines: dict[str, _InUse] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._retiring: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    def submit(self, environment: Environment, config: SourceConfig, frame: Any, channel: ReplyChannel) -> None:
+        """The query to the environment's engine (made now if it has none). Raises EnvironmentGone."""
+        in_use = self._engines.get(environment.key)
+        if in_use is None:
+            lease = self._manager.lease(environment)
+            if lease is None:
+                raise EnvironmentGone(environment.key)
+            # its workers start when queries come and end when idle: an idle environment holds none
+            scaled = dataclasses.replace(config, minWorkers=0)
+            in_use = self._engines[environment.key] = _InUse(self._make(scaled, environment), lease)
+            log.info("source %s: running scripts in environment %s (%s)", self.source_name, environment.key,
+                     ", ".join(environment.requirements))
+            self._watch(config.workerIdleSeconds)
+        in_use.idle_since = None
+        in_use.channels = {c for c in in_use.channels if not c.terminated}
+        in_use.channels.add(channel)
+        in_use.engine.submit(frame, channel)
+
+    def _watch(self, idle_seconds: float) -> None:
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(idle_seconds / 2, self._sweep, idle_seconds)
+
+    def _sweep(self, idle_seconds: float) -> None:
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        for key, in_use in list(self._engines.items()):
+            if any(not c.terminated for c in in_use.channels):
+                in_use.idle_since = None
+                continue
+            in_use.channels.clear()
+            if in_use.idle_since is None:
+                in_use.idle_since = now
+            elif now - in_use.idle_since >= idle_seconds:
+                log.info("source %s: environment %s idle for %g s: its engine stops", self.source_name, key,
+                         idle_seconds)
+                self._retire(self._engines.pop(key))
+        if self._engines:
+            self._watch(idle_seconds)
+
+    def _retire(self, in_use: _InUse) -> None:
+        async def retire() -> None:
+            try:
+                await in_use.engine.retire()
+            finally:
+                in_use.lease.release()
+        task = asyncio.ensure_future(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def retire_all(self) -> None:
+        """A new configuration: engines in use finish what they run and stop; the next query makes anew."""
+        for in_use in self._engines.values():
+            self._retire(in_use)
+        self._engines.clear()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        engines, self._engines = list(self._engines.values()), {}
+        for in_use in engines:
+            with contextlib.suppress(Exception):
+                await in_use.engine.close()
+            in_use.lease.release()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def in_environment(engine: Engine, environment: Environment, preload: tuple[str, ...], source_name: str,
+                   spawn_options: Callable[[], dict[str, Any]]) -> Engine:
+    """A process engine, just made, whose workers come from the environment's interpreter.
+
+    The process engine takes no interpreter yet (its pool is being rebuilt): its pool's launcher, which
+    has not been opened (the pool opens it on its first loop turn), is replaced by one for that
+    interpreter. Once the pool takes `python=`, this function becomes that argument."""
+    from ..engine import zygote
+    from ..engine.launch import WorkerLauncher
+    pool = getattr(engine, "pool", None)
+    if pool is None or getattr(pool, "launcher_open", True):
+        raise RuntimeError("per-script environments need a process engine whose pool has not started")
+    pool.launcher = WorkerLauncher(zygote.registry(), preload, source_name, spawn_options,
+                                   python=str(environment.python))
+    return engine
