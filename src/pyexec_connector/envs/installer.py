@@ -85,9 +85,10 @@ async def _run(command: list[str], env: Mapping[str, str], deadline: float) -> t
     assert proc.stdout is not None
     try:
         async with asyncio.timeout_at(deadline):
-            output = await proc.stdout.read(_OUTPUT_LIMIT)
-            while await proc.stdout.read(65536):     # drained and dropped: the pipe must not fill
-                pass
+            kept = bytearray()
+            while chunk := await proc.stdout.read(65536):
+                if len(kept) < _OUTPUT_LIMIT:       # the rest is read and dropped: the pipe must not fill
+                    kept += chunk[:_OUTPUT_LIMIT - len(kept)]
             code = await proc.wait()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
@@ -96,7 +97,7 @@ async def _run(command: list[str], env: Mapping[str, str], deadline: float) -> t
             async with asyncio.timeout(5.0):
                 await proc.wait()
         raise
-    return code, output.decode(errors="replace")
+    return code, kept.decode(errors="replace")
 
 
 def reason(output: str) -> str:

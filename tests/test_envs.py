@@ -1,0 +1,303 @@
+"""Per-script environments (PEP 723, envs/): the block, the key, installs with uv from a folder of tiny
+wheels made here (no index: no network), the cache and its bound, the `envs` command, and queries through
+the connector and the real console command against the devserver."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyexec_connector import errors
+from pyexec_connector.engine.zygote import ZygoteRegistry
+from pyexec_connector.envs.gate import environment_for
+from pyexec_connector.envs.installer import InstallSettings
+from pyexec_connector.envs.manager import EnvironmentManager, EnvironmentSettings
+from pyexec_connector.envs.metadata import MetadataError, read_block
+from pyexec_connector.envs.requirements import normalize
+from pyexec_connector.errors import QueryError
+
+from .conftest import SOURCE, TOKEN, console_command, free_port
+from .wheels import make_wheel, script
+
+READ_VERSION = "import tinyone\nversion = tinyone.VERSION\ndel tinyone\n"
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheelhouse")
+    make_wheel(folder, "tinyone", "1.0")
+    make_wheel(folder, "tinyone", "2.0")
+    make_wheel(folder, "tinytwo", "1.0", requires=["tinyone>=1"], code="import tinyone\nVERSION = '1.0'\n")
+    make_wheel(folder, "oldweb", "1.0", requires=["aiohttp<3"])       # clashes with the connector's aiohttp
+    return folder
+
+
+def settings(directory: Path, wheelhouse: Path, max_mb: int = 0) -> EnvironmentSettings:
+    return EnvironmentSettings(directory, max_mb * 2**20, InstallSettings("none", (str(wheelhouse),)))
+
+
+@pytest.fixture
+def manager(tmp_path, wheelhouse) -> EnvironmentManager:
+    return EnvironmentManager(settings(tmp_path / "environments", wheelhouse))
+
+
+def run_in(python: Path, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+
+
+async def expect_error(code: str, text: str, manager: EnvironmentManager | None) -> QueryError:
+    with pytest.raises(QueryError) as caught:
+        await environment_for(text, manager)
+    assert caught.value.code == code, caught.value.message()
+    return caught.value
+
+
+# ---- the block and the key ----------------------------------------------------------------------------
+
+def test_block_is_read_as_the_specification_says():
+    text = script("tinyone>=1", "tinytwo", requires_python=">=3.11", body="x = 1\n")
+    metadata = read_block(text)
+    assert metadata is not None
+    assert metadata.dependencies == ("tinyone>=1", "tinytwo") and metadata.requires_python == ">=3.11"
+    assert read_block("x = 1  # /// script, in a comment only\n") is None
+    assert read_block("# /// script\n#\n# ///\n").dependencies == ()
+    with pytest.raises(MetadataError, match="more than one"):
+        read_block(text + text)
+    with pytest.raises(MetadataError, match="TOML"):
+        read_block("# /// script\n# dependencies = [\n# ///\n")
+    with pytest.raises(MetadataError, match="list of strings"):
+        read_block("# /// script\n# dependencies = \"tinyone\"\n# ///\n")
+
+
+def test_sets_that_differ_only_in_spelling_are_one_environment():
+    assert normalize(["Tiny_One >= 1.0", "tinytwo", "tinytwo"]) == normalize(["tinytwo", "tiny-one>=1.0"])
+    assert normalize(["a[Y,x]<2,>1"]) == ("a[x,y]<2,>1",)
+    with pytest.raises(MetadataError, match="not a valid requirement"):
+        normalize(["tinyone >>> 1"])
+
+
+# ---- installs ---------------------------------------------------------------------------------------------
+
+async def test_first_use_installs_and_the_next_reuses_it(manager):
+    text = script("tinyone==1.0", body=READ_VERSION)
+    first = await environment_for(text, manager)
+    assert first is not None and manager.figures.installs == 1 and manager.figures.hits == 0
+    again = await environment_for(script("TinyOne == 1.0"), manager)       # spelled otherwise: the same set
+    assert again is not None and again.key == first.key and again.path == first.path
+    assert manager.figures.installs == 1 and manager.figures.hits == 1
+    assert [e.key for e in manager.store.entries()] == [first.key]
+    # the environment runs the package and the connector's worker, and nothing else of the base environment
+    done = run_in(first.python, "import tinyone, pyexec_connector.engine.worker, aiohttp; print(tinyone.VERSION)")
+    assert done.stdout.strip() == "1.0", done.stderr
+    assert "numpy" in sys.modules or run_in(Path(sys.executable), "import numpy").returncode == 0
+    hidden = run_in(first.python, "import numpy")
+    assert hidden.returncode != 0 and "No module named 'numpy'" in hidden.stderr
+
+
+async def test_a_script_without_dependencies_needs_no_environment(manager):
+    assert await environment_for("x = 1", manager) is None
+    assert await environment_for("# /// script\n# requires-python = '>=3'\n# ///\nx = 1\n", manager) is None
+    assert manager.figures.installs == 0
+
+
+async def test_two_sets_side_by_side_each_see_their_own_versions(manager):
+    old = await environment_for(script("tinyone==1.0"), manager)
+    new = await environment_for(script("tinytwo", "tinyone==2.0"), manager)
+    assert old is not None and new is not None and old.key != new.key
+    assert run_in(old.python, "import tinyone; print(tinyone.VERSION)").stdout.strip() == "1.0"
+    assert run_in(new.python, "import tinyone, tinytwo; print(tinyone.VERSION)").stdout.strip() == "2.0"
+    assert run_in(old.python, "import tinytwo").returncode != 0
+    assert manager.figures.installs == 2
+
+
+async def test_concurrent_first_uses_share_one_install(manager):
+    found = await asyncio.gather(*(environment_for(script("tinytwo"), manager) for _ in range(6)))
+    assert len({e.key for e in found if e is not None}) == 1
+    assert manager.figures.installs == 1 and manager.installing == 0
+
+
+async def test_a_missing_package_is_a_400_naming_it_and_a_later_query_tries_again(manager, wheelhouse):
+    text = script("tinylater>=1")
+    error = await expect_error(errors.INSTALL_FAILED, text, manager)
+    assert "tinylater" in error.message() and "not found" in error.message()
+    assert manager.figures.failures == 1 and manager.store.entries() == []
+    assert manager.store.leftovers() == [] or all(p.suffix == ".lock" for p in manager.store.leftovers())
+    make_wheel(wheelhouse, "tinylater", "1.0")
+    try:
+        assert await environment_for(text, manager) is not None     # not cached as a failure
+        assert manager.figures.installs == 1
+    finally:
+        (wheelhouse / "tinylater-1.0-py3-none-any.whl").unlink()
+
+
+async def test_a_conflict_with_the_connectors_own_requirements_names_both(manager):
+    direct = await expect_error(errors.DEPENDENCY_CONFLICT, script("aiohttp<3"), manager)
+    assert "aiohttp<3" in direct.message() and "pyexec-connector requires aiohttp" in direct.message()
+    # through a dependency: the resolver finds it and says which requirement of the connector's it meets
+    indirect = await expect_error(errors.DEPENDENCY_CONFLICT, script("oldweb"), manager)
+    assert "aiohttp<3" in indirect.message() and "pyexec-connector" in indirect.message()
+    assert manager.figures.installs == 0 and manager.store.entries() == []
+    # a requirement the connector's versions meet is no conflict
+    assert await environment_for(script("aiohttp>=3", "tinyone"), manager) is not None
+
+
+async def test_requires_python_is_honoured(manager):
+    error = await expect_error(errors.REQUIRES_PYTHON, script("tinyone", requires_python="<3"), manager)
+    assert "<3" in error.message() and sys.version.split()[0] in error.message()
+    # honoured with the feature off too
+    await expect_error(errors.REQUIRES_PYTHON, script(requires_python=">=4"), None)
+    assert await environment_for(script("tinyone", requires_python=">=3.11"), manager) is not None
+
+
+async def test_scripts_with_dependencies_are_refused_when_the_feature_is_off():
+    error = await expect_error(errors.DEPENDENCIES_OFF, script("tinyone"), None)
+    assert "scriptDependencies" in error.message() and "tinyone" in error.message()
+    assert await environment_for("x = 1", None) is None
+
+
+async def test_least_recently_used_environments_go_past_environments_max_mb(tmp_path, wheelhouse):
+    manager = EnvironmentManager(settings(tmp_path / "environments", wheelhouse))
+    first = await environment_for(script("tinyone==1.0"), manager)
+    assert first is not None
+    one = first.size
+    # room for two environments, not three
+    bounded = EnvironmentManager(settings(tmp_path / "environments", wheelhouse, max_mb=(one * 5 // 2) // 2**20))
+    second = await environment_for(script("tinyone==2.0"), bounded)
+    assert second is not None and {e.key for e in bounded.store.entries()} == {first.key, second.key}
+    held = bounded.lease(first)                 # in use: spared although least recently used
+    assert held is not None
+    third = await environment_for(script("tinytwo"), bounded)
+    assert third is not None
+    assert {e.key for e in bounded.store.entries()} == {first.key, third.key}
+    held.release()
+    fourth = await environment_for(script("tinyone==2.0", "tinytwo"), bounded)
+    assert fourth is not None
+    assert {e.key for e in bounded.store.entries()} == {third.key, fourth.key}
+    assert bounded.figures.cache_bytes <= bounded.settings.max_bytes
+
+
+async def test_a_first_use_from_a_local_wheelhouse_is_quick(manager):
+    """Bench: one small wheel, a fresh cache (the connector's own wheels packed too). The bound is
+    generous (a loaded machine); the figure is in docs/ENVIRONMENTS.md."""
+    started = time.perf_counter()
+    assert await environment_for(script("tinyone"), manager) is not None
+    elapsed = time.perf_counter() - started
+    print(f"first use: {elapsed:.2f} s")
+    assert elapsed < 30
+
+
+async def test_the_registry_keeps_a_zygote_per_interpreter(manager):
+    environment = await environment_for(script("tinyone==2.0"), manager)
+    assert environment is not None
+    registry = ZygoteRegistry()
+    try:
+        base = await registry.acquire(())
+        env = await registry.acquire((), python=str(environment.python))
+        assert base is not env and env.python == str(environment.python)
+        assert registry.zygotes() == {(): base}
+        assert registry.zygotes(str(environment.python)) == {(): env}
+        await registry.release(env)
+        assert registry.zygotes(str(environment.python)) == {} and not env.alive and base.alive
+    finally:
+        await registry.close()
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+def envs_command(tmp_path: Path, wheelhouse: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_")}
+    env.update({"CONNECTOR_ENVIRONMENTS_DIR": str(tmp_path / "environments"), "CONNECTOR_PACKAGE_INDEX": "none",
+                "CONNECTOR_PACKAGE_FIND_LINKS": str(wheelhouse)})
+    return subprocess.run([*console_command(), "envs", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_envs_command_prepares_lists_and_prunes(tmp_path, wheelhouse):
+    (tmp_path / "one.py").write_text(script("tinyone==1.0", body=READ_VERSION))
+    (tmp_path / "two.py").write_text(script("tinytwo"))
+    (tmp_path / "plain.py").write_text("x = 1\n")
+    prepared = envs_command(tmp_path, wheelhouse, "prepare", "one.py", "two.py", "plain.py")
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert prepared.stdout.count("installed") == 2 and "plain.py: declares no dependencies" in prepared.stdout
+    again = envs_command(tmp_path, wheelhouse, "prepare", "one.py")
+    assert "one.py: ready" in again.stdout
+    listed = envs_command(tmp_path, wheelhouse, "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("2 environment(s)")
+    assert "tinyone==1.0" in listed.stdout and "tinytwo" in listed.stdout
+    (tmp_path / "bad.py").write_text(script("nothing-of-the-kind"))
+    failed = envs_command(tmp_path, wheelhouse, "prepare", "bad.py")
+    assert failed.returncode == 1 and "nothing-of-the-kind" in failed.stdout
+    pruned = envs_command(tmp_path, wheelhouse, "prune")
+    assert pruned.returncode == 0 and pruned.stdout.startswith("removed 2 environment(s)")
+    assert envs_command(tmp_path, wheelhouse, "list").stdout.startswith("0 environment(s)")
+
+
+# ---- queries ------------------------------------------------------------------------------------------
+
+async def test_off_by_default_a_query_or_document_declaring_dependencies_is_a_400(server, start_connector):
+    running = await start_connector()
+    assert running.connector.config.script_dependencies is False
+    reply = await server.query({"code": script("tinyone", body="x = 1\n")}, timeout=30)
+    assert reply.status == 400 and reply.error_code == errors.DEPENDENCIES_OFF
+    assert "scriptDependencies" in reply.body["messageTemplate"]
+    server.put_document("needs.py", script("tinyone", body="x = 1\n"))
+    document = await server.query({"script": "needs.py"}, timeout=30)
+    assert document.status == 400 and document.error_code == errors.DEPENDENCIES_OFF
+    server.put_document("plain.py", "# /// script\n# requires-python = '>=3'\n# ///\nx = 2\n")
+    assert (await server.query({"script": "plain.py"}, timeout=30)).results == {"x": 2}
+
+
+async def test_console_command_runs_scripts_in_their_environments(tmp_path, server, wheelhouse):
+    """End to end: the real command against the devserver, feature on; code and documents, reuse, two
+    sets, isolation, errors, a worker killed and replaced, and /metrics."""
+    port = free_port()
+    (tmp_path / "serverConfig").mkdir()
+    (tmp_path / "serverConfig" / "server.config").write_text(
+        f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {SOURCE}\nmetricsPort = {port}\n"
+        f"scriptDependencies = true\npackageIndex = none\npackageFindLinks = {wheelhouse}\n"
+        f"environmentsDir = {tmp_path / 'environments'}\n")
+    proc = await asyncio.create_subprocess_exec(*console_command(), cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        one = await server.query({"code": script("tinyone==1.0", body=READ_VERSION)}, timeout=60)
+        assert one.status == 200 and one.results == {"version": "1.0"}, one.body
+        server.put_document("two.py", script("tinyone==2.0", "tinytwo", body=READ_VERSION))
+        two = await server.query({"script": "two.py"}, timeout=60)
+        assert two.results == {"version": "2.0"}, two.body
+        again = await server.query({"code": script("tinyone==1.0", body=READ_VERSION + "n = 1\n")}, timeout=30)
+        assert again.results == {"version": "1.0", "n": 1}, again.body
+        hidden = await server.query({"code": script("tinyone==1.0", body="import numpy\n")}, timeout=30)
+        assert hidden.status == 400 and "numpy" in str(hidden.body)
+        assert (await server.query({"code": "import numpy\nx = 1"}, timeout=30)).results == {"x": 1}  # base env
+        missing = await server.query({"code": script("nothing-of-the-kind")}, timeout=60)
+        assert missing.error_code == errors.INSTALL_FAILED and "nothing-of-the-kind" in str(missing.body)
+        clash = await server.query({"code": script("aiohttp<3")}, timeout=30)
+        assert clash.error_code == errors.DEPENDENCY_CONFLICT
+        killed = await server.query({"code": script("tinyone==1.0", body="import os, signal\n"
+                                                                          "os.kill(os.getpid(), signal.SIGKILL)\n")},
+                                    timeout=30)
+        assert killed.status == 400 and killed.error_code == errors.WORKER_DIED, killed.body
+        after = await server.query({"code": script("tinyone==1.0", body=READ_VERSION)}, timeout=30)
+        assert after.results == {"version": "1.0"}, after.body
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+        samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples["pyexec_environment_installs_total"] == 2
+        assert samples["pyexec_environment_hits_total"] >= 2
+        assert samples["pyexec_environment_install_failures_total"] == 1
+        assert samples["pyexec_environment_install_seconds_total"] > 0
+        assert samples["pyexec_environment_cache_bytes"] > 0
+    finally:
+        proc.terminate()
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert TOKEN not in text
