@@ -254,6 +254,38 @@ async def test_off_by_default_a_query_or_document_declaring_dependencies_is_a_40
     assert (await server.query({"script": "plain.py"}, timeout=30)).results == {"x": 2}
 
 
+async def test_an_idle_environment_scales_to_zero_and_can_then_be_pruned(tmp_path, server, start_connector,
+                                                                          wheelhouse):
+    server.set_source_config(SOURCE, {"workerIdleSeconds": 0.3})
+    running = await start_connector(scriptDependencies="true", packageIndex="none", packageFindLinks=wheelhouse,
+                                    environmentsDir=tmp_path / "environments")
+    reply = await server.query({"code": script("tinyone==2.0", body=READ_VERSION)}, timeout=60)
+    assert reply.results == {"version": "2.0"}, reply.body
+    assert running.session.environments_in_use == 1
+    manager = running.connector.environments
+    assert manager is not None
+    (entry,) = manager.store.entries()
+    assert not manager.store.remove_if_unused(entry.key)         # in use: not removed
+    async with asyncio.timeout(20):
+        while running.session.environments_in_use:
+            await asyncio.sleep(0.1)
+    async with asyncio.timeout(20):                              # its engine retired, its lease given back
+        while not manager.store.remove_if_unused(entry.key):
+            await asyncio.sleep(0.1)
+    # the next query installs it again and runs
+    again = await server.query({"code": script("tinyone==2.0", body=READ_VERSION)}, timeout=60)
+    assert again.results == {"version": "2.0"} and manager.figures.installs == 2
+
+
+async def test_inline_mode_refuses_scripts_with_dependencies(tmp_path, server, start_connector, wheelhouse):
+    server.set_source_config(SOURCE, {"executionMode": "inline"})
+    await start_connector(scriptDependencies="true", packageIndex="none", packageFindLinks=wheelhouse,
+                          environmentsDir=tmp_path / "environments")
+    reply = await server.query({"code": script("tinyone", body="x = 1\n")}, timeout=60)
+    assert reply.error_code == errors.DEPENDENCIES_INLINE and "inline" in str(reply.body)
+    assert (await server.query({"code": "x = 1"})).results == {"x": 1}
+
+
 async def test_console_command_runs_scripts_in_their_environments(tmp_path, server, wheelhouse):
     """End to end: the real command against the devserver, feature on; code and documents, reuse, two
     sets, isolation, errors, a worker killed and replaced, and /metrics."""
@@ -272,6 +304,8 @@ async def test_console_command_runs_scripts_in_their_environments(tmp_path, serv
         server.put_document("two.py", script("tinyone==2.0", "tinytwo", body=READ_VERSION))
         two = await server.query({"script": "two.py"}, timeout=60)
         assert two.results == {"version": "2.0"}, two.body
+        server.put_document("plain.py", "x = 3")
+        assert (await server.query({"script": "plain.py"}, timeout=30)).results == {"x": 3}
         again = await server.query({"code": script("tinyone==1.0", body=READ_VERSION + "n = 1\n")}, timeout=30)
         assert again.results == {"version": "1.0", "n": 1}, again.body
         hidden = await server.query({"code": script("tinyone==1.0", body="import numpy\n")}, timeout=30)

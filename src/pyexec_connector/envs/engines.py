@@ -30,8 +30,7 @@ class EnvironmentGone(Exception):
 class _InUse:
     engine: Engine
     lease: Lease
-    channels: set[ReplyChannel] = dataclasses.field(default_factory=set)
-    idle_since: float | None = None
+    last_query: float = 0.0        # loop time of its last query
 
 
 class EnvironmentEngines:
@@ -59,9 +58,7 @@ class EnvironmentEngines:
             log.info("source %s: running scripts in environment %s (%s)", self.source_name, environment.key,
                      ", ".join(environment.requirements))
             self._watch(config.workerIdleSeconds)
-        in_use.idle_since = None
-        in_use.channels = {c for c in in_use.channels if not c.terminated}
-        in_use.channels.add(channel)
+        in_use.last_query = asyncio.get_running_loop().time()
         in_use.engine.submit(frame, channel)
 
     def _watch(self, idle_seconds: float) -> None:
@@ -73,13 +70,8 @@ class EnvironmentEngines:
         self._sweeper = None
         now = asyncio.get_running_loop().time()
         for key, in_use in list(self._engines.items()):
-            if any(not c.terminated for c in in_use.channels):
-                in_use.idle_since = None
-                continue
-            in_use.channels.clear()
-            if in_use.idle_since is None:
-                in_use.idle_since = now
-            elif now - in_use.idle_since >= idle_seconds:
+            # retiring lets what it still runs finish: a long query does not keep its engine from retiring
+            if now - in_use.last_query >= idle_seconds:
                 log.info("source %s: environment %s idle for %g s: its engine stops", self.source_name, key,
                          idle_seconds)
                 self._retire(self._engines.pop(key))
@@ -87,6 +79,7 @@ class EnvironmentEngines:
             self._watch(idle_seconds)
 
     def _retire(self, in_use: _InUse) -> None:
+        """The engine finishes what it has, then closes; then the environment's lease is given back."""
         async def retire() -> None:
             try:
                 await in_use.engine.retire()

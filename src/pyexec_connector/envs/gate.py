@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .. import errors
 from ..errors import QueryError
 from .installer import InstallFailed
-from .metadata import MetadataError, ScriptMetadata, read_block
+from .metadata import MetadataError, ScriptMetadata, block_text, read_block
 from .requirements import Conflict, PythonMismatch, check_python
 
 if TYPE_CHECKING:          # uv is needed only with scriptDependencies on: the manager is not imported here
@@ -33,6 +33,13 @@ def script_metadata(text: str | None) -> ScriptMetadata | None:
     return metadata
 
 
+def known_environment(text: str, manager: EnvironmentManager) -> Environment | None:
+    """The environment of a script whose block was seen before and whose environment is ready; None: ask
+    `environment_for`, which decides everything afresh."""
+    block = block_text(text)
+    return manager.known(block) if block is not None else None
+
+
 async def environment_for(text: str | None, manager: EnvironmentManager | None) -> Environment | None:
     """The environment a script declares, installed if need be (the caller bounds the wait); None for a
     script without dependencies. `manager` None: scriptDependencies is off."""
@@ -52,10 +59,14 @@ async def environment_for(text: str | None, manager: EnvironmentManager | None) 
     except MetadataError as exc:
         raise QueryError(errors.BAD_SCRIPT_METADATA, "The script's metadata is not valid: {0}.", [str(exc)]) from None
     try:
-        return await manager.ensure(spec)
+        environment = await manager.ensure(spec)
     except InstallFailed as exc:
         if "pyexec-connector" in exc.reason:       # the resolver met the connector's own requirements
             raise QueryError(errors.DEPENDENCY_CONFLICT, "The script's dependencies ({0}) conflict with the "
                              "connector's: {1}", [", ".join(spec.requirements), exc.reason]) from None
         raise QueryError(errors.INSTALL_FAILED, "Installing the script's dependencies ({0}) failed: {1}",
                          [", ".join(spec.requirements), exc.reason]) from None
+    block = block_text(text or "")
+    if block is not None:
+        manager.remember(block, environment)
+    return environment

@@ -12,8 +12,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cachetools import LRUCache
 
 from .installer import InstallFailed, InstallSettings, find_uv, install
 from .metadata import ScriptMetadata
@@ -23,6 +26,10 @@ from .store import Environment, EnvironmentStore, Lease
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
+
+RECENT_BLOCKS = 256          # script blocks remembered with their environment
+MAX_RECENT_BLOCK = 4096      # characters: a longer block is not remembered (the cache stays ~1 MiB at most)
+TOUCH_INTERVAL = 60.0        # seconds between updates of an environment's last use on disk
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ class EnvironmentManager:
         self._runtime = runtime
         self._installing: dict[str, asyncio.Task[Environment]] = {}
         self.figures = EnvironmentFigures()
+        # a script block's text -> its environment, for the queries after the first (see `known`)
+        self._recent: LRUCache[str, Environment] = LRUCache(maxsize=RECENT_BLOCKS)
+        self._touched: dict[str, float] = {}
 
     @property
     def runtime(self) -> RuntimeSet:
@@ -75,12 +85,36 @@ class EnvironmentManager:
         runtime = self.runtime
         return plan(metadata, runtime.pins, runtime.fingerprint)
 
+    def known(self, block: str) -> Environment | None:
+        """The environment a block (metadata.block_text) was last found to need, while it is still on disk:
+        a repeated script costs a dictionary lookup and a stat, not a parse, a plan and a read."""
+        environment = self._recent.get(block)
+        if environment is None:
+            return None
+        if not self.store.exists(environment):
+            del self._recent[block]
+            return None
+        self.figures.hits += 1
+        self._touch(environment)
+        return environment
+
+    def remember(self, block: str, environment: Environment) -> None:
+        if len(block) <= MAX_RECENT_BLOCK:
+            self._recent[block] = environment
+
+    def _touch(self, environment: Environment) -> None:
+        """Mark it used (its record's mtime: LRU order for eviction), at most every TOUCH_INTERVAL."""
+        now = time.monotonic()
+        if now - self._touched.get(environment.key, -TOUCH_INTERVAL) >= TOUCH_INTERVAL:
+            self._touched[environment.key] = now
+            self.store.touch(environment)
+
     async def ensure(self, spec: EnvironmentSpec) -> Environment:
         """The environment for `spec`: found, or installed (once, however many ask). Raises InstallFailed."""
         found = self.store.find(spec.key)
         if found is not None:
             self.figures.hits += 1
-            self.store.touch(found)
+            self._touch(found)
             return found
         task = self._installing.get(spec.key)
         if task is None:

@@ -25,6 +25,17 @@ class ScriptMetadata:
     requires_python: str | None = None
 
 
+def block_text(text: str) -> str | None:
+    """The text of a script's one `script` block as found by plain searches (no parse): a cache key for
+    what the block was found to mean. None when there is no marker, or more than one (the full reading
+    then decides)."""
+    start = text.find(_MARKER)
+    if start < 0 or text.find(_MARKER, start + 1) >= 0:
+        return None
+    end = text.find("\n# ///", start + len(_MARKER))
+    return text[start:end + 6] if end >= 0 else None
+
+
 def read_block(text: str) -> ScriptMetadata | None:
     """The script's `script` block, or None when it has none. Raises MetadataError for two blocks, TOML
     that does not parse, or keys of the wrong type."""
