@@ -145,7 +145,8 @@ class SourceSession:
         if type(params) is dict:
             code = params.get("code")
             if type(code) is str and SCRIPT_BLOCK in code:
-                if self.environments is None or not self._known_environment(code, frame, channel):
+                engines = self._environment_engines
+                if engines is None or not engines.submit_known(code, self.source_config, frame, channel):
                     self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
                 return
             if self.environments is not None and code is None and type(params.get("script")) is str:
@@ -160,21 +161,6 @@ class SourceSession:
             log.exception("source %s: the engine failed taking query %s", self.source_name, frame.reply_address)
             self.pipeline.finish(channel, error=QueryError(errors.INTERNAL_ERROR, "The connector failed while "
                                                            "answering: {0}", [f"{type(exc).__name__}: {exc}"]))
-
-    def _known_environment(self, code: str, frame: protocol.QueryFrame, channel: ReplyChannel) -> bool:
-        """Code whose environment is known ready goes to its engine at once, as a query without a block goes
-        to the source's (no task, no parse). False: the caller takes the full way."""
-        from .envs.engines import EnvironmentGone
-        from .envs.gate import known_environment
-        assert self.environments is not None
-        environment = known_environment(code, self.environments)
-        if environment is None or self.source_config.executionMode != "process":
-            return False
-        try:
-            self._environment_engines_for().submit(environment, self.source_config, frame, channel)
-        except EnvironmentGone:
-            return False
-        return True
 
     async def _environment_query(self, frame: protocol.QueryFrame, channel: ReplyChannel, engine: Engine) -> None:
         """A query whose script may declare dependencies: its environment found or installed (within the

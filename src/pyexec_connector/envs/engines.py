@@ -15,6 +15,7 @@ from ..config import SourceConfig
 from ..engine.base import Engine
 from ..reply import ReplyChannel
 from .manager import EnvironmentManager
+from .metadata import block_text
 from .store import Environment, Lease
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,23 @@ class EnvironmentEngines:
             self._watch(config.workerIdleSeconds)
         in_use.last_query = asyncio.get_running_loop().time()
         in_use.engine.submit(frame, channel)
+
+    def submit_known(self, code: str, config: SourceConfig, frame: Any, channel: ReplyChannel) -> bool:
+        """Code whose block was seen before goes to its environment's engine at once, as code without a
+        block goes to the source's: no task, no parse. False: the caller takes the full way (a new block,
+        inline mode, or an environment removed since)."""
+        block = block_text(code)
+        environment = self._manager.known(block) if block is not None else None
+        if environment is None or config.executionMode != "process":
+            return False
+        try:
+            # an engine for it holds its lease: it stays on disk while the engine lives
+            self.submit(environment, config, frame, channel)
+        except EnvironmentGone:
+            assert block is not None
+            self._manager.forget(block)
+            return False
+        return True
 
     def _watch(self, idle_seconds: float) -> None:
         if self._sweeper is None:

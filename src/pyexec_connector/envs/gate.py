@@ -33,13 +33,6 @@ def script_metadata(text: str | None) -> ScriptMetadata | None:
     return metadata
 
 
-def known_environment(text: str, manager: EnvironmentManager) -> Environment | None:
-    """The environment of a script whose block was seen before and whose environment is ready; None: ask
-    `environment_for`, which decides everything afresh."""
-    block = block_text(text)
-    return manager.known(block) if block is not None else None
-
-
 async def environment_for(text: str | None, manager: EnvironmentManager | None) -> Environment | None:
     """The environment a script declares, installed if need be (the caller bounds the wait); None for a
     script without dependencies. `manager` None: scriptDependencies is off."""

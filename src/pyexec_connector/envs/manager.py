@@ -86,17 +86,17 @@ class EnvironmentManager:
         return plan(metadata, runtime.pins, runtime.fingerprint)
 
     def known(self, block: str) -> Environment | None:
-        """The environment a block (metadata.block_text) was last found to need, while it is still on disk:
-        a repeated script costs a dictionary lookup and a stat, not a parse, a plan and a read."""
+        """The environment a block (metadata.block_text) was last found to need: a repeated script costs a
+        dictionary lookup, not a parse, a plan and a read. It may have been removed since (by a prune in
+        another process): a lease on it then fails, and the caller `forget`s the block and asks afresh."""
         environment = self._recent.get(block)
-        if environment is None:
-            return None
-        if not self.store.exists(environment):
-            del self._recent[block]
-            return None
-        self.figures.hits += 1
-        self._touch(environment)
+        if environment is not None:
+            self.figures.hits += 1
+            self._touch(environment)
         return environment
+
+    def forget(self, block: str) -> None:
+        self._recent.pop(block, None)
 
     def remember(self, block: str, environment: Environment) -> None:
         if len(block) <= MAX_RECENT_BLOCK:

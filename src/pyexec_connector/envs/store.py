@@ -87,9 +87,6 @@ class EnvironmentStore:
         return Environment(key, self.path(key), tuple(data.get("requirements", ())), int(data.get("size", 0)),
                            last_used, float(data.get("install_seconds", 0.0)))
 
-    def exists(self, environment: Environment) -> bool:
-        return os.path.exists(environment.path / RECORD)
-
     def touch(self, environment: Environment) -> None:
         with contextlib.suppress(OSError):
             os.utime(environment.path / RECORD)
