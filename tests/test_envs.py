@@ -83,6 +83,13 @@ def test_sets_that_differ_only_in_spelling_are_one_environment():
         normalize(["tinyone >>> 1"])
 
 
+async def test_a_script_cannot_choose_where_packages_come_from(manager, wheelhouse):
+    wheel = wheelhouse / "tinyone-1.0-py3-none-any.whl"
+    error = await expect_error(errors.BAD_SCRIPT_METADATA, script(f"tinyone @ {wheel.as_uri()}"), manager)
+    assert "packageIndex" in error.message()
+    assert manager.figures.installs == 0
+
+
 # ---- installs ---------------------------------------------------------------------------------------------
 
 async def test_first_use_installs_and_the_next_reuses_it(manager):

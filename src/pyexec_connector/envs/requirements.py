@@ -70,13 +70,13 @@ def normalize(dependencies: Iterable[str]) -> tuple[str, ...]:
             requirement = Requirement(text)
         except InvalidRequirement as exc:
             raise MetadataError(f"{text!r} in 'dependencies' is not a valid requirement: {exc}") from None
+        if requirement.url:
+            raise MetadataError(f"{text!r} in 'dependencies' names where to get the package: the operator chooses "
+                                "that (packageIndex, packageFindLinks), a script names only packages and versions")
         spelled: str = canonicalize_name(requirement.name)
         if requirement.extras:
             spelled += "[" + ",".join(sorted(canonicalize_name(e) for e in requirement.extras)) + "]"
-        if requirement.url:
-            spelled += f" @ {requirement.url}"
-        else:
-            spelled += ",".join(sorted(str(s) for s in requirement.specifier))
+        spelled += ",".join(sorted(str(s) for s in requirement.specifier))
         if requirement.marker is not None:
             spelled += f" ; {requirement.marker}"
         normalized.add(spelled)
@@ -107,7 +107,7 @@ def check_conflicts(requirements: Iterable[str], pins: Mapping[str, Pin]) -> Non
         pin = pins.get(canonicalize_name(requirement.name))
         if pin is None:
             continue
-        if requirement.url or not requirement.specifier.contains(pin.version, prereleases=True):
+        if not requirement.specifier.contains(pin.version, prereleases=True):
             raise Conflict(f"the script requires {text}, but the connector's worker needs {pin.wanted_by} and "
                            f"runs with {pin.name} {pin.version}")
 
