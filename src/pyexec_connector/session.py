@@ -146,8 +146,13 @@ class SourceSession:
             code = params.get("code")
             if type(code) is str and SCRIPT_BLOCK in code:
                 engines = self._environment_engines
-                if engines is None or not engines.submit_known(code, self.source_config, frame, channel):
-                    self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
+                try:
+                    if engines is not None and engines.submit_known(code, self.source_config, frame, channel):
+                        return
+                except Exception as exc:   # noqa: BLE001 - as for the engine below
+                    self._failed(frame, channel, exc)
+                    return
+                self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
                 return
             if self.environments is not None and code is None and type(params.get("script")) is str:
                 self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
@@ -158,9 +163,13 @@ class SourceSession:
         try:
             engine.submit(frame, channel)
         except Exception as exc:   # noqa: BLE001 - an engine bug must not cost the query its reply
-            log.exception("source %s: the engine failed taking query %s", self.source_name, frame.reply_address)
-            self.pipeline.finish(channel, error=QueryError(errors.INTERNAL_ERROR, "The connector failed while "
-                                                           "answering: {0}", [f"{type(exc).__name__}: {exc}"]))
+            self._failed(frame, channel, exc)
+
+    def _failed(self, frame: protocol.QueryFrame, channel: ReplyChannel, exc: Exception) -> None:
+        log.exception("source %s: the engine failed taking query %s", self.source_name, frame.reply_address,
+                      exc_info=exc)
+        self.pipeline.finish(channel, error=QueryError(errors.INTERNAL_ERROR, "The connector failed while "
+                                                       "answering: {0}", [f"{type(exc).__name__}: {exc}"]))
 
     async def _environment_query(self, frame: protocol.QueryFrame, channel: ReplyChannel, engine: Engine) -> None:
         """A query whose script may declare dependencies: its environment found or installed (within the
@@ -191,6 +200,8 @@ class SourceSession:
         except asyncio.CancelledError:
             self.pipeline.finish(channel, error=stopped())
             raise
+        except Exception as exc:   # noqa: BLE001 - a bug must not cost the query its reply
+            self._failed(frame, channel, exc)
 
     def _environment_engines_for(self) -> EnvironmentEngines:
         if self._environment_engines is None:

@@ -55,7 +55,12 @@ class EnvironmentEngines:
                 raise EnvironmentGone(environment.key)
             # its workers start when queries come and end when idle: an idle environment holds none
             scaled = dataclasses.replace(config, minWorkers=0)
-            in_use = self._engines[environment.key] = _InUse(self._make(scaled, environment), lease)
+            try:
+                engine = self._make(scaled, environment)
+            except BaseException:
+                lease.release()
+                raise
+            in_use = self._engines[environment.key] = _InUse(engine, lease)
             log.info("source %s: running scripts in environment %s (%s)", self.source_name, environment.key,
                      ", ".join(environment.requirements))
             self._watch(config.workerIdleSeconds)

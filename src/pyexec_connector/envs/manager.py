@@ -21,7 +21,7 @@ from cachetools import LRUCache
 from .installer import InstallFailed, InstallSettings, find_uv, install
 from .metadata import ScriptMetadata
 from .requirements import EnvironmentSpec, plan
-from .runtime import RuntimeSet, runtime_set, wheelhouse
+from .runtime import RuntimeMissing, RuntimeSet, runtime_set, wheelhouse
 from .store import Environment, EnvironmentStore, Lease
 
 if TYPE_CHECKING:
@@ -133,19 +133,22 @@ class EnvironmentManager:
         deadline = loop.time() + self.settings.install.timeout
         try:
             fd = await self.store.exclusive(spec.key, deadline)
-        except TimeoutError as exc:
+        except (TimeoutError, OSError) as exc:
             self.figures.failures += 1
-            raise InstallFailed(str(exc)) from None
+            raise InstallFailed(f"{exc} (environmentsDir {self.settings.directory})") from None
         try:
             found = self.store.find(spec.key)       # another process installed it while we waited
             if found is not None:
                 self.figures.hits += 1
                 return found
             try:
-                wheels = await asyncio.to_thread(wheelhouse, self.runtime, self.settings.directory)
-                seconds = await install(spec, self.store.path(spec.key), wheels, self.settings.install,
-                                        self.store.cache, self.uv)
-                environment = self.store.complete(spec, seconds)
+                try:
+                    wheels = await asyncio.to_thread(wheelhouse, self.runtime, self.settings.directory)
+                    seconds = await install(spec, self.store.path(spec.key), wheels, self.settings.install,
+                                            self.store.cache, self.uv)
+                    environment = self.store.complete(spec, seconds)
+                except (OSError, RuntimeMissing) as exc:     # a full disk, a broken installation
+                    raise InstallFailed(f"{type(exc).__name__}: {exc}") from None
             except InstallFailed as exc:
                 self.figures.failures += 1
                 log.warning("installing %s failed: %s", ", ".join(spec.requirements) or "(no requirements)",
