@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -282,6 +283,50 @@ async def test_an_idle_environment_scales_to_zero_and_can_then_be_pruned(tmp_pat
     # the next query installs it again and runs
     again = await server.query({"code": script("tinyone==2.0", body=READ_VERSION)}, timeout=60)
     assert again.results == {"version": "2.0"} and manager.figures.installs == 2
+
+
+async def test_first_queries_wait_for_one_install_within_their_own_timeout(tmp_path, server, start_connector,
+                                                                            wheelhouse):
+    """The wheel folder is served over HTTP, slowly: a query whose timeout passes first is answered with the
+    timeout error while the install goes on; queries meanwhile share that one install."""
+    from aiohttp import web
+
+    release = asyncio.Event()
+
+    async def listing(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text='<a href="tinyone-2.0-py3-none-any.whl">tinyone-2.0-py3-none-any.whl</a>',
+                            content_type="text/html")
+
+    async def wheel(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(wheelhouse / request.match_info["name"])
+
+    app = web.Application()
+    app.add_routes([web.get("/wheels/", listing), web.get("/wheels/{name}", wheel)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    await web.SockSite(runner, listener).start()
+    try:
+        running = await start_connector(scriptDependencies="true", packageIndex="none",
+                                        packageFindLinks=f"http://127.0.0.1:{port}/wheels/",
+                                        environmentsDir=tmp_path / "environments")
+        code = script("tinyone==2.0", body=READ_VERSION)
+        started = time.perf_counter()
+        hasty = await server.query({"code": code, "timeout": 0.5}, timeout=30)
+        assert hasty.error_code == errors.TIMEOUT and time.perf_counter() - started < 10, hasty.body
+        patient = [asyncio.ensure_future(server.query({"code": code}, timeout=60)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        release.set()
+        for reply in await asyncio.gather(*patient):
+            assert reply.results == {"version": "2.0"}, reply.body
+        manager = running.connector.environments
+        assert manager is not None and manager.figures.installs == 1 and manager.figures.failures == 0
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 async def test_inline_mode_refuses_scripts_with_dependencies(tmp_path, server, start_connector, wheelhouse):

@@ -8,11 +8,13 @@ import argparse
 import asyncio
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import sandbox
 from ..config import ENV_FOR_KEY, REQUIRED_KEYS, build_server_config, read_properties
 from ..errors import ConfigError, QueryError
 from .gate import environment_for
@@ -118,6 +120,9 @@ def _prune(manager: EnvironmentManager, max_mb: int | None) -> int:
     kept = store.entries()
     for leftover in store.leftovers():
         _remove(leftover)
+    if store.cache.is_dir():     # uv's own cache: what no environment links to any more (uv locks it itself)
+        subprocess.run([manager.uv, "cache", "prune", "--cache-dir", str(store.cache), "--quiet"],
+                       env=sandbox.worker_environment(None), stdin=subprocess.DEVNULL, timeout=300, check=False)
     print(f"removed {len(removed)} environment(s) ({sum(e.size for e in removed) / 2**20:.1f} MiB); "
           f"{len(kept)} kept ({sum(e.size for e in kept) / 2**20:.1f} MiB)")
     return EXIT_OK
