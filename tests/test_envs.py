@@ -16,13 +16,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyexec_connector import errors
+from pyexec_connector.config import build_server_config
 from pyexec_connector.engine.zygote import ZygoteRegistry
 from pyexec_connector.envs.gate import environment_for
 from pyexec_connector.envs.installer import InstallSettings
 from pyexec_connector.envs.manager import EnvironmentManager, EnvironmentSettings
 from pyexec_connector.envs.metadata import MetadataError, read_block
 from pyexec_connector.envs.requirements import normalize
-from pyexec_connector.errors import QueryError
+from pyexec_connector.errors import ConfigError, QueryError
 
 from .conftest import SOURCE, TOKEN, console_command, free_port
 from .wheels import make_wheel, script
@@ -89,6 +90,26 @@ async def test_a_script_cannot_choose_where_packages_come_from(manager, wheelhou
     error = await expect_error(errors.BAD_SCRIPT_METADATA, script(f"tinyone @ {wheel.as_uri()}"), manager)
     assert "packageIndex" in error.message()
     assert manager.figures.installs == 0
+
+
+def test_configuration_keys_and_their_environment_variables(tmp_path):
+    base = {"targetServer": "http://localhost:8080", "authToken": "t", "sources": "s"}
+    default = build_server_config(base, env={})
+    assert default.script_dependencies is False and default.package_index is None
+    assert default.package_find_links == () and default.package_source_builds is False
+    assert default.environments_max_mb == 4096 and default.environments_dir.is_absolute()
+    env = {"CONNECTOR_SCRIPT_DEPENDENCIES": "true", "CONNECTOR_PACKAGE_INDEX": "none",
+           "CONNECTOR_PACKAGE_FIND_LINKS": "/a, https://wheels.example/b", "CONNECTOR_PACKAGE_SOURCE_BUILDS": "yes",
+           "CONNECTOR_ENVIRONMENTS_DIR": str(tmp_path), "CONNECTOR_ENVIRONMENTS_MAX_MB": "100"}
+    config = build_server_config(base, env=env)
+    assert config.script_dependencies and config.package_index == "none" and config.package_source_builds
+    assert config.package_find_links == ("/a", "https://wheels.example/b")
+    assert config.environments_dir == tmp_path and config.environments_max_mb == 100
+    settings = EnvironmentSettings.from_config(config)
+    assert settings.max_bytes == 100 * 2**20 and settings.install.find_links == config.package_find_links
+    for key, value in (("packageIndex", "pypi"), ("environmentsMaxMB", "-1"), ("scriptDependencies", "maybe")):
+        with pytest.raises(ConfigError, match=key):
+            build_server_config({**base, key: value}, env={})
 
 
 # ---- installs ---------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ class Connector:
         self.health = Health()
         self._config_problem: ConfigError | None = None
         self.environments = self._environments(config)
-        self.metrics = Metrics(lambda: self.sessions,
-                               environments=lambda: self.environments.figures if self.environments else None)
+        # the environments' collector (and the modules it reads) only with the feature on
+        manager = self.environments
+        self.metrics = Metrics(lambda: self.sessions, environments=(lambda: manager.figures) if manager else None)
         secret = config.reconnect_secret or uuid.uuid4().hex
         self.sessions: dict[str, SourceSession] = {
             name: SourceSession(name, config, reconnect_secret=secret, health=self.health,
