@@ -147,7 +147,7 @@ class SourceSession:
             if type(code) is str and SCRIPT_BLOCK in code:
                 engines = self._environment_engines
                 try:
-                    if engines is not None and engines.submit_known(code, self.source_config, frame, channel):
+                    if engines is not None and engines.submit_known(code, frame, channel):
                         return
                 except Exception as exc:   # noqa: BLE001 - as for the engine below
                     self._failed(frame, channel, exc)
@@ -184,12 +184,13 @@ class SourceSession:
                 text = code if code is not None else (await self.documents.get(name)).text
                 environment = await gate.environment_for(text, self.environments)
             if environment is None:
-                self._submit(engine, frame, channel)
+                # the source's engine of now: a reconfigure may have replaced it during the install
+                self._submit(self.engine if self.engine is not None else engine, frame, channel)
                 return
             if self.source_config.executionMode != "process":
                 raise QueryError(errors.DEPENDENCIES_INLINE, "A script with dependencies runs in worker "
                                  "processes: the source's executionMode is {0}.", [self.source_config.executionMode])
-            self._environment_engines_for().submit(environment, self.source_config, frame, channel)
+            self._run_in(environment, frame, channel)
         except QueryError as exc:
             self.pipeline.finish(channel, error=exc)
         except TimeoutError:
@@ -203,21 +204,26 @@ class SourceSession:
         except Exception as exc:   # noqa: BLE001 - a bug must not cost the query its reply
             self._failed(frame, channel, exc)
 
-    def _environment_engines_for(self) -> EnvironmentEngines:
-        if self._environment_engines is None:
-            from .envs.engines import EnvironmentEngines, in_environment
-            assert self.environments is not None
-            spawn = self._make_engine_spawn_options
-
-            def make(config: SourceConfig, environment: Any) -> Engine:
-                return in_environment(self._make_engine(config), environment, config.preload, self.source_name,
-                                      spawn)
-            self._environment_engines = EnvironmentEngines(self.source_name, self.environments, make)
-        return self._environment_engines
-
-    def _make_engine_spawn_options(self) -> dict[str, Any]:
+    def _run_in(self, environment: Any, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        """The query to the environment's engine, made now when it has none. Raises EnvironmentGone."""
         from . import sandbox
-        return sandbox.worker_spawn_options(self.server_config.worker_credentials)
+        from .envs.engines import EnvironmentEngines, environment_config, in_environment
+        if self._environment_engines is None:
+            assert self.environments is not None
+            self._environment_engines = EnvironmentEngines(self.source_name, self.environments)
+        engines = self._environment_engines
+        if engines.submit(environment, frame, channel):
+            return
+        lease = engines.lease(environment)
+        try:
+            config = environment_config(self.source_config)
+            engine = in_environment(self._make_engine(config), environment, config.preload, self.source_name,
+                                    lambda: sandbox.worker_spawn_options(self.server_config.worker_credentials))
+        except BaseException:
+            lease.release()
+            raise
+        engines.open(environment, engine, lease, config.workerIdleSeconds)
+        engines.submit(environment, frame, channel)
 
     def _channel(self, reply_address: str) -> ReplyChannel:
         channel = ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes)

@@ -20,9 +20,6 @@ from .store import Environment, Lease
 
 log = logging.getLogger(__name__)
 
-EngineMaker = Callable[[SourceConfig, Environment], Engine]
-
-
 class EnvironmentGone(Exception):
     """The environment was removed (pruned) between its lookup and its use: the caller asks again."""
 
@@ -31,14 +28,23 @@ class EnvironmentGone(Exception):
 class _InUse:
     engine: Engine
     lease: Lease
+    idle_seconds: float
     last_query: float = 0.0        # loop time of its last query
 
 
+def environment_config(config: SourceConfig) -> SourceConfig:
+    """The source's configuration for an environment's engine: its workers start as queries come and end
+    when idle (minWorkers 0), so an environment nobody uses holds no worker."""
+    return dataclasses.replace(config, minWorkers=0)
+
+
 class EnvironmentEngines:
-    def __init__(self, source_name: str, manager: EnvironmentManager, make: EngineMaker):
+    """The engines of one source's environments in use. The session makes an engine (`open`) when
+    `submit` finds none; this class routes queries to them and retires the idle ones."""
+
+    def __init__(self, source_name: str, manager: EnvironmentManager):
         self.source_name = source_name
         self._manager = manager
-        self._make = make
         self._engines: dict[str, _InUse] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._retiring: set[asyncio.Task[Any]] = set()
@@ -46,60 +52,54 @@ class EnvironmentEngines:
     def __len__(self) -> int:
         return len(self._engines)
 
-    def submit(self, environment: Environment, config: SourceConfig, frame: Any, channel: ReplyChannel) -> None:
-        """The query to the environment's engine (made now if it has none). Raises EnvironmentGone."""
+    def submit(self, environment: Environment, frame: Any, channel: ReplyChannel) -> bool:
+        """The query to the environment's engine; False when it has none (see `lease` and `open`)."""
         in_use = self._engines.get(environment.key)
         if in_use is None:
-            lease = self._manager.lease(environment)
-            if lease is None:
-                raise EnvironmentGone(environment.key)
-            # its workers start when queries come and end when idle: an idle environment holds none
-            scaled = dataclasses.replace(config, minWorkers=0)
-            try:
-                engine = self._make(scaled, environment)
-            except BaseException:
-                lease.release()
-                raise
-            in_use = self._engines[environment.key] = _InUse(engine, lease)
-            log.info("source %s: running scripts in environment %s (%s)", self.source_name, environment.key,
-                     ", ".join(environment.requirements))
-            self._watch(config.workerIdleSeconds)
+            return False
         in_use.last_query = asyncio.get_running_loop().time()
         in_use.engine.submit(frame, channel)
+        return True
 
-    def submit_known(self, code: str, config: SourceConfig, frame: Any, channel: ReplyChannel) -> bool:
-        """Code whose block was seen before goes to its environment's engine at once, as code without a
-        block goes to the source's: no task, no parse. False: the caller takes the full way (a new block,
-        inline mode, or an environment removed since)."""
+    def submit_known(self, code: str, frame: Any, channel: ReplyChannel) -> bool:
+        """Code whose block was seen before goes to its environment's running engine at once, as code
+        without a block goes to the source's: no task, no parse. False: the caller takes the full way (a
+        new block, or an environment without an engine now)."""
         block = block_text(code)
         environment = self._manager.known(block) if block is not None else None
-        if environment is None or config.executionMode != "process":
-            return False
-        try:
-            # an engine for it holds its lease: it stays on disk while the engine lives
-            self.submit(environment, config, frame, channel)
-        except EnvironmentGone:
-            assert block is not None
-            self._manager.forget(block)
-            return False
-        return True
+        # an engine holds its environment's lease: the environment is on disk while the engine lives
+        return environment is not None and self.submit(environment, frame, channel)
+
+    def lease(self, environment: Environment) -> Lease:
+        """The environment held in use, for an engine about to be opened; raises EnvironmentGone."""
+        lease = self._manager.lease(environment)
+        if lease is None:
+            raise EnvironmentGone(environment.key)
+        return lease
+
+    def open(self, environment: Environment, engine: Engine, lease: Lease, idle_seconds: float) -> None:
+        """Queries for `environment` go to `engine` from now on, until it has been idle `idle_seconds`."""
+        self._engines[environment.key] = _InUse(engine, lease, idle_seconds)
+        log.info("source %s: running scripts in environment %s (%s)", self.source_name, environment.key,
+                 ", ".join(environment.requirements))
+        self._watch(idle_seconds)
 
     def _watch(self, idle_seconds: float) -> None:
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
-            self._sweeper = loop.call_later(idle_seconds / 2, self._sweep, idle_seconds)
+            self._sweeper = loop.call_later(idle_seconds / 2, self._sweep)
 
-    def _sweep(self, idle_seconds: float) -> None:
+    def _sweep(self) -> None:
         self._sweeper = None
         now = asyncio.get_running_loop().time()
         for key, in_use in list(self._engines.items()):
             # retiring lets what it still runs finish: a long query does not keep its engine from retiring
-            if now - in_use.last_query >= idle_seconds:
+            if now - in_use.last_query >= in_use.idle_seconds:
                 log.info("source %s: environment %s idle for %g s: its engine stops", self.source_name, key,
-                         idle_seconds)
+                         in_use.idle_seconds)
                 self._retire(self._engines.pop(key))
         if self._engines:
-            self._watch(idle_seconds)
+            self._watch(min(e.idle_seconds for e in self._engines.values()))
 
     def _retire(self, in_use: _InUse) -> None:
         """The engine finishes what it has, then closes; then the environment's lease is given back."""
