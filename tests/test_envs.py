@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyexec_connector import errors
+from pyexec_connector import errors, sandbox
 from pyexec_connector.config import build_server_config
 from pyexec_connector.engine.zygote import ZygoteRegistry
 from pyexec_connector.envs.gate import environment_for
@@ -348,6 +352,86 @@ async def test_first_queries_wait_for_one_install_within_their_own_timeout(tmp_p
     finally:
         release.set()
         await runner.cleanup()
+
+
+async def test_start_up_hooks_of_a_scripts_packages_run_only_in_a_hardened_process(tmp_path, server,
+                                                                                    start_connector):
+    """A package's .pth file runs when an interpreter of its environment starts. In the environment's
+    zygote it runs after the process hardened itself (with workerUser: after it became that user), not
+    before, as the connector's user: PR_SET_NO_NEW_PRIVS, set by that step, is already on when it runs."""
+    assert not sandbox.no_new_privs()          # the test itself runs without it
+    wheels, seen = tmp_path / "wheels", tmp_path / "hook-ran-with"
+    hook = (f"import sys; open({str(seen)!r}, 'a').write(next(line for line in open('/proc/self/status') "
+            f"if line.startswith('NoNewPrivs')))\n")
+    make_wheel(wheels, "hooky", "1.0", extra={"hooky.pth": hook})
+    await start_connector(scriptDependencies="true", packageIndex="none", packageFindLinks=wheels,
+                          environmentsDir=tmp_path / "environments")
+    reply = await server.query({"code": script("hooky", body="import hooky\nx = 1\n")}, timeout=60)
+    assert reply.results == {"x": 1}, reply.body
+    lines = seen.read_text().splitlines()
+    assert lines and all(line.split() == ["NoNewPrivs:", "1"] for line in lines), lines
+
+
+HARDENED_USER = "pyexec-envtest"
+
+
+@pytest.fixture
+def hardened():
+    """(command, extra environment, a folder every user may traverse, the worker user's entry) for the
+    console command as root with workerUser; skipped when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    try:
+        entry = pwd.getpwnam(HARDENED_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", HARDENED_USER],
+                       check=True, capture_output=True, timeout=60)
+        entry = pwd.getpwnam(HARDENED_USER)
+    command, extra = console_command(), {}
+    if sandbox.unreachable_python(entry.pw_uid, entry.pw_gid) is not None:      # a pyenv under /root, say
+        system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+        if not system.exists():
+            pytest.skip("no interpreter the worker user can read")
+        command = [str(system), "-m", "pyexec_connector"]
+        extra = {"PYTHONPATH": os.pathsep.join([sysconfig.get_paths()["purelib"],
+                                                str(Path(sandbox.__file__).resolve().parent.parent)])}
+    base = Path(tempfile.mkdtemp(prefix="pyexec-envs-", dir="/tmp"))
+    base.chmod(0o755)
+    (base / "hooks").mkdir()
+    (base / "hooks").chmod(0o777)
+    try:
+        yield command, extra, base, entry
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_hardened_mode_runs_environments_and_their_hooks_as_the_worker_user(server, hardened):
+    """The real command as root with workerUser: the environment's workers, and its packages' start-up
+    hooks, run as the worker user; PYTHONPATH given to the connector does not reach the environment."""
+    command, extra, base, entry = hardened
+    record = base / "hooks" / "uids"
+    make_wheel(base / "wheels", "hooky", "1.0",
+               extra={"hooky.pth": f"import os; open({str(record)!r}, 'a').write(f'{{os.getuid()}}\\n')\n"})
+    config = base / "server.config"
+    config.write_text(
+        f"targetServer = {server.url}\nauthToken = {TOKEN}\nsources = {SOURCE}\nworkerUser = {HARDENED_USER}\n"
+        f"scriptDependencies = true\npackageIndex = none\npackageFindLinks = {base / 'wheels'}\n"
+        f"environmentsDir = {base / 'environments'}\n")
+    config.chmod(0o600)
+    proc = await asyncio.create_subprocess_exec(*command, "--config", str(config), cwd=base,
+                                                env={**os.environ, **extra}, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        await server.wait_attached(SOURCE, timeout=30)
+        body = "import os, sys, hooky\nuid = os.getuid()\nseen = [p for p in sys.path if 'site-packages' in p]\n"
+        reply = await server.query({"code": script("hooky", body=body)}, timeout=60)
+    finally:
+        proc.terminate()
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert reply.status == 200, (reply.body, output.decode()[-3000:])
+    assert reply.results["uid"] == entry.pw_uid
+    assert reply.results["seen"] and all("/environments/envs/" in p for p in reply.results["seen"]), reply.results
+    assert set(record.read_text().split()) == {str(entry.pw_uid)}
 
 
 async def test_inline_mode_refuses_scripts_with_dependencies(tmp_path, server, start_connector, wheelhouse):

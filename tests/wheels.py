@@ -10,8 +10,9 @@ from pathlib import Path
 
 
 def make_wheel(folder: Path, name: str, version: str, *, requires: Iterable[str] = (),
-               code: str | None = None) -> Path:
-    """`name`-`version`, a pure-Python wheel of one module named `name` (by default VERSION = version)."""
+               code: str | None = None, extra: dict[str, str] | None = None) -> Path:
+    """`name`-`version`, a pure-Python wheel of one module named `name` (by default VERSION = version),
+    plus `extra` files (path in the wheel: text)."""
     folder.mkdir(parents=True, exist_ok=True)
     module = name.replace("-", "_")
     info = f"{module}-{version}.dist-info"
@@ -20,6 +21,7 @@ def make_wheel(folder: Path, name: str, version: str, *, requires: Iterable[str]
         f"{info}/METADATA": "Metadata-Version: 2.1\n"
                             f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        **(extra or {}),
     }
     record = []
     path = folder / f"{module}-{version}-py3-none-any.whl"

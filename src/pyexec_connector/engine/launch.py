@@ -15,12 +15,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import procgroup
-from .zygote import FORK_TIMEOUT, ForkedWorker, PreloadError, Zygote, ZygoteError, ZygoteRegistry, clean_environment
+from .zygote import (
+    FORK_TIMEOUT,
+    ForkedWorker,
+    PreloadError,
+    Zygote,
+    ZygoteError,
+    ZygoteRegistry,
+    clean_environment,
+    interpreter_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,7 @@ async def spawn_worker(options: dict[str, Any] | None = None, python: str | None
     ours, theirs = socket.socketpair()
     try:
         proc = await asyncio.create_subprocess_exec(
-            python or sys.executable, "-m", "pyexec_connector.engine.worker", str(theirs.fileno()), str(os.getpid()),
+            *interpreter_command(python, "pyexec_connector.engine.worker"), str(theirs.fileno()), str(os.getpid()),
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,  # not process_group=0:
             **options)                                                                     # uvloop refuses it
     except BaseException:

@@ -70,6 +70,31 @@ class ZygoteGone(ZygoteError):
     """The zygote ended (stopped, or died): it forks no more workers."""
 
 
+# How a process on another interpreter (a per-script environment's, envs/) starts: isolated (-I: no
+# PYTHONPATH or user site-packages, which would show it the connector's packages) and without `site` (-S),
+# the connector's own sandbox module loaded by its path (it needs only the standard library), hardened
+# (the workers' user, no new privileges), and only then `site`, which runs the start-up hooks (.pth files)
+# of the packages a script chose, and the module. argv: SANDBOX_PATH MODULE ARGS...
+_BOOT = (
+    "import importlib.util, runpy, site, sys\n"
+    "spec = importlib.util.spec_from_file_location('_pyexec_boot_sandbox', sys.argv[1])\n"
+    "boot = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(boot)\n"
+    "boot.harden_worker()\n"
+    "site.main()\n"
+    "module, sys.argv = sys.argv[2], [sys.argv[0], *sys.argv[3:]]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
+
+
+def interpreter_command(python: str | None, module: str) -> list[str]:
+    """The command that runs `module` (a zygote or a worker) on `python` (None: the connector's own). On
+    another interpreter the packages' start-up hooks run only once the process is hardened (_BOOT): in
+    the hardened mode they run as the workers' user, never as the connector's."""
+    if python is None or python == sys.executable:
+        return [sys.executable, "-m", module]
+    return [python, "-I", "-S", "-c", _BOOT, str(sandbox.__file__), module]
+
+
 def clean_environment() -> dict[str, str]:
     """The connector's environment without its secrets (no CONNECTOR_* variable): what the zygote and every
     worker start from when no sandbox options are given."""
@@ -152,7 +177,8 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "pyexec_connector.engine.zygote", str(theirs.fileno()), str(os.getpid()),
+                *interpreter_command(self.python, "pyexec_connector.engine.zygote"), str(theirs.fileno()),
+                str(os.getpid()),
                 *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **self._options,
                 # a group (and session) of its own: signals for the connector's group or terminal are not for
                 # it. Not process_group=0: uvloop's subprocess_exec refuses that argument.
