@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -120,8 +121,13 @@ class EnvironmentManager:
         if task is None:
             task = asyncio.ensure_future(self._install(spec))
             self._installing[spec.key] = task
-            task.add_done_callback(lambda _: self._installing.pop(spec.key, None))
+            task.add_done_callback(functools.partial(self._installed, spec.key))
         return await asyncio.shield(task)
+
+    def _installed(self, key: str, task: asyncio.Task[Environment]) -> None:
+        self._installing.pop(key, None)
+        if not task.cancelled():
+            task.exception()     # retrieved: its waiters may all have given up (their timeouts)
 
     @property
     def installing(self) -> int:
