@@ -21,9 +21,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf 
 # Users' extra packages and the connector's dependencies in ONE pip resolution, so that a pin in
 # localRequirements.txt that clashes with ours fails the build with pip's message instead of being
 # silently replaced. Its own layer: rebuilt only when either list changes. The "speed" extra (uvloop)
-# too: the event loop docs/PERFORMANCE.md's figures were measured on.
+# too: the event loop docs/PERFORMANCE.md's figures were measured on; and the "envs" extra (uv), which
+# installs per-script environments when scriptDependencies is on (docs/ENVIRONMENTS.md).
 COPY localRequirements.txt pyproject.toml /tmp/deps/
-RUN python -c "import tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['speed'], sep='\n')" > /tmp/deps/project.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['speed'], *p['optional-dependencies']['envs'], sep='\n')" > /tmp/deps/project.txt \
  && pip install -r /tmp/deps/localRequirements.txt -r /tmp/deps/project.txt && rm -rf /tmp/deps
 
 # The project itself, from the build context: its dependencies are all there already (--no-deps, so

@@ -73,7 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default=argparse.SUPPRESS,
                       help="log level while the demo runs (default WARNING)")
     execute.add_parser(sub)
+    _envs_parser(sub)
     return parser
+
+
+def _envs_parser(sub: Any) -> None:
+    """`envs`, when its extra (uv, packaging) is installed; without it the command says how to get it."""
+    try:
+        from .envs.command import add_parser
+    except ImportError as exc:
+        missing = str(exc)
+        envs = sub.add_parser("envs", help="per-script environments (needs the 'envs' extra)")
+        envs.set_defaults(envs_missing=missing)
+        envs.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+    add_parser(sub)
 
 
 def _connector_options(parser: argparse.ArgumentParser, default: object) -> None:
@@ -101,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(getattr(args, "config", None), args.timeout)
     if command == "healthcheck":
         return run_healthcheck(getattr(args, "config", None))
+    if command == "envs":
+        if getattr(args, "envs_missing", None):
+            print(f"pyexec-connector envs: {args.envs_missing}: install pyexec-connector[envs]", file=sys.stderr)
+            return EXIT_CONFIG
+        from .envs.command import run as run_envs
+        return run_envs(args)
     return run_connector(getattr(args, "config", None), getattr(args, "log_level", None),
                          getattr(args, "log_format", None) or "text")
 

@@ -384,6 +384,32 @@ def _worker_group(value: Any) -> str:
     return value
 
 
+def _package_index(value: Any) -> str:
+    value = text(value).strip()
+    if value.lower() == "none":
+        return "none"
+    if urlsplit(value).scheme.lower() not in ("http", "https", "file"):
+        raise Invalid(f"must be an index URL (https://...) or none, not {value!r}")
+    return value
+
+
+def _find_links(value: Any) -> tuple[str, ...]:
+    """Comma-separated folders or URLs of wheels."""
+    items = value.split(",") if isinstance(value, str) else text_list(value)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def default_environments_dir() -> Path:
+    """The user's cache directory (XDG), or ./environments when there is no home."""
+    base = os.environ.get("XDG_CACHE_HOME") or (os.path.expanduser("~/.cache") if os.environ.get("HOME") else "")
+    return Path(base) / "pyexec-connector" / "environments" if base else Path("environments").absolute()
+
+
+def _environments_dir(value: Any) -> Path:
+    value = text(value).strip()
+    return Path(value).absolute() if value else default_environments_dir()
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """What server.config (and the environment) says; frozen after start-up."""
@@ -412,6 +438,16 @@ class ServerConfig:
     # (default: that user's primary group). Needs a connector started as root (README, "Threat model").
     worker_user: str | None = setting("workerUser", _blank_is_none(_worker_user), None)
     worker_group: str | None = setting("workerGroup", _blank_is_none(_worker_group), None)
+    # Per-script environments (docs/ENVIRONMENTS.md): off by default; where they live and how big the cache
+    # may grow; the index (URL, or none) and wheel folders uv installs from; source builds (off: wheels only).
+    script_dependencies: bool = setting("scriptDependencies", functools.partial(boolean, name="scriptDependencies"),
+                                        False)
+    package_index: str | None = setting("packageIndex", _blank_is_none(_package_index), None)
+    package_find_links: tuple[str, ...] = setting("packageFindLinks", _find_links, ())
+    package_source_builds: bool = setting("packageSourceBuilds",
+                                          functools.partial(boolean, name="packageSourceBuilds"), False)
+    environments_dir: Path = setting("environmentsDir", _environments_dir, factory=default_environments_dir)
+    environments_max_mb: int = setting("environmentsMaxMB", functools.partial(integer, ge=0), 4096)
     # Everything the file said, minus the token and the reconnect secret: what user code sees through
     # get_server_config().
     public_properties: dict[str, str] = dataclasses.field(default_factory=dict)

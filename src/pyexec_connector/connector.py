@@ -7,15 +7,20 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from . import compat
 from .config import ServerConfig
 from .connection import Health
 from .engine.base import Engine
+from .errors import ConfigError
 from .figures import engine_stats
 from .health import HttpEndpoints, Metrics, TcpProbe
 from .link import Backoff
 from .session import SourceSession
+
+if TYPE_CHECKING:
+    from .envs.manager import EnvironmentManager
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,17 @@ class Connector:
                  handshake_timeout: float | None = None, environ: Mapping[str, str] | None = None):
         self.config = config
         self.health = Health()
-        self.metrics = Metrics(lambda: self.sessions)
+        self._config_problem: ConfigError | None = None
+        self.environments = self._environments(config)
+        # the environments' collector (and the modules it reads) only with the feature on
+        manager = self.environments
+        self.metrics = Metrics(lambda: self.sessions, environments=(lambda: manager.figures) if manager else None)
         secret = config.reconnect_secret or uuid.uuid4().hex
         self.sessions: dict[str, SourceSession] = {
             name: SourceSession(name, config, reconnect_secret=secret, health=self.health,
                                 backoff=Backoff(backoff_initial, backoff_max),
-                                handshake_timeout=handshake_timeout, observer=self.metrics.observe)
+                                handshake_timeout=handshake_timeout, observer=self.metrics.observe,
+                                environments=self.environments)
             for name in config.sources
         }
         self.http = HttpEndpoints(self, config.metrics_port) if config.metrics_port else None
@@ -44,9 +54,27 @@ class Connector:
         self._stop = asyncio.Event()
         self._closed = False
 
+    def _environments(self, config: ServerConfig) -> EnvironmentManager | None:
+        """The per-script environments' manager, with scriptDependencies on (a problem is raised by run())."""
+        if not config.script_dependencies:
+            return None
+        try:
+            from .envs.manager import EnvironmentManager, EnvironmentSettings
+            return EnvironmentManager(EnvironmentSettings.from_config(config))
+        except Exception as exc:  # noqa: BLE001 - uv missing (the envs extra): said as a configuration error
+            self._config_problem = ConfigError(f"is true, but {exc}", key="scriptDependencies")
+            return None
+
     async def run(self) -> None:
         """Serve every source until `stop()`, then shut down gracefully. A fatal link error (bad token,
         failOnConnectionError) stops the rest and is raised."""
+        if self._config_problem is not None:
+            raise self._config_problem
+        if self.environments is not None:
+            manager = self.environments
+            log.info("scriptDependencies on: environments in %s (at most %d MB)", manager.store.directory,
+                     manager.settings.max_bytes // 2**20)
+            await asyncio.to_thread(manager.evict)      # the cache's size, for /metrics, and under its bound
         log.info("connecting %d source(s) to %s: %s", len(self.sessions), self.config.websocket_url,
                  ", ".join(self.sessions))
         compat.report_missing()
@@ -135,6 +163,8 @@ class Connector:
             log.warning("shutdown grace (%g s) over: answering %d still-running quer%s with an error",
                         self.config.shutdown_grace_seconds, sum(left), "y" if sum(left) == 1 else "ies")
         await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
+        if self.environments is not None:
+            await self.environments.close()
         if self.http is not None:
             await self.http.stop()
         await self.probe.stop()

@@ -32,6 +32,14 @@ WORKER_DIED = "io.vantiq.pyexecsource.worker.died"
 MEMORY_LIMIT = "io.vantiq.pyexecsource.execution.memorylimit"
 BUSY = "io.vantiq.pyexecsource.busy"
 GUARD_VIOLATION = "io.vantiq.pyexecsource.codeguard.violation"
+# per-script environments (PEP 723 blocks; envs/)
+_ENVS = "io.vantiq.pyexecsource.scriptdependencies."
+DEPENDENCIES_OFF = _ENVS + "disabled"
+BAD_SCRIPT_METADATA = _ENVS + "badmetadata"
+REQUIRES_PYTHON = _ENVS + "requirespython"
+DEPENDENCY_CONFLICT = _ENVS + "conflict"
+INSTALL_FAILED = _ENVS + "installfailed"
+DEPENDENCIES_INLINE = _ENVS + "inline"
 
 
 class QueryError(Exception):

@@ -48,12 +48,15 @@ CACHE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int]], ...] =
 RECYCLE_REASONS = ("queries", "memory")
 
 
-def registry(figures: dict[str, QueryFigures],
-             sessions: Callable[[], Mapping[str, SourceSession]]) -> CollectorRegistry:
+def registry(figures: dict[str, QueryFigures], sessions: Callable[[], Mapping[str, SourceSession]],
+             environments: Callable[[], Any] | None = None) -> CollectorRegistry:
     """A registry of its own per connector: several connectors in one process do not collide."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_QueryCollector(figures))
     registry.register(_SessionCollector(sessions))
+    if environments is not None:
+        from .envs.metrics import EnvironmentCollector
+        registry.register(EnvironmentCollector(environments, PREFIX))
     return registry
 
 

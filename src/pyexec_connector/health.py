@@ -32,8 +32,10 @@ class Metrics:
     email modules it imports) is loaded on the first scrape, not at start: ~2 MiB of the connector's own
     memory that a connector nobody scrapes never needs (docs/PERFORMANCE.md, issue 11 (h))."""
 
-    def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]]):
+    def __init__(self, sessions: Callable[[], Mapping[str, SourceSession]],
+                 environments: Callable[[], Any] | None = None):
         self._sessions = sessions
+        self._environments = environments       # envs.manager.EnvironmentFigures, or None (feature off)
         self._registry: CollectorRegistry | None = None
         self._figures: dict[str, QueryFigures] = {}
 
@@ -41,7 +43,7 @@ class Metrics:
     def registry(self) -> CollectorRegistry:
         if self._registry is None:
             from . import exposition
-            self._registry = exposition.registry(self._figures, self._sessions)
+            self._registry = exposition.registry(self._figures, self._sessions, self._environments)
         return self._registry
 
     def observe(self, ended: QueryEnded) -> None:

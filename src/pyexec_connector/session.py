@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors, protocol
 from .config import ServerConfig, SourceConfig, parse_source_config
@@ -14,13 +14,19 @@ from .connection import ConnectorConnection, Health
 from .documents import DocumentStore
 from .engine import Engine
 from .engine.inline import InlineEngine
-from .engine.pipeline import Pipeline, not_accepting
+from .engine.pipeline import Pipeline, not_accepting, stopped, timeout_error
 from .engine.process import ProcessEngine
 from .errors import QueryError
 from .link import Backoff, LinkState, SourceLink
 from .reply import ReplyChannel, notification_builder
 
+if TYPE_CHECKING:
+    from .envs.engines import EnvironmentEngines
+    from .envs.manager import EnvironmentManager
+
 log = logging.getLogger(__name__)
+# where a PEP 723 block starts (envs/metadata.py): code without it never reaches the environment layer
+SCRIPT_BLOCK = "# /// script"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +49,11 @@ QueryObserver = Callable[[QueryEnded], None]
 class SourceSession:
     def __init__(self, source_name: str, config: ServerConfig, *, reconnect_secret: str, health: Health,
                  backoff: Backoff | None = None, handshake_timeout: float | None = None,
-                 observer: QueryObserver | None = None):
+                 observer: QueryObserver | None = None, environments: EnvironmentManager | None = None):
         self.source_name = source_name
+        # per-script environments (scriptDependencies on), shared by every source of the connector
+        self.environments = environments
+        self._environment_engines: EnvironmentEngines | None = None
         self.observer = observer
         self.server_config = config
         self.source_config = SourceConfig()
@@ -60,7 +69,9 @@ class SourceSession:
                                        cache_capacity=self.source_config.codeCacheSize,
                                        timeout=config.document_timeout, max_bytes=config.max_document_bytes)
         self.health = health
-        self.pipeline = Pipeline(source_name, self.documents, self._answered)
+        # with scriptDependencies off, a document declaring dependencies is refused as it arrives
+        self.pipeline = Pipeline(source_name, self.documents if environments is not None
+                                 else _DependenciesOff(self.documents), self._answered)
         self.engine: Engine | None = None          # built by the first configure
         self._retiring: dict[asyncio.Task, Engine] = {}   # engines a reconfigure replaced, finishing up
         self.accepting = True
@@ -72,6 +83,11 @@ class SourceSession:
         """Queries running (a task, or a worker's future)."""
         return self.pipeline.in_flight
 
+    @property
+    def environments_in_use(self) -> int:
+        """Per-script environments whose engines run for this source now (each stops when idle)."""
+        return len(self._environment_engines) if self._environment_engines is not None else 0
+
     def _state_changed(self, source: str, state: LinkState) -> None:
         log.debug("source %s: link %s", source, state.value)
 
@@ -81,6 +97,8 @@ class SourceSession:
         self.source_config = parse_source_config(config, self.source_name)
         self.pipeline.config = self.source_config
         self._rebuild_engine(previous)
+        if self._environment_engines is not None:
+            self._environment_engines.retire_all()
         self.documents.reconfigure(self.source_config.codeCacheSize)
         self.configured.set()
 
@@ -123,12 +141,89 @@ class SourceSession:
         if not self.accepting or engine is None:
             self.pipeline.finish(channel, error=not_accepting() if not self.accepting else _not_configured())
             return
+        params = frame.params
+        if type(params) is dict:
+            code = params.get("code")
+            if type(code) is str and SCRIPT_BLOCK in code:
+                engines = self._environment_engines
+                try:
+                    if engines is not None and engines.submit_known(code, frame, channel):
+                        return
+                except Exception as exc:   # noqa: BLE001 - as for the engine below
+                    self._failed(frame, channel, exc)
+                    return
+                self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
+                return
+            if self.environments is not None and code is None and type(params.get("script")) is str:
+                self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
+                return
+        self._submit(engine, frame, channel)
+
+    def _submit(self, engine: Engine, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         try:
             engine.submit(frame, channel)
         except Exception as exc:   # noqa: BLE001 - an engine bug must not cost the query its reply
-            log.exception("source %s: the engine failed taking query %s", self.source_name, frame.reply_address)
-            self.pipeline.finish(channel, error=QueryError(errors.INTERNAL_ERROR, "The connector failed while "
-                                                           "answering: {0}", [f"{type(exc).__name__}: {exc}"]))
+            self._failed(frame, channel, exc)
+
+    def _failed(self, frame: protocol.QueryFrame, channel: ReplyChannel, exc: Exception) -> None:
+        log.exception("source %s: the engine failed taking query %s", self.source_name, frame.reply_address,
+                      exc_info=exc)
+        self.pipeline.finish(channel, error=QueryError(errors.INTERNAL_ERROR, "The connector failed while "
+                                                       "answering: {0}", [f"{type(exc).__name__}: {exc}"]))
+
+    async def _environment_query(self, frame: protocol.QueryFrame, channel: ReplyChannel, engine: Engine) -> None:
+        """A query whose script may declare dependencies: its environment found or installed (within the
+        query's own timeout), then the query to that environment's engine; a script without a block goes
+        to `engine` as any other."""
+        from .envs import gate
+        from .envs.engines import EnvironmentGone
+        limit = _query_timeout(frame.params, self.source_config.executionTimeout)
+        try:
+            async with asyncio.timeout(limit):
+                code, name = frame.params.get("code"), frame.params.get("script")
+                text = code if code is not None else (await self.documents.get(name)).text
+                environment = await gate.environment_for(text, self.environments)
+            if environment is None:
+                # the source's engine of now: a reconfigure may have replaced it during the install
+                self._submit(self.engine if self.engine is not None else engine, frame, channel)
+                return
+            if self.source_config.executionMode != "process":
+                raise QueryError(errors.DEPENDENCIES_INLINE, "A script with dependencies runs in worker "
+                                 "processes: the source's executionMode is {0}.", [self.source_config.executionMode])
+            self._run_in(environment, frame, channel)
+        except QueryError as exc:
+            self.pipeline.finish(channel, error=exc)
+        except TimeoutError:
+            self.pipeline.finish(channel, error=timeout_error(limit))
+        except EnvironmentGone:
+            self.pipeline.finish(channel, error=QueryError(errors.INSTALL_FAILED, "The script's environment was "
+                                                           "removed while the query started; send it again."))
+        except asyncio.CancelledError:
+            self.pipeline.finish(channel, error=stopped())
+            raise
+        except Exception as exc:   # noqa: BLE001 - a bug must not cost the query its reply
+            self._failed(frame, channel, exc)
+
+    def _run_in(self, environment: Any, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        """The query to the environment's engine, made now when it has none. Raises EnvironmentGone."""
+        from . import sandbox
+        from .envs.engines import EnvironmentEngines, environment_config, in_environment
+        if self._environment_engines is None:
+            assert self.environments is not None
+            self._environment_engines = EnvironmentEngines(self.source_name, self.environments)
+        engines = self._environment_engines
+        if engines.submit(environment, frame, channel):
+            return
+        lease = engines.lease(environment)
+        try:
+            config = environment_config(self.source_config)
+            engine = in_environment(self._make_engine(config), environment, config.preload, self.source_name,
+                                    lambda: sandbox.worker_spawn_options(self.server_config.worker_credentials))
+        except BaseException:
+            lease.release()
+            raise
+        engines.open(environment, engine, lease, config.workerIdleSeconds)
+        engines.submit(environment, frame, channel)
 
     def _channel(self, reply_address: str) -> ReplyChannel:
         channel = ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes)
@@ -185,9 +280,34 @@ class SourceSession:
         await self.documents.close()
         if self.engine is not None:
             await self.engine.close()
+        if self._environment_engines is not None:
+            await self._environment_engines.close()
         for task, old in list(self._retiring.items()):
             task.cancel()
             await old.close()
+
+
+class _DependenciesOff:
+    """The source's documents, each checked for a PEP 723 block as it arrives (scriptDependencies off):
+    a script declaring dependencies is a 400 naming the key, not an ImportError in the middle of its run."""
+
+    def __init__(self, documents: DocumentStore):
+        self._documents = documents
+
+    async def get(self, name: str, *, force: bool = False) -> Any:
+        script = await self._documents.get(name, force=force)
+        if SCRIPT_BLOCK in script.text:
+            from .envs import gate
+            await gate.environment_for(script.text, None)
+        return script
+
+
+def _query_timeout(params: dict[str, Any], default: float) -> float | None:
+    """The query's own limit (WITH timeout, else the source's executionTimeout); None: none."""
+    given = params.get("timeout")
+    if isinstance(given, int | float) and not isinstance(given, bool) and given > 0:
+        return float(given)
+    return default or None
 
 
 def _not_configured() -> QueryError:

@@ -15,12 +15,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import procgroup
-from .zygote import FORK_TIMEOUT, ForkedWorker, PreloadError, Zygote, ZygoteError, ZygoteRegistry, clean_environment
+from .zygote import (
+    FORK_TIMEOUT,
+    ForkedWorker,
+    PreloadError,
+    Zygote,
+    ZygoteError,
+    ZygoteRegistry,
+    clean_environment,
+    interpreter_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +83,16 @@ class SpawnedWorker:
         self.send_signal(signal.SIGTERM)
 
 
-async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
+async def spawn_worker(options: dict[str, Any] | None = None, python: str | None = None) -> Launched:
     """A fresh interpreter running the worker runtime (`python -m pyexec_connector.engine.worker FD PID`), in
     a session and process group of its own. `options`: sandbox.worker_spawn_options (its environment, and
-    the user it becomes); by default an environment without secrets."""
+    the user it becomes); by default an environment without secrets. `python`: the interpreter (default:
+    the connector's; a per-script environment's runs the script with its packages)."""
     options = options if options is not None else {"env": clean_environment()}
     ours, theirs = socket.socketpair()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pyexec_connector.engine.worker", str(theirs.fileno()), str(os.getpid()),
+            *interpreter_command(python, "pyexec_connector.engine.worker"), str(theirs.fileno()), str(os.getpid()),
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,  # not process_group=0:
             **options)                                                                     # uvloop refuses it
     except BaseException:
@@ -98,11 +107,13 @@ class WorkerLauncher:
     """A pool's source of workers. open() acquires the zygote for `preload` from the registry; launch()
     forks from it, or spawns when there is no zygote: its preload failed (a configuration error of the
     source, kept in `problem` and logged once, naming the module), it could not start, or it died and
-    could not be replaced. close() gives the zygote back."""
+    could not be replaced. close() gives the zygote back. `python`: the interpreter its zygote and spawned
+    workers run on (default: the connector's; envs.Environment.python for a per-script environment)."""
 
     def __init__(self, registry: ZygoteRegistry | None, preload: Sequence[str] = (), source_name: str = "?",
-                 spawn_options: Callable[[], dict[str, Any]] | None = None):
+                 spawn_options: Callable[[], dict[str, Any]] | None = None, python: str | None = None):
         self._registry = registry
+        self.python = python
         # how a worker or a zygote is started (its environment, the user it becomes): sandbox.py
         self._spawn_options = spawn_options
         self.preload = tuple(preload)
@@ -121,7 +132,10 @@ class WorkerLauncher:
             return
         try:
             options = self._spawn_options() if self._spawn_options is not None else None
-            self._zygote = await self._registry.acquire(self.preload, options)
+            if self.python is None:
+                self._zygote = await self._registry.acquire(self.preload, options)
+            else:
+                self._zygote = await self._registry.acquire(self.preload, options, self.python)
             self.problem = None
         except PreloadError as exc:
             self.problem = exc
@@ -146,7 +160,7 @@ class WorkerLauncher:
                 self.forks += 1
                 return Launched(worker, worker.sock, forked=True)
         self.spawns += 1
-        return await spawn_worker(self._spawn_options() if self._spawn_options is not None else None)
+        return await spawn_worker(self._spawn_options() if self._spawn_options is not None else None, self.python)
 
     async def close(self) -> None:
         zygote, self._zygote = self._zygote, None

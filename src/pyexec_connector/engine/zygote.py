@@ -70,6 +70,31 @@ class ZygoteGone(ZygoteError):
     """The zygote ended (stopped, or died): it forks no more workers."""
 
 
+# How a process on another interpreter (a per-script environment's, envs/) starts: isolated (-I: no
+# PYTHONPATH or user site-packages, which would show it the connector's packages) and without `site` (-S),
+# the connector's own sandbox module loaded by its path (it needs only the standard library), hardened
+# (the workers' user, no new privileges), and only then `site`, which runs the start-up hooks (.pth files)
+# of the packages a script chose, and the module. argv: SANDBOX_PATH MODULE ARGS...
+_BOOT = (
+    "import importlib.util, runpy, site, sys\n"
+    "spec = importlib.util.spec_from_file_location('_pyexec_boot_sandbox', sys.argv[1])\n"
+    "boot = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(boot)\n"
+    "boot.harden_worker()\n"
+    "site.main()\n"
+    "module, sys.argv = sys.argv[2], [sys.argv[0], *sys.argv[3:]]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
+
+
+def interpreter_command(python: str | None, module: str) -> list[str]:
+    """The command that runs `module` (a zygote or a worker) on `python` (None: the connector's own). On
+    another interpreter the packages' start-up hooks run only once the process is hardened (_BOOT): in
+    the hardened mode they run as the workers' user, never as the connector's."""
+    if python is None or python == sys.executable:
+        return [sys.executable, "-m", module]
+    return [python, "-I", "-S", "-c", _BOOT, str(sandbox.__file__), module]
+
+
 def clean_environment() -> dict[str, str]:
     """The connector's environment without its secrets (no CONNECTOR_* variable): what the zygote and every
     worker start from when no sandbox options are given."""
@@ -115,8 +140,12 @@ class Zygote:
     """The connector's handle on one zygote process. start(), then fork_worker() as often as needed,
     then stop(). Not thread-safe: one event loop."""
 
-    def __init__(self, preload: Sequence[str] = (), options: dict[str, Any] | None = None):
+    def __init__(self, preload: Sequence[str] = (), options: dict[str, Any] | None = None,
+                 python: str | None = None):
         self.preload = tuple(preload)
+        # the interpreter it runs on: the connector's own, or a per-script environment's (envs/), which
+        # holds the connector's runtime too
+        self.python = python or sys.executable
         # how it is started (sandbox.worker_spawn_options: its environment, the user it and its forks become)
         self._options = options if options is not None else {"env": clean_environment()}
         self.workers: dict[int, ForkedWorker] = {}      # forked, end not yet reported
@@ -148,7 +177,8 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyexec_connector.engine.zygote", str(theirs.fileno()), str(os.getpid()),
+                *interpreter_command(self.python, "pyexec_connector.engine.zygote"), str(theirs.fileno()),
+                str(os.getpid()),
                 *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **self._options,
                 # a group (and session) of its own: signals for the connector's group or terminal are not for
                 # it. Not process_group=0: uvloop's subprocess_exec refuses that argument.
@@ -336,7 +366,8 @@ class Zygote:
 
 
 class ZygoteRegistry:
-    """One zygote per preload list: sources whose lists are equal share it. Reference-counted: acquire()
+    """One zygote per interpreter and preload list: sources whose lists are equal share it, and so do
+    queries of every source whose scripts run in the same per-script environment. Reference-counted: acquire()
     starts it on first use, release() stops it after its last user. A zygote that died is replaced on the
     next acquire(); one whose preload failed is not kept, so the error is reported to each acquirer and
     nothing restarts it in a loop."""
@@ -345,21 +376,25 @@ class ZygoteRegistry:
                  start_timeout: float = START_TIMEOUT):
         self._factory = factory
         self._start_timeout = start_timeout
-        self._entries: dict[tuple[str, ...], _Entry] = {}
+        self._entries: dict[tuple[str, tuple[str, ...]], _Entry] = {}
 
-    def zygotes(self) -> dict[tuple[str, ...], Zygote]:
-        return {key: entry.zygote for key, entry in self._entries.items()}
+    def zygotes(self, python: str | None = None) -> dict[tuple[str, ...], Zygote]:
+        """{preload: zygote} of one interpreter (by default the connector's own)."""
+        python = python or sys.executable
+        return {key[1]: entry.zygote for key, entry in self._entries.items() if key[0] == python}
 
-    async def acquire(self, preload: Sequence[str], options: dict[str, Any] | None = None) -> Zygote:
-        """The zygote for `preload`, started with `options` (see Zygote) by its first acquirer: the worker
-        user is one per connector (server.config), so sources that share a zygote share its options."""
-        key = tuple(preload)
+    async def acquire(self, preload: Sequence[str], options: dict[str, Any] | None = None,
+                      python: str | None = None) -> Zygote:
+        """The zygote for `preload` on `python` (default: the connector's interpreter), started with
+        `options` (see Zygote) by its first acquirer: the worker user is one per connector (server.config),
+        so sources that share a zygote share its options."""
+        key = (python or sys.executable, tuple(preload))
         entry = self._entries.get(key)
         if entry is not None and entry.started.done() and not entry.zygote.alive:
             del self._entries[key]           # it died: its users' workers died with it
             entry = None
         if entry is None:
-            zygote = self._factory(key) if options is None else self._factory(key, options)
+            zygote = self._make(key[1], options, python)
             entry = _Entry(zygote, asyncio.ensure_future(zygote.start(self._start_timeout)))
             self._entries[key] = entry
         entry.refs += 1
@@ -374,8 +409,14 @@ class ZygoteRegistry:
             raise
         return entry.zygote
 
+    def _make(self, preload: tuple[str, ...], options: dict[str, Any] | None, python: str | None) -> Zygote:
+        # only what was given is passed on: a factory written for (preload, options) keeps working
+        if python is not None:
+            return self._factory(preload, options, python)
+        return self._factory(preload) if options is None else self._factory(preload, options)
+
     async def release(self, zygote: Zygote) -> None:
-        key = zygote.preload
+        key = (getattr(zygote, "python", sys.executable), zygote.preload)
         entry = self._entries.get(key)
         if entry is None or entry.zygote is not zygote:
             await zygote.stop()              # replaced after it died: nobody else has it
