@@ -99,7 +99,7 @@ class ConnectOptions(BaseModel):
     def _sort_keys(cls, value: Any) -> Any:
         """Typed keys to their fields, other keys websockets takes to `passthrough`; the rest stay, for
         extra="forbid" to refuse by name."""
-        if not isinstance(value, dict) or "given" in value:
+        if not isinstance(value, dict) or isinstance(value.get("given"), frozenset):    # sorted already
             return value
         typed = set(typed_keys())
         accepted = websockets_connect_parameters() - CONNECTOR_OWNED
