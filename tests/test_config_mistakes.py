@@ -123,3 +123,42 @@ async def test_check_names_what_an_unknown_source_key_meant(server, tmp_path):
     text = output.decode()
     assert proc.returncode == 0, text
     assert "unknown key `pythonExecConfig.general.preloads`: did you mean `preload`?" in text
+
+
+@pytest.mark.parametrize("changes, line", [
+    ({"tcpProbePort": "70000"}, "s.config: key 'tcpProbePort': must be at most 65535, not '70000'"),
+    ({"maxMessageBytes": "lots"}, "s.config: key 'maxMessageBytes': must be a whole number, not 'lots'"),
+    ({"documentTimeout": "nan"}, "s.config: key 'documentTimeout': must be a finite number, not 'nan'"),
+    ({"sendPings": "maybe"}, "s.config: key 'sendPings': must be true or false, not 'maybe'"),
+    ({"connectKWArgs": '{"open_timeout": "soon"}'},
+     "s.config: key 'connectKWArgs.open_timeout': must be a number, not 'soon'"),
+    ({"connectKWArgs": '{"max_queue": "x"}'},
+     "s.config: key 'connectKWArgs.max_queue': must be a number or a pair [high, low], not 'x'"),
+    ({"connectKWArgs": '{"write_limit": -5}'}, "s.config: key 'connectKWArgs.write_limit': must be at least 0, not -5"),
+    ({"connectKWArgs": '{"extra_headers": {"X-A": 1}}'},
+     "s.config: key 'connectKWArgs.extra_headers': ['X-A'] must be text, not 1"),
+    ({"connectKWArgs": '{"open_timout": 5}'}, "s.config: key 'connectKWArgs.open_timout': is not an option of the "
+                                              "connector or of websockets' connect(): did you mean `open_timeout`?"),
+    ({"connectKWArgs": '{"caFile": "/no/such/ca.pem"}'},
+     "s.config: key 'connectKWArgs.caFile': names no file: '/no/such/ca.pem'"),
+])
+def test_messages_read_plainly_after_the_key(changes, line):
+    """pydantic's own words ("Input should be less than or equal to 65535") are not what a user reads."""
+    _, problems = config_problems({**BASE, **changes}, env={}, file="s.config")
+    assert [str(p) for p in problems] == [line]
+
+
+@pytest.mark.parametrize("general, line", [
+    ({"codeCacheSize": 0}, "pythonExecConfig.general.codeCacheSize: must be at least 1, not 0"),
+    ({"executionMode": "thread"},
+     "pythonExecConfig.general.executionMode: must be 'process' or 'inline', not 'thread'"),
+    ({"workers": 2, "minWorkers": 3}, "pythonExecConfig.general.minWorkers: must not exceed workers (2), the most "
+                                      "that may run"),
+    ({"codeGuard": {"forbid": "os"}},
+     "pythonExecConfig.general.codeGuard.forbid: must be a list of strings, such as [\"os\"], not 'os'"),
+    ({"preload": [3]}, "pythonExecConfig.general.preload: 3 is not a module name (such as \"pandas\" or "
+                       "\"mypackage.models\")"),
+])
+def test_source_messages_read_plainly_after_the_key(general, line):
+    config, errors, _ = source_config_problems({"pythonExecConfig": {"general": general}})
+    assert config is None and errors == [line]
