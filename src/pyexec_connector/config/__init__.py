@@ -8,7 +8,22 @@ frozen pydantic models:
 - `source`: SourceConfig (pythonExecConfig.general);
 - `reference`: docs/CONFIGURATION.md and serverConfig/server.config.example, generated from the models.
 
-The file itself (finding, reading, the environment variables) is `configfile`, which needs no pydantic."""
+The file itself (finding, reading, the environment variables) is `configfile`, which needs no pydantic.
+
+Adding a key is one field, with its meaning:
+
+    # server.config (ServerConfig, server.py): the attribute in snake_case, the key as users write it
+    environments_dir: str | None = setting(None, "Where per-script environments are kept.",
+                                           key="environmentsDir", example="/var/lib/pyexec/environments")
+    # a source's configuration (SourceConfig, source.py): the attribute is the key
+    keepChildProcesses: Flag = setting(False, "true: a query's child processes may outlive it.")
+
+Bounds are pydantic's (`ge=`, `le=`, `gt=`), choices a `Literal[...]`, booleans `Flag` (true/yes/on/1...);
+a check of its own is an `Annotated[..., AfterValidator(check)]` whose ValueError reads after the key ("must
+name at least one source"). The environment variable (CONNECTOR_ENVIRONMENTS_DIR), the check of unknown
+keys and the messages follow from the field; then `python -m pyexec_connector.config.reference --write`
+regenerates docs/CONFIGURATION.md and serverConfig/server.config.example (tests/test_config_reference.py
+fails until it is run). A key that needs a new worker pool when it changes goes into `SourceConfig.pool_shape`."""
 from ..booleans import FALSE_WORDS, TRUE_WORDS, parse_bool
 from ..configfile import (
     CONFIG_LOCATIONS,
