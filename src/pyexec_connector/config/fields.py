@@ -174,10 +174,9 @@ def problems(exc: ValidationError, model: type[BaseModel], secret_keys: Iterable
 # ---- unknown keys and placeholders ----------------------------------------------------------------
 
 def keys_of(model: type[BaseModel]) -> list[str]:
-    """The keys users write for `model`, in the order of its fields (attributes without a key, such as
-    ServerConfig.public_properties, are not configuration)."""
-    return [info.alias or name for name, info in model.model_fields.items()
-            if info.alias or info.description]
+    """The keys users write for `model`, in the order of its fields (fields excluded from the model's
+    output, such as ServerConfig.public_properties, are the connector's own, not configuration)."""
+    return [info.alias or name for name, info in model.model_fields.items() if not info.exclude]
 
 
 def suggestion(word: str, known: Iterable[str]) -> str | None:
