@@ -71,6 +71,16 @@ def test_placeholders_elsewhere_and_from_the_environment():
     assert all("placeholder" in str(p) for p in problems)
 
 
+def test_the_environment_stands_in_for_a_placeholder_in_the_file():
+    """The example copied as it is and the token given as CONNECTOR_AUTH_TOKEN (docker run -e ...)."""
+    properties = {**BASE, "authToken": "<your access token>"}
+    config, problems = config_problems(properties, env={"CONNECTOR_AUTH_TOKEN": "from-env-123"}, file="s.config")
+    assert problems == [] and config is not None and config.auth_token == "from-env-123"
+    assert "authToken" not in config.public_properties
+    config, _ = config_problems({**BASE, "authToken": "in-file-123"}, env={"CONNECTOR_AUTH_TOKEN": "from-env-123"})
+    assert config is not None and config.auth_token == "in-file-123"          # a real value in the file wins
+
+
 def test_real_tokens_are_not_taken_for_placeholders():
     for _ in range(2000):
         token = secrets.token_urlsafe(32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,15 @@ def read_config_sources(path: str | os.PathLike | None = None,
     return read_properties(found), str(found)
 
 
-def merge_environment(properties: Mapping[str, str], env: Mapping[str, str], keys: Iterable[str]
-                      ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The file's properties plus, for each of `keys` the file lacks (or leaves empty), the value of its
-    CONNECTOR_<KEY> environment variable. Returns (values, {key: variable} for those taken from env)."""
+def merge_environment(properties: Mapping[str, str], env: Mapping[str, str], keys: Iterable[str],
+                      unset: Callable[[Any], bool] = blank) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's properties plus, for each of `keys` the file lacks (or leaves `unset`: empty), the value
+    of its CONNECTOR_<KEY> environment variable. Returns (values, {key: variable} for those taken from env)."""
     values: dict[str, Any] = dict(properties)
     from_env: dict[str, str] = {}
     for key in keys:
         variable = env_name(key)
-        if blank(values.get(key)) and not blank(env.get(variable)):
+        if unset(values.get(key)) and not blank(env.get(variable)):
             values[key] = env[variable]
             from_env[key] = variable
     return values, from_env

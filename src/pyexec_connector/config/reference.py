@@ -170,7 +170,9 @@ def render_page() -> str:
         "  closest known key: ``unknown key `sendPing`: did you mean `sendPings`?`` (user code still sees",
         "  server.config's other keys through `get_server_config()`).",
         "- A placeholder (`<your access token>`, `changeme`, `${TOKEN}`...) as `authToken`, `targetServer` or a",
-        "  source name is a configuration error naming the key.",
+        "  source name is a configuration error naming the key, unless the key's environment variable gives a",
+        "  value: a placeholder in the file counts as not set (the example can be copied as it is, with",
+        "  `CONNECTOR_AUTH_TOKEN` in the environment).",
         "",
     ]
     return "\n".join(lines)
@@ -196,7 +198,8 @@ def render_example() -> str:
     lines = [
         "# server.config for pyexec-connector (Java-properties syntax): copy it to serverConfig/server.config",
         "# and set the first three keys. Each key may instead come from the environment variable named under",
-        "# it, when this file lacks it or leaves it empty (the file wins). The reference: docs/CONFIGURATION.md.",
+        "# it, when this file lacks it, leaves it empty or keeps a placeholder such as <your access token> (a",
+        "# value in the file wins). The reference: docs/CONFIGURATION.md.",
         f"# Generated with that page ({_GENERATED}).",
     ]
     for key, info in _fields(ServerConfig):

@@ -231,9 +231,15 @@ def websocket_options(config: ServerConfig) -> dict[str, Any]:
 
 
 def merge_environment(properties: Mapping[str, str], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The file's properties plus, for each key the file lacks (or leaves empty), the value of its
-    CONNECTOR_<KEY> environment variable. Returns (values, {key: variable} for those taken from env)."""
-    return _merge(properties, env, ServerConfig.keys())
+    """The file's properties plus, for each key the file lacks (or leaves empty, or to a placeholder such as
+    the example's `<your access token>`), the value of its CONNECTOR_<KEY> environment variable. Returns
+    (values, {key: variable} for those taken from env)."""
+    return _merge(properties, env, ServerConfig.keys(), _unset)
+
+
+def _unset(value: Any) -> bool:
+    # the example copied as it is, with the token in the environment (docker run -e CONNECTOR_AUTH_TOKEN=...)
+    return blank(value) or (isinstance(value, str) and placeholder(value))
 
 
 def config_problems(properties: Mapping[str, str], env: Mapping[str, str] | None = None,
