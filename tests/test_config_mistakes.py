@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,28 @@ def test_messages_read_plainly_after_the_key(changes, line):
 def test_source_messages_read_plainly_after_the_key(general, line):
     config, errors, _ = source_config_problems({"pythonExecConfig": {"general": general}})
     assert config is None and errors == [line]
+
+
+@pytest.mark.parametrize("in_file, warned", [("<your access token>", False), (TOKEN, True)])
+async def test_a_placeholder_in_a_readable_file_is_no_token_exposed(server, in_file, warned):
+    """The file keeps the example's placeholder, the token comes from the environment: nothing to warn of."""
+    import asyncio
+    import os
+    import shutil
+    import tempfile
+    open_dir = tempfile.mkdtemp(prefix="pyexec-open-", dir="/tmp")      # every user may reach it
+    try:
+        os.chmod(open_dir, 0o755)
+        config = Path(open_dir) / "server.config"
+        config.write_text(f"targetServer = {server.url}\nauthToken = {in_file}\nsources = {SOURCE}\n")
+        config.chmod(0o644)
+        env = {"PATH": os.environ.get("PATH", ""), "CONNECTOR_AUTH_TOKEN": TOKEN}
+        proc = await asyncio.create_subprocess_exec(*console_command(), "check", cwd=open_dir, env=env,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        shutil.rmtree(open_dir)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert ("holds authToken and is readable" in text) is warned, text

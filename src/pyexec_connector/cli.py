@@ -148,8 +148,8 @@ def run_check(config_path: str | None, timeout: float) -> int:
 
 
 def _token_exposure(properties: dict[str, str], file: str | None, config: ServerConfig) -> str | None:
-    if file is None or not str(properties.get("authToken") or "").strip():
-        return None
+    if file is None or str(properties.get("authToken") or "").strip() != config.auth_token:
+        return None     # the token in use is not the file's (none there, or a placeholder the environment replaced)
     return sandbox.token_file_exposure(file, config.worker_credentials)
 
 
