@@ -1,9 +1,12 @@
 """Which asyncio event loop the connector (and its worker processes) run on."""
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:         # the names only: sandbox (and so `healthcheck`) imports this module
+    import asyncio
 
 LOOP_ENV = "CONNECTOR_EVENT_LOOP"    # "asyncio": do not use uvloop even when it is installed
 OLD_LOOP_ENV = "PYEXEC_EVENT_LOOP"   # its name before the CONNECTOR_* convention; still read

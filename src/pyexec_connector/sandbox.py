@@ -19,6 +19,8 @@ import resource
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from .eventloop import LOOP_ENV
+
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
@@ -29,8 +31,8 @@ DROP_ENV = "PYEXEC_WORKER_CREDENTIALS"      # "uid:gid" a spawned worker (or zyg
 # connector's configuration is the connector's; user code gets get_server_config(), without secrets)
 SECRET_KEYS = ("authToken", "reconnectSecret")
 ENV_PREFIX = "CONNECTOR_"
-# the one CONNECTOR_* setting workers read themselves: which event loop they run on (eventloop.py)
-WORKER_SETTINGS = frozenset({"CONNECTOR_EVENT_LOOP"})
+# the one CONNECTOR_* setting workers read themselves: which event loop they run on
+WORKER_SETTINGS = frozenset({LOOP_ENV})
 
 DEFAULT_MAX_OPEN_FILES = 1024
 DEFAULT_MAX_PROCESSES = 512

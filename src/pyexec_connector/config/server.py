@@ -24,6 +24,7 @@ from ..configfile import (
 )
 from ..configfile import merge_environment as _merge
 from ..errors import ConfigError
+from ..eventloop import LOOP_ENV, OLD_LOOP_ENV
 from .connect import ConnectOptions, unknown_option
 from .fields import (
     MODEL_CONFIG,
@@ -44,10 +45,9 @@ DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024     # per source; README "Flow cont
 DEFAULT_SHUTDOWN_GRACE = 30.0
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_TIMEOUT = 60.0
-# CONNECTOR_* variables that are not server.config keys (eventloop.py reads it)
-OTHER_VARIABLES = {"CONNECTOR_EVENT_LOOP": "asyncio: run on asyncio's own event loop even when uvloop is "
-                                           "installed (the speed extra); the old name PYEXEC_EVENT_LOOP still "
-                                           "works, with a deprecation warning."}
+# CONNECTOR_* variables that are not server.config keys
+OTHER_VARIABLES = {LOOP_ENV: "asyncio: run on asyncio's own event loop even when uvloop is installed (the speed "
+                             f"extra); the old name {OLD_LOOP_ENV} still works, with a deprecation warning."}
 
 
 def _target_server(value: str) -> str:
