@@ -9,7 +9,8 @@
 (h) memory, total PSS (psutil) of the connector and every process under it:
     (1) one source, `workers: 4` (`minWorkers: 4`), `preload: ["pandas"]`, after 100 queries per worker
         (code importing pandas, 4 at a time); against one spawned worker that imported pandas and ran ten
-        such queries (bench/zygote_fork.py). Target: <= 1.6x;
+        such queries (bench/zygote_fork.py). Target: <= 1.7x (issue 24; it was 1.6x before the
+        configuration went back to pydantic);
     (2) ten sources with the default configuration, idle after connecting. Target: <= 120 MiB.
 With `--peer CMD` (another build of ours, e.g. the one before issue 11), each is measured on it too,
 alternately for (g). `--queries` and `--idle-sources` change (h)'s 100 queries per worker and ten
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if "g" in report:
         ok &= report["g"]["ours"]["p50_ms"] <= 50
     if "h" in report and (args.queries, args.idle_sources) == (100, 10):    # the issue's figures only
-        ok &= report["h"]["ours"]["over_one_spawned"] <= 1.6 and report["h"]["ours"]["ten_idle_sources_mib"] <= 120
+        ok &= report["h"]["ours"]["over_one_spawned"] <= 1.7 and report["h"]["ours"]["ten_idle_sources_mib"] <= 120
     return 0 if ok else 1
 
 

@@ -1,7 +1,7 @@
-import dataclasses
 import subprocess
 import sys
 
+import pydantic
 import pytest
 
 from pyexec_connector.config import (
@@ -122,8 +122,10 @@ def test_connect_options_are_typed_and_checked_against_websockets():
 
 def test_config_is_frozen():
     config = build_server_config(props(), env={})
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.sources = ("other",)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        SourceConfig().workers = 3
     assert isinstance(config, ServerConfig)
 
 
@@ -216,13 +218,18 @@ def test_bad_connect_kwargs_exit_2_at_start(tmp_path, kwargs, key, origin):
     assert "Traceback" not in done.stdout + done.stderr and "reconnecting" not in done.stdout
 
 
-def test_healthcheck_exits_only_0_or_1(tmp_path):
+@pytest.mark.parametrize("content, said", [
+    ("targetServer=https://dev.vantiq.com\nauthToken=abc\nsources=s\nmetricsPort = lots\n", "key 'metricsPort'"),
+    (None, "no server.config found"),
+])
+def test_healthcheck_exits_only_0_or_1(tmp_path, content, said):
     """Docker reserves exit code 2 of a HEALTHCHECK: a configuration error is "unhealthy" (1)."""
-    (tmp_path / "server.config").write_text(THREE_PROBLEMS)
+    if content is not None:
+        (tmp_path / "server.config").write_text(content)
     done = subprocess.run(console_command() + ["healthcheck"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "configuration error" in done.stdout
+    assert "configuration error" in done.stdout and said in done.stdout
 
 
 def test_properties_are_read_as_upstream_reads_them(tmp_path):
@@ -235,12 +242,24 @@ def test_properties_are_read_as_upstream_reads_them(tmp_path):
                                      "dup": "2"}
 
 
-def test_the_connector_imports_no_validation_or_xml_library():
-    """Memory (issue 11 (h1)): pydantic was a sixth of the connector's own memory and javaproperties' XML
-    stack another 0.6 MiB; the configuration needs neither."""
-    probe = ("import sys, pyexec_connector.cli, pyexec_connector.connector\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core', 'xml',"
-             " 'javaproperties')))")
+def _modules_after(code: str) -> set[str]:
+    probe = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    return {name.split(".")[0] for name in done.stdout.split()}
+
+
+def test_the_configuration_is_read_with_pydantic_and_workers_do_not_import_it():
+    """Issue 24: the configuration models are pydantic's (the memory they cost is in docs/PERFORMANCE.md);
+    a worker process, forked by the hundred, imports neither them nor javaproperties' XML stack."""
+    assert "pydantic" in _modules_after("import pyexec_connector.cli, pyexec_connector.connector")
+    assert issubclass(ServerConfig, pydantic.BaseModel) and issubclass(SourceConfig, pydantic.BaseModel)
+    assert "xml" not in _modules_after("import pyexec_connector.cli, pyexec_connector.connector")
+    worker = _modules_after("import pyexec_connector.engine.worker, pyexec_connector.engine.zygote")
+    assert not worker & {"pydantic", "pydantic_core", "xml", "websockets", "aiohttp"}, worker
+
+
+def test_the_dependency_on_pydantic_is_a_runtime_one():
+    from importlib import metadata
+    core = [r for r in metadata.requires("pyexec-connector") or [] if "extra ==" not in r]
+    assert any(r.startswith("pydantic") and "<3" in r for r in core), core

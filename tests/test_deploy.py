@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from pyexec_connector.config import build_server_config, read_properties
+from pyexec_connector.errors import ConfigError
 
 from .conftest import ROOT, SOURCE, TOKEN, console_command, free_port
 
@@ -203,7 +204,9 @@ def test_kubernetes_configuration_is_valid_and_consistent(tmp_path):
     (tmp_path / "server.config").write_text(data["server.config"])
     properties = read_properties(tmp_path / "server.config")
     assert "authToken" not in properties                       # the token lives in the Secret only
-    config = build_server_config(properties, env=secret)
+    with pytest.raises(ConfigError, match="authToken': is a placeholder"):      # until the Secret gets a token
+        build_server_config(properties, env=secret)
+    config = build_server_config(properties, env={**secret, "CONNECTOR_AUTH_TOKEN": "a-real-token-123"})
     assert config.reconnect_secret == secret["CONNECTOR_RECONNECT_SECRET"]
     assert config.metrics_port == 9090
     pod = docs["Deployment"]["spec"]["template"]["spec"]

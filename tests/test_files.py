@@ -13,8 +13,12 @@ def test_source_type_definition():
                     "config": {}, "baseConfigProperties": [], "operations": ["notification", "query"]}
 
 
-def test_example_server_config_parses():
-    config = load_server_config(ROOT / "serverConfig" / "server.config.example", env={})
+def test_example_server_config_parses(tmp_path):
+    """Once its placeholder token is replaced (as it is, the connector refuses it: test_config_reference.py)."""
+    copy = tmp_path / "server.config"
+    copy.write_text((ROOT / "serverConfig" / "server.config.example").read_text()
+                    .replace("<your access token>", "a-real-token-123"))
+    config = load_server_config(copy, env={})
     assert config.sources and config.websocket_url.startswith("wss://")
 
 

@@ -1,4 +1,4 @@
-"""The optional speed extra: uvloop is used when installed, unless PYEXEC_EVENT_LOOP=asyncio."""
+"""The optional speed extra: uvloop is used when installed, unless CONNECTOR_EVENT_LOOP=asyncio."""
 from __future__ import annotations
 
 import asyncio

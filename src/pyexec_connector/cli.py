@@ -2,32 +2,44 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
 import sys
-import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, execute, logqueue, sandbox
-from .config import (
-    ENV_FOR_KEY,
-    TOKEN_ENV,
-    ServerConfig,
-    config_problems,
-    load_server_config,
-    read_config_sources,
-    source_config_problems,
-)
-from .connector import Connector
-from .engine.zygote import PreloadError, Zygote, ZygoteError
-from .errors import AuthenticationError, ConfigError
-from .eventloop import event_loop_factory
-from .link import CheckResult, ConnectionFailed, SourceLink
-from .logsetup import LOG_FORMATS, configure_logging, redact_everywhere
+from . import execute, logqueue, sandbox, version
+from .configfile import read_config_sources
+from .errors import ConfigError
+from .logsetup import LOG_FORMATS
+
+# `healthcheck` (Docker runs it every few seconds) must start light: websockets, aiohttp, pydantic and the
+# engine are imported by the commands that use them, not here.
+if TYPE_CHECKING:
+    from .config import ServerConfig
+    from .link import CheckResult
 
 log = logging.getLogger("pyexec_connector")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _Version(argparse.Action):
+    """--version, read from the package metadata only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
+def _log_level(text: str) -> str:
+    """--log-level, any case; a word logging does not know is argparse's error (exit 2), not a traceback."""
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level: choose from {', '.join(LOG_LEVELS)}")
+    return level
 
 EXIT_OK = 0
 EXIT_FAILURE = 1        # could not connect and failOnConnectionError is set, or an unexpected error
@@ -42,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "queries. A drop-in replacement for vantiqPythonExecConnector. With no command, runs.",
         epilog="Exit codes: 0 stopped cleanly, 1 connection failed (failOnConnectionError) or internal "
                "error, 2 configuration error, 3 access token refused.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _connector_options(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="connect every source in server.config and serve queries (the default)",
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Start the built-in stand-in of a Vantiq server on a free loopback port, "
                                       "connect the connector to it and run example queries, printing each "
                                       "query and its reply. Needs no configuration and no account.")
-    demo.add_argument("--log-level", default=argparse.SUPPRESS,
+    demo.add_argument("--log-level", metavar="LEVEL", type=_log_level, default=argparse.SUPPRESS,
                       help="log level while the demo runs (default WARNING)")
     execute.add_parser(sub)
     _envs_parser(sub)
@@ -78,23 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _envs_parser(sub: Any) -> None:
-    """`envs`, when its extra (uv, packaging) is installed; without it the command says how to get it."""
-    try:
-        from .envs.command import add_parser
-    except ImportError as exc:
-        missing = str(exc)
-        envs = sub.add_parser("envs", help="per-script environments (needs the 'envs' extra)")
-        envs.set_defaults(envs_missing=missing)
-        envs.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        return
+    from .envs.args import add_parser
     add_parser(sub)
 
 
 def _connector_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--config", metavar="PATH", default=default,
                         help="the server.config file (default: serverConfig/server.config, then ./server.config)")
-    parser.add_argument("--log-level", metavar="LEVEL", default=default,
-                        help="override the log level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", metavar="LEVEL", type=_log_level, default=default,
+                        help="override the log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=default,
                         help="text (default) or json: one JSON object per line (serverConfig/logger.ini, "
                              "when present, wins)")
@@ -116,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "healthcheck":
         return run_healthcheck(getattr(args, "config", None))
     if command == "envs":
-        if getattr(args, "envs_missing", None):
-            print(f"pyexec-connector envs: {args.envs_missing}: install pyexec-connector[envs]", file=sys.stderr)
+        try:    # the command's code needs the envs extra's packages; its parser does not
+            from .envs.command import run as run_envs
+        except ImportError as exc:
+            print(f"pyexec-connector envs: {exc}: install pyexec-connector[envs]", file=sys.stderr)
             return EXIT_CONFIG
-        from .envs.command import run as run_envs
         return run_envs(args)
     return run_connector(getattr(args, "config", None), getattr(args, "log_level", None),
                          getattr(args, "log_format", None) or "text")
@@ -127,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_check(config_path: str | None, timeout: float) -> int:
     """`pyexec-connector check`: every configuration problem, then one handshake line per source."""
+    import asyncio
+
+    from .config import config_problems, config_warnings
     try:
         properties, file = read_config_sources(config_path)
     except ConfigError as exc:
@@ -134,6 +142,8 @@ def run_check(config_path: str | None, timeout: float) -> int:
         return EXIT_CONFIG
     config, problems = config_problems(properties, file=file)
     where = file or "no server.config: everything from CONNECTOR_* variables"
+    for warning in config_warnings(properties, file=file):
+        print(f"warning: {warning}")
     if problems:
         for problem in problems:
             print(f"configuration: {problem}")
@@ -154,24 +164,33 @@ def run_check(config_path: str | None, timeout: float) -> int:
 
 
 def _token_exposure(properties: dict[str, str], file: str | None, config: ServerConfig) -> str | None:
-    if file is None or not str(properties.get("authToken") or "").strip():
-        return None
+    if file is None or str(properties.get("authToken") or "").strip() != config.auth_token:
+        return None     # the token in use is not the file's (none there, or a placeholder the environment replaced)
     return sandbox.token_file_exposure(file, config.worker_credentials)
 
 
 def run_healthcheck(config_path: str | None) -> int:
-    """0 healthy, 1 anything else: Docker reserves every other exit code of a HEALTHCHECK."""
+    """0 healthy, 1 anything else: Docker reserves every other exit code of a HEALTHCHECK. It reads
+    metricsPort alone: the rest of the configuration is the running connector's to have checked."""
     import urllib.error
     import urllib.request
+
+    from .configfile import raw_value
     try:
-        config = load_server_config(config_path)
+        text, where = raw_value("metricsPort", config_path)
+        port = None if text is None else int(text)
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError
     except ConfigError as exc:
         print(f"configuration error: {exc}")
         return EXIT_FAILURE
-    if config.metrics_port is None:
+    except ValueError:
+        print(f"configuration error: {where}: key 'metricsPort': must be a port (1-65535), not {text!r}")
+        return EXIT_FAILURE
+    if port is None:
         print("metricsPort is not set: no /healthz to ask")
         return EXIT_OK
-    url = f"http://127.0.0.1:{config.metrics_port}/healthz"
+    url = f"http://127.0.0.1:{port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:      # noqa: S310 - loopback, fixed scheme
             print(f"{url}: {response.status}")
@@ -184,6 +203,9 @@ def run_healthcheck(config_path: str | None) -> int:
 
 
 async def _check_sources(config: ServerConfig, timeout: float) -> dict[str, CheckResult]:
+    import uuid
+
+    from .link import SourceLink
     secret = config.reconnect_secret or uuid.uuid4().hex
     results = {}
     for name in config.sources:      # one after the other: the lines come out in the file's order
@@ -198,6 +220,9 @@ async def _check_source_config(config: ServerConfig, result: CheckResult) -> Che
     """The source configuration the server sent, as the connector would take it: its errors, and its
     preload list imported by a zygote started the way the connector starts one (a module that fails to
     import is named here rather than found at the first query)."""
+    from .config import source_config_problems
+    from .engine.zygote import PreloadError, Zygote, ZygoteError
+    from .link import CheckResult
     source_config, errors, warnings = source_config_problems(result.config)
     if source_config is None:
         return CheckResult("bad configuration", "; ".join(errors + warnings), result.config)
@@ -226,16 +251,26 @@ class _NoQueries:
 
 
 def run_connector(config_path: str | None, log_level: str | None, log_format: str = "text") -> int:
+    import asyncio
+
+    from .config import ENV_FOR_KEY, TOKEN_ENV, config_problems, config_warnings
+    from .eventloop import event_loop_factory
+    from .logsetup import configure_logging, redact_everywhere
     try:
         properties, file = read_config_sources(config_path)
     except ConfigError as exc:
         print(f"pyexec-connector: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     config, problems = config_problems(properties, file=file)
+    warnings = config_warnings(properties, file=file)
     if problems or config is None:
+        for warning in warnings:        # a typo'd key is often why a required one is missing
+            print(f"pyexec-connector: configuration warning: {warning}", file=sys.stderr)
         for problem in problems:        # every problem at once: one start to find them all
             print(f"pyexec-connector: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    # Building the configuration models left freed heap behind (~0.9 MiB): back to the system before serving.
+    sandbox.trim_heap()
     # User code runs in this process (and its children inherit the environment): it must not find the token.
     for secret in (TOKEN_ENV, ENV_FOR_KEY["reconnectSecret"]):
         os.environ.pop(secret, None)
@@ -244,8 +279,10 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
     exposure = _token_exposure(properties, file, config)
     if exposure:
         log.warning("%s", exposure)
-    loop_factory, loop_name = event_loop_factory()
-    log.info("pyexec-connector %s starting; logging: %s; event loop: %s", __version__, logging_source, loop_name)
+    for warning in warnings:
+        log.warning("%s", warning)
+    loop_factory, loop_name = event_loop_factory(warn=log.warning)
+    log.info("pyexec-connector %s starting; logging: %s; event loop: %s", version(), logging_source, loop_name)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         code = runner.run(serve(config))
     if not logqueue.stop():
@@ -256,6 +293,11 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
 
 
 async def serve(config: ServerConfig) -> int:
+    import asyncio
+
+    from .connector import Connector
+    from .errors import AuthenticationError
+    from .link import ConnectionFailed
     connector = Connector(config)
     loop = asyncio.get_running_loop()
     signals_seen = 0

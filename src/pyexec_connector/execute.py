@@ -7,7 +7,6 @@ none came, 2 for bad arguments."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -93,6 +92,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
     # The connector's own warnings go to stderr: stdout carries the replies only.
     logging.basicConfig(stream=err, level=logging.WARNING, format="pyexec-connector: %(levelname)s %(message)s")
     try:
+        import asyncio  # here, not at the top: cli imports this module for its parser, and healthcheck stays light
+
         return asyncio.run(_run(runner, params, args.quiet, out, err))
     except KeyboardInterrupt:
         print("pyexec-connector exec: interrupted", file=err)

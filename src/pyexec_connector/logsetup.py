@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import logqueue
-from .config import LOGGER_INI
+from .configfile import LOGGER_INI
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")

@@ -29,6 +29,10 @@ DROP_ENV = "PYEXEC_WORKER_CREDENTIALS"      # "uid:gid" a spawned worker (or zyg
 # connector's configuration is the connector's; user code gets get_server_config(), without secrets)
 SECRET_KEYS = ("authToken", "reconnectSecret")
 ENV_PREFIX = "CONNECTOR_"
+# the one CONNECTOR_* setting workers read themselves: which event loop they run on
+# (eventloop.LOOP_ENV, written out: an environment's zygote loads this file on its own, before site-packages,
+# so it imports nothing of the package; tests/test_cli_options.py checks the two agree)
+WORKER_SETTINGS = frozenset({"CONNECTOR_EVENT_LOOP"})
 
 DEFAULT_MAX_OPEN_FILES = 1024
 DEFAULT_MAX_PROCESSES = 512
@@ -52,6 +56,13 @@ def libc() -> ctypes.CDLL:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _prctl(option: int, arg: int) -> int:
@@ -217,9 +228,11 @@ def worker_credentials(worker_user: str | None, worker_group: str | None) -> tup
 def worker_environment(credentials: tuple[int, int] | None = None,
                        environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a worker (or a zygote) starts with: the connector's, without any CONNECTOR_*
-    variable (the token, the reconnect secret, the configuration), plus the user to switch to."""
+    variable (the token, the reconnect secret, the configuration) but CONNECTOR_EVENT_LOOP, plus the user
+    to switch to."""
     environ = os.environ if environ is None else environ
-    env = {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) and k != DROP_ENV}
+    env = {k: v for k, v in environ.items()
+           if (not k.startswith(ENV_PREFIX) or k in WORKER_SETTINGS) and k != DROP_ENV}
     if credentials is not None:
         env[DROP_ENV] = f"{credentials[0]}:{credentials[1]}"
         try:

@@ -35,7 +35,7 @@ class _InUse:
 def environment_config(config: SourceConfig) -> SourceConfig:
     """The source's configuration for an environment's engine: its workers start as queries come and end
     when idle (minWorkers 0), so an environment nobody uses holds no worker."""
-    return dataclasses.replace(config, minWorkers=0)
+    return config.model_copy(update={"minWorkers": 0})
 
 
 class EnvironmentEngines:
