@@ -189,19 +189,14 @@ def _parse(cls: type, values: Mapping[str, Any], extra: Mapping[str, Any] | None
 
 @functools.cache
 def _websockets_connect_parameters() -> frozenset[str]:
-    """Every keyword the installed websockets' asyncio connect() takes, by name: its own, and those it
-    hands to loop.create_connection(). Asked of the library itself, so that a key is refused at start
-    rather than by a TypeError at every connection attempt (a retry loop with failOnConnectionError off)."""
+    """Every untyped keyword the link can honour by name: those of loop.create_connection(), which it
+    opens the socket with (the typed ones are ConnectOptions' fields). Asked of asyncio itself, so that
+    a key is refused at start rather than by a TypeError at every connection attempt."""
     import asyncio
     import inspect
 
-    from websockets.asyncio.client import connect
-
-    names = {n for n, p in inspect.signature(connect.__init__).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    names |= {n for n, p in inspect.signature(asyncio.BaseEventLoop.create_connection).parameters.items()
-              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
-    return frozenset(names)
+    return frozenset(n for n, p in inspect.signature(asyncio.BaseEventLoop.create_connection).parameters.items()
+                     if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 # connect() keywords the connector sets itself (TLS comes from disableSslVerification/caFile), or that
@@ -246,8 +241,9 @@ def _proxy(value: Any) -> str | bool:
 
 @dataclasses.dataclass(frozen=True)
 class ConnectOptions:
-    """connectKWArgs: the connector's own TLS keys, then websockets' connect() options, each typed. A key
-    neither knows is passed on only when the installed websockets accepts it by name (`passthrough`)."""
+    """connectKWArgs: the connector's own TLS keys, then the websocket's options (named as websockets'
+    connect() names them), each typed. A key neither knows is passed on only when loop.create_connection
+    accepts it by name (`passthrough`)."""
 
     disableSslVerification: bool = setting(
         "disableSslVerification", functools.partial(boolean, name="connectKWArgs.disableSslVerification"), False)
@@ -284,16 +280,11 @@ class ConnectOptions:
             elif name in accepted:
                 passthrough[name] = item
             else:
-                problems[name] = ("is not an option of the connector or of websockets' connect(); known: "
+                problems[name] = ("is not an option of the connector's websocket; known: "
                                   + ", ".join(connect_option_names()))
         options, typed_problems = _parse(cls, known, {"passthrough": passthrough, "given": frozenset(value)})
         aliased = {_CONNECT_ALIASES.get(n, n): n for n in value}     # reported under the name written
         problems.update({aliased.get(k, k): v for k, v in typed_problems.items()})
-        installed = _websockets_connect_parameters()
-        for name in known.keys() - {"disableSslVerification", "caFile"}:
-            if name not in installed:     # a typed key an older websockets lacks (proxy came in 15.0)
-                problems.setdefault(aliased.get(name, name),
-                                    f"is not an option of the installed websockets {_websockets_version()}")
         return (None, problems) if problems else (options, {})
 
     def websocket_options(self) -> dict[str, Any]:
@@ -305,11 +296,6 @@ class ConnectOptions:
             name = _CONNECT_ALIASES.get(name, name)
             options[name] = getattr(self, name)
         return options
-
-
-def _websockets_version() -> str:
-    import websockets
-    return str(getattr(websockets, "__version__", "?"))
 
 
 def connect_option_names() -> list[str]:
@@ -466,7 +452,7 @@ class ServerConfig:
 
 
 def websocket_options(config: ServerConfig) -> dict[str, Any]:
-    """connectKWArgs translated to websockets' connect() options (checked at load)."""
+    """connectKWArgs as the link's websocket options (link.socket_options), checked at load."""
     return config.connect_kwargs.websocket_options()
 
 
