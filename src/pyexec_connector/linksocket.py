@@ -121,6 +121,7 @@ class LinkSocket(asyncio.Protocol):
         self._held: deque[bytes] = deque()
         self._room_waiter: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None      # the attach timeout, or the close timeout
+        self._closing = False       # the close timeout is armed
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,7 +145,7 @@ class LinkSocket(asyncio.Protocol):
                 self._take(message)
         if held and self._room_waiter is None:
             self._pause_reading()
-        if self.ws.close_expected():
+        if not self._closing and self.ws.close_expected():
             self._expect_close()
 
     def eof_received(self) -> bool | None:
@@ -353,6 +354,7 @@ class LinkSocket(asyncio.Protocol):
 
     def _expect_close(self, timeout: float | None = None) -> None:
         """The server is to close the TCP connection now; abort it if it does not in time."""
+        self._closing = True
         if timeout is None:
             timeout = self.ws.options.close_timeout
         self._arm(timeout if timeout is not None else 10.0, self.abort)
