@@ -2,7 +2,7 @@
 (linksocket.py, on websockets' sans-I/O protocol), reconnects with capped exponential backoff and
 jitter, and keeps the ordered outbox that survives reconnects.
 
-Only this module and the two it drives (linksocket.py, websocket.py) touch a websocket."""
+Only this module and those it drives (linksocket.py, websocket.py, dial.py) touch a websocket."""
 from __future__ import annotations
 
 import asyncio
@@ -248,7 +248,7 @@ class SourceLink:
             await self._validate(sock)
             sock.attach()
             async with asyncio.timeout(self._handshake_timeout):
-                done, _ = await asyncio.wait((sock.configured, sock.ended), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((sock.configured, sock.ended), return_when=asyncio.FIRST_COMPLETED)
             if sock.configured.done() and not sock.configured.exception():
                 return CheckResult("connected", "validated, attached and configured", sock.configured.result())
             reason = sock.ended.result() if sock.ended.done() else TimeoutError()

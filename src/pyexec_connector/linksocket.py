@@ -209,7 +209,8 @@ class LinkSocket(asyncio.Protocol):
         """Write queued frames now, in batches, while the link is ready and the transport takes them."""
         self._flush_handle = None
         outbox = self._outbox
-        if not outbox or self._write_paused or not self._status.ready.is_set() or not self.ws.open:
+        if not outbox or self._write_paused or not self._status.ready.is_set() or not self.ws.open \
+                or self.ended.done():
             return
         while outbox and not self._write_paused:
             count = _batch_size(outbox)
