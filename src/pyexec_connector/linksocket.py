@@ -207,7 +207,10 @@ class LinkSocket(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write queued frames now, in batches, while the link is ready and the transport takes them."""
-        self._flush_handle = None
+        handle = self._flush_handle
+        if handle is not None:      # called at once (write_now): the flush scheduled for the step's end is moot
+            self._flush_handle = None
+            handle.cancel()
         outbox = self._outbox
         if not outbox or self._write_paused or not self._status.ready.is_set() or not self.ws.open \
                 or self.ended.done():
