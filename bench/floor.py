@@ -1,6 +1,6 @@
 """The floor: the least a connector can do and still answer the protocol. Validate, connectExtension,
 then per query: parse, exec a cached code object, encode the globals, reply. No validation, no
-features, no error handling beyond a 400. Run: python bench/floor.py WS_URL TOKEN SOURCE
+features, no error handling beyond a 400. Run: python bench/floor.py [--uvloop] WS_URL TOKEN SOURCE
 (bench/floor_process.py runs the same per-query work in a second process.)"""
 import asyncio
 import json
@@ -86,4 +86,10 @@ async def main(url: str, token: str, source: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    # --uvloop: on uvloop, as our connector runs when it is installed (python -m bench --floor-loop uvloop)
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--uvloop"]:
+        import uvloop
+        uvloop.run(main(*arguments[1:4]))
+    else:
+        asyncio.run(main(*arguments[0:3]))

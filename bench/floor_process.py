@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import websockets
+from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import Floor, attach, rest_url  # noqa: E402
@@ -57,7 +57,7 @@ async def main(url: str, token: str, source: str) -> None:
                                                  rest_url(url), pass_fds=(theirs.fileno(),))
     theirs.close()
     reader, writer = await asyncio.open_connection(sock=mine)
-    async with websockets.connect(url, compression=None, max_size=None) as ws:
+    async with connect(url, compression=None, max_size=None) as ws:     # the asyncio one, also in websockets 13
         await attach(ws, token, source)
 
         async def replies() -> None:   # every reply that has come, in one socket write

@@ -430,7 +430,8 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
     ours = _command(args.ours) if args.ours else _console_command()
     targets = [Target(f"ours/{mode}", "ours", mode, f"ours_{mode}", ours, dict(MODES[mode]))
                for mode in args.modes]
-    targets.append(Target("floor", "floor", None, "floor", [sys.executable, str(ROOT / "bench" / "floor.py")]))
+    floor = [sys.executable, str(ROOT / "bench" / "floor.py"), *(["--uvloop"] if args.floor_loop == "uvloop" else [])]
+    targets.append(Target("floor", "floor", None, "floor", floor))
     if "process" in args.modes and not args.no_process_floor:
         targets.append(Target("floor/process", "floor", None, "floor_process",
                               [sys.executable, str(ROOT / "bench" / "floor_process.py")]))
@@ -717,6 +718,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes of ours (default inline,process)")
     parser.add_argument("--no-process-floor", action="store_true",
                         help="leave out floor/process (the floor split over two processes, bench/floor_process.py)")
+    parser.add_argument("--floor-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the event loop of the in-process floor (bench/floor.py); ours runs on uvloop when "
+                             "it is installed")
     parser.add_argument("--client", choices=("lean", "devserver"), default="lean",
                         help="lean: pre-encoded frames and a reply callback; devserver: DevServer.send_query and "
                              "replies_for (to measure the client's own cost)")

@@ -149,7 +149,7 @@ async def test_check_names_what_an_unknown_source_key_meant(server, tmp_path):
     ({"connectKWArgs": '{"extra_headers": {"X-A": 1}}'},
      "s.config: key 'connectKWArgs.extra_headers': ['X-A'] must be text, not 1"),
     ({"connectKWArgs": '{"open_timout": 5}'}, "s.config: key 'connectKWArgs.open_timout': is not an option of the "
-                                              "connector or of websockets' connect(): did you mean `open_timeout`?"),
+                                              "connector's websocket: did you mean `open_timeout`?"),
     ({"connectKWArgs": '{"caFile": "/no/such/ca.pem"}'},
      "s.config: key 'connectKWArgs.caFile': names no file: '/no/such/ca.pem'"),
 ])

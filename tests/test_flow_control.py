@@ -279,7 +279,8 @@ async def test_process_mode_streaming_into_a_paused_server_keeps_connector_and_w
 @pytest.mark.parametrize("mode", ["inline", "process"])
 async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the_outbox(server, start_connector,
                                                                                      mode):
-    """The link stops taking queries while its outbox is full (both reading paths): their terminal
+    """The link stops taking queries while its outbox is full (it holds what one read brought and stops
+    reading): their terminal
     replies cannot pile up behind a server that does not read. All are answered once it reads again."""
     server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
     limit = 1 << 20
@@ -295,7 +296,7 @@ async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the
         await asyncio.sleep(0.005)
     await asyncio.sleep(2)
     assert link.peak_pending_bytes <= limit + 20 * reply, link.peak_pending_bytes
-    assert link.counters.declined + link.counters.read_waits > 0
+    assert link.counters.held > 0 and link.counters.read_pauses > 0
     server.resume_reading()
     for n, address in enumerate(addresses):
         result = await server.replies_for(address, timeout=60)
@@ -303,7 +304,7 @@ async def test_a_flood_of_queries_while_the_server_does_not_read_cannot_grow_the
 
 
 async def test_a_link_waiting_for_room_before_reading_still_notices_a_dead_socket(server, start_connector):
-    """The receiving path waits for the outbox's room before reading a query; a socket that dies meanwhile
+    """The link holds queries and stops reading while the outbox is full; a socket that dies meanwhile
     must still end that wait, so that the link reconnects (the outbox would never drain otherwise)."""
     server.set_source_config(SOURCE, {"executionMode": "inline"})
     running = await start_connector(maxPendingBytes=1 << 20)
@@ -314,7 +315,7 @@ async def test_a_link_waiting_for_room_before_reading_still_notices_a_dead_socke
     for _ in range(2):
         await server.send_query(SOURCE, {"code": "x = 1"})
     async with asyncio.timeout(10):
-        while link.counters.read_waits < 1:
+        while link.counters.read_pauses < 1:
             await asyncio.sleep(0.05)
     await server.drop(SOURCE, abrupt=True)
     server.resume_reading()

@@ -1,7 +1,8 @@
-"""The fast paths of the link and the process engine: queries taken as websockets parses them
-(compat.direct_connection), a worker's replies written in the step they came (SourceLink.write_now), and
-timeouts checked by one sweep (pipeline.Deadlines). The real connector over real loopback websockets
-against devserver.py; which path ran is read from SourceLink.counters and the engine's stats()."""
+"""The fast paths of the link and the process engine: each message taken in the step its bytes came in
+(linksocket.LinkSocket's one read path), a worker's replies written in the step they came
+(SourceLink.write_now) and in batches, and timeouts checked by one sweep (pipeline.Deadlines). The real
+connector over real loopback websockets against devserver.py; what the link did is read from
+SourceLink.counters and the engine's stats()."""
 from __future__ import annotations
 
 import asyncio
@@ -87,7 +88,7 @@ async def test_query_right_after_a_configure_gets_the_new_runtime_information(se
     assert "connectorRuntimeInfo" in result.body
 
 
-# ---- 1b. over maxMessageBytes: left to _receive ------------------------------------------------
+# ---- 1b. over maxMessageBytes: refused unread ------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["process", "inline"])
 async def test_query_over_the_limit_still_gets_too_large_and_the_link_stays(server, start_connector, mode):
@@ -103,7 +104,7 @@ async def test_query_over_the_limit_still_gets_too_large_and_the_link_stays(serv
     assert running.session.link.reconnects == 0 and server.connects(SOURCE) == 1
 
 
-# ---- 1c. non-query frames while ready: the normal path ---------------------------------------------
+# ---- 1c. non-query frames while ready: in order with the queries ---------------------------------------------
 
 async def test_non_query_frames_while_ready_go_the_normal_way(server, start_connector, caplog):
     running = await start(server, start_connector, "process")
@@ -111,7 +112,7 @@ async def test_non_query_frames_while_ready_go_the_normal_way(server, start_conn
     caplog.set_level(logging.INFO, logger="pyexec_connector.link")
     cut = expect(server, "cut-1")
     after = expect(server, "after-junk")
-    # one burst: each junk frame is left to recv(), and the query behind them waits its turn
+    # one burst: each frame is taken in its turn
     await server.send_raw(SOURCE, '{"op": "publish", "object": {"a": 1}}')
     await server.send_raw(SOURCE, '{"op": "mystery"}')
     await server.send_raw(SOURCE, '{"status": 500, "body": [{"code": "boom.code", "message": "boom"}]}')
@@ -124,37 +125,33 @@ async def test_non_query_frames_while_ready_go_the_normal_way(server, start_conn
     assert any("skipped a frame" in m and "mystery" in m for m in messages)
     assert any("reported status 500" in m and "boom" in m for m in messages)
     assert any("unreadable query cut-1" in m for m in messages)
-    # only the first frame of the burst is offered to the direct path (the others queue behind it)
-    assert counters.direct_queries == 1          # the warm-up query
-    assert counters.declined == 1                # the publish
-    assert counters.queued_queries == 1          # the query behind the junk
+    assert counters.queries == 2                 # the warm-up query and the one behind the junk
+    assert counters.held == 0                    # the outbox had room: nothing waited
     assert running.session.link.reconnects == 0
 
 
-# ---- 1d. the direct path is the one used -----------------------------------------------------------
+# ---- 1d. queries and configures on the one read path -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["process", "inline"])
-async def test_plain_queries_take_the_direct_path_and_a_configure_does_not(server, start_connector, mode):
+async def test_queries_are_taken_as_they_come_and_a_configure_applies_to_the_next(server, start_connector, mode):
     running = await start(server, start_connector, mode)
     counters = running.session.link.counters
-    taken_before = counters.direct_queries
+    taken_before = counters.queries
     assert taken_before >= 1                        # the warm-up query
     answers = await asyncio.gather(*(server.query({"code": f"x = {i}"}) for i in range(10)))
     assert [a.results["x"] for a in answers] == list(range(10))
-    assert counters.direct_queries == taken_before + 10
-    assert counters.queued_queries == 0 and counters.declined == 0
+    assert counters.queries == taken_before + 10 and counters.held == 0
     await server.reconfigure(SOURCE, {"executionMode": mode, "workers": 1, "returnRuntimeInformation": True})
     assert await eventually(lambda: running.session.source_config.returnRuntimeInformation)
-    assert counters.declined == 1                   # the configure: left to the receiving task
     result = await server.query({"code": "y = 1"})
     assert result.results == {"y": 1} and "connectorRuntimeInfo" in result.body
-    assert counters.direct_queries == taken_before + 11
+    assert counters.queries == taken_before + 11
 
 
 # ---- 1e. after a reconnect ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("abrupt", [False, True])
-async def test_a_new_connection_gets_the_direct_path_again(server, start_connector, abrupt):
+async def test_a_new_connection_takes_queries_the_same_way(server, start_connector, abrupt):
     running = await start(server, start_connector, "process")
     counters = running.session.link.counters
     await server.drop(SOURCE, abrupt=abrupt)
@@ -162,10 +159,10 @@ async def test_a_new_connection_gets_the_direct_path_again(server, start_connect
     await running.connector.wait_ready(timeout=5)
     assert await eventually(lambda: running.session.link.reconnects == 1)
     assert await eventually(lambda: running.session.link.ready)
-    taken, queued = counters.direct_queries, counters.queued_queries
+    taken = counters.queries
     answers = await asyncio.gather(*(server.query({"code": f"x = {i}"}) for i in range(5)))
     assert [a.results["x"] for a in answers] == list(range(5))
-    assert counters.direct_queries == taken + 5 and counters.queued_queries == queued
+    assert counters.queries == taken + 5 and counters.held == 0
     assert server.connects(SOURCE) == 2
 
 
@@ -174,7 +171,7 @@ async def test_a_new_connection_gets_the_direct_path_again(server, start_connect
 async def test_a_burst_of_100_queries_is_answered_once_each(server, start_connector):
     running = await start(server, start_connector, "process")
     counters = running.session.link.counters
-    writes_before = counters.direct_writes + counters.writer_writes
+    writes_before = counters.writes
     addresses = [await server.send_query(SOURCE, {"code": "y = x * 2", "presetValues": {"x": i}})
                  for i in range(100)]
     results = await asyncio.gather(*(server.replies_for(a) for a in addresses))
@@ -183,9 +180,7 @@ async def test_a_burst_of_100_queries_is_answered_once_each(server, start_connec
         assert result.status == 200 and result.results == {"x": i, "y": 2 * i}
     await asyncio.sleep(0.1)       # a duplicate would come after the terminal reply: nobody waits for it
     assert server.stray_replies == []
-    assert counters.direct_writes >= 1              # the worker's answers went out in the step they came
-    # and in batches, not a socket write per reply
-    assert counters.direct_writes + counters.writer_writes - writes_before < 100
+    assert counters.writes - writes_before < 100    # in batches, not a socket write per reply
     assert running.session.link.pending_frames == 0
 
 
@@ -287,4 +282,30 @@ async def test_the_writer_survives_write_now_sending_what_it_waited_to_send(serv
     await server.wait_notifications(SOURCE, 2, timeout=5)
     assert sorted(n["n"] for n in server.notifications[SOURCE]) == [1, 2]
     assert link.pending_frames == 0
+    assert (await server.query({"code": "after = 1"})).results == {"after": 1}
+
+
+async def test_a_failing_socket_write_costs_the_socket_not_the_replies(server, start_connector, monkeypatch):
+    """write_now() runs inside a worker pipe's data_received: a write that fails must leave the pipe up,
+    the link reconnects, and the replies queued meanwhile go out on the next socket, once each."""
+    from pyexec_connector.websocket import ClientWebSocket
+
+    running = await start(server, start_connector, "process")
+    link = running.session.link
+    send_texts = ClientWebSocket.send_texts
+    failures = []
+
+    def fails_once(self, frames):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("socket write broken on purpose")
+        return send_texts(self, frames)
+
+    monkeypatch.setattr(ClientWebSocket, "send_texts", fails_once)
+    results = await asyncio.gather(*(server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=10)
+                                     for i in range(3)))
+    assert [r.results for r in results] == [{"x": i, "y": i + 1} for i in range(3)]
+    assert failures == [1] and link.reconnects == 1
+    await asyncio.sleep(0.1)
+    assert server.stray_replies == []
     assert (await server.query({"code": "after = 1"})).results == {"after": 1}

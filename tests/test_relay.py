@@ -386,17 +386,6 @@ async def test_a_query_whose_relay_fails_is_still_answered(server, start_connect
     assert relays.relayed == 0 and relays.declined == 1
 
 
-async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, start_connector):
-    """write_now() runs inside a worker pipe's data_received: if it fails, the pipe stays up and the
-    link's writer task sends the replies."""
-    running, _ = await start_process(server, start_connector)
-    link = running.session.link
-    link.break_direct_writes()
-    for i in range(3):
-        result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
-        assert result.status == 200 and result.results == {"x": i, "y": i + 1}
-
-
 async def test_a_ping_holds_later_runs_and_a_worker_owing_an_answer_is_not_written_to():
     worker, writer = fake_worker()
     worker.ping()

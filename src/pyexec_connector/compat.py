@@ -1,45 +1,52 @@
-"""Every use of an undocumented internal of websockets or asyncio, in one place.
+"""Every use of an undocumented internal of asyncio, in one place (what is left of it: the worker
+pipe's StreamReader buffer, which engine/wire.py reads until its rewrite; issue "Workers pull their work").
 
-The connector's fast paths lean on a few attributes these libraries do not promise to keep: websockets'
-message queue (`recv_messages.frames`), its sans-I/O protocol and transport (`protocol.send_text`,
-`data_to_send`, `transport.write`, `send_context`, `paused`), and asyncio's `StreamReader._buffer`.
-Each fast path asks this module whether its internals are there and falls back to the public API
-when they are not; `missing()` lists what is gone, the connector logs it at start-up, and
-tests/test_compat.py fails on it, so an upgrade that loses a fast path fails CI instead of showing
-up as a silent slowdown."""
+The websocket link uses none: it runs on websockets' documented sans-I/O layer (websocket.py), whose
+names `websocket.SANS_IO_NAMES` lists and tests/test_compat.py checks. `missing()` lists what is gone,
+the connector logs it at start-up, and the test fails on it, so an upgrade that loses a name fails CI
+instead of showing up as a silent slowdown or a broken link."""
 from __future__ import annotations
 
 import asyncio
-import itertools
+import importlib
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
-
-# websockets is imported only by the functions that need it: worker processes import this module for
-# the asyncio part and must not pay for websockets.
 log = logging.getLogger(__name__)
 
+
 def missing() -> list[str]:
-    """The internals the fast paths rely on that this websockets/asyncio lacks (empty: all there).
-    Instance attributes are looked for in the source of the class that sets them."""
-    from websockets.asyncio.client import ClientConnection
-    from websockets.asyncio.connection import Connection
-    from websockets.asyncio.messages import Assembler
-    from websockets.client import ClientProtocol
-    wanted = [
-        (ClientConnection, "process_event", False), (ClientConnection, "send_context", False),
-        (Connection, "recv_messages", True), (Connection, "protocol", True), (Connection, "transport", True),
-        (Connection, "paused", True), (Assembler, "frames", True),
-        (ClientProtocol, "send_text", False), (ClientProtocol, "data_to_send", False),
-        (ClientProtocol, "close_expected", False), (ClientProtocol, "state", False),
-        (asyncio.StreamReader, "_buffer", True), (asyncio.StreamReader, "_eof", True),
-    ]
-    return [f"{cls.__module__}.{cls.__qualname__}.{name}" for cls, name, on_instance in wanted
-            if not (_sets(cls, name) if on_instance else hasattr(cls, name))]
+    """The names the connector relies on that this websockets/asyncio lacks (empty: all there)."""
+    from .websocket import SANS_IO_NAMES
+    gone = [f"{owner}.{name}" for owner, name in SANS_IO_NAMES if not _has(owner, name)]
+    gone += [f"asyncio.StreamReader.{name}" for name in ("_buffer", "_eof")
+             if not _sets(asyncio.StreamReader, name)]
+    return gone
+
+
+def _has(module: str, dotted: str) -> bool:
+    """Whether `module` has `dotted` (Class.attribute...). An attribute a ClientProtocol sets on itself
+    (handshake_exc) is looked for on a fresh one."""
+    try:
+        target: object = importlib.import_module(module)
+    except ImportError:
+        return False
+    for part in dotted.split("."):
+        if not hasattr(target, part) and target.__class__ is type and getattr(target, "__name__", "") == \
+                "ClientProtocol":
+            target = _fresh_client_protocol()
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
+
+
+def _fresh_client_protocol() -> object:
+    try:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+        return ClientProtocol(parse_uri("ws://localhost/"))
+    except Exception:   # noqa: BLE001 - what it lacks is reported by name on its own
+        return object()
 
 
 def _sets(cls: type, name: str) -> bool:
@@ -69,11 +76,12 @@ def _class_source(cls: type) -> str:
 
 
 def report_missing() -> None:
-    """Log, once at start-up, any fast path this websockets/asyncio cannot take."""
+    """Log, once at start-up, any name this websockets/asyncio lacks."""
     gone = missing()
     if gone:
-        log.warning("running without some fast paths: this websockets/asyncio lacks %s (the connector "
-                    "works, more slowly; see pyexec_connector/compat.py)", ", ".join(gone))
+        log.warning("this websockets/asyncio lacks %s, which the connector uses (see "
+                    "pyexec_connector/compat.py and websocket.py): install a websockets release the "
+                    "package's pin allows", ", ".join(gone))
 
 
 # ---- asyncio: StreamReader ------------------------------------------------------------------------
@@ -85,99 +93,3 @@ def stream_buffer(reader: asyncio.StreamReader) -> bytearray:
 
 def stream_ended(reader: asyncio.StreamReader) -> bool:
     return reader._eof        # type: ignore[attr-defined]  # noqa: SLF001
-
-
-# ---- websockets: taking messages as they are parsed ------------------------------------------------
-
-_direct_connection: type | None = None
-
-
-def direct_connection() -> type[ClientConnection]:
-    """websockets' client connection, handing each whole text or binary message to `on_message` as it
-    is parsed, in the step the data came in, when nothing is queued before it (order is kept): a query
-    then skips the message queue, the wake-up of the receiving task and its recv() — one loop iteration
-    of latency and ~10 us of CPU. `on_message` returns False for what it leaves to recv()."""
-    global _direct_connection
-    if _direct_connection is None:
-        from websockets.asyncio.client import ClientConnection
-        from websockets.frames import Frame, Opcode
-        whole_messages = (Opcode.TEXT, Opcode.BINARY)
-
-        class DirectConnection(ClientConnection):
-            on_message: Callable[[bytes], bool] | None = None
-
-            def process_event(self, event: Any) -> None:
-                handler = self.on_message
-                if handler is not None and type(event) is Frame and event.fin and event.opcode in whole_messages \
-                        and not len(self.recv_messages.frames) and handler(bytes(event.data)):
-                    return
-                super().process_event(event)
-
-        _direct_connection = DirectConnection
-    return _direct_connection
-
-
-def can_take_directly(ws: ClientConnection) -> bool:
-    return isinstance(ws, direct_connection()) and hasattr(ws.recv_messages, "frames")
-
-
-# ---- websockets: writing several messages in one socket write ---------------------------------------
-
-def batch_sender(ws: ClientConnection) -> Callable[[list[str]], Awaitable[None]] | None:
-    """Several text messages in one socket write. websockets writes each message separately (one send()
-    system call each, the largest cost per reply under load); its sans-I/O protocol frames the messages,
-    and its send context keeps the state checks, flow control and close handling of `send()`. None when
-    this websockets lacks those parts: the caller then sends one by one."""
-    protocol_, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
-    if protocol_ is None or transport is None or not hasattr(ws, "send_context") or \
-            not hasattr(protocol_, "data_to_send"):
-        return None
-
-    async def send_batch(frames: list[str]) -> None:
-        async with ws.send_context():
-            frame_and_write(protocol_, transport, frames)
-
-    return send_batch
-
-
-def frame_and_write(protocol_: Any, transport: Any, frames: Iterable[str]) -> None:
-    """Frame the text messages with websockets' sans-I/O protocol and write them in one socket write."""
-    for frame in frames:
-        protocol_.send_text(frame.encode())
-    chunks = protocol_.data_to_send()
-    if all(chunks):     # only frames (no end-of-stream marker): one write
-        transport.write(b"".join(chunks))
-    else:               # never seen while open; keep websockets' own handling
-        for chunk in chunks:
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
-
-
-def direct_writer(ws: ClientConnection, outbox: deque[str], count: Callable[[], int],
-                  sendable: Callable[[str], str]) -> Callable[[], int] | None:
-    """Writing queued frames without waiting: the first `count()` frames of `outbox`, in one socket
-    write, only while the connection is open, expects no close and its transport takes data without
-    pushing back (websockets' own flow control). Returns how many it wrote (0: none, nothing taken).
-    None when this websockets lacks the parts."""
-    if batch_sender(ws) is None or not hasattr(ws, "paused"):
-        return None
-    from websockets.protocol import State
-    protocol_, transport = ws.protocol, ws.transport
-
-    def write_now() -> int:
-        if protocol_.state is not State.OPEN or ws.paused or protocol_.close_expected() or transport.is_closing():
-            return 0
-        taken = count()
-        frame_and_write(protocol_, transport, map(sendable, itertools.islice(outbox, taken)))
-        return taken
-
-    return write_now
-
-
-def socket_fd(ws: ClientConnection) -> int | None:
-    """The websocket's file descriptor (for forkguard), if it has one."""
-    transport = getattr(ws, "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    return sock.fileno() if sock is not None else None

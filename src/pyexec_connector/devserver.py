@@ -88,6 +88,13 @@ class _SourceState:
     refusal: tuple[int, str, str] | None = None   # (status, code, message) answered to connectExtension
 
 
+@dataclass(frozen=True)
+class Upgrade:
+    """One websocket's opening handshake: the request's headers, and whether permessage-deflate was agreed."""
+    headers: dict[str, str]
+    compressed: bool
+
+
 class DevServer:
     """The stand-in server (see the module docstring). Longer than the house's ~300 lines per class on
     purpose: every fault knob and every public method tests use instead of its privates lives here, so
@@ -108,6 +115,7 @@ class DevServer:
         self.stray_replies: list[dict[str, Any]] = []   # replies to addresses nobody waits for
         self.bad_frames = 0
         self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
+        self.upgrades: list[Upgrade] = []         # each websocket's opening handshake, as the server saw it
         self.silent_validate = False     # knob: accept the socket but never answer validate
         self.answer_pings = True         # knob: False leaves the connector's websocket pings unanswered
         self.configure_delay = 0.0       # knob: seconds between connectExtension and its configureExtension
@@ -324,6 +332,7 @@ class DevServer:
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=self._max, autoping=False)   # pings answered below, or not
         await ws.prepare(request)
+        self.upgrades.append(Upgrade(dict(request.headers), bool(ws.compress)))
         self._sockets.add(ws)
         self._requests[ws] = request
         validated = False

@@ -3,7 +3,7 @@ frozen pydantic models:
 
 - `fields`: how a key is declared (`setting`), how pydantic's errors become one plain line per key, typo
   suggestions and placeholders;
-- `connect`: connectKWArgs, checked against the installed websockets;
+- `connect`: connectKWArgs, checked against what the link's websocket honours;
 - `server`: ServerConfig and reading it, with every problem at once;
 - `source`: SourceConfig (pythonExecConfig.general);
 - `reference`: docs/CONFIGURATION.md and serverConfig/server.config.example, generated from the models.

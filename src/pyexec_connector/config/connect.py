@@ -1,5 +1,5 @@
-"""connectKWArgs: the connector's own TLS keys, websockets' connect() options (the common ones typed), and
-any other keyword the installed websockets accepts by name."""
+"""connectKWArgs: the connector's own TLS keys, the websocket's options (named as websockets' connect() names
+them, all typed), and any other keyword loop.create_connection accepts by name."""
 from __future__ import annotations
 
 import functools
@@ -12,8 +12,6 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 
@@ -22,24 +20,15 @@ from .fields import Flag, setting, suggestion
 
 @functools.cache
 def websockets_connect_parameters() -> frozenset[str]:
-    """Every keyword the installed websockets' asyncio connect() takes, by name: its own, and those it
-    hands to loop.create_connection(). Asked of the library itself, so that a key is refused at start
-    rather than by a TypeError at every connection attempt (a retry loop with failOnConnectionError off)."""
+    """Every untyped keyword the link can honour by name: those of loop.create_connection(), which it opens
+    the socket with (the typed ones are ConnectOptions' fields, which the link honours on every websockets
+    release the package allows). Asked of asyncio itself, so that a key is refused at start rather than by
+    a TypeError at every connection attempt (a retry loop with failOnConnectionError off)."""
     import asyncio
     import inspect
 
-    from websockets.asyncio.client import connect
-
-    names = {n for n, p in inspect.signature(connect.__init__).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    names |= {n for n, p in inspect.signature(asyncio.BaseEventLoop.create_connection).parameters.items()
-              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
-    return frozenset(names)
-
-
-def websockets_version() -> str:
-    import websockets
-    return str(getattr(websockets, "__version__", "?"))
+    return frozenset(n for n, p in inspect.signature(asyncio.BaseEventLoop.create_connection).parameters.items()
+                     if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 # connect() keywords the connector sets itself (TLS comes from disableSslVerification/caFile), or that
@@ -62,7 +51,7 @@ _PAIR = "a number or a pair [high, low]"
 
 class ConnectOptions(BaseModel):
     """connectKWArgs, as JSON: the connector's TLS keys, then websockets' connect() options. A key neither
-    knows is passed on only when the installed websockets accepts it by name (`passthrough`)."""
+    knows is passed on only when loop.create_connection accepts it by name (`passthrough`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -88,7 +77,8 @@ class ConnectOptions(BaseModel):
         json_schema_extra={"shape": "an object of strings, such as {\"X-Header\": \"value\"}",
                            "kind": "object of text"})
     proxy: Annotated[str | bool | None, BeforeValidator(_proxy)] = setting(
-        None, "A proxy URL, or true for the environment's proxy (websockets 15 and later).", kind="URL or true")
+        None, "An http:// or https:// proxy URL, true (the default: the environment's proxy) or null for none; "
+        "SOCKS is refused.", kind="URL, true or null")
     subprotocols: list[str] | None = setting(None, "Websocket subprotocols to offer.", kind="list of text")
     # untyped keys websockets' connect() (or loop.create_connection) accepts by name
     passthrough: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -106,15 +96,6 @@ class ConnectOptions(BaseModel):
         known = {k: v for k, v in value.items() if k in typed or k not in accepted}
         passthrough = {k: v for k, v in value.items() if k not in known}
         return {**known, "passthrough": passthrough, "given": frozenset(value)}
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _installed_websockets_takes_it(cls, value: Any, info: ValidationInfo) -> Any:
-        """A typed key an older websockets lacks (proxy came in 15.0) is refused at start."""
-        name = info.field_name or ""
-        if name in (*OWN_KEYS, "passthrough", "given") or name in websockets_connect_parameters():
-            return value
-        raise ValueError(f"is not an option of the installed websockets {websockets_version()}")
 
     def websocket_options(self) -> dict[str, Any]:
         """The options the user gave, as websockets' connect() keywords."""
@@ -140,6 +121,6 @@ def unknown_option(key: str) -> str:
     """The problem of a connectKWArgs key neither the connector nor websockets knows."""
     meant = suggestion(key, connect_option_names())
     if meant:
-        return f"is not an option of the connector or of websockets' connect(): did you mean `{meant}`?"
-    return ("is not an option of the connector or of websockets' connect(); known: "
+        return f"is not an option of the connector's websocket: did you mean `{meant}`?"
+    return ("is not an option of the connector's websocket; known: "
             + ", ".join(connect_option_names()))

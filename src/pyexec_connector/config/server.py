@@ -162,7 +162,7 @@ class ServerConfig(BaseModel):
     connect_kwargs: Annotated[ConnectOptions, BeforeValidator(_connect_kwargs)] = setting(
         None, "Websocket options, as a JSON object: {\"caFile\": \"/path/ca.pem\"} trusts a private CA, "
         "{\"disableSslVerification\": true} turns TLS verification off (testing only); the keys of "
-        "websockets' connect() (open_timeout, ping_interval...) as the installed websockets takes them.",
+        "websockets' connect() (open_timeout, ping_interval, proxy...), on the connector's own websocket.",
         key="connectKWArgs", factory=ConnectOptions, example='{"open_timeout": 10}', kind="JSON object")
     reconnect_secret: str | None = setting(
         None, "A fixed reconnect secret lets a restarted connector take over a half-open session.",
@@ -279,7 +279,7 @@ ENV_FOR_KEY = {key: env_name(key) for key in ServerConfig.keys()}   # authToken 
 
 
 def websocket_options(config: ServerConfig) -> dict[str, Any]:
-    """connectKWArgs translated to websockets' connect() options (checked at load)."""
+    """connectKWArgs as the link's websocket options (link.socket_options), checked at load."""
     return config.connect_kwargs.websocket_options()
 
 
