@@ -42,6 +42,33 @@ log = logging.getLogger(__name__)
 WS_PATH = "/api/v1/wsock/websocket"
 
 
+def _frame_of(data: str | bytes) -> dict[str, Any] | None:
+    """A frame the connector sent, or None for one that is not a JSON object."""
+    try:
+        frame = _loads(data)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+async def _send_close_frame(ws: web.WebSocketResponse) -> None:
+    """Close 1011, still reading what the client sends until its own close."""
+    writer = getattr(ws, "_writer", None)
+    if writer is None:   # not the aiohttp we know: a plain close (it discards frames arriving after it)
+        await ws.close(code=1011, message=b"dropped by devserver")
+    else:
+        # aiohttp's own close() would drop whatever the client sends before it answers the close; send
+        # the close frame alone and let the socket's reader handle the rest up to the client's close.
+        await writer.close(1011, b"dropped by devserver")
+
+
+_VALIDATED = {"status": 200, "body": {"username": "dev", "namespace": "dev"}}
+_INVALID_TOKEN = {"status": 401, "body": [{"code": "io.vantiq.authentication.failed",
+                                           "message": "Invalid access token.", "params": []}]}
+_NOT_VALIDATED = {"status": 401, "body": [{"code": "io.vantiq.not.authenticated", "message": "Validate first.",
+                                           "params": []}]}
+
+
 @dataclass
 class QueryResult:
     """Every reply a query received, in order; the last one is terminal."""
@@ -95,24 +122,117 @@ class Upgrade:
     compressed: bool
 
 
+class ReplyBook:
+    """Where replies go: to a sink (`route`, the benchmarks' lean path), to a queue a test reads
+    (`expect`), or, for an address nobody waits for, to `stray` (a second terminal reply shows there)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._routes: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.stray: list[dict[str, Any]] = []
+
+    def expect(self, address: str) -> str:
+        self._queues[address] = asyncio.Queue()
+        return address
+
+    def forget(self, address: str) -> None:
+        self._queues.pop(address, None)
+
+    def received(self, address: str) -> int:
+        return self._queues[address].qsize()
+
+    def route(self, address: str, sink: Callable[[dict[str, Any]], None]) -> None:
+        self._routes[address] = sink
+
+    def deliver(self, frame: dict[str, Any]) -> None:
+        address = frame["headers"].get("X-Reply-Address")
+        sink = self._routes.get(address)
+        if sink is not None:
+            if frame.get("status") != 100:
+                del self._routes[address]
+            sink(frame)
+            return
+        queue = self._queues.get(address)
+        if queue is None:
+            self.stray.append(frame)
+        else:
+            queue.put_nowait(frame)
+
+    async def replies_for(self, address: str) -> QueryResult:
+        """Every reply to `address` up to its terminal one (the caller bounds the wait)."""
+        queue = self._queues[address]
+        replies: list[dict[str, Any]] = []
+        while True:
+            reply = await queue.get()
+            replies.append(reply)
+            if reply.get("status") != 100:
+                break
+        del self._queues[address]
+        return QueryResult(replies)
+
+
+class DocumentStore:
+    """The two document endpoints (metadata, then content), with bearer-token checks and fault knobs."""
+
+    def __init__(self, token: Callable[[], str], stopping: asyncio.Event):
+        self._token = token
+        self._stopping = stopping
+        self.documents: dict[str, Document] = {}
+        self.requests: list[str] = []
+
+    def put(self, doc: Document) -> Document:
+        self.documents[doc.name] = doc
+        return doc
+
+    def _authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self._token()}"
+
+    async def meta(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.requests.append(f"meta:{name}")
+        if not self._authorised(request):
+            return web.json_response([{"code": "io.vantiq.authentication.failed",
+                                       "message": "Invalid access token.", "params": []}], status=401)
+        doc = self.documents.get(name)
+        if doc is None:
+            return web.json_response([{"code": "io.vantiq.resource.not.found",
+                                       "message": f"The requested instance ('{name}') of the documents "
+                                                  "resource could not be found.", "params": [name]}], status=404)
+        size = doc.content_size if doc.content_size is not None else len(doc.content)
+        return web.json_response({"name": name, "contentSize": size, "isIncomplete": doc.incomplete,
+                                  "content": f"/docs/{name}", "fileType": "text/x-python",
+                                  "ars_createdAt": doc.modified, "ars_modifiedAt": doc.modified})
+
+    async def content(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.requests.append(f"content:{name}")
+        if not self._authorised(request):
+            return web.Response(status=401)
+        doc = self.documents.get(name)
+        if doc is None:
+            return web.Response(status=404)
+        if doc.fault == "error":
+            return web.Response(status=500, text="Internal Server Error")
+        if doc.fault == "hang":
+            await self._stopping.wait()     # until the client gives up, or the server stops
+        return web.Response(body=doc.content, content_type="text/x-python")
+
+
 class DevServer:
-    """The stand-in server (see the module docstring). Longer than the house's ~300 lines per class on
-    purpose: every fault knob and every public method tests use instead of its privates lives here, so
-    that tests and benchmarks have one surface to learn."""
+    """The stand-in server (see the module docstring): every fault knob and every public method tests use
+    instead of its privates lives here, so that tests and benchmarks have one surface to learn; where replies
+    go is the ReplyBook's, the document endpoints are the DocumentStore's."""
 
     def __init__(self, *, token: str = "dev-token", sources: tuple[str, ...] = ("pythonSource",),
                  max_message_bytes: int = 256 * 1024 * 1024):
         self.token = token
         self._sources: dict[str, _SourceState] = {name: _SourceState() for name in sources}
-        self.documents: dict[str, Document] = {}
         self.notifications: dict[str, list[Any]] = defaultdict(list)
         self._notified = asyncio.Condition()
-        self._replies: dict[str, asyncio.Queue] = {}
-        self._routes: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._replies = ReplyBook()
         self._addresses = itertools.count(1)
         self.validations = 0
-        self.document_requests: list[str] = []
-        self.stray_replies: list[dict[str, Any]] = []   # replies to addresses nobody waits for
+        self.stray_replies = self._replies.stray   # replies to addresses nobody waits for
         self.bad_frames = 0
         self.close_codes: list[int | None] = []   # how each websocket ended (1000: a normal close)
         self.upgrades: list[Upgrade] = []         # each websocket's opening handshake, as the server saw it
@@ -124,6 +244,9 @@ class DevServer:
         self._ssl: ssl.SSLContext | None = None
         self._requests: dict[web.WebSocketResponse, web.Request] = {}
         self._stopping = asyncio.Event()
+        self._documents = DocumentStore(lambda: self.token, self._stopping)
+        self.documents = self._documents.documents
+        self.document_requests = self._documents.requests
         self._max = max_message_bytes
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -137,8 +260,8 @@ class DevServer:
         self._ssl = ssl
         app = web.Application(client_max_size=self._max)
         app.router.add_get(WS_PATH, self._websocket)
-        app.router.add_get("/api/v1/resources/documents/{name:.+}", self._document_meta)
-        app.router.add_get("/docs/{name:.+}", self._document_content)
+        app.router.add_get("/api/v1/resources/documents/{name:.+}", self._documents.meta)
+        app.router.add_get("/docs/{name:.+}", self._documents.content)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl)
@@ -187,9 +310,7 @@ class DevServer:
                      fault: DocumentFault | None = None) -> Document:
         content = text.encode() if isinstance(text, str) else text
         stamp = modified or datetime.now(UTC).isoformat(timespec="microseconds")
-        doc = Document(name, content, stamp, incomplete, content_size, fault)
-        self.documents[name] = doc
-        return doc
+        return self._documents.put(Document(name, content, stamp, incomplete, content_size, fault))
 
     def pause_reading(self) -> None:
         """Stop reading every socket (new ones too) until resume_reading(). Nothing is lost: aiohttp's own
@@ -217,21 +338,20 @@ class DevServer:
 
     def expect(self, address: str) -> str:
         """Collect the replies to `address` (for a query frame sent with `send_raw`); returns it."""
-        self._replies[address] = asyncio.Queue()
-        return address
+        return self._replies.expect(address)
 
     def forget(self, address: str) -> None:
         """Stop collecting replies to `address` (later ones count as stray)."""
-        self._replies.pop(address, None)
+        self._replies.forget(address)
 
     def received(self, address: str) -> int:
         """Replies to `address` received and not yet taken by `replies_for`."""
-        return self._replies[address].qsize()
+        return self._replies.received(address)
 
     async def wait_received(self, address: str, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until `count` replies to `address` were received (leaving them to `replies_for`)."""
         async with asyncio.timeout(timeout):
-            while self._replies[address].qsize() < count:
+            while self._replies.received(address) < count:
                 await asyncio.sleep(0.01)
 
     async def send_query(self, source: str, params: Any, *, address: str | None = None) -> str:
@@ -244,19 +364,11 @@ class DevServer:
     def route_replies(self, address: str, sink: Callable[[dict[str, Any]], None]) -> None:
         """Call `sink(frame)` for each reply to `address`, until its terminal one: the lean path for
         benchmarks (pair it with `send_raw`), without a queue and a waiting task per query."""
-        self._routes[address] = sink
+        self._replies.route(address, sink)
 
     async def replies_for(self, address: str, timeout: float = 10.0) -> QueryResult:
-        queue = self._replies[address]
-        replies: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout):
-            while True:
-                reply = await queue.get()
-                replies.append(reply)
-                if reply.get("status") != 100:
-                    break
-        del self._replies[address]
-        return QueryResult(replies)
+            return await self._replies.replies_for(address)
 
     async def query(self, params: Any, source: str = "pythonSource", timeout: float = 10.0) -> QueryResult:
         """A VAIL SELECT ... FROM SOURCE source WITH params, as the server sends it; all its replies."""
@@ -297,14 +409,8 @@ class DevServer:
             return
         if abrupt:
             self._abort(ws)
-            return
-        writer = getattr(ws, "_writer", None)
-        if writer is None:   # not the aiohttp we know: a plain close (it discards frames arriving after it)
-            await ws.close(code=1011, message=b"dropped by devserver")
         else:
-            # aiohttp's own close() would drop whatever the client sends before it answers the close; send
-            # the close frame alone and let the socket's reader handle the rest up to the client's close.
-            await writer.close(1011, b"dropped by devserver")
+            await _send_close_frame(ws)
 
     def close_during_handshake(self, stage: HandshakeStage, times: int = 1) -> None:
         """Cut the next `times` sockets when they send `stage` (validate or connectExtension), unanswered."""
@@ -347,12 +453,8 @@ class DevServer:
                     continue
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     continue
-                try:
-                    frame = _loads(msg.data)
-                except ValueError:
-                    self.bad_frames += 1
-                    continue
-                if not isinstance(frame, dict):
+                frame = _frame_of(msg.data)
+                if frame is None:
                     self.bad_frames += 1
                     continue
                 op = frame.get("op")
@@ -365,15 +467,9 @@ class DevServer:
                         continue
                     self.validations += 1
                     validated = frame.get("object") == self.token
-                    if validated:
-                        await ws.send_json({"status": 200, "body": {"username": "dev", "namespace": "dev"}})
-                    else:
-                        await ws.send_json({"status": 401, "body": [{
-                            "code": "io.vantiq.authentication.failed", "message": "Invalid access token.",
-                            "params": []}]})
+                    await ws.send_json(_VALIDATED if validated else _INVALID_TOKEN)
                 elif not validated:
-                    await ws.send_json({"status": 401, "body": [{"code": "io.vantiq.not.authenticated",
-                                                                "message": "Validate first.", "params": []}]})
+                    await ws.send_json(_NOT_VALIDATED)
                 elif op == "connectExtension":
                     await self._connect_extension(ws, frame)
                 elif op == "notification":
@@ -381,18 +477,7 @@ class DevServer:
                         self.notifications[str(frame.get("resourceId"))].append(frame.get("object"))
                         self._notified.notify_all()
                 elif "status" in frame and isinstance(frame.get("headers"), dict):
-                    address = frame["headers"].get("X-Reply-Address")
-                    sink = self._routes.get(address)
-                    if sink is not None:
-                        if frame.get("status") != 100:
-                            del self._routes[address]
-                        sink(frame)
-                        continue
-                    queue = self._replies.get(address)
-                    if queue is None:
-                        self.stray_replies.append(frame)
-                    else:
-                        queue.put_nowait(frame)
+                    self._replies.deliver(frame)
                 else:
                     self.bad_frames += 1
         finally:
@@ -429,37 +514,3 @@ class DevServer:
         await ws.send_json({"op": "configureExtension", "resourceName": "sources", "resourceId": source,
                             "object": {"config": state.config}})
         state.attached.set()
-
-    # ---- documents --------------------------------------------------------------------------
-    def _authorised(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {self.token}"
-
-    async def _document_meta(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        self.document_requests.append(f"meta:{name}")
-        if not self._authorised(request):
-            return web.json_response([{"code": "io.vantiq.authentication.failed",
-                                       "message": "Invalid access token.", "params": []}], status=401)
-        doc = self.documents.get(name)
-        if doc is None:
-            return web.json_response([{"code": "io.vantiq.resource.not.found",
-                                       "message": f"The requested instance ('{name}') of the documents "
-                                                  "resource could not be found.", "params": [name]}], status=404)
-        size = doc.content_size if doc.content_size is not None else len(doc.content)
-        return web.json_response({"name": name, "contentSize": size, "isIncomplete": doc.incomplete,
-                                  "content": f"/docs/{name}", "fileType": "text/x-python",
-                                  "ars_createdAt": doc.modified, "ars_modifiedAt": doc.modified})
-
-    async def _document_content(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        self.document_requests.append(f"content:{name}")
-        if not self._authorised(request):
-            return web.Response(status=401)
-        doc = self.documents.get(name)
-        if doc is None:
-            return web.Response(status=404)
-        if doc.fault == "error":
-            return web.Response(status=500, text="Internal Server Error")
-        if doc.fault == "hang":
-            await self._stopping.wait()     # until the client gives up, or the server stops
-        return web.Response(body=doc.content, content_type="text/x-python")
