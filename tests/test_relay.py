@@ -216,11 +216,12 @@ async def test_relayed_query_running_at_stop_is_answered_shutting_down(server, s
     assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN
 
 
-# ---- 2. ack-gated writes to a worker ------------------------------------------------------------------
+# ---- 2. runs against credit, taken back when not read in time ----------------------------------------
 
 class FakeWriter:
     def __init__(self):
         self.writes: list[bytes] = []
+        self.unread = 0         # bytes written that the worker has not read
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
@@ -233,7 +234,7 @@ class FakeWriter:
         return self
 
     def get_write_buffer_size(self) -> int:
-        return 0        # read to its end: the query written is running
+        return self.unread
 
     def get_extra_info(self, name: str) -> None:
         return None
@@ -246,56 +247,68 @@ def fake_worker() -> tuple[pool.WorkerHandle, FakeWriter]:
     return worker, writer
 
 
-async def test_runs_for_a_worker_that_has_not_written_back_are_held_then_written_in_one_write():
+def test_runs_are_counted_against_credit_and_written_together_at_flush():
     worker, writer = fake_worker()
-    worker.send_run(b"run-1")
-    assert writer.writes == [b"run-1"] and worker.awaiting
-    worker.send_run(b"run-2")
-    worker.send_run(b"run-3")
-    worker.send_run(b"run-4")
-    assert writer.writes == [b"run-1"]
-    worker.heard()
-    assert writer.writes == [b"run-1", b"run-2run-3run-4"]
-    assert worker.awaiting          # written to again: the next run waits for it to write back
-    worker.heard()                  # nothing held: nothing written
-    assert writer.writes == [b"run-1", b"run-2run-3run-4"] and not worker.awaiting
-    worker.send_run(b"run-5")       # an idle worker gets its query at once
-    assert writer.writes[-1] == b"run-5"
+    worker.granted = 3
+    assert worker.credit == 3
+    worker.send_run(b"run-1", 1, 10.0)
+    worker.send_run(b"run-2", 2, 10.0)
+    assert writer.writes == [] and worker.credit == 1 and worker.sent == 2
+    worker.flush()
+    assert writer.writes == [b"run-1run-2"] and worker.written == 10
+    worker.send_run(b"run-3", 3, 10.0)
+    worker.send(Cancel(7))          # a message goes out now, after the runs held
+    assert writer.writes == [b"run-1run-2", b"run-3" + wire.encode(Cancel(7))]
+    assert worker.credit == 0
+    worker.granted = 5
+    worker.reserved = 1             # promised to a parsed query: not credit any more
+    assert worker.credit == 1
 
 
-async def test_a_held_run_waits_for_the_worker_to_write_back_and_a_silent_one_gives_it_back():
+def test_runs_not_read_by_their_take_by_are_taken_back_and_the_worker_is_stalled():
     worker, writer = fake_worker()
-    worker.send_run(b"first", 1)
-    worker.send_run(b"second", 2)
-    worker.send_run(b"third", 3)
-    await asyncio.sleep(0.1)
-    assert writer.writes == [b"first"]          # a worker stuck in code gets nothing more ...
-    assert worker.take_back() == [2, 3]         # ... so what is held can go to another worker
-    worker.heard()
-    assert writer.writes == [b"first"]
+    worker.granted = 10
+    for qid in (1, 2, 3):
+        worker.send_run(b"run-%d" % qid, qid, 5.0)
+        worker.flush()
+    running = {1, 2, 3}
+    assert worker.overdue(4.0, running) == [] and worker.unconfirmed == 3       # not due yet
+    writer.unread = 5               # it read the first two: the third is in its socket
+    assert worker.overdue(6.0, running) == [3] and worker.stalled
+    assert worker.unconfirmed == 0
+    worker.heard()                  # it wrote: its loop runs again
+    assert not worker.stalled
 
 
-async def test_a_message_sent_while_runs_are_held_goes_after_them_in_the_same_write():
+def test_answered_runs_are_not_taken_back_even_when_unread_bytes_are_not_known():
     worker, writer = fake_worker()
-    worker.send_run(b"first")
-    worker.send_run(b"held")
-    worker.send(Cancel(7))
-    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
+    worker.granted = 10
+    worker.send_run(b"run-1", 1, 5.0)
+    worker.send_run(b"run-2", 2, 5.0)
+    worker.flush()
+    writer.unread = 10
+    assert worker.overdue(6.0, {2}) == [2]      # 1 was answered: read, surely
+    assert worker.overdue(7.0, {2}) == []       # taken back once
+
+
+def test_a_ping_is_written_at_once():
+    worker, writer = fake_worker()
+    worker.ping()
+    assert writer.writes == [wire.encode(Ping())] and worker.pinged_at is not None
     worker.heard()
-    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
+    assert worker.pinged_at is None
 
 
-async def test_a_worker_busy_with_a_query_still_writes_back_so_runs_are_not_held(server, start_connector):
+async def test_a_worker_awaiting_in_a_query_still_asks_for_work(server, start_connector):
     running, relays = await start_process(server, start_connector)
-    worker = running.session.engine.pool.workers[0]
+    engine = running.session.engine
     address = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(1)\nslow = 1"})
-    async with asyncio.timeout(0.8):     # its ACK: long before the query ends
-        while not worker.inflight or worker.awaiting:
-            await asyncio.sleep(0.005)
-    assert worker.inflight
+    started = time.monotonic()
     assert (await server.query({"code": "quick = 1"})).results == {"quick": 1}
+    assert time.monotonic() - started < 0.8, "the quick query waited for the slow one"
     assert (await server.replies_for(address)).results == {"slow": 1}
     assert relays.relayed == 2
+    assert engine.stats()["credit_overdrawn"] == 0
 
 
 @pytest.mark.parametrize("per_worker", [16, 1000])
@@ -395,15 +408,3 @@ async def test_a_failing_direct_write_leaves_the_replies_to_the_writer(server, s
     for i in range(3):
         result = await server.query({"code": "y = x + 1", "presetValues": {"x": i}}, timeout=5)
         assert result.status == 200 and result.results == {"x": i, "y": i + 1}
-
-
-async def test_a_ping_holds_later_runs_and_a_worker_owing_an_answer_is_not_written_to():
-    worker, writer = fake_worker()
-    worker.ping()
-    assert writer.writes == [wire.encode(Ping())]
-    worker.send_run(b"run", 1)                  # held: a worker that does not answer the ping never reads it
-    assert writer.writes == [wire.encode(Ping())] and worker.take_back() == [1]
-    worker.heard()
-    worker.send_run(b"run", 2)
-    worker.ping()                               # the run written is its ping: its socket holds only that
-    assert writer.writes == [wire.encode(Ping()), b"run"] and worker.unheard == [2]

@@ -45,7 +45,7 @@ class Waiting:
     ticket: asyncio.Future | None = None
     frame: Any = None
     channel: Any = None
-    query: Any = None         # a query taken back from a silent worker (Starter.start_waiting sends it again)
+    query: Any = None         # a query taken back from a worker (Starter.start_waiting sends it again)
     gone: bool = False        # taken out of the queue (timeout passed, or cancelled): skipped there
 
 
@@ -75,11 +75,13 @@ class Dispatcher:
         return None if self._count else self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
-        """An idle worker; else, when the pool cannot grow, the least-busy one with room (below `workers`
-        a query that finds every worker busy waits for a fork: see scaling.py)."""
+        """An idle worker that asked for work; else, when the pool cannot grow, the least-busy one with
+        credit (below `workers` a query that finds every worker busy waits for a fork: see scaling.py).
+        Nothing goes to a worker beyond the credit it granted, nor beyond `queriesPerWorker` at once."""
         best = None
         for worker in self._pool.workers:
-            if worker.state is _READY and worker.load < self.per_worker and not worker.silent:
+            if worker.state is _READY and worker.credit > 0 and worker.load < self.per_worker \
+                    and not worker.stalled:
                 if best is None or worker.load < best.load:
                     best = worker
                     if not worker.load:
@@ -158,8 +160,18 @@ class Dispatcher:
 
     # ---- giving out workers -----------------------------------------------------------------
     def dispatch(self) -> None:
-        """Give waiting queries the workers that can take them now."""
+        """Give waiting queries the workers that can take them now; the runs for one worker go out in one
+        write."""
         waiting = self._waiting
+        if not waiting:
+            return
+        try:
+            self._dispatch(waiting)
+        finally:
+            for worker in self._pool.workers:
+                worker.flush()
+
+    def _dispatch(self, waiting: deque[Waiting]) -> None:
         while waiting:
             worker = self._least_busy()
             if worker is None:

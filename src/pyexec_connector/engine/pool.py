@@ -22,14 +22,15 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, Protocol
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
 from .launch import WorkerLauncher, WorkerProcess
 from .liveness import LivenessPolicy
-from .messages import Init, Ping, Ready, Stop
+from .messages import Credit, Init, Ping, Ready, Stop
 from .oom import sigkill_hint
 from .recycle import RecyclePolicy, WorkerBudget
 from .scaling import ScalePolicy
@@ -39,7 +40,6 @@ log = logging.getLogger("pyexec_connector.engine.process")
 
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
-_PING = wire.encode(Ping())
 RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
 
@@ -88,7 +88,8 @@ class PoolEvents(Protocol):
 
 
 class WorkerHandle:
-    """The connector's end of one worker process (engine/worker.py is the other)."""
+    """The connector's end of one worker process (engine/worker.py is the other): what it has asked for
+    (credit), what it was sent, and which of those it may not have read yet."""
 
     def __init__(self, index: int, restarts: int = 0, budget: WorkerBudget | None = None):
         self.index = index
@@ -99,21 +100,23 @@ class WorkerHandle:
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task | None = None
         self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
-        self.reserved = 0                       # slots promised to queued queries that have not resumed yet
+        self.reserved = 0                       # credit promised to parsed queries that have not resumed yet
         self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
         self.kill_reason: str | None = None
         self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)
         self.became_ready = False
         self.backing_off = False                # waiting to start again after failed starts
         self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
+        self.granted = 0                        # runs it asked for over its life (Credit.granted)
+        self.received = 0                       # runs it said it read (Credit.received)
+        self.sent = 0                           # runs written to it over its life
+        self.stalled = False                    # did not read a run in time: sent nothing until it writes
         self._held: list[bytes] = []            # messages not written yet: see send_run()
-        self._held_runs: list[int] = []         # the queries among them
-        self.awaiting = False                   # written to, and not heard from since
-        self.unheard: list[int] = []            # queries written to it since it last wrote (read or not)
-        self.unheard_writes = 0                 # writes since it last wrote
+        self._held_size = 0
+        self.written = 0                        # bytes written to it over its life
+        self._unconfirmed: deque[tuple[int, int, float]] = deque()   # (qid, end offset, take_by): see overdue()
         self.last_heard = time.monotonic()      # liveness: when it last wrote anything
         self.pinged_at: float | None = None     # the ping it has not answered yet
-        self.silent = False                     # did not answer a ping while running queries: nothing new for it
         self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
 
     @property
@@ -121,55 +124,61 @@ class WorkerHandle:
         return len(self.inflight) + self.reserved
 
     @property
+    def credit(self) -> int:
+        """Runs it may be sent now: asked for, not sent, not promised to a parsed query."""
+        return self.granted - self.sent - self.reserved
+
+    @property
     def alive(self) -> bool:
         return self.state is not WorkerState.DEAD
 
     def send(self, message: Any) -> None:
         """Write the message now (after any held ones: order is kept)."""
-        self._held.append(wire.encode(message))
+        data = wire.encode(message)
+        self._held.append(data)
+        self._held_size += len(data)
         self.flush()
 
-    def send_run(self, data: bytes, qid: int | None = None) -> None:
-        """A query: written now to a worker that has answered everything written to it, else held until it
-        writes back (an Ack at the latest, see heard()). Under load a worker then takes the queries that
-        came meanwhile in one read, and answers them in one write, instead of one wake-up of each process
-        per query; an idle worker gets its query at once. A worker stuck in code gets nothing more: what
-        is held for it can go to another worker (see take_back), which a query in its pipe could not."""
+    def send_run(self, data: bytes, qid: int, take_by: float) -> None:
+        """A run, against its credit; written at the next flush() (a dispatch round writes its runs to a
+        worker together). Until the worker is known to have read it, it may be taken back (overdue)."""
         self._held.append(data)
-        if qid is not None:
-            self._held_runs.append(qid)
-        if not self.awaiting:
-            self.flush()
+        self._held_size += len(data)
+        self.sent += 1
+        self._unconfirmed.append((qid, self.written + self._held_size, take_by))
 
     def heard(self) -> None:
-        """The worker wrote something: it reads again. What was held goes now, in one write."""
-        self.awaiting = False
+        """The worker wrote something: its loop runs."""
         self.last_heard = time.monotonic()
         self.pinged_at = None
-        self.silent = False
-        if self.unheard_writes:
-            self.unheard.clear()
-            self.unheard_writes = 0
-        if self._held:
-            self.flush()
+        self.stalled = False
 
-    def unstarted(self) -> list[int]:
-        """The queries sent to this worker that it has certainly not started: those held, and those
-        written since it last wrote when that was one write it has not read to its end (a stream is read
-        in order: unread bytes are the last ones written). Its loop may be blocked by the first query of a
-        write it did read: that one is running."""
-        if self.unheard and self.unheard_writes == 1 and self._unread_bytes() > 0:
-            return self._held_runs + self.unheard
-        return self._held_runs[:]
+    def overdue(self, now: float, running: Container[int]) -> list[int]:
+        """The runs it was sent whose take_by passed before it read them: no longer its own (it declines
+        them should it read them: it reads the clock after the bytes). Taken back here, and it is stalled
+        until it writes again. Its socket tells which bytes it read (a stream is read in order)."""
+        self.flush()
+        unconfirmed = self._unconfirmed
+        while unconfirmed and unconfirmed[0][0] not in running:     # answered: read, surely
+            unconfirmed.popleft()
+        if not unconfirmed or unconfirmed[0][2] >= now:
+            return []
+        read = self.written - self._unread_bytes()
+        while unconfirmed and unconfirmed[0][1] <= read:
+            unconfirmed.popleft()
+        late: list[int] = []
+        while unconfirmed and unconfirmed[0][2] < now:      # take_by grows along the stream
+            qid = unconfirmed.popleft()[0]
+            if qid in running:
+                late.append(qid)
+        if late:
+            self.stalled = True
+        return late
 
-    def take_back(self) -> list[int]:
-        """unstarted(), no longer this worker's to run (written ones it will never read: it is killed)."""
-        qids = self.unstarted()
-        if len(qids) > len(self._held_runs):
-            self.unheard.clear()
-        self._held.clear()
-        self._held_runs.clear()
-        return qids
+    @property
+    def unconfirmed(self) -> int:
+        """Runs written whose reading is not confirmed yet (checked by overdue())."""
+        return len(self._unconfirmed)
 
     def _unread_bytes(self) -> int:
         """Bytes written to the worker it has not read: in the transport's buffer, or the socket's (SIOCOUTQ,
@@ -183,33 +192,22 @@ class WorkerHandle:
             try:
                 pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
             except OSError:
-                return 1         # cannot tell: taken as unread (the worker is killed either way)
+                return self.written      # cannot tell: taken as unread (it declines what it reads late)
         return pending
 
     def ping(self) -> None:
-        """A worker that owes an answer to what was written to it has its ping already: nothing is written
-        (so its socket holds only that, see unstarted()). Else a Ping, after which runs are held until it
-        answers, as after any write: a worker that does not answer has then read none of them."""
         self.pinged_at = time.monotonic()
-        if self.awaiting or self.writer is None or self.writer.is_closing():
-            return
-        self.awaiting = True
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            self.writer.write(_PING)
+        self.send(Ping())
 
     def flush(self) -> None:
         if not self._held:
             return
         data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
         self._held.clear()
+        self._held_size = 0
         if self.writer is None or self.writer.is_closing():
-            self._held_runs.clear()       # it is dying: its watcher fails its queries
-            return
-        self.awaiting = True
-        if self._held_runs:
-            self.unheard.extend(self._held_runs)
-            self._held_runs.clear()
-        self.unheard_writes += 1
+            return       # it is dying: its watcher fails its queries
+        self.written += len(data)
         try:
             self.writer.write(data)
         except (ConnectionError, RuntimeError):
@@ -275,6 +273,18 @@ class WorkerPool:
         return not self.started.is_set() or self.alive_count() > 0 \
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
+    def credit_ledger(self) -> list[tuple[int, int, int]]:
+        """(index, runs it asked for, runs it was sent) of each worker that takes queries, for metrics and
+        tests: sent never passes asked for, and a dead worker's credit goes with it."""
+        return [(w.index, w.granted, w.sent) for w in self.workers if w.state in _SUPERVISED]
+
+    def credit_figures(self) -> dict[str, int]:
+        """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond
+        what was asked for (0, always)."""
+        ledger = self.credit_ledger()
+        return {"credit": sum(max(0, granted - sent) for _, granted, sent in ledger),
+                "credit_overdrawn": sum(max(0, sent - granted) for _, granted, sent in ledger)}
+
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:
         """Whether a query finding every worker busy should wait for a fork (one more, or one on its way)
@@ -297,7 +307,7 @@ class WorkerPool:
         for w in self.workers:          # called while queries wait, per dispatch: no lists built
             if w.state is _READY:
                 live += 1
-                busy += bool(w.load or w.silent)
+                busy += bool(w.load or w.stalled or w.credit <= 0)
             elif w.state is _STARTING:
                 live += 1
         if live < self.scale_policy.max_workers:
@@ -406,8 +416,11 @@ class WorkerPool:
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 hello = await wire.read(worker.reader)
-            if type(hello) is not Ready:
-                raise ValueError(f"unexpected first message {type(hello).__name__}")
+                # ready once it asked for its first runs: a query waiting for it is sent at once
+                credit = await wire.read(worker.reader)
+            if type(hello) is not Ready or type(credit) is not Credit:
+                raise ValueError(f"unexpected first messages {type(hello).__name__}, {type(credit).__name__}")
+            worker.granted, worker.received = credit
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
             log.error("source %s: worker %d did not start: %s", self.source_name, worker.index, type(exc).__name__)
             worker.kill("it did not start")

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -43,6 +44,8 @@ from .messages import (
     Cancel,
     Cancelled,
     Configure,
+    Credit,
+    Declined,
     Done,
     Failed,
     HealthChanged,
@@ -59,6 +62,10 @@ from .scaling import ScalePolicy
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
+# Seconds a worker has to read a run it asked for: a run it has not read by then goes to another worker
+# (it declines it, should it read it later). A few hundred round trips of the pipe: only a loop blocked
+# by code misses it, or a machine so loaded that another worker is as good.
+TAKE_BOUND = 0.25
 _COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
 # WITH parameters a relayed query may have; the others need the connector (see ProcessEngine._relay)
 _RELAYED_PARAMETERS = frozenset({"code", "name", "presetValues", "codeHandlesReturn", "limitReturnTo",
@@ -125,7 +132,8 @@ class _Query:
     limit: float | None = None                  # its timeout, seconds
     deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
     known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
-    message: bytes = b""                        # what its worker was sent (again to another, see requeue)
+    message: Any = None                         # its Relay or Run (sent again to another, see requeue)
+    size: int = 0                               # its message's bytes
 
 
 class ProcessEngine:
@@ -157,6 +165,8 @@ class ProcessEngine:
         self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
+        self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
+        self._checking: asyncio.TimerHandle | None = None     # the next _take_back
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
@@ -178,6 +188,7 @@ class ProcessEngine:
                 "rich_results": self._config.resultValues == "rich",
                 "max_message_bytes": self._max_message_bytes,
                 "max_open_files": self._config.maxOpenFiles,
+                "queries_per_worker": self._config.queriesPerWorker,
                 # Linux counts RLIMIT_NPROC per user: only a user of the workers' own makes it theirs
                 "max_processes": self._config.maxProcessesPerWorker if self._credentials else None}
 
@@ -192,7 +203,7 @@ class ProcessEngine:
         self.pool.set_recycle_policy(RecyclePolicy.from_config(config))
         self.pool.set_scale_policy(ScalePolicy.from_config(config))
         self.pool.broadcast(Configure(config.codeCacheSize, self._forbid, config.returnRuntimeInformation,
-                                       config.resultValues == "rich"))
+                                       config.resultValues == "rich", config.queriesPerWorker))
         self.dispatcher.dispatch()
 
     def stats(self) -> dict[str, Any]:
@@ -213,7 +224,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 "timeouts_pending": self._deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
                 "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.pool.supervisor.requeued}
+                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.requeued,
+                **self.pool.credit_figures()}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -271,7 +283,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             return _QUEUED
         return self._send_relay(worker, frame, channel)
 
-    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | None:
+    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel,
+                    flush: bool = True) -> _Query | None:
         params = frame.params
         code, name = params.get("code"), params.get("name")
         text = None
@@ -283,20 +296,19 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         assert frame.raw is not None
         return self._register(worker, qid, channel, self._config.executionTimeout,
                               (name, code, code) if name is not None and code is not None else None,
-                              wire.encode(Relay(qid, frame.reply_address, text, frame.raw)))
+                              _new(Relay, (qid, frame.reply_address, text, frame.raw, 0.0)),
+                              len(frame.raw) + len(text or ""), flush)
 
     # ---- queued frames (dispatch.Starter) ---------------------------------------------------------
     def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None:
         if waiting.query is not None:       # taken back from a worker that never read it
             query, waiting.query = waiting.query, None
             if not query.future.done():
-                query.worker = worker
-                worker.inflight[query.qid] = query
-                worker.send_run(query.message, query.qid)
+                self._send(worker, query, flush=False)
             return
         frame, channel = waiting.frame, waiting.channel
         try:
-            query = self._send_relay(worker, frame, channel) if not self._closed else None
+            query = self._send_relay(worker, frame, channel, flush=False) if not self._closed else None
         except Exception:   # noqa: BLE001 - as in submit: the query is parsed instead
             log.exception("source %s: relaying query %s failed; running it the ordinary way",
                           self.source_name, frame.reply_address)
@@ -326,8 +338,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             if request.cache_key is not None and request.cache_code and not request.dry_run \
             and job.source_text is not None else None
         qid = next(self._ids)
-        query = self._register(worker, qid, channel, job.timeout, known,
-                               wire.encode(Run(qid, job, channel.reply_address)))
+        query = self._register(worker, qid, channel, job.timeout, known, Run(qid, job, channel.reply_address),
+                               ENTRY_COST + len(job.source_text or ""))
         try:
             await query.future
         except asyncio.CancelledError:
@@ -339,15 +351,42 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         return self.settle(query)
 
     def _register(self, worker: WorkerHandle, qid: int, channel: ReplyChannel, limit: float | None,
-                  known: tuple[str, str, Any] | None, message: bytes) -> _Query:
+                  known: tuple[str, str, Any] | None, message: Any, size: int, flush: bool = True) -> _Query:
         """The query becomes the worker's (its death or close() answers it) and its message goes out."""
         loop = asyncio.get_running_loop()
-        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message)
-        worker.inflight[qid] = query
-        worker.send_run(message, qid)
+        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message, size)
+        self._send(worker, query, flush)
         if limit:
             self._deadlines.watch(query, limit, loop)
         return query
+
+    def _send(self, worker: WorkerHandle, query: _Query, flush: bool) -> None:
+        """The query's run to `worker`, against its credit, to be read within TAKE_BOUND."""
+        take_by = time.monotonic() + TAKE_BOUND
+        message = query.message
+        query.worker = worker
+        worker.inflight[query.qid] = query
+        worker.send_run(wire.encode(_new(type(message), (*message[:-1], take_by))), query.qid, take_by)
+        if flush:
+            worker.flush()
+        if self._checking is None:
+            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND + 0.02, self._take_back)
+
+    def _take_back(self) -> None:
+        """The runs whose workers did not read them in time go to other workers (WorkerHandle.overdue)."""
+        self._checking = None
+        now = time.monotonic()
+        pending = False
+        for worker in self.pool.workers:
+            if worker.unconfirmed:
+                late = worker.overdue(now, worker.inflight)
+                if late:
+                    log.info("source %s: worker %d did not read %d queries within %g s; they go to another "
+                             "worker", self.source_name, worker.index, len(late), TAKE_BOUND)
+                    self.requeue(worker, late)
+                pending = pending or bool(worker.unconfirmed)
+        if pending and not self._closed:
+            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND / 2, self._take_back)
 
     def settle(self, query: _Query) -> Outcome:
         """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
@@ -454,8 +493,23 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             self._accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
+        elif kind is Credit:
+            self._credit(worker, message)
+        elif kind is Declined:
+            if message.qid in worker.inflight:
+                self.requeue(worker, [message.qid])
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _credit(self, worker: WorkerHandle, credit: Credit) -> None:
+        """A worker asks for more runs. What it says is checked: it cannot take back what it asked for,
+        nor have read runs never sent (either ends it, as any protocol violation does)."""
+        granted, received = credit
+        if granted < worker.granted or received < worker.received or received > worker.sent:
+            raise ValueError(f"credit {granted} granted, {received} read: it had granted {worker.granted} "
+                             f"and was sent {worker.sent}")
+        worker.granted, worker.received = granted, received
+        self.dispatcher.dispatch()
 
     def _accepted(self, worker: WorkerHandle, size: int) -> None:
         """A frame from the worker's code went into the outbox (handled only while it has room): told to the
@@ -508,7 +562,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         for qid in reversed(qids):      # each goes first in line: their order is kept
             query = worker.inflight.pop(qid, None)
             if query is not None and not query.future.done():
-                self.dispatcher.wait_again(query, ENTRY_COST + len(query.message))
+                self.requeued += 1
+                self.dispatcher.wait_again(query, ENTRY_COST + query.size)
         self.dispatcher.dispatch()
 
     async def _health_changed(self, healthy: bool) -> None:
@@ -521,6 +576,9 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             return
         self._closed = True
         self._deadlines.close()
+        if self._checking is not None:
+            self._checking.cancel()
+            self._checking = None
         if self._health_changed in self._health.listeners:
             self._health.listeners.remove(self._health_changed)
         self.dispatcher.fail_waiting(_shutting_down())
@@ -539,6 +597,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
 
 
 _ANSWERED = Outcome(answered=True)
+_new = tuple.__new__      # a NamedTuple without its Python-level __new__ (one per run sent)
 _QUEUED = object()      # _relay: the frame waits in the dispatcher's queue (or was answered busy)
 
 

@@ -1,6 +1,7 @@
 """Supervision of a pool's workers, idle and busy alike: each one silent for a while is pinged over its
 pipe, and engine/liveness.py judges the answer. A worker that does not answer while running queries
-takes no new ones, and those sent to it that it has not read go to another worker; one that does not
+takes no new ones (those sent to it that it did not read in time went to another worker already: see
+ProcessEngine._take_back); one that does not
 answer and runs nothing is killed, its end then handled by the pool like any other (WorkerPool._ended)."""
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ class Supervisor:
         self._workers = workers                 # the pool's supervised workers, now
         self._events = events
         self.wedged = 0                         # workers killed for not answering a ping
-        self.requeued = 0                       # queries taken back from silent workers for another one
 
     async def run(self, closing: asyncio.Event) -> None:
         """Check every TICK until `closing` is set; a failing check is logged and the next one runs."""
@@ -52,29 +52,19 @@ class Supervisor:
             if not reading:       # its answers wait unread: its silence says nothing
                 worker.last_heard, worker.pinged_at = now, None
                 continue
-            running = len(worker.inflight)
-            if worker.pinged_at is not None:     # what it has not read is not running
-                running -= len(worker.unstarted())
-            verdict = self.policy.verdict(now, worker.last_heard, worker.pinged_at, max(0, running))
+            verdict = self.policy.verdict(now, worker.last_heard, worker.pinged_at, len(worker.inflight))
             if verdict is Verdict.PING:
                 worker.ping()
             elif verdict is Verdict.SILENT:
-                if not worker.silent:
-                    worker.silent = True      # the dispatcher passes it by until it writes again
+                if not worker.stalled:
+                    worker.stalled = True      # the dispatcher passes it by until it writes again
                     log.warning("source %s: worker %d has not answered for %.1f s while running queries; "
                                 "no new queries go to it until it does", self.source_name, worker.index,
                                 now - worker.last_heard)
-                self._requeue(worker, worker.take_back())
             elif verdict is Verdict.WEDGED:
                 self.wedged += 1
                 log.warning("source %s: worker %d ran no query and did not answer a ping for %.1f s: something "
                             "its code left behind blocks it; replacing it", self.source_name, worker.index,
                             now - worker.last_heard)
-                qids = worker.take_back()
                 worker.kill(f"it did not answer a liveness ping within {self.policy.timeout:g} s")
-                self._requeue(worker, qids)       # after kill(): it takes nothing now
 
-    def _requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
-        if qids:
-            self.requeued += len(qids)
-            self._events.requeue(worker, qids)

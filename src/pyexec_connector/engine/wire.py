@@ -4,7 +4,8 @@ Bodies are pickles of a plain tuple, the kind's number and the fields (a pickled
 class, which the connector's restricted unpickler would have to look up for every message: that cost
 streamed replies a third more CPU per query), except the three messages of every query, which have
 binary formats of their own (measured: pickling them cost the connector more than the rest of its work
-on a relayed query, see docs/PERFORMANCE.md): `Relay` (b"R"), `Answered` (b"A") and `Ack` (b"K").
+on a relayed query, see docs/PERFORMANCE.md): `Relay` (b"R"), `Answered` (b"A"), `Credit` (b"C") and
+`Ack` (b"K").
 
 A worker runs user code, so what it sends is untrusted input: the connector unpickles it with a
 restricted unpickler (message types, plain data and QueryError only), never accepts a frame longer
@@ -20,15 +21,17 @@ from typing import Any
 
 from .. import compat
 from . import messages
-from .messages import ACKED, KINDS, Answered, Relay
+from .messages import ACKED, KINDS, Answered, Credit, Relay
 
 _LENGTH = struct.Struct("!I")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
-_RELAY = struct.Struct("!cQII")       # b"R", qid, address and code lengths; then address, code, frame
+_RELAY = struct.Struct("!cQIId")      # b"R", qid, address and code lengths, take_by; then address, code, frame
+_CREDIT = struct.Struct("!cQQ")       # b"C", granted, received
 _NO_TEXT = 0xFFFFFFFF
 _new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
+_CREDIT_PREFIX = _LENGTH.pack(_CREDIT.size)
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
 
@@ -49,12 +52,14 @@ def encode(message: Any) -> bytes:
         qid, frame, (hits, misses) = message
         text = frame.encode("utf-8", "surrogatepass")
         return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+    if kind is Credit:
+        return _CREDIT_PREFIX + _CREDIT.pack(b"C", *message)
     if kind is Relay:
-        qid, reply_address, text, raw = message
+        qid, reply_address, text, raw, take_by = message
         address = reply_address.encode("utf-8", "surrogatepass")
         code = text.encode("utf-8", "surrogatepass") if text is not None else b""
         return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
-                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT),
+                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT, take_by),
                          address, code, raw))
     if message is ACKED:
         return ACK
@@ -69,14 +74,20 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
         return _new(Answered, (qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)))
     if first == b"K" and len(data) == 1:
         return ACKED
+    if first == b"C":
+        if len(data) != _CREDIT.size:
+            raise MalformedMessage(f"a credit of {len(data)} bytes")
+        _, granted, received = _CREDIT.unpack_from(data)
+        return _new(Credit, (granted, received))
     if first == b"R" and trusted:     # only the connector relays queries, to a worker
-        _, qid, address_size, code_size = _RELAY.unpack_from(data)
+        _, qid, address_size, code_size, take_by = _RELAY.unpack_from(data)
         start = _RELAY.size + address_size
         address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
         if code_size == _NO_TEXT:
-            return _new(Relay, (qid, address, None, bytes(data[start:])))
+            return _new(Relay, (qid, address, None, bytes(data[start:]), take_by))
         end = start + code_size
-        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])))
+        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:]),
+                            take_by))
     if trusted:
         fields = pickle.loads(data)
         return _new(KINDS[fields[0]], fields[1:])

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,10 +33,13 @@ from .messages import (
     Cancel,
     Cancelled,
     Configure,
+    Credit,
+    Declined,
     Done,
     Failed,
     HealthChanged,
     LinkFrame,
+    Ping,
     Ready,
     Relay,
     Reply,
@@ -44,6 +48,12 @@ from .messages import (
 )
 
 log = logging.getLogger("pyexec_connector.worker")
+
+# Runs a worker asks for at a time beyond those it holds (docs/ENGINE.md, "Credit"): small, so that a run
+# of synchronous code keeps few others waiting behind it in the worker; asked again each time the loop
+# has nothing ready, so awaiting code still takes hundreds within milliseconds.
+WINDOW = 16
+DEFAULT_CAP = 500     # the source's queriesPerWorker, until Init says
 
 
 class PipeChannel(ReplyChannel):
@@ -74,7 +84,12 @@ class Worker:
         self.health = Health()
         self.rich_results = False         # the source's resultValues is "rich", for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
-        self._owe_ack = False             # took messages and has not written since (see messages.Ack)
+        self._owe_ack = False             # pinged, and has not written since (see messages.Ack)
+        self.cap = DEFAULT_CAP            # queriesPerWorker: the most runs held at once
+        self.granted = 0                  # runs asked for over its life (messages.Credit)
+        self.received = 0                 # runs read over its life
+        self._idle_soon = False           # _idle is scheduled
+        self._tasks_started = False       # runs that became tasks since _idle last ran
         self._stopping = False
         self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
         self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
@@ -91,8 +106,34 @@ class Worker:
     def send_soon(self, message: Any) -> None:
         """Write at the end of this loop iteration, with the other runs that end in it: one write."""
         self._batch.append(self._encode(message))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+        self._soon()
+
+    def _soon(self) -> None:
+        if not self._idle_soon:
+            self._idle_soon = True
+            asyncio.get_running_loop().call_soon(self._idle)
+
+    def _idle(self) -> None:
+        """After the callbacks ready when it was scheduled: what ended goes out; and once the runs started
+        meanwhile had their first step too (one more turn), credit is asked for if the window runs low.
+        A run in synchronous code holds the loop, so this waits for it: a busy worker asks for nothing."""
+        self._idle_soon = False
+        if self._tasks_started:
+            self._tasks_started = False
+            self.flush()
+            self._soon()
+            return
+        self._grant()
+        self.flush()
+
+    def _grant(self) -> None:
+        outstanding = self.granted - self.received
+        if outstanding > WINDOW // 2:
+            return
+        more = min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding)
+        if more > 0:
+            self.granted += more
+            self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
@@ -106,8 +147,7 @@ class Worker:
         return data
 
     def flush(self) -> None:
-        """Write what is batched; after taking messages, at least an Ack: the connector holds the next
-        runs until it hears from this worker."""
+        """Write what is batched; after a Ping, at least an Ack (liveness)."""
         batch = self._batch
         if self._owe_ack:
             self._owe_ack = False
@@ -163,7 +203,10 @@ class Worker:
         output.install()
         _limit_memory(settings["memory_limit_mb"])
         sandbox.apply_limits(settings.get("max_open_files"), settings.get("max_processes"))
-        self.send(Ready(os.getpid()))
+        self.cap = settings.get("queries_per_worker") or DEFAULT_CAP
+        self._batch.append(wire.encode(Ready(os.getpid())))
+        self._grant()
+        self.flush()
         reader.after = self.flush
         while not self._stopping:
             reader.handler = self.take
@@ -180,12 +223,19 @@ class Worker:
     def take(self, message: Any) -> bool:
         """Every message from the connector, as it arrives (wire.Reader's handler) or from serve()."""
         forkguard.check()
-        self._owe_ack = True
         kind = type(message)
-        if kind is Relay:
-            self._relay(message)
-        elif kind is Run:
-            self._start(message.qid, message.job, message.reply_address)
+        if kind is Relay or kind is Run:
+            # the clock is read after the bytes were: a run read after take_by is one the connector took back
+            self.received += 1
+            self._soon()
+            if time.monotonic() > message.take_by:
+                self.send_soon(Declined(message.qid))
+            elif kind is Relay:
+                self._relay(message)
+            else:
+                self._start(message.qid, message.job, message.reply_address)
+        elif kind is Ping:
+            self._owe_ack = True
         elif kind is Accepted:
             self.unaccepted -= message.size
             room = self._room
@@ -200,7 +250,10 @@ class Worker:
         elif kind is HealthChanged:
             self.health.declared = message.healthy
         elif kind is Configure:
-            self._configure(*message)
+            self._configure(*message[:4])
+            if message.queries_per_worker is not None:
+                self.cap = message.queries_per_worker
+                self._soon()
         elif kind is Stop:
             self.flush()
             self._stopping = True
@@ -254,6 +307,7 @@ class Worker:
             self._ended(qid, reply_address, None, started)
         else:
             self.runs[qid] = asyncio.create_task(self._run(qid, started, reply_address), context=context)
+            self._tasks_started = True
 
     async def _run(self, qid: int, running: Coroutine[Any, Any, Outcome], reply_address: str) -> None:
         try:
@@ -265,6 +319,7 @@ class Worker:
         finally:
             self.runs.pop(qid, None)
             self.cancelled.discard(qid)
+            self._soon()
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled."""
