@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pyexec_connector import errors, health
-from pyexec_connector.engine import pool, process, wire
-from pyexec_connector.engine.messages import ACKED, Cancel, Ping, Relay
+from pyexec_connector.engine import process, wire
+from pyexec_connector.engine.messages import ACKED, Relay
 
 from .conftest import SOURCE
 
@@ -216,88 +216,7 @@ async def test_relayed_query_running_at_stop_is_answered_shutting_down(server, s
     assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN
 
 
-# ---- 2. runs against credit, taken back when not read in time ----------------------------------------
-
-class FakeWriter:
-    def __init__(self):
-        self.writes: list[bytes] = []
-        self.unread = 0         # bytes written that the worker has not read
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    @property
-    def transport(self) -> FakeWriter:
-        return self
-
-    def get_write_buffer_size(self) -> int:
-        return self.unread
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
-def fake_worker() -> tuple[pool.WorkerHandle, FakeWriter]:
-    worker = pool.WorkerHandle(0)
-    writer = FakeWriter()
-    worker.writer = writer
-    return worker, writer
-
-
-def test_runs_are_counted_against_credit_and_written_together_at_flush():
-    worker, writer = fake_worker()
-    worker.granted = 3
-    assert worker.credit == 3
-    worker.send_run(b"run-1", 1, 10.0)
-    worker.send_run(b"run-2", 2, 10.0)
-    assert writer.writes == [] and worker.credit == 1 and worker.sent == 2
-    worker.flush()
-    assert writer.writes == [b"run-1run-2"] and worker.written == 10
-    worker.send_run(b"run-3", 3, 10.0)
-    worker.send(Cancel(7))          # a message goes out now, after the runs held
-    assert writer.writes == [b"run-1run-2", b"run-3" + wire.encode(Cancel(7))]
-    assert worker.credit == 0
-    worker.granted = 5
-    worker.reserved = 1             # promised to a parsed query: not credit any more
-    assert worker.credit == 1
-
-
-def test_runs_not_read_by_their_take_by_are_taken_back_and_the_worker_is_stalled():
-    worker, writer = fake_worker()
-    worker.granted = 10
-    for qid in (1, 2, 3):
-        worker.send_run(b"run-%d" % qid, qid, 5.0)
-        worker.flush()
-    running = {1, 2, 3}
-    assert worker.overdue(4.0, running) == [] and worker.unconfirmed == 3       # not due yet
-    writer.unread = 5               # it read the first two: the third is in its socket
-    assert worker.overdue(6.0, running) == [3] and worker.stalled
-    assert worker.unconfirmed == 0
-    worker.heard()                  # it wrote: its loop runs again
-    assert not worker.stalled
-
-
-def test_answered_runs_are_not_taken_back_even_when_unread_bytes_are_not_known():
-    worker, writer = fake_worker()
-    worker.granted = 10
-    worker.send_run(b"run-1", 1, 5.0)
-    worker.send_run(b"run-2", 2, 5.0)
-    worker.flush()
-    writer.unread = 10
-    assert worker.overdue(6.0, {2}) == [2]      # 1 was answered: read, surely
-    assert worker.overdue(7.0, {2}) == []       # taken back once
-
-
-def test_a_ping_is_written_at_once():
-    worker, writer = fake_worker()
-    worker.ping()
-    assert writer.writes == [wire.encode(Ping())] and worker.pinged_at is not None
-    worker.heard()
-    assert worker.pinged_at is None
-
+# ---- 2. a worker holds several queries (the pipe itself: tests/test_channel.py) --------------------------
 
 async def test_a_worker_awaiting_in_a_query_still_asks_for_work(server, start_connector):
     running, relays = await start_process(server, start_connector)

@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import fcntl
 import itertools
 import logging
 import signal
-import struct
-import termios
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Container, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
-from .launch import WorkerLauncher, WorkerProcess
+from .handle import PoolEvents, WorkerHandle, WorkerState
+from .launch import WorkerLauncher
 from .liveness import LivenessPolicy
-from .messages import Credit, Init, Ping, Ready, Stop
+from .messages import Init, Stop
 from .oom import sigkill_hint
-from .recycle import RecyclePolicy, WorkerBudget
+from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
 from .supervisor import Supervisor
 
@@ -44,184 +40,6 @@ RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"      # spawned (or waiting to be, after failed starts); not ready yet
-    READY = "ready"            # takes queries
-    DRAINING = "draining"      # told to stop a query it has not let go of: takes nothing new
-    RETIRING = "retiring"      # recycled (maxQueriesPerWorker, maxWorkerMemoryMB): finishes its queries, then stops
-    STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
-    DEAD = "dead"              # ended; a fresh handle replaces it
-
-
-class PoolEvents(Protocol):
-    """What the pool tells its owner."""
-
-    def take(self, worker: WorkerHandle, message: Any) -> bool:
-        """A worker's message, handled now; False to have it handled by `take_later` instead (it needs
-        to wait). Raising means the worker broke the protocol: it is killed."""
-        ...
-
-    async def take_later(self, worker: WorkerHandle, message: Any) -> None: ...
-
-    def taken(self) -> None:
-        """take() handled what just arrived from a worker (as it arrived): a chance to pass it on at once."""
-        ...
-
-    def worker_ready(self, worker: WorkerHandle) -> None: ...
-
-    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
-        """It ended (`what`: how): fail the queries it had."""
-        ...
-
-    def no_worker_starts(self, why: str) -> None:
-        """Workers die before they are ready: queries waiting for one would wait for nothing."""
-        ...
-
-    def reading(self) -> bool:
-        """Whether workers' pipes are read now (not while the link is backed up): silence means nothing
-        while they are not."""
-        ...
-
-    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
-        """Queries sent to `worker` that it never read: give them to another worker."""
-        ...
-
-
-class WorkerHandle:
-    """The connector's end of one worker process (engine/worker.py is the other): what it has asked for
-    (credit), what it was sent, and which of those it may not have read yet."""
-
-    def __init__(self, index: int, restarts: int = 0, budget: WorkerBudget | None = None):
-        self.index = index
-        self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
-        self.state = WorkerState.STARTING
-        self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
-        self.reader: wire.Reader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task | None = None
-        self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
-        self.reserved = 0                       # credit promised to parsed queries that have not resumed yet
-        self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
-        self.kill_reason: str | None = None
-        self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)
-        self.became_ready = False
-        self.backing_off = False                # waiting to start again after failed starts
-        self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
-        self.granted = 0                        # runs it asked for over its life (Credit.granted)
-        self.received = 0                       # runs it said it read (Credit.received)
-        self.sent = 0                           # runs written to it over its life
-        self.stalled = False                    # did not read a run in time: sent nothing until it writes
-        self._held: list[bytes] = []            # messages not written yet: see send_run()
-        self._held_size = 0
-        self.written = 0                        # bytes written to it over its life
-        self._unconfirmed: deque[tuple[int, int, float]] = deque()   # (qid, end offset, take_by): see overdue()
-        self.last_heard = time.monotonic()      # liveness: when it last wrote anything
-        self.pinged_at: float | None = None     # the ping it has not answered yet
-        self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
-
-    @property
-    def load(self) -> int:
-        return len(self.inflight) + self.reserved
-
-    @property
-    def credit(self) -> int:
-        """Runs it may be sent now: asked for, not sent, not promised to a parsed query."""
-        return self.granted - self.sent - self.reserved
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not WorkerState.DEAD
-
-    def send(self, message: Any) -> None:
-        """Write the message now (after any held ones: order is kept)."""
-        data = wire.encode(message)
-        self._held.append(data)
-        self._held_size += len(data)
-        self.flush()
-
-    def send_run(self, data: bytes, qid: int, take_by: float) -> None:
-        """A run, against its credit; written at the next flush() (a dispatch round writes its runs to a
-        worker together). Until the worker is known to have read it, it may be taken back (overdue)."""
-        self._held.append(data)
-        self._held_size += len(data)
-        self.sent += 1
-        self._unconfirmed.append((qid, self.written + self._held_size, take_by))
-
-    def heard(self) -> None:
-        """The worker wrote something: its loop runs."""
-        self.last_heard = time.monotonic()
-        self.pinged_at = None
-        self.stalled = False
-
-    def overdue(self, now: float, running: Container[int]) -> list[int]:
-        """The runs it was sent whose take_by passed before it read them: no longer its own (it declines
-        them should it read them: it reads the clock after the bytes). Taken back here, and it is stalled
-        until it writes again. Its socket tells which bytes it read (a stream is read in order)."""
-        self.flush()
-        unconfirmed = self._unconfirmed
-        while unconfirmed and unconfirmed[0][0] not in running:     # answered: read, surely
-            unconfirmed.popleft()
-        if not unconfirmed or unconfirmed[0][2] >= now:
-            return []
-        read = self.written - self._unread_bytes()
-        while unconfirmed and unconfirmed[0][1] <= read:
-            unconfirmed.popleft()
-        late: list[int] = []
-        while unconfirmed and unconfirmed[0][2] < now:      # take_by grows along the stream
-            qid = unconfirmed.popleft()[0]
-            if qid in running:
-                late.append(qid)
-        if late:
-            self.stalled = True
-        return late
-
-    @property
-    def unconfirmed(self) -> int:
-        """Runs written whose reading is not confirmed yet (checked by overdue())."""
-        return len(self._unconfirmed)
-
-    def _unread_bytes(self) -> int:
-        """Bytes written to the worker it has not read: in the transport's buffer, or the socket's (SIOCOUTQ,
-        for a Unix socket the data its peer has not read)."""
-        writer = self.writer
-        if writer is None:
-            return 0
-        pending = writer.transport.get_write_buffer_size()
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-            except OSError:
-                return self.written      # cannot tell: taken as unread (it declines what it reads late)
-        return pending
-
-    def ping(self) -> None:
-        self.pinged_at = time.monotonic()
-        self.send(Ping())
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
-        self._held.clear()
-        self._held_size = 0
-        if self.writer is None or self.writer.is_closing():
-            return       # it is dying: its watcher fails its queries
-        self.written += len(data)
-        try:
-            self.writer.write(data)
-        except (ConnectionError, RuntimeError):
-            pass    # it is dying; its watcher fails its queries
-
-    def kill(self, reason: str) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.kill_reason = self.kill_reason or reason
-            if self.state is not WorkerState.DEAD:
-                self.state = WorkerState.STOPPING
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-
-
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
     replaces dead ones (with a backoff when workers die before they are ready), recycles them, has its
@@ -229,7 +47,7 @@ class WorkerPool:
 
     Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule);
     scaling and recycling decide in their own pure modules (scaling.py, recycle.py) but act here, on the
-    same worker states. The next split, if it grows: reading a worker (_read, _broke) into WorkerHandle."""
+    same worker states."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
@@ -276,7 +94,7 @@ class WorkerPool:
     def credit_ledger(self) -> list[tuple[int, int, int]]:
         """(index, runs it asked for, runs it was sent) of each worker that takes queries, for metrics and
         tests: sent never passes asked for, and a dead worker's credit goes with it."""
-        return [(w.index, w.granted, w.sent) for w in self.workers if w.state in _SUPERVISED]
+        return [(w.index, w.channel.granted, w.channel.sent) for w in self.workers if w.state in _SUPERVISED]
 
     def credit_figures(self) -> dict[str, int]:
         """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond
@@ -381,7 +199,7 @@ class WorkerPool:
 
     def _add(self) -> None:
         """The one place a worker is started (after failed starts, with a backoff)."""
-        worker = WorkerHandle(next(self._indexes), self._failed_starts, self.recycle_policy.budget())
+        worker = WorkerHandle(next(self._indexes), self._failed_starts, self.recycle_policy.budget(), self._max_size)
         self.workers.append(worker)
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
         delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** self._failed_starts) if self._failed_starts else 0.0
@@ -405,22 +223,16 @@ class WorkerPool:
         worker.proc = launched.process
         parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
-        worker.reader, worker.writer = await wire.open_pipe(parent_end, trusted=False, max_size=self._max_size)
-        worker.reader.on_data = worker.heard
-        worker.reader.after = self._events.taken
+        await worker.connect(parent_end)
         self._background(self._watch(worker, parent_end.fileno()), f"watch-{worker.index}")
         if self.closed:                  # stop() ran while it was starting
             worker.kill("the engine closed")
             return
         worker.send(Init(self._settings()))
+        assert worker.hello is not None
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                hello = await wire.read(worker.reader)
-                # ready once it asked for its first runs: a query waiting for it is sent at once
-                credit = await wire.read(worker.reader)
-            if type(hello) is not Ready or type(credit) is not Credit:
-                raise ValueError(f"unexpected first messages {type(hello).__name__}, {type(credit).__name__}")
-            worker.granted, worker.received = credit
+                hello = await asyncio.shield(worker.hello)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
             log.error("source %s: worker %d did not start: %s", self.source_name, worker.index, type(exc).__name__)
             worker.kill("it did not start")
@@ -429,69 +241,27 @@ class WorkerPool:
         worker.became_ready = True
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
-        worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
+        worker.serve(self._events)
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
         self._events.worker_ready(worker)
         self._plan_retire()
 
     # ---- watching ----------------------------------------------------------------------------------
-    async def _read(self, worker: WorkerHandle) -> None:
-        """Everything a worker says, in the order it said it: each message goes to events.take, as it
-        arrives while this task waits (wire.Reader's handler) or from here; what take() leaves goes to
-        take_later, here. One handler, one failure rule: a message it cannot handle ends the worker."""
-        reader = worker.reader
-        assert reader is not None
-        events = self._events
-        broken = False
-
-        def take(message: Any) -> bool:
-            nonlocal broken
-            try:
-                return events.take(worker, message)
-            except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
-                broken = True
-                reader.handler = None
-                self._broke(worker, exc)
-                return True
-
-        while not broken:
-            reader.handler = take
-            try:
-                message = await wire.read(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            except Exception as exc:   # noqa: BLE001 - a garbled or oversized frame
-                self._broke(worker, exc)
-                return
-            finally:
-                reader.handler = None
-            if broken or take(message):
-                continue
-            try:
-                await events.take_later(worker, message)
-            except Exception as exc:   # noqa: BLE001
-                self._broke(worker, exc)
-                return
-
-    def _broke(self, worker: WorkerHandle, exc: Exception) -> None:
-        log.error("source %s: worker %d broke the protocol (%s: %s); replacing it", self.source_name,
-                  worker.index, type(exc).__name__, str(exc)[:200])
-        worker.kill(f"protocol violation: it sent a malformed message ({type(exc).__name__})")
-
     async def _watch(self, worker: WorkerHandle, fd: int) -> None:
         """Wait for the worker's end: read what it said last, fail its queries, replace it."""
         assert worker.proc is not None
         returncode = await worker.proc.wait()
         if worker.state is not WorkerState.DEAD:
             worker.state = WorkerState.STOPPING      # no new queries while its last words are read
-        if worker.reader_task is not None:
+        if worker.pipe is not None and worker.became_ready:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(worker.reader_task), LAST_WORDS)
-            worker.reader_task.cancel()
+                async with asyncio.timeout(LAST_WORDS):
+                    await asyncio.shield(worker.pipe.closed)
+                    if worker.backlog_task is not None:
+                        await asyncio.shield(worker.backlog_task)
         worker.state = WorkerState.DEAD
         forkguard.release(fd)
-        if worker.writer is not None:
-            worker.writer.close()
+        worker.close()
         what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
         if worker.kill_reason:
             what = f"{what}; {worker.kill_reason}"
@@ -597,8 +367,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.workers:
-            if worker.writer is not None:
-                worker.writer.close()
+            worker.close()
         await self.launcher.close()       # the zygote stops with its last pool
         self.started.set()
 

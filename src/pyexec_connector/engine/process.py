@@ -378,13 +378,13 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         now = time.monotonic()
         pending = False
         for worker in self.pool.workers:
-            if worker.unconfirmed:
+            if worker.channel.unconfirmed:
                 late = worker.overdue(now, worker.inflight)
                 if late:
                     log.info("source %s: worker %d did not read %d queries within %g s; they go to another "
                              "worker", self.source_name, worker.index, len(late), TAKE_BOUND)
                     self.requeue(worker, late)
-                pending = pending or bool(worker.unconfirmed)
+                pending = pending or bool(worker.channel.unconfirmed)
         if pending and not self._closed:
             self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND / 2, self._take_back)
 
@@ -493,23 +493,13 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             self._accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
-        elif kind is Credit:
-            self._credit(worker, message)
+        elif kind is Credit:      # checked by the worker's channel: it asks for more runs
+            self.dispatcher.dispatch()
         elif kind is Declined:
             if message.qid in worker.inflight:
                 self.requeue(worker, [message.qid])
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
-
-    def _credit(self, worker: WorkerHandle, credit: Credit) -> None:
-        """A worker asks for more runs. What it says is checked: it cannot take back what it asked for,
-        nor have read runs never sent (either ends it, as any protocol violation does)."""
-        granted, received = credit
-        if granted < worker.granted or received < worker.received or received > worker.sent:
-            raise ValueError(f"credit {granted} granted, {received} read: it had granted {worker.granted} "
-                             f"and was sent {worker.sent}")
-        worker.granted, worker.received = granted, received
-        self.dispatcher.dispatch()
 
     def _accepted(self, worker: WorkerHandle, size: int) -> None:
         """A frame from the worker's code went into the outbox (handled only while it has room): told to the

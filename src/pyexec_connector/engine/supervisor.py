@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .liveness import LivenessPolicy, Verdict
 
 if TYPE_CHECKING:
-    from .pool import PoolEvents, WorkerHandle
+    from .handle import PoolEvents, WorkerHandle
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
@@ -47,7 +47,7 @@ class Supervisor:
         now = time.monotonic()
         reading = self._events.reading()
         for worker in self._workers():
-            if worker.writer is None:
+            if worker.pipe is None:
                 continue
             if not reading:       # its answers wait unread: its silence says nothing
                 worker.last_heard, worker.pinged_at = now, None

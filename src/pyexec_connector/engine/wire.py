@@ -16,14 +16,12 @@ import asyncio
 import io
 import pickle
 import struct
-from collections.abc import Callable
 from typing import Any
 
-from .. import compat
 from . import messages
 from .messages import ACKED, KINDS, Answered, Credit, Relay
 
-_LENGTH = struct.Struct("!I")
+_LENGTH = LENGTH = struct.Struct("!I")       # every frame's prefix: its body's length
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
 _RELAY = struct.Struct("!cQIId")      # b"R", qid, address and code lengths, take_by; then address, code, frame
@@ -105,49 +103,11 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
 
 
 class Reader(asyncio.StreamReader):
-    """A StreamReader that can hand messages to a synchronous handler as they arrive, sparing the loop
-    iteration that waking the reading task costs. Only while `handler` is set (its owner sets it while
-    it waits in read() with nothing buffered) and only for messages `handler` accepts: it returns False
-    for one it cannot handle at once, which is then buffered, with everything after it, for read() —
-    so messages are always handled in the order they came, by the same handler."""
+    """A StreamReader that knows what its stream may hold (for read()): used where messages are awaited
+    one at a time (the zygote's pipe). Worker pipes are read by engine/channel.py's protocols."""
 
-    handler: Callable[[Any], bool] | None = None
-    after: Callable[[], None] | None = None     # called once the handler took what arrived
-    on_data: Callable[[], None] | None = None   # called first whenever anything arrives
     trusted = False
     max_size: int | None = None                 # the longest body accepted (None: any)
-
-    def feed_data(self, data: bytes) -> None:  # type: ignore[override]  # asyncio feeds bytes
-        if self.on_data is not None:
-            self.on_data()
-        handler = self.handler
-        if handler is None or compat.stream_buffer(self) or compat.stream_ended(self):
-            super().feed_data(data)
-            return
-        view = memoryview(data)
-        start, end = 0, len(data)
-        after, limit = self.after, self.max_size
-        try:
-            while end - start >= _LENGTH.size:
-                length = _LENGTH.unpack_from(view, start)[0]
-                stop = start + _LENGTH.size + length
-                if stop > end or (limit is not None and length > limit):
-                    break       # read() waits for the rest, or refuses it
-                message = decode(view[start + _LENGTH.size:stop], self.trusted)
-                if not handler(message):
-                    break
-                start = stop
-                handler = self.handler     # the handler may have stepped aside
-                if handler is None:
-                    break
-        except Exception:   # noqa: BLE001 - a garbled message: read() meets it and reports it
-            pass
-        finally:
-            view.release()
-        if start and after is not None:
-            after()
-        if start < end:
-            super().feed_data(data[start:] if start else data)
 
 
 async def read(reader: Reader) -> Any:
@@ -169,12 +129,6 @@ async def open_pipe(sock: Any, trusted: bool, max_size: int | None = None) -> tu
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-def has_message(reader: asyncio.StreamReader) -> bool:
-    """Whether a whole message is already buffered (read() would return without waiting)."""
-    buffer = compat.stream_buffer(reader)
-    return len(buffer) >= _LENGTH.size and len(buffer) >= _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
 
 
 _NUMBERS = {kind: number for number, kind in enumerate(KINDS)}

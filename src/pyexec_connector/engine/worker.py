@@ -25,6 +25,7 @@ from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
 from . import output, runtime, wire
 from .base import Job, Outcome
+from .channel import WorkerEnd
 from .guard import CodeGuard
 from .messages import (
     ACCEPT_WINDOW,
@@ -74,7 +75,7 @@ class PipeChannel(ReplyChannel):
 class Worker:
     def __init__(self, fd: int):
         self._fd = fd
-        self._writer: asyncio.StreamWriter | None = None
+        self._pipe: WorkerEnd | None = None
         self.runs: dict[int, asyncio.Task] = {}
         self.cancelled: set[int] = set()      # runs the connector told to stop
         self.cache = CodeCache()
@@ -153,10 +154,11 @@ class Worker:
             self._owe_ack = False
             if not batch:
                 batch.append(wire.ACK)
-        if batch and self._writer is not None:
+        pipe = self._pipe
+        if batch and pipe is not None and pipe.transport is not None:
             data = b"".join(batch) if len(batch) > 1 else batch[0]
             batch.clear()
-            self._writer.write(data)
+            pipe.transport.write(data)
 
     def send_frame(self, frame: str) -> None:
         self.send(LinkFrame(frame))
@@ -166,8 +168,8 @@ class Worker:
         but ACCEPT_WINDOW of the link frames into the link's outbox (it does so only while that has room).
         Bounded by the connector: if it goes, this process ends."""
         self.flush()
-        if self._writer is not None:
-            await self._writer.drain()
+        if self._pipe is not None:
+            await self._pipe.drain()
         if self.unaccepted > ACCEPT_WINDOW:
             self.send_waits += 1
             while self.unaccepted > ACCEPT_WINDOW:
@@ -180,8 +182,12 @@ class Worker:
         forkguard.arm()
         forkguard.protect(self._fd)
         sock = socket.socket(fileno=self._fd)
-        reader, self._writer = await wire.open_pipe(sock, trusted=True)
-        init = await wire.read(reader)
+        pipe = self._pipe = WorkerEnd()
+        await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+        try:
+            init = await pipe.first
+        except ConnectionError:
+            return                         # the connector is gone
         settings = init.settings
         self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False),
                         settings.get("rich_results", False))
@@ -207,21 +213,12 @@ class Worker:
         self._batch.append(wire.encode(Ready(os.getpid())))
         self._grant()
         self.flush()
-        reader.after = self.flush
-        while not self._stopping:
-            reader.handler = self.take
-            try:
-                message = await wire.read(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return                     # the connector is gone
-            finally:
-                reader.handler = None
-            self.take(message)
-            if not wire.has_message(reader):
-                self.flush()        # nothing else to take now: its ends (or Ack) go out without a loop iteration
+        # each chunk's messages taken as they arrive; their ends (or Ack) go out without a loop iteration
+        pipe.serve(self.take, self.flush)
+        await pipe.ended                   # Stop, or the connector is gone
 
     def take(self, message: Any) -> bool:
-        """Every message from the connector, as it arrives (wire.Reader's handler) or from serve()."""
+        """Every message from the connector, as it arrives (channel.WorkerEnd); False: stop."""
         forkguard.check()
         kind = type(message)
         if kind is Relay or kind is Run:
