@@ -32,11 +32,12 @@ async def burst(server, params, count):
 
 
 async def settled(engine, timeout=10.0):
-    """Wait until no query runs or waits, and every worker has asked for runs again."""
+    """Wait until no query runs or waits, and every worker has read its runs and asked for more."""
     async with asyncio.timeout(timeout):
         while True:
             stats = engine.stats()
-            if not stats["queue_depth"] and all(granted > sent for _, granted, sent in engine.pool.credit_ledger()) \
+            ledger = engine.pool.credit_ledger()
+            if not stats["queue_depth"] and all(granted > sent == received for _, granted, received, sent in ledger) \
                     and not any(w.inflight for w in engine.pool.workers):
                 return
             await asyncio.sleep(0.02)
@@ -44,13 +45,13 @@ async def settled(engine, timeout=10.0):
 
 def assert_ledger_sound(engine):
     """Credit never negative, never leaked: each worker that takes queries was sent no more than it asked
-    for, and at rest has asked for more (at most a window beyond what it was sent)."""
+    for, and at rest has read all it was sent and asked for more (at most a window beyond)."""
     ledger = engine.pool.credit_ledger()
     assert ledger, "no worker takes queries"
     assert engine.stats()["credit_overdrawn"] == 0
-    for index, granted, sent in ledger:
-        assert 0 < granted - sent <= WINDOW, (index, granted, sent)
-    assert engine.stats()["credit"] == sum(granted - sent for _, granted, sent in ledger)
+    for index, granted, received, sent in ledger:
+        assert 0 < granted - sent <= WINDOW and received == sent, (index, granted, received, sent)
+    assert engine.stats()["credit"] == sum(granted - sent for _, granted, _, sent in ledger)
 
 
 async def test_two_thousand_awaiting_queries_that_reply_themselves_run_at_once(server, start_connector):
@@ -124,3 +125,26 @@ async def test_credit_neither_goes_negative_nor_leaks_after_kills_recycles_and_r
         assert_ledger_sound(engine)
     stats = engine.stats()
     assert stats["worker_recycles"] and stats["worker_restarts"] >= 3
+
+
+async def test_a_named_query_goes_to_the_worker_that_compiled_it_while_that_one_asks_for_work(
+        server, start_connector):
+    _, engine = await start(server, start_connector, workers=2, minWorkers=2)
+    await settled(engine)
+    misses = engine.stats()["cache_misses"]
+    code = "import asyncio, os\nawait asyncio.sleep(0.5)\npid = os.getpid()"
+    addresses = []
+    for _ in range(4):      # each while the ones before it still await on their worker
+        addresses.append(await server.send_query(SOURCE, {"code": code, "name": "shared"}))
+        await asyncio.sleep(0.05)
+    results = await asyncio.gather(*(server.replies_for(a, 30) for a in addresses))
+    assert len({r.results["pid"] for r in results}) == 1, "all ran where the name was compiled"
+    assert engine.stats()["cache_misses"] - misses == 1, "compiled once"
+    # a name whose worker is held by synchronous code is compiled again elsewhere rather than wait for it
+    hog = "import time, os\nt = time.monotonic()\nwhile time.monotonic() - t < 1:\n    pass\npid = os.getpid()"
+    first = await server.send_query(SOURCE, {"code": hog, "name": "busy"})
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    second = await server.query({"code": hog, "name": "busy"}, timeout=30)
+    assert time.monotonic() - started < 1.6
+    assert second.results["pid"] != (await server.replies_for(first, 30)).results["pid"]

@@ -70,22 +70,33 @@ class Dispatcher:
     def depth(self) -> int:
         return self._count
 
-    def free_worker(self) -> WorkerHandle | None:
-        """The least-busy worker that takes a query now, if no query waits before this one."""
-        return None if self._count else self._least_busy()
+    def free_worker(self, prefer: WorkerHandle | None = None) -> WorkerHandle | None:
+        """The worker that takes a query now, if no query waits before this one: `prefer` (the one that
+        compiled the query's name: affinity) whenever it asked for work and its loop turned since it read
+        its last run (not held by synchronous code), else the least busy."""
+        if self._count:
+            return None
+        if prefer is not None and prefer.state is _READY and prefer.credit > 0 and prefer.load < self.per_worker \
+                and not prefer.stalled and prefer.channel.received == prefer.channel.sent:
+            return prefer
+        return self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
-        """An idle worker that asked for work; else, when the pool cannot grow, the least-busy one with
-        credit (below `workers` a query that finds every worker busy waits for a fork: see scaling.py).
-        Nothing goes to a worker beyond the credit it granted, nor beyond `queriesPerWorker` at once."""
+        """The first worker whose loop turned since it took the last run it was sent (it is not held by
+        synchronous code: it can take more at once, and a sequence of queries keeps to one worker and its
+        compiled code, as upstream's one process does); else an idle worker that asked for work; else,
+        when the pool cannot grow, the least-busy one with credit (below `workers` a query that finds
+        every worker busy waits for a fork: see scaling.py). Nothing goes to a worker beyond the credit it
+        granted, nor beyond `queriesPerWorker` at once."""
         best = None
+        per_worker = self.per_worker
         for worker in self._pool.workers:
-            if worker.state is _READY and worker.credit > 0 and worker.load < self.per_worker \
-                    and not worker.stalled:
+            if worker.state is _READY and worker.credit > 0 and worker.load < per_worker and not worker.stalled:
+                channel = worker.channel
+                if channel.received == channel.sent or not worker.load:
+                    return worker
                 if best is None or worker.load < best.load:
                     best = worker
-                    if not worker.load:
-                        return worker
         if best is not None and self._pool.can_grow():
             return None
         return best
@@ -135,11 +146,12 @@ class Dispatcher:
         entry.frame, entry.channel = frame, channel
         self.dispatch()
 
-    async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None) -> WorkerHandle:
-        """A worker for one parsed query (waiting in the queue if need be); raises QueryError (busy, no
-        worker)."""
+    async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None,
+                      prefer: WorkerHandle | None = None) -> WorkerHandle:
+        """A worker for one parsed query (waiting in the queue if need be; `prefer`: see free_worker);
+        raises QueryError (busy, no worker)."""
         while True:
-            worker = self.free_worker()
+            worker = self.free_worker(prefer)
             if worker is not None:
                 return worker
             entry = self._admit(cost, limit)

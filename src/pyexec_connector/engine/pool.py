@@ -91,17 +91,18 @@ class WorkerPool:
         return not self.started.is_set() or self.alive_count() > 0 \
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
-    def credit_ledger(self) -> list[tuple[int, int, int]]:
-        """(index, runs it asked for, runs it was sent) of each worker that takes queries, for metrics and
-        tests: sent never passes asked for, and a dead worker's credit goes with it."""
-        return [(w.index, w.channel.granted, w.channel.sent) for w in self.workers if w.state in _SUPERVISED]
+    def credit_ledger(self) -> list[tuple[int, int, int, int]]:
+        """(index, runs it asked for, runs it said it read, runs it was sent) of each worker that takes
+        queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
+        return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
+                for w in self.workers if w.state in _SUPERVISED]
 
     def credit_figures(self) -> dict[str, int]:
         """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond
         what was asked for (0, always)."""
         ledger = self.credit_ledger()
-        return {"credit": sum(max(0, granted - sent) for _, granted, sent in ledger),
-                "credit_overdrawn": sum(max(0, sent - granted) for _, granted, sent in ledger)}
+        return {"credit": sum(max(0, granted - sent) for _, granted, _, sent in ledger),
+                "credit_overdrawn": sum(max(0, sent - granted) for _, granted, _, sent in ledger)}
 
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:

@@ -87,7 +87,16 @@ class NameBook:
 
     def __init__(self, capacity: int, misses: int = 0):
         self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
+        self._holders: LRUCache[str, WorkerHandle] = LRUCache(maxsize=capacity)
         self.misses = misses        # name-only queries for a name nobody knew
+
+    def holder(self, name: str | None) -> WorkerHandle | None:
+        """The worker last sent a query of this name: it has compiled it, or is compiling it (affinity)."""
+        return self._holders.get(name) if name is not None else None
+
+    def held_by(self, name: str | None, worker: WorkerHandle) -> None:
+        if name is not None:
+            self._holders[name] = worker
 
     def __len__(self) -> int:
         return len(self._known)
@@ -273,7 +282,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 return None
         elif type(code) is not str:
             return None
-        worker = self.dispatcher.free_worker()
+        worker = self.dispatcher.free_worker(self._names.holder(name))
         if worker is None:
             # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
             try:
@@ -294,6 +303,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 return None
         qid = next(self._ids)
         assert frame.raw is not None
+        self._names.held_by(name, worker)
         return self._register(worker, qid, channel, self._config.executionTimeout,
                               (name, code, code) if name is not None and code is not None else None,
                               _new(Relay, (qid, frame.reply_address, text, frame.raw, 0.0)),
@@ -332,14 +342,16 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             raise _shutting_down()
         job = self._names.with_source(job)
         # a parsed query waits as its task and Job: charged its code's size (the most of either)
-        worker = await self.dispatcher.acquire(ENTRY_COST + len(job.source_text or ""), job.timeout)
         request = job.request
+        worker = await self.dispatcher.acquire(ENTRY_COST + len(job.source_text or ""), job.timeout,
+                                               self._names.holder(request.cache_key))
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
             and job.source_text is not None else None
         qid = next(self._ids)
         query = self._register(worker, qid, channel, job.timeout, known, Run(qid, job, channel.reply_address),
                                ENTRY_COST + len(job.source_text or ""))
+        self._names.held_by(request.cache_key, worker)
         try:
             await query.future
         except asyncio.CancelledError:

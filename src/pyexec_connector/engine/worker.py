@@ -89,6 +89,7 @@ class Worker:
         self.cap = DEFAULT_CAP            # queriesPerWorker: the most runs held at once
         self.granted = 0                  # runs asked for over its life (messages.Credit)
         self.received = 0                 # runs read over its life
+        self._reported = 0                # `received` as the last Credit said
         self._idle_soon = False           # _idle is scheduled
         self._tasks_started = False       # runs that became tasks since _idle last ran
         self._stopping = False
@@ -128,12 +129,15 @@ class Worker:
         self.flush()
 
     def _grant(self) -> None:
+        """Credit when the window runs low; said too whenever runs were read since it last spoke of them:
+        the connector then knows this loop took them and turned (see ProcessEngine's affinity)."""
         outstanding = self.granted - self.received
-        if outstanding > WINDOW // 2:
-            return
-        more = min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding)
-        if more > 0:
+        more = 0
+        if outstanding <= WINDOW // 2:
+            more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
+        if more or self.received != self._reported:
             self.granted += more
+            self._reported = self.received
             self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
 
     def _encode(self, message: Any) -> bytes:
