@@ -14,7 +14,8 @@ from .conftest import SOURCE
 REPLY_AFTER_AWAIT = ("import asyncio\nawait asyncio.sleep(0.5)\n"
                      "await connector_connection.send_query_response(connector_context, 200, {'i': i})")
 AWAIT_AT_TOP = "import asyncio\nawait asyncio.sleep(0.5)\nj = i"
-HOG = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3:\n    pass\nhog = 1"
+HOG = ("import time\nwith open(path, 'a') as ran:\n    ran.write('ran\\n')\n"
+       "t = time.monotonic()\nwhile time.monotonic() - t < 3:\n    pass\nhog = 1")
 
 
 async def start(server, start_connector, **general):
@@ -79,9 +80,10 @@ async def test_two_thousand_queries_awaiting_at_the_top_level_run_at_once(server
     assert elapsed < 15, elapsed
 
 
-async def test_a_cpu_bound_query_delays_others_by_no_more_than_a_take_bound(server, start_connector):
+async def test_a_cpu_bound_query_delays_others_by_no_more_than_a_take_bound(server, start_connector, tmp_path):
     _, engine = await start(server, start_connector, workers=2, minWorkers=2)
-    hog = await server.send_query(SOURCE, {"code": HOG})
+    ran = tmp_path / "ran"
+    hog = await server.send_query(SOURCE, {"code": HOG, "presetValues": {"path": str(ran)}})
     await asyncio.sleep(0.3)        # it holds its worker's loop now
     started = time.monotonic()
     quick = await burst(server, {"code": "k = i"}, 20)
@@ -90,6 +92,8 @@ async def test_a_cpu_bound_query_delays_others_by_no_more_than_a_take_bound(serv
     # the hog has ~2.7 s to go: a quick query sent to its worker is taken back within TAKE_BOUND
     assert elapsed < 1.5, elapsed
     assert (await server.replies_for(hog, 30)).results["hog"] == 1
+    assert ran.read_text() == "ran\n", "the query it held was not taken back: it ran once"
+    assert engine.stats()["credit_overdrawn"] == 0
 
 
 async def test_a_wedged_worker_takes_nothing_and_innocent_queries_are_answered_well_before_their_timeout(

@@ -9,6 +9,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import socket
 import struct
 import termios
 import time
@@ -31,6 +32,21 @@ class WorkerState(enum.Enum):
     RETIRING = "retiring"      # recycled (maxQueriesPerWorker, maxWorkerMemoryMB): finishes its queries, then stops
     STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
     DEAD = "dead"              # ended; a fresh handle replaces it
+
+
+_S = WorkerState
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.DEAD}),
+    _S.READY: frozenset({_S.DRAINING, _S.RETIRING, _S.STOPPING, _S.DEAD}),
+    _S.DRAINING: frozenset({_S.READY, _S.RETIRING, _S.STOPPING, _S.DEAD}),
+    _S.RETIRING: frozenset({_S.STOPPING, _S.DEAD}),
+    _S.STOPPING: frozenset({_S.DEAD}),
+    _S.DEAD: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A worker asked into a state it cannot reach from its own (a bug in the pool)."""
 
 
 class PoolEvents(Protocol):
@@ -70,10 +86,11 @@ class WorkerHandle:
                  max_size: int | None = None):
         self.index = index
         self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
-        self.state = WorkerState.STARTING
+        self._state = WorkerState.STARTING
         self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
         self.channel = WorkerChannel(max_size)
         self.pipe: PipeProtocol | None = None
+        self.peer: socket.socket | None = None      # a copy of the worker's end of its socket (see _unread_bytes)
         self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
         self.reserved = 0                       # credit promised to parsed queries that have not resumed yet
         self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
@@ -92,6 +109,17 @@ class WorkerHandle:
         self._backlog: deque[Any] = deque()     # messages waiting for one take() refused (take_later)
         self.backlog_task: asyncio.Task | None = None
         self.broken: Exception | None = None    # what it sent that broke the protocol
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    def become(self, state: WorkerState) -> None:
+        """The one way a worker's state changes (WorkerPool's); raises InvalidTransition for one not allowed."""
+        if state is not self._state:
+            if state not in _ALLOWED[self._state]:
+                raise InvalidTransition(f"worker {self.index}: {self._state.value} -> {state.value}")
+            self._state = state
 
     @property
     def load(self) -> int:
@@ -137,29 +165,35 @@ class WorkerHandle:
         return late
 
     def _unread_bytes(self) -> int:
-        """Bytes written to the worker it has not read: in the transport's buffer, or the socket's (SIOCOUTQ,
-        for a Unix socket the data its peer has not read)."""
+        """Bytes written to the worker it has not read: in the transport's buffer, and in its end's receive
+        queue (FIONREAD on our copy of that end: exact, where SIOCOUTQ on ours counts buffer overheads).
+        When that cannot be told, none: a run is then never taken back (it could run twice), and only
+        the liveness ping finds a blocked worker."""
         transport = self.pipe.transport if self.pipe is not None else None
-        if transport is None:
-            return self.channel.written
-        pending = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-            except OSError:
-                return self.channel.written      # cannot tell: taken as unread (it declines what it reads late)
-        return pending
+        if transport is None or self.peer is None:
+            return 0
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.peer.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+        return transport.get_write_buffer_size() + queued
+
+    def ended(self) -> None:
+        """Its process ended: our copy of its end goes (else its pipe would never reach its end of file)."""
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
 
     def kill(self, reason: str) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.kill_reason = self.kill_reason or reason
-            if self.state is not WorkerState.DEAD:
-                self.state = WorkerState.STOPPING
+            if self._state is not WorkerState.DEAD:
+                self.become(WorkerState.STOPPING)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
     def close(self) -> None:
+        self.ended()
         if self.pipe is not None and self.pipe.transport is not None:
             self.pipe.transport.close()
         if self.backlog_task is not None:
@@ -177,6 +211,23 @@ class WorkerHandle:
     def _closed(self, _: asyncio.Future[None]) -> None:
         if self.hello is not None and not self.hello.done():
             self.hello.set_exception(ConnectionError("its pipe closed before it was ready"))
+
+    async def handshake(self, init: Any, timeout: float) -> Ready:
+        """Send its Init; its Ready, once it also asked for runs (raises what went wrong, TimeoutError)."""
+        assert self.hello is not None
+        self.send(init)
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self.hello)
+
+    async def last_words(self, timeout: float) -> None:
+        """After its process ended: what it wrote last, read and taken (at most `timeout` seconds)."""
+        if self.pipe is None or not self.became_ready:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.pipe.closed)
+                if self.backlog_task is not None:
+                    await asyncio.shield(self.backlog_task)
 
     def serve(self, events: PoolEvents) -> None:
         """Ready: what it says goes to `events` from now on."""

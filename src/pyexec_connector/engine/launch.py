@@ -44,6 +44,7 @@ class Launched:
     process: WorkerProcess
     sock: socket.socket
     forked: bool
+    peer: socket.socket | None = None      # a copy of the worker's end (see zygote.ForkedWorker.peer)
 
 
 class SpawnedWorker:
@@ -81,6 +82,7 @@ async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
     the user it becomes); by default an environment without secrets."""
     options = options if options is not None else {"env": clean_environment()}
     ours, theirs = socket.socketpair()
+    peer = theirs.dup()
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pyexec_connector.engine.worker", str(theirs.fileno()), str(os.getpid()),
@@ -88,10 +90,11 @@ async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
             **options)                                                                     # uvloop refuses it
     except BaseException:
         ours.close()
+        peer.close()
         raise
     finally:
         theirs.close()
-    return Launched(SpawnedWorker(proc), ours, forked=False)
+    return Launched(SpawnedWorker(proc), ours, forked=False, peer=peer)
 
 
 class WorkerLauncher:
@@ -144,7 +147,7 @@ class WorkerLauncher:
                 log.warning("source %s: the zygote could not fork a worker (%s); spawning one", self.source_name, exc)
             else:
                 self.forks += 1
-                return Launched(worker, worker.sock, forked=True)
+                return Launched(worker, worker.sock, forked=True, peer=worker.peer)
         self.spawns += 1
         return await spawn_worker(self._spawn_options() if self._spawn_options is not None else None)
 

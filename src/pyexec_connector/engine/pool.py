@@ -1,15 +1,13 @@
 """WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
-reading, replacing and stopping them. Each worker's lifecycle is an explicit state (WorkerState).
+replacing and stopping them — in the manner of gunicorn's arbiter: one supervision `tick` (every TICK
+seconds) pings silent workers and kills wedged ones (judged by engine/liveness.py), retires idle ones
+(engine/scaling.py) and brings the count back to `minWorkers`. What cannot wait for a tick is handled as
+it happens, by the same methods: a worker's end (`_watch` -> `_ended`, the one place), a query that
+finds no worker (`scale`), a query's end (`query_ended`: recycling, engine/recycle.py). A worker's state
+(WorkerState) changes only here, through WorkerHandle.become, which refuses a transition not allowed.
 
-How many run is decided in one place, `WorkerPool.scale` (with engine/scaling.py): `minWorkers` warm,
-one more forked for each query that finds every worker busy, up to `workers`; those beyond `minWorkers`
-retire after `workerIdleSeconds` idle. Workers are started in one place (`_add`) and their ends handled
-in one place (`_ended`). Liveness: the pool's `Supervisor` (engine/supervisor.py, judged by
-engine/liveness.py) pings each worker that has been silent; one that does not answer and runs nothing is
-killed, and the queries sent to it that it never read go to another worker.
-
-What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; the pool
-knows nothing of queries beyond counting them on each worker (`WorkerHandle.inflight`)."""
+What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; which queries
+a worker runs is the engine's (`WorkerHandle.inflight`)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,13 +22,12 @@ from typing import Any
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
 from .handle import PoolEvents, WorkerHandle, WorkerState
-from .launch import WorkerLauncher
-from .liveness import LivenessPolicy
+from .launch import WorkerLauncher, WorkerProcess
+from .liveness import LivenessPolicy, Verdict
 from .messages import Init, Stop
 from .oom import sigkill_hint
 from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
-from .supervisor import Supervisor
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
@@ -38,16 +35,13 @@ START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
 RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
+TICK = 0.5                # seconds between supervision ticks
 
 
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
-    replaces dead ones (with a backoff when workers die before they are ready), recycles them, has its
-    Supervisor (engine/supervisor.py) watch them, and stops them all at close.
-
-    Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule);
-    scaling and recycling decide in their own pure modules (scaling.py, recycle.py) but act here, on the
-    same worker states."""
+    replaces dead ones (with a backoff when workers die before they are ready), recycles them, watches
+    them (tick), and stops them all at close."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
@@ -68,10 +62,10 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self._indexes = itertools.count()
         self._failed_starts = 0                 # workers in a row that died before they were ready
-        self._retire_timer: asyncio.TimerHandle | None = None
         self.restarts = 0
         self.idle_retired = 0                   # workers beyond minWorkers ended after workerIdleSeconds
-        self.supervisor = Supervisor(source_name, self._supervised, events, liveness)
+        self.liveness = liveness
+        self.wedged = 0                         # workers killed for not answering a liveness ping
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
@@ -96,13 +90,6 @@ class WorkerPool:
         queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
         return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
                 for w in self.workers if w.state in _SUPERVISED]
-
-    def credit_figures(self) -> dict[str, int]:
-        """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond
-        what was asked for (0, always)."""
-        ledger = self.credit_ledger()
-        return {"credit": sum(max(0, granted - sent) for _, granted, _, sent in ledger),
-                "credit_overdrawn": sum(max(0, sent - granted) for _, granted, _, sent in ledger)}
 
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:
@@ -135,35 +122,43 @@ class WorkerPool:
 
     def set_scale_policy(self, policy: ScalePolicy) -> None:
         self.scale_policy = policy
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
-            self._retire_timer = None
         self.scale()
-        self._plan_retire()
 
-    def _idle(self) -> dict[WorkerHandle, float | None]:
-        return {w: None if w.load else w.idle_since for w in self.workers if w.state is WorkerState.READY}
+    # ---- the supervision tick ----------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), TICK)
+            if self.closed:
+                return
+            try:
+                self.tick()
+            except Exception:   # noqa: BLE001 - supervision must go on
+                log.exception("source %s: supervising the workers failed", self.source_name)
 
-    def _plan_retire(self) -> None:
-        if self._retire_timer is not None or self.closed:
-            return
+    def tick(self) -> None:
+        """One supervision step: liveness of each worker, idle ones retired, the count brought back."""
         now = time.monotonic()
-        when = self.scale_policy.next_check(self._idle(), now)
-        if when is not None:
-            self._retire_timer = asyncio.get_running_loop().call_later(max(0.0, when - now) + 0.01,
-                                                                       self._retire_idle)
-
-    def _retire_idle(self) -> None:
-        self._retire_timer = None
-        if self.closed:
-            return
-        for worker in self.scale_policy.to_retire(self._idle(), time.monotonic()):
+        reading = self._events.reading()
+        for worker in [w for w in self.workers if w.state in _SUPERVISED and w.pipe is not None]:
+            if not reading:       # its answers wait unread: its silence says nothing
+                worker.last_heard, worker.pinged_at = now, None
+            elif _judge(worker, self.liveness, now, self.source_name):
+                self.wedged += 1
+        idle = {w: None if w.load else w.idle_since for w in self.workers if w.state is _READY}
+        for worker in self.scale_policy.to_retire(idle, now):
             self.idle_retired += 1
-            worker.state = WorkerState.RETIRING
-            worker.kill_reason = f"idle for {self.scale_policy.idle_seconds:g} s (workerIdleSeconds)"
-            log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, worker.kill_reason)
-            self._stop_if_idle(worker)
-        self._plan_retire()
+            self._retire(worker, f"idle for {self.scale_policy.idle_seconds:g} s (workerIdleSeconds)")
+        self.scale()
+
+    def hold(self, worker: WorkerHandle) -> None:
+        """It was told to stop a query: it takes nothing new until it lets go (release)."""
+        if worker.state is _READY:
+            worker.become(WorkerState.DRAINING)
+
+    def release(self, worker: WorkerHandle) -> None:
+        if worker.state is WorkerState.DRAINING:
+            worker.become(_READY)
 
     def broadcast(self, message: Any) -> None:
         for worker in self.workers:
@@ -194,7 +189,7 @@ class WorkerPool:
             self.scale()
             await asyncio.gather(*(t for t in self._starting if t is not asyncio.current_task()),
                                  return_exceptions=True)
-            self._background(self.supervisor.run(self._closing), "supervise")
+            self._background(self._supervise(), "supervise")
         finally:
             self.started.set()
 
@@ -213,7 +208,7 @@ class WorkerPool:
                 await asyncio.wait_for(self._closing.wait(), delay)
             worker.backing_off = False
         if self.closed:
-            worker.state = WorkerState.DEAD
+            worker.become(WorkerState.DEAD)
             return
         try:
             launched = await self.launcher.launch()
@@ -221,7 +216,7 @@ class WorkerPool:
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
             self._ended(worker, f"it could not be started: {exc}")
             return
-        worker.proc = launched.process
+        worker.proc, worker.peer = launched.process, launched.peer
         parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
         await worker.connect(parent_end)
@@ -229,38 +224,30 @@ class WorkerPool:
         if self.closed:                  # stop() ran while it was starting
             worker.kill("the engine closed")
             return
-        worker.send(Init(self._settings()))
-        assert worker.hello is not None
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                hello = await asyncio.shield(worker.hello)
+            hello = await worker.handshake(Init(self._settings()), START_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
             log.error("source %s: worker %d did not start: %s", self.source_name, worker.index, type(exc).__name__)
             worker.kill("it did not start")
             return
-        worker.state = WorkerState.READY
+        worker.become(_READY)
         worker.became_ready = True
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
         worker.serve(self._events)
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
         self._events.worker_ready(worker)
-        self._plan_retire()
 
     # ---- watching ----------------------------------------------------------------------------------
     async def _watch(self, worker: WorkerHandle, fd: int) -> None:
         """Wait for the worker's end: read what it said last, fail its queries, replace it."""
         assert worker.proc is not None
         returncode = await worker.proc.wait()
+        worker.ended()
         if worker.state is not WorkerState.DEAD:
-            worker.state = WorkerState.STOPPING      # no new queries while its last words are read
-        if worker.pipe is not None and worker.became_ready:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                async with asyncio.timeout(LAST_WORDS):
-                    await asyncio.shield(worker.pipe.closed)
-                    if worker.backlog_task is not None:
-                        await asyncio.shield(worker.backlog_task)
-        worker.state = WorkerState.DEAD
+            worker.become(WorkerState.STOPPING)      # no new queries while its last words are read
+        await worker.last_words(LAST_WORDS)
+        worker.become(WorkerState.DEAD)
         forkguard.release(fd)
         worker.close()
         what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
@@ -275,7 +262,7 @@ class WorkerPool:
     def _ended(self, worker: WorkerHandle, why: str) -> None:
         """The one place a worker's end is handled: its queries fail (worker_ended), and scale() starts what
         is now missing: below minWorkers, or for queries that wait."""
-        worker.state = WorkerState.DEAD
+        worker.become(WorkerState.DEAD)
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
         hits, misses = self.retired_cache_counts
@@ -309,22 +296,15 @@ class WorkerPool:
             return
         if not worker.load:
             worker.idle_since = time.monotonic()
-            if len(self.workers) > self.scale_policy.min_workers:     # else nothing is spare to retire
-                self._plan_retire()
-        budget = worker.budget
-        if not budget.limited:
-            budget.queries += 1
-            return
-        policy = self.recycle_policy
-        memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
-        reason = budget.after_query(memory)
-        if reason is None:
-            return
-        self.recycles[reason.value] = self.recycles.get(reason.value, 0) + 1
-        log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", self.source_name,
-                 worker.index, reason.value, worker.budget.queries, "?" if memory is None else memory >> 20)
-        worker.state = WorkerState.RETIRING
-        worker.kill_reason = f"recycled ({reason.value})"     # its end is expected: no warning
+        reason = _recycle_reason(worker, self.recycle_policy, self.source_name)
+        if reason is not None:
+            self.recycles[reason] = self.recycles.get(reason, 0) + 1
+            self._retire(worker, f"recycled ({reason})")     # its end is expected: no warning
+
+    def _retire(self, worker: WorkerHandle, why: str) -> None:
+        worker.become(WorkerState.RETIRING)
+        worker.kill_reason = why
+        log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, why)
         self._stop_if_idle(worker)
 
     def _stop_if_idle(self, worker: WorkerHandle) -> None:
@@ -338,30 +318,15 @@ class WorkerPool:
 
         asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
 
-    def _supervised(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.state in _SUPERVISED]
-
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
-            self._retire_timer = None
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
-        if procs:
-            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
-            for proc in procs:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            for task in pending:
-                with contextlib.suppress(Exception):
-                    await task
+        await _reap([w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None])
         if self._starting:       # their processes are gone now: they end at once
             await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
         for task in list(self._tasks):
@@ -378,6 +343,60 @@ class WorkerPool:
 # should not wait for that (it may run `workers` + 1 meanwhile).
 _READY, _STARTING = WorkerState.READY, WorkerState.STARTING
 _SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
+
+
+def credit_figures(ledger: list[tuple[int, int, int, int]]) -> dict[str, int]:
+    """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond what
+    was asked for (0, always)."""
+    return {"credit": sum(max(0, granted - sent) for _, granted, _, sent in ledger),
+            "credit_overdrawn": sum(max(0, sent - granted) for _, granted, _, sent in ledger)}
+
+
+def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: str) -> str | None:
+    """Why the worker is recycled after the query that just ended (RecycleReason's value), if it is."""
+    budget = worker.budget
+    if not budget.limited:
+        budget.queries += 1
+        return None
+    memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
+    reason = budget.after_query(memory)
+    if reason is None:
+        return None
+    log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", source_name, worker.index,
+             reason.value, budget.queries, "?" if memory is None else memory >> 20)
+    return reason.value
+
+
+def _judge(worker: WorkerHandle, liveness: LivenessPolicy, now: float, source_name: str) -> bool:
+    """Act on the liveness verdict for one worker; True when it was killed as wedged."""
+    verdict = liveness.verdict(now, worker.last_heard, worker.pinged_at, len(worker.inflight))
+    if verdict is Verdict.PING:
+        worker.ping()
+    elif verdict is Verdict.SILENT:
+        if not worker.stalled:
+            worker.stalled = True      # the dispatcher passes it by until it writes again
+            log.warning("source %s: worker %d has not answered for %.1f s while running queries; no new "
+                        "queries go to it until it does", source_name, worker.index, now - worker.last_heard)
+    elif verdict is Verdict.WEDGED:
+        log.warning("source %s: worker %d ran no query and did not answer a ping for %.1f s: something its "
+                    "code left behind blocks it; replacing it", source_name, worker.index, now - worker.last_heard)
+        worker.kill(f"it did not answer a liveness ping within {liveness.timeout:g} s")
+        return True
+    return False
+
+
+async def _reap(procs: list[WorkerProcess]) -> None:
+    """Wait STOP_GRACE for the processes to exit, kill those that did not, and reap them all."""
+    if not procs:
+        return
+    _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    for task in pending:
+        with contextlib.suppress(Exception):
+            await task
 
 
 def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:

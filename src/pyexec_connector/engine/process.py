@@ -55,7 +55,7 @@ from .messages import (
     Run,
 )
 from .pipeline import Deadlines, Pipeline, timeout_error
-from .pool import WorkerHandle, WorkerPool, WorkerState
+from .pool import WorkerHandle, WorkerPool, credit_figures
 from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
 
@@ -174,6 +174,7 @@ class ProcessEngine:
         self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
+        self._before_start = 0      # parsed queries waiting for the pool's first workers
         self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
         self._checking: asyncio.TimerHandle | None = None     # the next _take_back
         health.listeners.append(self._health_changed)
@@ -233,8 +234,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 "timeouts_pending": self._deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
                 "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.requeued,
-                **self.pool.credit_figures()}
+                "worker_wedged": self.pool.wedged, "queries_requeued": self.requeued,
+                **credit_figures(self.pool.credit_ledger())}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -337,7 +338,12 @@ forked on demand: minWorkers 0). relayed/parsed: which way
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
         """A query the connector parsed: to a worker (waiting for one if need be), then its outcome."""
-        await self.pool.started.wait()
+        if not self.pool.started.is_set():
+            self._before_start += 1         # retire() waits for these too
+            try:
+                await self.pool.started.wait()
+            finally:
+                self._before_start -= 1
         if self._closed:
             raise _shutting_down()
         job = self._names.with_source(job)
@@ -433,8 +439,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             return
         worker.send(Cancel(query.qid))
         worker.cancelling.add(query.qid)
-        if worker.state is WorkerState.READY:
-            worker.state = WorkerState.DRAINING
+        self.pool.hold(worker)
         reason = f"it did not stop the query {query.channel.reply_address} within {KILL_GRACE:g} s after {why}"
 
         def kill_if_stuck() -> None:
@@ -528,8 +533,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         query = worker.inflight.pop(qid, None)
         if worker.cancelling:
             worker.cancelling.discard(qid)
-            if not worker.cancelling and worker.state is WorkerState.DRAINING:
-                worker.state = WorkerState.READY
+            if not worker.cancelling:
+                self.pool.release(worker)
         if query is not None:
             if not query.future.done():
                 if error is not None:
@@ -593,7 +598,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
 
     async def retire(self) -> None:
         """After a reconfigure changed the pool: let the queries already here finish, then close."""
-        while any(w.inflight or w.reserved for w in self.pool.workers) or self.dispatcher.depth:
+        while any(w.inflight or w.reserved for w in self.pool.workers) or self.dispatcher.depth \
+                or self._before_start:
             await asyncio.sleep(0.05)
         await self.close()
 
