@@ -21,7 +21,7 @@ from ..config import SourceConfig
 from ..errors import QueryError
 from ..reply import ReplyChannel
 from ..request import QueryRequest, parse_query
-from .base import Job, Outcome
+from .base import Job, Outcome, reply_body
 
 log = logging.getLogger(__name__)
 _MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
@@ -89,9 +89,8 @@ class Pipeline:
         return self._make_job(request, script.text, script.modified)
 
     def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
-        limit = request.timeout if request.timeout is not None else self.config.executionTimeout
-        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None,
-                   self.config.resultValues == "rich")
+        return Job(request, text, fingerprint, self.config.returnRuntimeInformation,
+                   time_limit(request.timeout, self.config), self.config.resultValues == "rich")
 
     # ---- the end --------------------------------------------------------------------------------
     def settle(self, channel: ReplyChannel, outcome_of: Callable[..., Outcome], *args: Any) -> None:
@@ -118,7 +117,7 @@ class Pipeline:
             if error is not None:
                 channel.error(error)
             elif outcome is not None and not outcome.answered and outcome.results_json is not None:
-                channel.complete_raw(body(outcome, channel.started))
+                channel.complete_raw(reply_body(outcome, channel.started))
         except Exception as exc:   # noqa: BLE001 - a bug here must not cost the reply
             channel.error(self._internal_error(channel, exc))
         finally:
@@ -145,17 +144,11 @@ class Pipeline:
                                                   "The connector stopped before the query finished."))
 
 
-def body(outcome: Outcome, started: float) -> str:
-    text = '{"pythonCallResults":' + (outcome.results_json or "{}")
-    if outcome.runtime is not None:
-        # query_time: upstream's name for the same figure; VAIL written against it keeps working
-        outcome.runtime["totalTime"] = outcome.runtime["query_time"] = perf_counter() - started
-        text += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
-    if outcome.output is not None:
-        text += ',"pythonOutput":' + protocol.dumps(outcome.output)
-    if outcome.dry_run is not None:
-        text += ',"dryRun":' + protocol.dumps(outcome.dry_run)
-    return text + "}"
+def time_limit(requested: float | None, config: SourceConfig) -> float | None:
+    """The one rule for a query's timeout: its WITH timeout, else the source's executionTimeout; 0 or
+    none: no limit (None)."""
+    limit = requested if requested is not None else config.executionTimeout
+    return limit or None
 
 
 def stopped() -> QueryError:

@@ -18,141 +18,42 @@ starve another."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import itertools
 import logging
-import time
-from collections.abc import Iterator
-from typing import Any, Protocol
-
-from cachetools import LRUCache
+from typing import Any
 
 from .. import errors, protocol, sandbox
 from ..config import SourceConfig
 from ..connection import Health
 from ..errors import QueryError
 from ..reply import ReplyChannel
-from . import wire
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
-    ACCEPT_EVERY,
     ACKED,
-    Accepted,
-    Answered,
-    Cancel,
-    Cancelled,
     Configure,
-    Credit,
-    Declined,
-    Done,
-    Failed,
     HealthChanged,
-    LinkFrame,
     Relay,
-    Reply,
     Run,
 )
-from .pipeline import Deadlines, Pipeline, timeout_error
+from .pipeline import Pipeline, stopped, time_limit
 from .pool import WorkerHandle, WorkerPool, credit_figures
+from .queries import LinkOutlet, NameBook, Query, QueryBook
 from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
 
 log = logging.getLogger(__name__)
 
-KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
-# Seconds a worker has to read a run it asked for: a run it has not read by then goes to another worker
-# (it declines it, should it read it later). A few hundred round trips of the pipe: only a loop blocked
-# by code misses it, or a machine so loaded that another worker is as good.
-TAKE_BOUND = 0.25
-_COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
 # WITH parameters a relayed query may have; the others need the connector (see ProcessEngine._relay)
 _RELAYED_PARAMETERS = frozenset({"code", "name", "presetValues", "codeHandlesReturn", "limitReturnTo",
                                  "captureOutput"})
 
 
-class LinkOutlet(Protocol):
-    """The part of the source's link the engine uses (SourceLink)."""
-
-    def send(self, frame: str) -> None: ...
-    async def drained(self) -> None: ...
-    def is_drained(self) -> bool: ...
-    def write_now(self) -> None: ...
-
-
-class NameBook:
-    """What each cached name's code is (as the connector last saw it run), so that a name-only query can
-    run on any worker, also one that never saw the code."""
-
-    def __init__(self, capacity: int, misses: int = 0):
-        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
-        self._holders: LRUCache[str, WorkerHandle] = LRUCache(maxsize=capacity)
-        self.misses = misses        # name-only queries for a name nobody knew
-
-    def holder(self, name: str | None) -> WorkerHandle | None:
-        """The worker last sent a query of this name: it has compiled it, or is compiling it (affinity)."""
-        return self._holders.get(name) if name is not None else None
-
-    def held_by(self, name: str | None, worker: WorkerHandle) -> None:
-        if name is not None:
-            self._holders[name] = worker
-
-    def __len__(self) -> int:
-        return len(self._known)
-
-    @property
-    def capacity(self) -> int:
-        return int(self._known.maxsize)
-
-    def text(self, name: str) -> str | None:
-        known = self._known.get(name)
-        return known[0] if known is not None else None
-
-    def with_source(self, job: Job) -> Job:
-        """The job, a name-only one carrying the code text the name was last run with."""
-        request = job.request
-        key = request.cache_key
-        if key is None:
-            return job
-        if request.replace:
-            self._known.pop(key, None)
-        if job.source_text is not None:
-            return job
-        known = self._known.get(key)
-        if known is None:
-            self.misses += 1
-            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
-                             [key])
-        return Job(request, known[0], known[1], job.runtime_info, job.timeout, job.rich_results)
-
-    def remember(self, known: tuple[str, str, Any] | None) -> None:
-        if known is not None:
-            name, text, fingerprint = known
-            self._known[name] = (text, fingerprint)
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class _Query:
-    qid: int
-    channel: ReplyChannel
-    future: asyncio.Future
-    worker: WorkerHandle
-    limit: float | None = None                  # its timeout, seconds
-    deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
-    known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
-    message: Any = None                         # its Relay or Run (sent again to another, see requeue)
-    size: int = 0                               # its message's bytes
-
-
 class ProcessEngine:
-    """The process engine's façade: the query records (which worker has which query, their deadlines and
-    futures), what each message from a worker does to them, and the link credit workers' sends wait for.
-    The processes belong to WorkerPool, the waiting to Dispatcher, the end of a query to Pipeline.
-
-    Longer than ~300 lines for a reason: every message kind a worker sends ends in a query record kept
-    here, so their handling (take/_handle/_finish) stays beside the records; the relay and parsed paths
-    share _register. The next split, if it grows: the Accepted credit accounting into a class of its own."""
+    """The way into the process engine (the Engine protocol): a query's way to a worker (as its frame, or
+    parsed), the source's configuration of the pool, its figures, and its end. The query records are
+    QueryBook's (queries.py), the processes WorkerPool's, the waiting Dispatcher's."""
 
     def __init__(self, config: SourceConfig, pipeline: Pipeline, link: LinkOutlet, health: Health, *,
                  source_name: str, server_config: dict[str, str], max_message_bytes: int | None = None,
@@ -165,24 +66,18 @@ class ProcessEngine:
         self._max_message_bytes = max_message_bytes
         self._credentials = worker_credentials      # (uid, gid) of workerUser, or None
         self._apply(config)
-        self._names = NameBook(config.codeCacheSize)
         self._ids = itertools.count(1)
         self._closed = False
-        self._deadlines = Deadlines(self._expire, self._running)
-        self.timeouts = 0
-        self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
-        self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
         self._before_start = 0      # parsed queries waiting for the pool's first workers
-        self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
-        self._checking: asyncio.TimerHandle | None = None     # the next _take_back
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
                                      config.maxQueuedBytes, self)
+        self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize))
 
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
@@ -206,7 +101,7 @@ class ProcessEngine:
         if config.pool_shape != self._config.pool_shape:
             raise ValueError("a new pool shape needs a new engine")
         self._apply(config)
-        self._names = NameBook(config.codeCacheSize, self._names.misses)    # names are known afresh
+        self.queries.names = NameBook(config.codeCacheSize, self.queries.names.misses)    # known afresh
         dispatcher = self.dispatcher
         dispatcher.per_worker, dispatcher.max_queued = config.queriesPerWorker, config.maxQueuedQueries
         dispatcher.max_queued_bytes = config.maxQueuedBytes
@@ -222,19 +117,20 @@ class ProcessEngine:
 forked on demand: minWorkers 0). relayed/parsed: which way
         queries reached the workers (a debug figure)."""
         hits, misses = self.pool.retired_cache_counts
+        book, names = self.queries, self.queries.names
         return {"workers_alive": self.pool.alive_count(), "can_run": self.pool.can_run(),
                 "worker_restarts": self.pool.restarts,
-                "timeouts": self.timeouts, "queue_depth": self.dispatcher.depth,
+                "timeouts": book.timeouts, "queue_depth": self.dispatcher.depth,
                 "queued_bytes": self.dispatcher.queued_bytes, "busy": self.dispatcher.busy,
                 "busy_waited_timeout": self.dispatcher.expired_waiting,
                 "cache_hits": hits + sum(w.cache_counts[0] for w in self.pool.workers),
-                "cache_misses": self._names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
-                "cache_size": len(self._names), "cache_capacity": self._names.capacity,
-                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": self.accepted_frames,
-                "timeouts_pending": self._deadlines.sweeping,
+                "cache_misses": names.misses + misses + sum(w.cache_counts[1] for w in self.pool.workers),
+                "cache_size": len(names), "cache_capacity": names.capacity,
+                "relayed": self.relayed, "parsed": self.parsed, "accepted_frames": book.accepted_frames,
+                "timeouts_pending": book.deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
                 "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.wedged, "queries_requeued": self.requeued,
+                "worker_wedged": self.pool.wedged, "queries_requeued": book.requeued,
                 **credit_figures(self.pool.credit_ledger())}
 
     # ---- one query --------------------------------------------------------------------------
@@ -247,27 +143,30 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             query = None
         if query is None:
             self._parse(frame, channel)
-        elif isinstance(query, _Query):
+        elif isinstance(query, Query):
             self._relayed(query)
 
     def _parse(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         self.parsed += 1
         self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
 
-    def _relayed(self, query: _Query) -> None:
+    def _relayed(self, query: Query) -> None:
         self.relayed += 1
         self._pipeline.in_flight.add(query.future)
         query.future.add_done_callback(functools.partial(self._settled, query))
 
-    def _settled(self, query: _Query, future: asyncio.Future) -> None:
+    def _settled(self, query: Query, future: asyncio.Future) -> None:
         self._pipeline.in_flight.discard(future)
-        self._pipeline.settle(query.channel, self.settle, query)
+        try:
+            outcome = self.queries.settle(query)
+        except asyncio.CancelledError:
+            self._pipeline.finish(query.channel, error=stopped())
+        except QueryError as exc:
+            self._pipeline.finish(query.channel, error=exc)
+        else:
+            self._pipeline.finish(query.channel, outcome)
 
-    def _running(self) -> Iterator[_Query]:
-        for worker in self.pool.workers:
-            yield from worker.inflight.values()
-
-    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> _Query | object | None:
+    def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> Query | object | None:
         """The frame to a free worker as it came, for a plain query (code and/or a known name, presets, the
         return options), or to the queue as it came when no worker is free (_QUEUED; a busy query is
         answered here); None for anything else."""
@@ -279,11 +178,11 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         if name is not None and (type(name) is not str or not name or "\x00" in name):
             return None
         if code is None:
-            if name is None or self._names.text(name) is None:
+            if name is None or self.queries.names.text(name) is None:
                 return None
         elif type(code) is not str:
             return None
-        worker = self.dispatcher.free_worker(self._names.holder(name))
+        worker = self.dispatcher.free_worker(self.queries.names.holder(name))
         if worker is None:
             # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
             try:
@@ -294,18 +193,18 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         return self._send_relay(worker, frame, channel)
 
     def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel,
-                    flush: bool = True) -> _Query | None:
+                    flush: bool = True) -> Query | None:
         params = frame.params
         code, name = params.get("code"), params.get("name")
         text = None
         if code is None:
-            text = self._names.text(name)
+            text = self.queries.names.text(name)
             if text is None:        # forgotten while it waited: the parsed way answers it
                 return None
         qid = next(self._ids)
         assert frame.raw is not None
-        self._names.held_by(name, worker)
-        return self._register(worker, qid, channel, self._config.executionTimeout,
+        self.queries.names.held_by(name, worker)
+        return self.queries.register(worker, qid, channel, time_limit(None, self._config),
                               (name, code, code) if name is not None and code is not None else None,
                               _new(Relay, (qid, frame.reply_address, text, frame.raw, 0.0)),
                               len(frame.raw) + len(text or ""), flush)
@@ -315,7 +214,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         if waiting.query is not None:       # taken back from a worker that never read it
             query, waiting.query = waiting.query, None
             if not query.future.done():
-                self._send(worker, query, flush=False)
+                self.queries.send(worker, query, flush=False)
             return
         frame, channel = waiting.frame, waiting.channel
         try:
@@ -346,18 +245,18 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 self._before_start -= 1
         if self._closed:
             raise _shutting_down()
-        job = self._names.with_source(job)
+        job = self.queries.names.with_source(job)
         # a parsed query waits as its task and Job: charged its code's size (the most of either)
         request = job.request
         worker = await self.dispatcher.acquire(ENTRY_COST + len(job.source_text or ""), job.timeout,
-                                               self._names.holder(request.cache_key))
+                                               self.queries.names.holder(request.cache_key))
         known = (request.cache_key, job.source_text, job.fingerprint) \
             if request.cache_key is not None and request.cache_code and not request.dry_run \
             and job.source_text is not None else None
         qid = next(self._ids)
-        query = self._register(worker, qid, channel, job.timeout, known, Run(qid, job, channel.reply_address),
+        query = self.queries.register(worker, qid, channel, job.timeout, known, Run(qid, job, channel.reply_address),
                                ENTRY_COST + len(job.source_text or ""))
-        self._names.held_by(request.cache_key, worker)
+        self.queries.names.held_by(request.cache_key, worker)
         try:
             await query.future
         except asyncio.CancelledError:
@@ -366,88 +265,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             # else the future was cancelled with this task: settle() stops the query and raises
         except BaseException:   # noqa: BLE001, S110 - settle() raises it again
             pass
-        return self.settle(query)
-
-    def _register(self, worker: WorkerHandle, qid: int, channel: ReplyChannel, limit: float | None,
-                  known: tuple[str, str, Any] | None, message: Any, size: int, flush: bool = True) -> _Query:
-        """The query becomes the worker's (its death or close() answers it) and its message goes out."""
-        loop = asyncio.get_running_loop()
-        query = _Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message, size)
-        self._send(worker, query, flush)
-        if limit:
-            self._deadlines.watch(query, limit, loop)
-        return query
-
-    def _send(self, worker: WorkerHandle, query: _Query, flush: bool) -> None:
-        """The query's run to `worker`, against its credit, to be read within TAKE_BOUND."""
-        take_by = time.monotonic() + TAKE_BOUND
-        message = query.message
-        query.worker = worker
-        worker.inflight[query.qid] = query
-        worker.send_run(wire.encode(_new(type(message), (*message[:-1], take_by))), query.qid, take_by)
-        if flush:
-            worker.flush()
-        if self._checking is None:
-            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND + 0.02, self._take_back)
-
-    def _take_back(self) -> None:
-        """The runs whose workers did not read them in time go to other workers (WorkerHandle.overdue)."""
-        self._checking = None
-        now = time.monotonic()
-        pending = False
-        for worker in self.pool.workers:
-            if worker.channel.unconfirmed:
-                late = worker.overdue(now, worker.inflight)
-                if late:
-                    log.info("source %s: worker %d did not read %d queries within %g s; they go to another "
-                             "worker", self.source_name, worker.index, len(late), TAKE_BOUND)
-                    self.requeue(worker, late)
-                pending = pending or bool(worker.channel.unconfirmed)
-        if pending and not self._closed:
-            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND / 2, self._take_back)
-
-    def settle(self, query: _Query) -> Outcome:
-        """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
-        timeout, a worker's death, the code's error). Raises CancelledError for a query the caller
-        stopped waiting for (the worker is told to stop it)."""
-        future = query.future
-        if future.cancelled():
-            self._abandon(query, "the connector stopped waiting for it")
-            raise asyncio.CancelledError
-        error = future.exception()
-        if error is None:
-            if query.known is not None:
-                self._names.remember(query.known)
-            return future.result()
-        if isinstance(error, _Expired):
-            self.timeouts += 1
-            self._abandon(query, f"its timeout of {query.limit:g} s passed")
-            raise timeout_error(query.limit)
-        if isinstance(error, QueryError) and error.code not in _COMPILE_ERRORS:
-            self._names.remember(query.known)
-        raise error
-
-    def _expire(self, query: _Query) -> None:
-        if not query.future.done():
-            query.future.set_exception(_Expired())   # its waiter answers, and stops the run
-
-    def _abandon(self, query: _Query, why: str) -> None:
-        """Stop a query nobody waits for; kill its worker if it does not let go in time. Until it does,
-        the worker takes nothing new (it may be stuck in synchronous code)."""
-        worker = query.worker
-        if not worker.alive or query.qid not in worker.inflight:
-            return
-        worker.send(Cancel(query.qid))
-        worker.cancelling.add(query.qid)
-        self.pool.hold(worker)
-        reason = f"it did not stop the query {query.channel.reply_address} within {KILL_GRACE:g} s after {why}"
-
-        def kill_if_stuck() -> None:
-            if worker.alive and query.qid in worker.inflight:
-                log.warning("source %s: killing worker %d: %s", self.source_name, worker.index, reason)
-                worker.kill(f"the connector stopped it: {reason}")
-
-        asyncio.get_running_loop().call_later(KILL_GRACE, kill_if_stuck)
+        return self.queries.settle(query)
 
     # ---- what workers say (PoolEvents) ----------------------------------------------------------
     def take(self, worker: WorkerHandle, message: Any) -> bool:
@@ -458,7 +276,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             return True
         if type(message) is HealthChanged or not self._link.is_drained():
             return False
-        self._handle(worker, message)
+        self.queries.handle(worker, message)
         return True
 
     async def take_later(self, worker: WorkerHandle, message: Any) -> None:
@@ -469,82 +287,11 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 log.exception("source %s: declaring health failed", self.source_name)
             return
         await self._link.drained()
-        self._handle(worker, message)
+        self.queries.handle(worker, message)
         await self._link.drained()     # the link is slow: stop reading, and the worker's writes wait
 
     def taken(self) -> None:
         self._link.write_now()         # a worker's answers go out in the step they came in
-
-    def _handle(self, worker: WorkerHandle, message: Any) -> None:
-        kind = type(message)
-        if kind is Answered:
-            # The worker built the whole 200 reply: it goes out as it came, before the run ends (the
-            # completion then has nothing to build). Kept for speed: see docs/PERFORMANCE.md.
-            qid, frame, worker.cache_counts = message
-            query = worker.inflight.get(qid)
-            if query is not None and not query.future.done():
-                query.channel.forward(frame, True, protocol.STATUS_COMPLETE)
-            self._finish(worker, qid, _ANSWERED, None)
-        elif kind is Reply:
-            query = worker.inflight.get(message.qid)
-            if query is None:
-                log.warning("source %s: reply %s from worker %d for a finished query dropped",
-                            self.source_name, message.status, worker.index)
-            else:
-                query.channel.forward(message.frame, message.terminal, message.status, message.error_code)
-            self._accepted(worker, len(message.frame))
-        elif kind is Done:
-            worker.cache_counts = message.cache_counts
-            self._finish(worker, message.qid,
-                         Outcome(message.results_json, message.runtime, message.output, message.dry_run), None)
-        elif kind is Failed:
-            worker.cache_counts = message.cache_counts
-            if not isinstance(message.error, QueryError):
-                raise TypeError("failed without a QueryError")
-            query = worker.inflight.get(message.qid)
-            if message.refused and query is not None:    # the WITH clause was wrong: nothing ran
-                query.known = None
-            self._finish(worker, message.qid, None, message.error)
-        elif kind is LinkFrame:
-            self._link.send(message.frame)
-            self._accepted(worker, len(message.frame))
-        elif kind is Cancelled:
-            self._finish(worker, message.qid, None, None)
-        elif kind is Credit:      # checked by the worker's channel: it asks for more runs
-            self.dispatcher.dispatch()
-        elif kind is Declined:
-            if message.qid in worker.inflight:
-                self.requeue(worker, [message.qid])
-        else:
-            raise ValueError(f"unexpected message {kind.__name__}")
-
-    def _accepted(self, worker: WorkerHandle, size: int) -> None:
-        """A frame from the worker's code went into the outbox (handled only while it has room): told to the
-        worker, whose awaited sends wait once it is ACCEPT_WINDOW ahead, every ACCEPT_EVERY characters."""
-        self.accepted_frames += 1
-        owed = self._owed.get(worker, 0) + size
-        if owed >= ACCEPT_EVERY:
-            self._owed[worker] = 0
-            worker.send(Accepted(owed))
-        else:
-            self._owed[worker] = owed
-
-    def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
-        query = worker.inflight.pop(qid, None)
-        if worker.cancelling:
-            worker.cancelling.discard(qid)
-            if not worker.cancelling:
-                self.pool.release(worker)
-        if query is not None:
-            if not query.future.done():
-                if error is not None:
-                    query.future.set_exception(error)
-                elif outcome is not None:
-                    query.future.set_result(outcome)
-                else:
-                    query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
-            self.pool.query_ended(worker)
-        self.dispatcher.dispatch()
 
     def worker_ready(self, worker: WorkerHandle) -> None:
         self.dispatcher.dispatch()
@@ -552,26 +299,13 @@ forked on demand: minWorkers 0). relayed/parsed: which way
     def worker_ended(self, worker: WorkerHandle, what: str) -> None:
         error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.", [what]) \
             if not self._closed else _shutting_down()
-        for query in worker.inflight.values():
-            if not query.future.done():
-                query.future.set_exception(error)
-        worker.inflight.clear()
-        self._owed.pop(worker, None)
-        self.dispatcher.dispatch()
+        self.queries.fail(worker, error)
 
     def no_worker_starts(self, why: str) -> None:
         self.dispatcher.fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
 
     def reading(self) -> bool:
         return self._link.is_drained()
-
-    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
-        for qid in reversed(qids):      # each goes first in line: their order is kept
-            query = worker.inflight.pop(qid, None)
-            if query is not None and not query.future.done():
-                self.requeued += 1
-                self.dispatcher.wait_again(query, ENTRY_COST + query.size)
-        self.dispatcher.dispatch()
 
     async def _health_changed(self, healthy: bool) -> None:
         self.pool.broadcast(HealthChanged(healthy))
@@ -582,18 +316,11 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         if self._closed:
             return
         self._closed = True
-        self._deadlines.close()
-        if self._checking is not None:
-            self._checking.cancel()
-            self._checking = None
         if self._health_changed in self._health.listeners:
             self._health.listeners.remove(self._health_changed)
         self.dispatcher.fail_waiting(_shutting_down())
         self.dispatcher.close()
-        for worker in self.pool.workers:
-            for query in worker.inflight.values():
-                if not query.future.done():
-                    query.future.set_exception(_shutting_down())
+        self.queries.close(_shutting_down())
         await self.pool.stop()
 
     async def retire(self) -> None:
@@ -604,13 +331,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         await self.close()
 
 
-_ANSWERED = Outcome(answered=True)
 _new = tuple.__new__      # a NamedTuple without its Python-level __new__ (one per run sent)
 _QUEUED = object()      # _relay: the frame waits in the dispatcher's queue (or was answered busy)
-
-
-class _Expired(Exception):
-    """A query's timeout passed (set on its future by the deadline sweep)."""
 
 
 def _shutting_down() -> QueryError:

@@ -24,7 +24,7 @@ from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
 from . import output, runtime, wire
-from .base import Job, Outcome
+from .base import Job, Outcome, reply_body
 from .channel import WorkerEnd
 from .guard import CodeGuard
 from .messages import (
@@ -329,8 +329,7 @@ class Worker:
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
                     and outcome.results_json is not None:
                 # the whole reply, built here: the connector only puts it in the link's outbox
-                frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
-                                                 '{"pythonCallResults":' + outcome.results_json + "}")
+                frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE, reply_body(outcome, 0.0))
                 if not oversize(frame, self.max_message_bytes):
                     self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
                     return
