@@ -37,7 +37,7 @@ from .messages import (
     Relay,
     Run,
 )
-from .pipeline import Pipeline, stopped, time_limit
+from .pipeline import Pipeline, time_limit
 from .pool import WorkerHandle, WorkerPool, credit_figures
 from .queries import LinkOutlet, NameBook, Query, QueryBook
 from .recycle import RecyclePolicy
@@ -148,7 +148,7 @@ forked on demand: minWorkers 0). relayed/parsed: which way
 
     def _parse(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         self.parsed += 1
-        self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self.run)))
+        self._pipeline.track(asyncio.ensure_future(self._answer(frame, channel)))
 
     def _relayed(self, query: Query) -> None:
         self.relayed += 1
@@ -159,10 +159,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
         self._pipeline.in_flight.discard(future)
         try:
             outcome = self.queries.settle(query)
-        except asyncio.CancelledError:
-            self._pipeline.finish(query.channel, error=stopped())
-        except QueryError as exc:
-            self._pipeline.finish(query.channel, error=exc)
+        except (Exception, asyncio.CancelledError) as exc:     # noqa: BLE001 - each is answered
+            self._pipeline.fail(query.channel, exc)
         else:
             self._pipeline.finish(query.channel, outcome)
 
@@ -234,6 +232,11 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 waiting.query.future.set_exception(error)
             return
         self._pipeline.finish(waiting.channel, error=error)
+
+    async def _answer(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        job = await self._pipeline.prepare(frame, channel)
+        if job is not None:
+            await self._pipeline.complete(channel, self.run(job, channel))
 
     async def run(self, job: Job, channel: ReplyChannel) -> Outcome:
         """A query the connector parsed: to a worker (waiting for one if need be), then its outcome."""
