@@ -641,7 +641,7 @@ class SourceConfig:
     maxWorkerMemoryMB: int = setting("maxWorkerMemoryMB", _whole(0), 0)             # resident, after a query; 0: never
     # modules a template process (the zygote) imports once; workers are forked from it with them loaded
     preload: tuple[str, ...] = setting("preload", _module_names, ())
-    queriesPerWorker: int = setting("queriesPerWorker", _whole(1, 10_000), 500)     # a cap: see README "Flow control"
+    queriesPerWorker: int = setting("queriesPerWorker", _whole(1, 10_000), 500)     # a cap, not a pace (README)
     executionTimeout: float = setting("executionTimeout", functools.partial(number, ge=0), 300.0)  # s; 0: no limit
     # address-space limit per worker; 0/None: none
     memoryLimitMB: int | None = setting("memoryLimitMB", optional(_whole(0)), None)

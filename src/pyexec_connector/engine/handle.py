@@ -93,6 +93,7 @@ class WorkerHandle:
         self.peer: socket.socket | None = None      # a copy of the worker's end of its socket (see _unread_bytes)
         self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
         self.reserved = 0                       # credit promised to parsed queries that have not resumed yet
+        self.replied = 0                        # queries in `inflight` whose code sent its terminal reply
         self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
         self.kill_reason: str | None = None
         self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)

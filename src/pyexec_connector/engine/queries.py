@@ -119,6 +119,7 @@ class Query:
     known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
     message: Any = None                         # its Relay or Run (sent again to another, see requeue)
     size: int = 0                               # its message's bytes
+    replied: bool = False                       # its code sent its terminal reply; its run has not ended yet
 
 
 class QueryBook:
@@ -242,6 +243,9 @@ class QueryBook:
                             self.source_name, message.status, worker.index)
             else:
                 query.channel.forward(message.frame, message.terminal, message.status, message.error_code)
+                if message.terminal and not query.replied:
+                    query.replied = True
+                    worker.replied += 1
             self._accepted(worker, len(message.frame))
         elif kind is Done:
             worker.cache_counts = message.cache_counts
@@ -281,6 +285,8 @@ class QueryBook:
 
     def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
+        if query is not None and query.replied:
+            worker.replied -= 1
         if worker.cancelling:
             worker.cancelling.discard(qid)
             if not worker.cancelling:
@@ -311,6 +317,7 @@ class QueryBook:
             if not query.future.done():
                 query.future.set_exception(error)
         worker.inflight.clear()
+        worker.replied = 0
         self._owed.pop(worker, None)
         self.dispatcher.dispatch()
 
