@@ -1,20 +1,21 @@
 """Process engine: user code runs in a pool of long-lived worker processes, never on the connector's loop.
 
-A thin façade over three parts (see docs/ENGINE.md for the picture):
-- `WorkerPool` (pool.py) owns the processes: how many, start, watch, replace, stop;
-- `Dispatcher` (dispatch.py) owns waiting: which worker takes a query, the queue, "busy";
-- this module owns the queries themselves: their records, timeouts, and what workers say about them.
+The way in (see docs/ENGINE.md for the picture and who owns what):
+- `WorkerPool` (pool.py) owns the processes: start, the supervision tick, replace, stop;
+- `Dispatcher` (dispatch.py) owns choosing a worker and the one queue per source, "busy";
+- `QueryBook` (queries.py) owns the query records and what workers say about them;
+- this module decides how a query reaches a worker, configures the pool and reports its figures.
 
 A query reaches a worker one of two ways, decided in `submit`: a plain query's frame goes as it came
 (`Relay`, the worker reads its WITH clause: the connector reads no more of it than the frame's JSON),
-and when no worker is free it waits in the Dispatcher's queue as that frame; anything else (a script, its
-own timeout, cache control, a dry run, a name this engine does not know) is parsed here into a Job (`Run`).
-Either way the worker's answer settles the query's future and Pipeline.finish ends it.
+and when no worker asked for work it waits in the Dispatcher's queue as that frame; anything else (a
+script, its own timeout, cache control, a dry run, a name this engine does not know) is parsed into a Job
+(`Run`). Either way it becomes one Query record, and Pipeline.finish ends it.
 
-Each worker is a fresh interpreter (spawned: `python -m pyexec_connector.engine.worker`, never a fork of
-the connector). A worker that dies fails only its own queries and is replaced; one that does not give
-up a query after its timeout is killed. The pool belongs to one source: a runaway in one source cannot
-starve another."""
+Workers pull: each asks for runs when its loop has nothing ready (messages.Credit), and a run it does not
+read in time goes to another worker. A worker that dies fails only its own queries and is replaced; one
+that does not give up a query after its timeout is killed. The pool belongs to one source: a runaway in
+one source cannot starve another."""
 from __future__ import annotations
 
 import asyncio
