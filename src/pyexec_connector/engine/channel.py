@@ -92,6 +92,7 @@ class WorkerChannel:
         self.unknown = 0            # messages about runs it was never sent, dropped
         self._out: list[bytes] = []
         self._out_size = 0
+        self.runs_queued = False    # runs are among what data_to_send() would give
         self._open: set[int] = set()     # runs sent that it has not ended nor had taken back
         self._unconfirmed: deque[tuple[int, int, float]] = deque()     # (qid, end offset, take_by)
         self._broken: MalformedMessage | None = None
@@ -140,6 +141,7 @@ class WorkerChannel:
         """A run's encoded message, to be read by the worker by `take_by` (time.monotonic())."""
         self._out.append(data)
         self._out_size += len(data)
+        self.runs_queued = True
         self.sent += 1
         self._open.add(qid)
         self._unconfirmed.append((qid, self.written + self._out_size, take_by))
@@ -151,6 +153,7 @@ class WorkerChannel:
         data = b"".join(out) if len(out) > 1 else out[0]
         out.clear()
         self._out_size = 0
+        self.runs_queued = False
         self.written += len(data)
         return data
 

@@ -83,17 +83,17 @@ class Dispatcher:
 
     def _least_busy(self) -> WorkerHandle | None:
         """The first worker in the pool's order that is idle: nothing held, or only queries that already
-        sent their terminal reply (their runs end in a moment) when its loop turned since it took its last
-        run; so a sequence of queries keeps to one worker and its compiled code, as upstream's one process
-        does. Else, when the pool cannot grow, the least-busy one with credit (below `workers` a query
-        that finds every worker busy waits for a fork: see scaling.py). Nothing goes to a worker beyond
-        the credit it granted, nor beyond `queriesPerWorker` at once."""
+        sent their terminal reply (their runs end in a moment); so a sequence of queries keeps to one
+        worker and its compiled code, as upstream's one process does. Else, when the pool cannot grow,
+        the least-busy one with credit (below `workers` a query that finds every worker busy waits for a
+        fork: see scaling.py). Nothing goes to a worker beyond the credit it granted, nor beyond
+        `queriesPerWorker` at once."""
         best = None
         per_worker = self.per_worker
         for worker in self._pool.workers:
             if worker.state is _READY and worker.credit > 0 and worker.load < per_worker and not worker.stalled:
                 load = worker.load
-                if not load or (load == worker.replied and worker.channel.received == worker.channel.sent):
+                if load == worker.replied:     # (every run it holds replied: it read them all)
                     return worker
                 if best is None or load < best.load:
                     best = worker

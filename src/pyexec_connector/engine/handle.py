@@ -101,6 +101,7 @@ class WorkerHandle:
         self.backing_off = False                # waiting to start again after failed starts
         self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
         self.stalled = False                    # did not read a run in time: sent nothing until it writes
+        self.awaiting = False                   # sent runs, and has not written since (see flush)
         self.last_heard = time.monotonic()      # liveness: when it last wrote anything
         self.pinged_at: float | None = None     # the ping it has not answered yet
         self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
@@ -139,18 +140,27 @@ class WorkerHandle:
     def send(self, message: Any) -> None:
         """Write the message now (after any runs queued: order is kept)."""
         self.channel.send(message)
-        self.flush()
+        self.flush(now=True)
 
     def send_run(self, data: bytes, qid: int, take_by: float) -> None:
         """A run, against its credit; written at the next flush() (a dispatch round writes its runs to a
         worker together). Until the worker is known to have read it, it may be taken back (overdue)."""
         self.channel.send_run(data, qid, take_by)
 
-    def flush(self) -> None:
-        data = self.channel.data_to_send()
+    def flush(self, now: bool = False) -> None:
+        """Write what is queued. Runs for a worker that has not written since it was last sent runs wait
+        until it does (heard): it says what it read after every read, so under load the runs that came
+        meanwhile go in one write, and an idle worker gets its run at once. Held runs keep their take_by:
+        a worker that never writes again has them taken back (overdue)."""
+        if self.awaiting and not now:
+            return
+        channel = self.channel
+        runs = channel.runs_queued
+        data = channel.data_to_send()
         transport = self.pipe.transport if self.pipe is not None else None
         if data and transport is not None and not transport.is_closing():
             transport.write(data)      # else it is dying: its watcher fails its queries
+            self.awaiting = self.awaiting or runs
 
     def ping(self) -> None:
         self.pinged_at = time.monotonic()
@@ -159,7 +169,7 @@ class WorkerHandle:
     def overdue(self, now: float, running: Container[int]) -> list[int]:
         """The runs it did not read by their take_by (WorkerChannel.overdue): taken back, and it is stalled
         until it writes again."""
-        self.flush()
+        self.flush(now=True)
         late = self.channel.overdue(now, running, self._unread_bytes)
         if late:
             self.stalled = True
@@ -239,6 +249,9 @@ class WorkerHandle:
         self.last_heard = time.monotonic()
         self.pinged_at = None
         self.stalled = False
+        if self.awaiting:
+            self.awaiting = False
+            self.flush()
 
     def _broke(self, exc: Exception) -> None:
         if self.broken is not None:

@@ -61,7 +61,8 @@ class NameBook:
 
     def __init__(self, capacity: int, misses: int = 0):
         self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
-        self._holders: LRUCache[str, WorkerHandle] = LRUCache(maxsize=capacity)
+        self._holders: dict[str, WorkerHandle] = {}     # a plain dict: read and written per query
+        self._capacity = capacity
         self.misses = misses        # name-only queries for a name nobody knew
 
     def holder(self, name: str | None) -> WorkerHandle | None:
@@ -69,8 +70,12 @@ class NameBook:
         return self._holders.get(name) if name is not None else None
 
     def held_by(self, name: str | None, worker: WorkerHandle) -> None:
-        if name is not None:
-            self._holders[name] = worker
+        holders = self._holders
+        if name is not None and holders.get(name) is not worker:
+            if len(holders) >= 2 * self._capacity:      # bounded: the oldest half goes
+                for stale in list(holders)[:self._capacity]:
+                    del holders[stale]
+            holders[name] = worker
 
     def __len__(self) -> int:
         return len(self._known)

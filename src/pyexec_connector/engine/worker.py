@@ -53,7 +53,7 @@ log = logging.getLogger("pyexec_connector.worker")
 # Runs a worker asks for at a time beyond those it holds (docs/ENGINE.md, "Credit"): small, so that a run
 # of synchronous code keeps few others waiting behind it in the worker; asked again each time the loop
 # has nothing ready, so awaiting code still takes hundreds within milliseconds.
-WINDOW = 16
+WINDOW = 32
 DEFAULT_CAP = 500     # the source's queriesPerWorker, until Init says
 
 
@@ -92,6 +92,7 @@ class Worker:
         self._reported = 0                # `received` as the last Credit said
         self._idle_soon = False           # _idle is scheduled
         self._tasks_started = False       # runs that became tasks since _idle last ran
+        self._reading = False             # taking what one read brought (see _taken)
         self._stopping = False
         self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
         self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
@@ -108,7 +109,8 @@ class Worker:
     def send_soon(self, message: Any) -> None:
         """Write at the end of this loop iteration, with the other runs that end in it: one write."""
         self._batch.append(self._encode(message))
-        self._soon()
+        if not self._reading:       # else _taken writes it at the end of the read
+            self._soon()
 
     def _soon(self) -> None:
         if not self._idle_soon:
@@ -128,13 +130,23 @@ class Worker:
         self._grant()
         self.flush()
 
+    def _taken(self) -> None:
+        """What arrived in one read was taken (its synchronous runs ran): their ends and the credit go out
+        in one write, now, unless runs became tasks (then credit waits for their first steps: _idle)."""
+        self._reading = False
+        if self._tasks_started:
+            self.flush()
+            self._soon()
+        else:
+            self._grant()
+            self.flush()
+
     def _grant(self) -> None:
-        """Credit when the window runs low; said too whenever runs were read since it last spoke of them:
-        the connector then knows this loop took them and turned (see ProcessEngine's affinity)."""
+        """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
+        connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
+        of the runs just read, so asking costs no write of its own."""
         outstanding = self.granted - self.received
-        more = 0
-        if outstanding <= WINDOW // 2:
-            more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
+        more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
         if more or self.received != self._reported:
             self.granted += more
             self._reported = self.received
@@ -218,17 +230,17 @@ class Worker:
         self._grant()
         self.flush()
         # each chunk's messages taken as they arrive; their ends (or Ack) go out without a loop iteration
-        pipe.serve(self.take, self.flush)
+        pipe.serve(self.take, self._taken)
         await pipe.ended                   # Stop, or the connector is gone
 
     def take(self, message: Any) -> bool:
         """Every message from the connector, as it arrives (channel.WorkerEnd); False: stop."""
         forkguard.check()
+        self._reading = True
         kind = type(message)
         if kind is Relay or kind is Run:
             # the clock is read after the bytes were: a run read after take_by is one the connector took back
             self.received += 1
-            self._soon()
             if time.monotonic() > message.take_by:
                 self.send_soon(Declined(message.qid))
             elif kind is Relay:
