@@ -1,6 +1,6 @@
-"""The process engine's relay path (plain query frames go to a worker as they came), ack-gated writes to
-workers, the relay wire format, and the cap on message_code metric labels: the real connector over real
-loopback websockets against devserver.py, and the real WorkerHandle and wire functions."""
+"""The process engine's relay path (plain query frames go to a worker as they came), a worker holding
+several queries, the relay wire format, and the cap on message_code metric labels: the real connector over
+real loopback websockets against devserver.py, and the real wire functions."""
 from __future__ import annotations
 
 import asyncio
