@@ -90,13 +90,17 @@ class Dispatcher:
         `queriesPerWorker` at once."""
         best = None
         per_worker = self.per_worker
+        best_load = 0
         for worker in self._pool.workers:
-            if worker.state is _READY and worker.credit > 0 and worker.load < per_worker and not worker.stalled:
-                load = worker.load
-                if load == worker.replied:     # (every run it holds replied: it read them all)
-                    return worker
-                if best is None or load < best.load:
-                    best = worker
+            if worker.state is not _READY or worker.stalled:
+                continue
+            load = worker.load
+            if load >= per_worker or worker.credit <= 0:
+                continue
+            if load == worker.replied:     # (every run it holds replied: it read them all)
+                return worker
+            if best is None or load < best_load:
+                best, best_load = worker, load
         if best is not None and self._pool.can_grow():
             return None
         return best
