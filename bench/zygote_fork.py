@@ -72,18 +72,23 @@ class WorkerClient:
                 raise RuntimeError(f"the query failed: {fields}")
 
     async def ping(self, timeout: float) -> bool:
-        """Whether the worker reads its pipe: any message makes it write at least an acknowledgement, so
-        the declared health, unchanged, serves as a ping (see engine/liveness.py)."""
+        """Whether the worker reads its pipe: it answers a Ping with at least an acknowledgement (see
+        engine/liveness.py); older workers answer any message, so the declared health serves there."""
+        ping = getattr(_typed, "Ping", None) if _typed is not None else None
         if _typed is None:
             self.writer.write(wire.pack(("health", True)))
-        else:
+        elif ping is None:
             self.writer.write(wire.encode(_typed.HealthChanged(True)))
+        else:
+            self.writer.write(wire.encode(ping()))
         try:
             async with asyncio.timeout(timeout):
-                await self._read()
+                while True:
+                    kind, _ = await self._read()
+                    if ping is None or kind == "ack":
+                        return True
         except TimeoutError:
             return False
-        return True
 
     async def _read(self) -> tuple[str, tuple]:
         if _typed is None:

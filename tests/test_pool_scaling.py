@@ -106,7 +106,8 @@ async def test_a_worker_wedged_after_answering_is_replaced_and_queries_sent_to_i
     results = await asyncio.gather(*(server.query({"code": f"n = {i}"}, SOURCE, timeout=45) for i in range(40)))
     assert [r.status for r in results] == [200] * 40, [r.body for r in results if r.status != 200]
     assert [r.results["n"] for r in results] == list(range(40))
-    assert await figure(port, "worker_wedged") == 1
+    # answered long before the liveness ping finds the wedged worker (issue 20): it is replaced after
+    await wait_until(lambda: _is(figure(port, "worker_wedged"), 1), 30)
     assert await figure(port, "queries_requeued") >= 1
     await wait_until(lambda: _is(figure(port, "workers_alive"), 2), 30)     # replaced
 

@@ -1,6 +1,6 @@
-"""The process engine's relay path (plain query frames go to a worker as they came), ack-gated writes to
-workers, the relay wire format, and the cap on message_code metric labels: the real connector over real
-loopback websockets against devserver.py, and the real WorkerHandle and wire functions."""
+"""The process engine's relay path (plain query frames go to a worker as they came), a worker holding
+several queries, the relay wire format, and the cap on message_code metric labels: the real connector over
+real loopback websockets against devserver.py, and the real wire functions."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pyexec_connector import errors, health
-from pyexec_connector.engine import pool, process, wire
-from pyexec_connector.engine.messages import ACKED, Cancel, Ping, Relay
+from pyexec_connector.engine import process, wire
+from pyexec_connector.engine.messages import ACKED, Relay
 
 from .conftest import SOURCE
 
@@ -216,86 +216,18 @@ async def test_relayed_query_running_at_stop_is_answered_shutting_down(server, s
     assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN
 
 
-# ---- 2. ack-gated writes to a worker ------------------------------------------------------------------
+# ---- 2. a worker holds several queries (the pipe itself: tests/test_channel.py) --------------------------
 
-class FakeWriter:
-    def __init__(self):
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    @property
-    def transport(self) -> FakeWriter:
-        return self
-
-    def get_write_buffer_size(self) -> int:
-        return 0        # read to its end: the query written is running
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
-def fake_worker() -> tuple[pool.WorkerHandle, FakeWriter]:
-    worker = pool.WorkerHandle(0)
-    writer = FakeWriter()
-    worker.writer = writer
-    return worker, writer
-
-
-async def test_runs_for_a_worker_that_has_not_written_back_are_held_then_written_in_one_write():
-    worker, writer = fake_worker()
-    worker.send_run(b"run-1")
-    assert writer.writes == [b"run-1"] and worker.awaiting
-    worker.send_run(b"run-2")
-    worker.send_run(b"run-3")
-    worker.send_run(b"run-4")
-    assert writer.writes == [b"run-1"]
-    worker.heard()
-    assert writer.writes == [b"run-1", b"run-2run-3run-4"]
-    assert worker.awaiting          # written to again: the next run waits for it to write back
-    worker.heard()                  # nothing held: nothing written
-    assert writer.writes == [b"run-1", b"run-2run-3run-4"] and not worker.awaiting
-    worker.send_run(b"run-5")       # an idle worker gets its query at once
-    assert writer.writes[-1] == b"run-5"
-
-
-async def test_a_held_run_waits_for_the_worker_to_write_back_and_a_silent_one_gives_it_back():
-    worker, writer = fake_worker()
-    worker.send_run(b"first", 1)
-    worker.send_run(b"second", 2)
-    worker.send_run(b"third", 3)
-    await asyncio.sleep(0.1)
-    assert writer.writes == [b"first"]          # a worker stuck in code gets nothing more ...
-    assert worker.take_back() == [2, 3]         # ... so what is held can go to another worker
-    worker.heard()
-    assert writer.writes == [b"first"]
-
-
-async def test_a_message_sent_while_runs_are_held_goes_after_them_in_the_same_write():
-    worker, writer = fake_worker()
-    worker.send_run(b"first")
-    worker.send_run(b"held")
-    worker.send(Cancel(7))
-    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
-    worker.heard()
-    assert writer.writes == [b"first", b"held" + wire.encode(Cancel(7))]
-
-
-async def test_a_worker_busy_with_a_query_still_writes_back_so_runs_are_not_held(server, start_connector):
+async def test_a_worker_awaiting_in_a_query_still_asks_for_work(server, start_connector):
     running, relays = await start_process(server, start_connector)
-    worker = running.session.engine.pool.workers[0]
+    engine = running.session.engine
     address = await server.send_query(SOURCE, {"code": "import asyncio\nawait asyncio.sleep(1)\nslow = 1"})
-    async with asyncio.timeout(0.8):     # its ACK: long before the query ends
-        while not worker.inflight or worker.awaiting:
-            await asyncio.sleep(0.005)
-    assert worker.inflight
+    started = time.monotonic()
     assert (await server.query({"code": "quick = 1"})).results == {"quick": 1}
+    assert time.monotonic() - started < 0.8, "the quick query waited for the slow one"
     assert (await server.replies_for(address)).results == {"slow": 1}
     assert relays.relayed == 2
+    assert engine.stats().credit_overdrawn == 0
 
 
 @pytest.mark.parametrize("per_worker", [16, 1000])
@@ -386,13 +318,3 @@ async def test_a_query_whose_relay_fails_is_still_answered(server, start_connect
     assert relays.relayed == 0 and relays.declined == 1
 
 
-async def test_a_ping_holds_later_runs_and_a_worker_owing_an_answer_is_not_written_to():
-    worker, writer = fake_worker()
-    worker.ping()
-    assert writer.writes == [wire.encode(Ping())]
-    worker.send_run(b"run", 1)                  # held: a worker that does not answer the ping never reads it
-    assert writer.writes == [wire.encode(Ping())] and worker.take_back() == [1]
-    worker.heard()
-    worker.send_run(b"run", 2)
-    worker.ping()                               # the run written is its ping: its socket holds only that
-    assert writer.writes == [wire.encode(Ping()), b"run"] and worker.unheard == [2]

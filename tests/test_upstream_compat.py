@@ -276,8 +276,10 @@ def _documents(server) -> None:
     server.put_document("incomplete.py", "x = 1", incomplete=True)
 
 
-@pytest.mark.parametrize("general", [{"executionMode": "process", "workers": 1}, {"executionMode": "inline"}],
-                         ids=["process", "inline"])
+@pytest.mark.parametrize("general", [{"executionMode": "process", "workers": 1},
+                                     {"executionMode": "process", "workers": 2, "minWorkers": 2},
+                                     {"executionMode": "inline"}],
+                         ids=["process", "process-two-workers", "inline"])
 async def test_same_answers_as_upstream(server, tmp_path, upstream, general):
     _documents(server)
     theirs = await _answers(server, [str(upstream)], tmp_path / "upstream", {})

@@ -36,6 +36,10 @@ ENGINE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int | None]]
      lambda s: s.worker_idle_retired),
     ("engine_worker_wedged", "Workers killed for not answering a liveness ping while running no query", True,
      lambda s: s.worker_wedged),
+    ("engine_credit", "Runs the workers asked for and were not sent yet (pull with credit)", False,
+     lambda s: s.credit),
+    ("engine_credit_overdrawn", "Runs sent to workers beyond what they asked for (0 unless credit is broken)",
+     False, lambda s: s.credit_overdrawn),
     ("engine_queries_requeued", "Queries taken back from a silent worker that never read them and given to "
      "another", True, lambda s: s.queries_requeued),
 )

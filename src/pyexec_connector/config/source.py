@@ -76,8 +76,10 @@ class SourceConfig(BaseModel):
     preload: Annotated[tuple[str, ...], BeforeValidator(_module_names)] = setting(
         (), "Modules a template process (the zygote) imports once; workers are forked from it with them "
         "loaded.", kind="list of module names")
-    queriesPerWorker: int = setting(16, "Queries one worker runs at a time (async code interleaves on its "
-                                    "loop).", ge=1, le=10_000)
+    queriesPerWorker: int = setting(500, "The most queries one worker holds at once: a safety cap (memory, and "
+                                    "how many queries one crash fails), not a pace. Workers take work when their "
+                                    "loop is free, so code that awaits runs many at once and CPU-bound code one.",
+                                    ge=1, le=10_000)
     executionTimeout: float = setting(300.0, "Seconds a query may run; 0: no limit. WITH timeout overrides "
                                       "it.", ge=0)
     memoryLimitMB: int | None = setting(None, "Address-space limit of each worker (RLIMIT_AS), in MB; 0 or "

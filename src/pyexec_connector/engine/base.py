@@ -64,3 +64,24 @@ class Engine(Protocol):
     async def retire(self) -> None:
         """After a reconfigure replaced this engine: finish the queries it has, then close."""
         ...
+
+
+def reply_body(outcome: Outcome, started: float) -> str:
+    """The body of a query's 200 reply, built in this one place (the connector's Pipeline.finish, and a
+    worker that builds the whole reply itself for speed: see docs/PERFORMANCE.md)."""
+    text = '{"pythonCallResults":' + (outcome.results_json or "{}")
+    if outcome.runtime is None and outcome.output is None and outcome.dry_run is None:
+        return text + "}"
+    from time import perf_counter  # here: base.py stays light for what imports only Job
+
+    from ..protocol import dumps
+
+    if outcome.runtime is not None:
+        # query_time: upstream's name for the same figure; VAIL written against it keeps working
+        outcome.runtime["totalTime"] = outcome.runtime["query_time"] = perf_counter() - started
+        text += ',"connectorRuntimeInfo":' + dumps(outcome.runtime)
+    if outcome.output is not None:
+        text += ',"pythonOutput":' + dumps(outcome.output)
+    if outcome.dry_run is not None:
+        text += ',"dryRun":' + dumps(outcome.dry_run)
+    return text + "}"

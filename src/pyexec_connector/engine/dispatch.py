@@ -45,7 +45,7 @@ class Waiting:
     ticket: asyncio.Future | None = None
     frame: Any = None
     channel: Any = None
-    query: Any = None         # a query taken back from a silent worker (Starter.start_waiting sends it again)
+    query: Any = None         # a query taken back from a worker (Starter.start_waiting sends it again)
     gone: bool = False        # taken out of the queue (timeout passed, or cancelled): skipped there
 
 
@@ -70,20 +70,37 @@ class Dispatcher:
     def depth(self) -> int:
         return self._count
 
-    def free_worker(self) -> WorkerHandle | None:
-        """The least-busy worker that takes a query now, if no query waits before this one."""
-        return None if self._count else self._least_busy()
+    def free_worker(self, prefer: WorkerHandle | None = None) -> WorkerHandle | None:
+        """The worker that takes a query now, if no query waits before this one: `prefer` (the one that
+        compiled the query's name: affinity) whenever it asked for work and its loop turned since it read
+        its last run (not held by synchronous code), else the least busy."""
+        if self._count:
+            return None
+        if prefer is not None and prefer.state is _READY and prefer.credit > 0 and prefer.load < self.per_worker \
+                and not prefer.stalled and prefer.channel.received == prefer.channel.sent:
+            return prefer
+        return self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
-        """An idle worker; else, when the pool cannot grow, the least-busy one with room (below `workers`
-        a query that finds every worker busy waits for a fork: see scaling.py)."""
+        """The first worker in the pool's order that is idle: nothing held, or only queries that already
+        sent their terminal reply (their runs end in a moment); so a sequence of queries keeps to one
+        worker and its compiled code, as upstream's one process does. Else, when the pool cannot grow,
+        the least-busy one with credit (below `workers` a query that finds every worker busy waits for a
+        fork: see scaling.py). Nothing goes to a worker beyond the credit it granted, nor beyond
+        `queriesPerWorker` at once."""
         best = None
+        per_worker = self.per_worker
+        best_load = 0
         for worker in self._pool.workers:
-            if worker.state is _READY and worker.load < self.per_worker and not worker.silent:
-                if best is None or worker.load < best.load:
-                    best = worker
-                    if not worker.load:
-                        return worker
+            if worker.state is not _READY or worker.stalled:
+                continue
+            load = worker.load
+            if load >= per_worker or worker.credit <= 0:
+                continue
+            if load == worker.replied:     # (every run it holds replied: it read them all)
+                return worker
+            if best is None or load < best_load:
+                best, best_load = worker, load
         if best is not None and self._pool.can_grow():
             return None
         return best
@@ -133,11 +150,12 @@ class Dispatcher:
         entry.frame, entry.channel = frame, channel
         self.dispatch()
 
-    async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None) -> WorkerHandle:
-        """A worker for one parsed query (waiting in the queue if need be); raises QueryError (busy, no
-        worker)."""
+    async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None,
+                      prefer: WorkerHandle | None = None) -> WorkerHandle:
+        """A worker for one parsed query (waiting in the queue if need be; `prefer`: see free_worker);
+        raises QueryError (busy, no worker)."""
         while True:
-            worker = self.free_worker()
+            worker = self.free_worker(prefer)
             if worker is not None:
                 return worker
             entry = self._admit(cost, limit)
@@ -158,8 +176,18 @@ class Dispatcher:
 
     # ---- giving out workers -----------------------------------------------------------------
     def dispatch(self) -> None:
-        """Give waiting queries the workers that can take them now."""
+        """Give waiting queries the workers that can take them now; the runs for one worker go out in one
+        write."""
         waiting = self._waiting
+        if not waiting:
+            return
+        try:
+            self._dispatch(waiting)
+        finally:
+            for worker in self._pool.workers:
+                worker.flush()
+
+    def _dispatch(self, waiting: deque[Waiting]) -> None:
         while waiting:
             worker = self._least_busy()
             if worker is None:

@@ -37,7 +37,12 @@ class InlineEngine:
         self.guard = CodeGuard(config.codeGuard.forbid if config.codeGuard else ())
 
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
-        self._pipeline.track(asyncio.ensure_future(self._pipeline.answer(frame, channel, self._run)))
+        self._pipeline.track(asyncio.ensure_future(self._answer(frame, channel)))
+
+    async def _answer(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
+        job = await self._pipeline.prepare(frame, channel)
+        if job is not None:
+            await self._pipeline.complete(channel, self._run(job, channel))
 
     async def _run(self, job: Job, channel: ReplyChannel) -> Outcome:
         if not self._tracking_installed:

@@ -52,6 +52,7 @@ class Launched:
     process: WorkerProcess
     sock: socket.socket
     forked: bool
+    peer: socket.socket | None = None      # a copy of the worker's end (see zygote.ForkedWorker.peer)
 
 
 class SpawnedWorker:
@@ -90,6 +91,7 @@ async def spawn_worker(options: dict[str, Any] | None = None, python: str | None
     the connector's; a per-script environment's runs the script with its packages)."""
     options = options if options is not None else {"env": clean_environment()}
     ours, theirs = socket.socketpair()
+    peer = theirs.dup()
     try:
         proc = await asyncio.create_subprocess_exec(
             *interpreter_command(python, "pyexec_connector.engine.worker"), str(theirs.fileno()), str(os.getpid()),
@@ -97,10 +99,11 @@ async def spawn_worker(options: dict[str, Any] | None = None, python: str | None
             **options)                                                                     # uvloop refuses it
     except BaseException:
         ours.close()
+        peer.close()
         raise
     finally:
         theirs.close()
-    return Launched(SpawnedWorker(proc), ours, forked=False)
+    return Launched(SpawnedWorker(proc), ours, forked=False, peer=peer)
 
 
 class WorkerLauncher:
@@ -158,7 +161,7 @@ class WorkerLauncher:
                 log.warning("source %s: the zygote could not fork a worker (%s); spawning one", self.source_name, exc)
             else:
                 self.forks += 1
-                return Launched(worker, worker.sock, forked=True)
+                return Launched(worker, worker.sock, forked=True, peer=worker.peer)
         self.spawns += 1
         return await spawn_worker(self._spawn_options() if self._spawn_options is not None else None, self.python)
 

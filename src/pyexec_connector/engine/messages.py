@@ -23,22 +23,27 @@ class Configure(NamedTuple):
     forbid: tuple[str, ...]
     runtime_info: bool
     rich_results: bool = False
+    queries_per_worker: int | None = None     # the cap on the runs it holds at once (None: unchanged)
 
 
 class Run(NamedTuple):
-    """A query the connector parsed: its Job (see base.Job)."""
+    """A query the connector parsed: its Job (see base.Job). `take_by`: see Relay."""
     qid: int
     job: Any
     reply_address: str
+    take_by: float = float("inf")
 
 
 class Relay(NamedTuple):
     """A query frame as it came; the worker reads its WITH clause. `text`: the code cached under the
-    query's name, for a query that gave only the name."""
+    query's name, for a query that gave only the name. `take_by`: the time.monotonic() (one clock for
+    every process of the machine) after which the worker must not start it: a run it reads later is
+    Declined, as the connector has taken it back by then (see pool.WorkerHandle.overdue)."""
     qid: int
     reply_address: str
     text: str | None
     raw: bytes
+    take_by: float = float("inf")
 
 
 class Cancel(NamedTuple):
@@ -80,7 +85,7 @@ class Ready(NamedTuple):
 
 
 class Ack(NamedTuple):
-    """'I have read what you sent', when the worker has nothing else to say (see WorkerHandle.send_run)."""
+    """The answer to a Ping when the worker has nothing else to say (engine/liveness.py)."""
 
 
 class Reply(NamedTuple):
@@ -122,6 +127,19 @@ class Failed(NamedTuple):
     refused: bool = False
 
 
+class Credit(NamedTuple):
+    """How many runs the worker has asked for over its life (`granted`), and how many it has read
+    (`received`): the connector sends a worker at most `granted` runs in all. A worker asks when its loop
+    has nothing ready to run, so a worker held by synchronous code asks for nothing (docs/ENGINE.md)."""
+    granted: int
+    received: int
+
+
+class Declined(NamedTuple):
+    """A run read after its `take_by`: not started (the connector took it back, or takes it back now)."""
+    qid: int
+
+
 class Cancelled(NamedTuple):
     """The run the connector told to stop has stopped."""
     qid: int
@@ -129,7 +147,7 @@ class Cancelled(NamedTuple):
 
 ACKED = Ack()
 TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted, Ping)
-FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged)
+FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged, Credit, Declined)
 # Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
 KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
-                           Answered, Done, Failed, Cancelled, Accepted, Ping)
+                           Answered, Done, Failed, Cancelled, Accepted, Ping, Credit, Declined)

@@ -2,7 +2,8 @@
 
     SourceSession.on_query ──► Engine.submit(frame, channel)
                                   ├─ the engine hands the frame on as it came (process mode, plain query)
-                                  └─ Pipeline.answer: parse the WITH clause, make the Job (documents), run
+                                  └─ Pipeline.prepare: parse the WITH clause, make the Job (documents);
+                                     the engine runs it, Pipeline.complete awaits the run
                                ──► Pipeline.finish(channel, outcome | error)   the one completion
 
 `finish` builds the reply body, ends the query through its ReplyChannel (once only), and reports the
@@ -21,12 +22,10 @@ from ..config import SourceConfig
 from ..errors import QueryError
 from ..reply import ReplyChannel
 from ..request import QueryRequest, parse_query
-from .base import Job, Outcome
+from .base import Job, Outcome, reply_body
 
 log = logging.getLogger(__name__)
 _MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
-
-Runner = Callable[[Job, ReplyChannel], Awaitable[Outcome]]
 
 
 class Pipeline:
@@ -50,19 +49,26 @@ class Pipeline:
         running.add_done_callback(self.in_flight.discard)
 
     # ---- the connector parses the query -------------------------------------------------------
-    async def answer(self, frame: protocol.QueryFrame, channel: ReplyChannel, run: Runner) -> None:
-        """Parse, make the Job, run it with `run`, finish. Every outcome ends in `finish`."""
+    async def prepare(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> Job | None:
+        """The query's Job (its WITH clause parsed, its document fetched), or None when it was answered
+        already (a bad WITH clause, a missing document...)."""
         try:
-            job = await self.job(parse_query(frame.params, strict=self.config.strictParameters,
-                                                  warn=self._lenient))
-            outcome = await run(job, channel)
-        except QueryError as exc:
-            self.finish(channel, error=exc)
-        except asyncio.CancelledError:
-            self.finish(channel, error=stopped())
-            raise
-        except Exception as exc:   # noqa: BLE001 - answered, and logged
-            self.finish(channel, error=self._internal_error(channel, exc))
+            return await self.job(parse_query(frame.params, strict=self.config.strictParameters,
+                                              warn=self._lenient))
+        except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - each is answered
+            self.fail(channel, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return None
+
+    async def complete(self, channel: ReplyChannel, running: Awaitable[Outcome]) -> None:
+        """Await the run's outcome and finish with it. Every outcome ends in `finish`."""
+        try:
+            outcome = await running
+        except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - each is answered
+            self.fail(channel, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         else:
             self.finish(channel, outcome)
 
@@ -89,23 +95,21 @@ class Pipeline:
         return self._make_job(request, script.text, script.modified)
 
     def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
-        limit = request.timeout if request.timeout is not None else self.config.executionTimeout
-        return Job(request, text, fingerprint, self.config.returnRuntimeInformation, limit or None,
-                   self.config.resultValues == "rich")
+        return Job(request, text, fingerprint, self.config.returnRuntimeInformation,
+                   time_limit(request.timeout, self.config), self.config.resultValues == "rich")
 
     # ---- the end --------------------------------------------------------------------------------
-    def settle(self, channel: ReplyChannel, outcome_of: Callable[..., Outcome], *args: Any) -> None:
-        """Finish with what `outcome_of(*args)` returns or raises (a query whose run ended elsewhere)."""
-        try:
-            outcome = outcome_of(*args)
-        except QueryError as exc:
+    def fail(self, channel: ReplyChannel, exc: BaseException) -> None:
+        """Finish with the error `exc` stands for: a QueryError as it is, a cancellation as "stopped",
+        anything else as an internal error (logged)."""
+        if isinstance(exc, QueryError):
             self.finish(channel, error=exc)
-        except asyncio.CancelledError:
+        elif isinstance(exc, asyncio.CancelledError):
             self.finish(channel, error=stopped())
-        except Exception as exc:   # noqa: BLE001 - answered, and logged
+        elif isinstance(exc, Exception):
             self.finish(channel, error=self._internal_error(channel, exc))
         else:
-            self.finish(channel, outcome)
+            raise exc
 
     def finish(self, channel: ReplyChannel, outcome: Outcome | None = None,
                error: QueryError | None = None) -> None:
@@ -118,7 +122,7 @@ class Pipeline:
             if error is not None:
                 channel.error(error)
             elif outcome is not None and not outcome.answered and outcome.results_json is not None:
-                channel.complete_raw(body(outcome, channel.started))
+                channel.complete_raw(reply_body(outcome, channel.started))
         except Exception as exc:   # noqa: BLE001 - a bug here must not cost the reply
             channel.error(self._internal_error(channel, exc))
         finally:
@@ -145,17 +149,11 @@ class Pipeline:
                                                   "The connector stopped before the query finished."))
 
 
-def body(outcome: Outcome, started: float) -> str:
-    text = '{"pythonCallResults":' + (outcome.results_json or "{}")
-    if outcome.runtime is not None:
-        # query_time: upstream's name for the same figure; VAIL written against it keeps working
-        outcome.runtime["totalTime"] = outcome.runtime["query_time"] = perf_counter() - started
-        text += ',"connectorRuntimeInfo":' + protocol.dumps(outcome.runtime)
-    if outcome.output is not None:
-        text += ',"pythonOutput":' + protocol.dumps(outcome.output)
-    if outcome.dry_run is not None:
-        text += ',"dryRun":' + protocol.dumps(outcome.dry_run)
-    return text + "}"
+def time_limit(requested: float | None, config: SourceConfig) -> float | None:
+    """The one rule for a query's timeout: its WITH timeout, else the source's executionTimeout; 0 or
+    none: no limit (None)."""
+    limit = requested if requested is not None else config.executionTimeout
+    return limit or None
 
 
 def stopped() -> QueryError:

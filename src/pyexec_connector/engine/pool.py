@@ -1,237 +1,47 @@
 """WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
-reading, replacing and stopping them. Each worker's lifecycle is an explicit state (WorkerState).
+replacing and stopping them — in the manner of gunicorn's arbiter: one supervision `tick` (every TICK
+seconds) pings silent workers and kills wedged ones (judged by engine/liveness.py), retires idle ones
+(engine/scaling.py) and brings the count back to `minWorkers`. What cannot wait for a tick is handled as
+it happens, by the same methods: a worker's end (`_watch` -> `_ended`, the one place), a query that
+finds no worker (`scale`), a query's end (`query_ended`: recycling, engine/recycle.py). A worker's state
+(WorkerState) changes only here, through WorkerHandle.become, which refuses a transition not allowed.
 
-How many run is decided in one place, `WorkerPool.scale` (with engine/scaling.py): `minWorkers` warm,
-one more forked for each query that finds every worker busy, up to `workers`; those beyond `minWorkers`
-retire after `workerIdleSeconds` idle. Workers are started in one place (`_add`) and their ends handled
-in one place (`_ended`). Liveness: the pool's `Supervisor` (engine/supervisor.py, judged by
-engine/liveness.py) pings each worker that has been silent; one that does not answer and runs nothing is
-killed, and the queries sent to it that it never read go to another worker.
-
-What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; the pool
-knows nothing of queries beyond counting them on each worker (`WorkerHandle.inflight`)."""
+What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; which queries
+a worker runs is the engine's (`WorkerHandle.inflight`)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import fcntl
 import itertools
 import logging
 import signal
-import struct
-import termios
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
+from .handle import PoolEvents, WorkerHandle, WorkerState
 from .launch import WorkerLauncher, WorkerProcess
-from .liveness import LivenessPolicy
-from .messages import Init, Ping, Ready, Stop
+from .liveness import LivenessPolicy, Verdict
+from .messages import Init, Stop
 from .oom import sigkill_hint
-from .recycle import RecyclePolicy, WorkerBudget
+from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
-from .supervisor import Supervisor
 
 log = logging.getLogger("pyexec_connector.engine.process")
 
 START_TIMEOUT = 60.0      # seconds a new worker has to say it is ready
 STOP_GRACE = 2.0          # seconds workers have to exit at close before they are killed
-_PING = wire.encode(Ping())
 RESTART_DELAY_MAX = 30.0
 LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"      # spawned (or waiting to be, after failed starts); not ready yet
-    READY = "ready"            # takes queries
-    DRAINING = "draining"      # told to stop a query it has not let go of: takes nothing new
-    RETIRING = "retiring"      # recycled (maxQueriesPerWorker, maxWorkerMemoryMB): finishes its queries, then stops
-    STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
-    DEAD = "dead"              # ended; a fresh handle replaces it
-
-
-class PoolEvents(Protocol):
-    """What the pool tells its owner."""
-
-    def take(self, worker: WorkerHandle, message: Any) -> bool:
-        """A worker's message, handled now; False to have it handled by `take_later` instead (it needs
-        to wait). Raising means the worker broke the protocol: it is killed."""
-        ...
-
-    async def take_later(self, worker: WorkerHandle, message: Any) -> None: ...
-
-    def taken(self) -> None:
-        """take() handled what just arrived from a worker (as it arrived): a chance to pass it on at once."""
-        ...
-
-    def worker_ready(self, worker: WorkerHandle) -> None: ...
-
-    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
-        """It ended (`what`: how): fail the queries it had."""
-        ...
-
-    def no_worker_starts(self, why: str) -> None:
-        """Workers die before they are ready: queries waiting for one would wait for nothing."""
-        ...
-
-    def reading(self) -> bool:
-        """Whether workers' pipes are read now (not while the link is backed up): silence means nothing
-        while they are not."""
-        ...
-
-    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
-        """Queries sent to `worker` that it never read: give them to another worker."""
-        ...
-
-
-class WorkerHandle:
-    """The connector's end of one worker process (engine/worker.py is the other)."""
-
-    def __init__(self, index: int, restarts: int = 0, budget: WorkerBudget | None = None):
-        self.index = index
-        self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
-        self.state = WorkerState.STARTING
-        self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
-        self.reader: wire.Reader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task | None = None
-        self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
-        self.reserved = 0                       # slots promised to queued queries that have not resumed yet
-        self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
-        self.kill_reason: str | None = None
-        self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)
-        self.became_ready = False
-        self.backing_off = False                # waiting to start again after failed starts
-        self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
-        self._held: list[bytes] = []            # messages not written yet: see send_run()
-        self._held_runs: list[int] = []         # the queries among them
-        self.awaiting = False                   # written to, and not heard from since
-        self.unheard: list[int] = []            # queries written to it since it last wrote (read or not)
-        self.unheard_writes = 0                 # writes since it last wrote
-        self.last_heard = time.monotonic()      # liveness: when it last wrote anything
-        self.pinged_at: float | None = None     # the ping it has not answered yet
-        self.silent = False                     # did not answer a ping while running queries: nothing new for it
-        self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
-
-    @property
-    def load(self) -> int:
-        return len(self.inflight) + self.reserved
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not WorkerState.DEAD
-
-    def send(self, message: Any) -> None:
-        """Write the message now (after any held ones: order is kept)."""
-        self._held.append(wire.encode(message))
-        self.flush()
-
-    def send_run(self, data: bytes, qid: int | None = None) -> None:
-        """A query: written now to a worker that has answered everything written to it, else held until it
-        writes back (an Ack at the latest, see heard()). Under load a worker then takes the queries that
-        came meanwhile in one read, and answers them in one write, instead of one wake-up of each process
-        per query; an idle worker gets its query at once. A worker stuck in code gets nothing more: what
-        is held for it can go to another worker (see take_back), which a query in its pipe could not."""
-        self._held.append(data)
-        if qid is not None:
-            self._held_runs.append(qid)
-        if not self.awaiting:
-            self.flush()
-
-    def heard(self) -> None:
-        """The worker wrote something: it reads again. What was held goes now, in one write."""
-        self.awaiting = False
-        self.last_heard = time.monotonic()
-        self.pinged_at = None
-        self.silent = False
-        if self.unheard_writes:
-            self.unheard.clear()
-            self.unheard_writes = 0
-        if self._held:
-            self.flush()
-
-    def unstarted(self) -> list[int]:
-        """The queries sent to this worker that it has certainly not started: those held, and those
-        written since it last wrote when that was one write it has not read to its end (a stream is read
-        in order: unread bytes are the last ones written). Its loop may be blocked by the first query of a
-        write it did read: that one is running."""
-        if self.unheard and self.unheard_writes == 1 and self._unread_bytes() > 0:
-            return self._held_runs + self.unheard
-        return self._held_runs[:]
-
-    def take_back(self) -> list[int]:
-        """unstarted(), no longer this worker's to run (written ones it will never read: it is killed)."""
-        qids = self.unstarted()
-        if len(qids) > len(self._held_runs):
-            self.unheard.clear()
-        self._held.clear()
-        self._held_runs.clear()
-        return qids
-
-    def _unread_bytes(self) -> int:
-        """Bytes written to the worker it has not read: in the transport's buffer, or the socket's (SIOCOUTQ,
-        for a Unix socket the data its peer has not read)."""
-        writer = self.writer
-        if writer is None:
-            return 0
-        pending = writer.transport.get_write_buffer_size()
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-            except OSError:
-                return 1         # cannot tell: taken as unread (the worker is killed either way)
-        return pending
-
-    def ping(self) -> None:
-        """A worker that owes an answer to what was written to it has its ping already: nothing is written
-        (so its socket holds only that, see unstarted()). Else a Ping, after which runs are held until it
-        answers, as after any write: a worker that does not answer has then read none of them."""
-        self.pinged_at = time.monotonic()
-        if self.awaiting or self.writer is None or self.writer.is_closing():
-            return
-        self.awaiting = True
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            self.writer.write(_PING)
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
-        self._held.clear()
-        if self.writer is None or self.writer.is_closing():
-            self._held_runs.clear()       # it is dying: its watcher fails its queries
-            return
-        self.awaiting = True
-        if self._held_runs:
-            self.unheard.extend(self._held_runs)
-            self._held_runs.clear()
-        self.unheard_writes += 1
-        try:
-            self.writer.write(data)
-        except (ConnectionError, RuntimeError):
-            pass    # it is dying; its watcher fails its queries
-
-    def kill(self, reason: str) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.kill_reason = self.kill_reason or reason
-            if self.state is not WorkerState.DEAD:
-                self.state = WorkerState.STOPPING
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+TICK = 0.5                # seconds between supervision ticks
 
 
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
-    replaces dead ones (with a backoff when workers die before they are ready), recycles them, has its
-    Supervisor (engine/supervisor.py) watch them, and stops them all at close.
-
-    Longer than ~300 lines for a reason: it is the one place workers start and end (issue 11's rule);
-    scaling and recycling decide in their own pure modules (scaling.py, recycle.py) but act here, on the
-    same worker states. The next split, if it grows: reading a worker (_read, _broke) into WorkerHandle."""
+    replaces dead ones (with a backoff when workers die before they are ready), recycles them, watches
+    them (tick), and stops them all at close."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
@@ -252,10 +62,10 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self._indexes = itertools.count()
         self._failed_starts = 0                 # workers in a row that died before they were ready
-        self._retire_timer: asyncio.TimerHandle | None = None
         self.restarts = 0
         self.idle_retired = 0                   # workers beyond minWorkers ended after workerIdleSeconds
-        self.supervisor = Supervisor(source_name, self._supervised, events, liveness)
+        self.liveness = liveness
+        self.wedged = 0                         # workers killed for not answering a liveness ping
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
@@ -274,6 +84,12 @@ class WorkerPool:
         (minWorkers 0, no failed starts)."""
         return not self.started.is_set() or self.alive_count() > 0 \
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
+
+    def credit_ledger(self) -> list[tuple[int, int, int, int]]:
+        """(index, runs it asked for, runs it said it read, runs it was sent) of each worker that takes
+        queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
+        return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
+                for w in self.workers if w.state in _SUPERVISED]
 
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:
@@ -297,7 +113,7 @@ class WorkerPool:
         for w in self.workers:          # called while queries wait, per dispatch: no lists built
             if w.state is _READY:
                 live += 1
-                busy += bool(w.load or w.silent)
+                busy += bool(w.load or w.stalled or w.credit <= 0)
             elif w.state is _STARTING:
                 live += 1
         if live < self.scale_policy.max_workers:
@@ -306,35 +122,43 @@ class WorkerPool:
 
     def set_scale_policy(self, policy: ScalePolicy) -> None:
         self.scale_policy = policy
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
-            self._retire_timer = None
         self.scale()
-        self._plan_retire()
 
-    def _idle(self) -> dict[WorkerHandle, float | None]:
-        return {w: None if w.load else w.idle_since for w in self.workers if w.state is WorkerState.READY}
+    # ---- the supervision tick ----------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), TICK)
+            if self.closed:
+                return
+            try:
+                self.tick()
+            except Exception:   # noqa: BLE001 - supervision must go on
+                log.exception("source %s: supervising the workers failed", self.source_name)
 
-    def _plan_retire(self) -> None:
-        if self._retire_timer is not None or self.closed:
-            return
+    def tick(self) -> None:
+        """One supervision step: liveness of each worker, idle ones retired, the count brought back."""
         now = time.monotonic()
-        when = self.scale_policy.next_check(self._idle(), now)
-        if when is not None:
-            self._retire_timer = asyncio.get_running_loop().call_later(max(0.0, when - now) + 0.01,
-                                                                       self._retire_idle)
-
-    def _retire_idle(self) -> None:
-        self._retire_timer = None
-        if self.closed:
-            return
-        for worker in self.scale_policy.to_retire(self._idle(), time.monotonic()):
+        reading = self._events.reading()
+        for worker in [w for w in self.workers if w.state in _SUPERVISED and w.pipe is not None]:
+            if not reading:       # its answers wait unread: its silence says nothing
+                worker.last_heard, worker.pinged_at = now, None
+            elif _judge(worker, self.liveness, now, self.source_name):
+                self.wedged += 1
+        idle = {w: None if w.load else w.idle_since for w in self.workers if w.state is _READY}
+        for worker in self.scale_policy.to_retire(idle, now):
             self.idle_retired += 1
-            worker.state = WorkerState.RETIRING
-            worker.kill_reason = f"idle for {self.scale_policy.idle_seconds:g} s (workerIdleSeconds)"
-            log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, worker.kill_reason)
-            self._stop_if_idle(worker)
-        self._plan_retire()
+            self._retire(worker, f"idle for {self.scale_policy.idle_seconds:g} s (workerIdleSeconds)")
+        self.scale()
+
+    def hold(self, worker: WorkerHandle) -> None:
+        """It was told to stop a query: it takes nothing new until it lets go (release)."""
+        if worker.state is _READY:
+            worker.become(WorkerState.DRAINING)
+
+    def release(self, worker: WorkerHandle) -> None:
+        if worker.state is WorkerState.DRAINING:
+            worker.become(_READY)
 
     def broadcast(self, message: Any) -> None:
         for worker in self.workers:
@@ -365,13 +189,13 @@ class WorkerPool:
             self.scale()
             await asyncio.gather(*(t for t in self._starting if t is not asyncio.current_task()),
                                  return_exceptions=True)
-            self._background(self.supervisor.run(self._closing), "supervise")
+            self._background(self._supervise(), "supervise")
         finally:
             self.started.set()
 
     def _add(self) -> None:
         """The one place a worker is started (after failed starts, with a backoff)."""
-        worker = WorkerHandle(next(self._indexes), self._failed_starts, self.recycle_policy.budget())
+        worker = WorkerHandle(next(self._indexes), self._failed_starts, self.recycle_policy.budget(), self._max_size)
         self.workers.append(worker)
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
         delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** self._failed_starts) if self._failed_starts else 0.0
@@ -384,7 +208,7 @@ class WorkerPool:
                 await asyncio.wait_for(self._closing.wait(), delay)
             worker.backing_off = False
         if self.closed:
-            worker.state = WorkerState.DEAD
+            worker.become(WorkerState.DEAD)
             return
         try:
             launched = await self.launcher.launch()
@@ -392,93 +216,40 @@ class WorkerPool:
             log.error("source %s: cannot start a worker process: %s", self.source_name, exc)
             self._ended(worker, f"it could not be started: {exc}")
             return
-        worker.proc = launched.process
+        worker.proc, worker.peer = launched.process, launched.peer
         parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
-        worker.reader, worker.writer = await wire.open_pipe(parent_end, trusted=False, max_size=self._max_size)
-        worker.reader.on_data = worker.heard
-        worker.reader.after = self._events.taken
+        await worker.connect(parent_end)
         self._background(self._watch(worker, parent_end.fileno()), f"watch-{worker.index}")
         if self.closed:                  # stop() ran while it was starting
             worker.kill("the engine closed")
             return
-        worker.send(Init(self._settings()))
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                hello = await wire.read(worker.reader)
-            if type(hello) is not Ready:
-                raise ValueError(f"unexpected first message {type(hello).__name__}")
+            hello = await worker.handshake(Init(self._settings()), START_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, this worker is not usable
             log.error("source %s: worker %d did not start: %s", self.source_name, worker.index, type(exc).__name__)
             worker.kill("it did not start")
             return
-        worker.state = WorkerState.READY
+        worker.become(_READY)
         worker.became_ready = True
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
-        worker.reader_task = self._background(self._read(worker), f"read-{worker.index}")
+        worker.serve(self._events)
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
         self._events.worker_ready(worker)
-        self._plan_retire()
 
     # ---- watching ----------------------------------------------------------------------------------
-    async def _read(self, worker: WorkerHandle) -> None:
-        """Everything a worker says, in the order it said it: each message goes to events.take, as it
-        arrives while this task waits (wire.Reader's handler) or from here; what take() leaves goes to
-        take_later, here. One handler, one failure rule: a message it cannot handle ends the worker."""
-        reader = worker.reader
-        assert reader is not None
-        events = self._events
-        broken = False
-
-        def take(message: Any) -> bool:
-            nonlocal broken
-            try:
-                return events.take(worker, message)
-            except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
-                broken = True
-                reader.handler = None
-                self._broke(worker, exc)
-                return True
-
-        while not broken:
-            reader.handler = take
-            try:
-                message = await wire.read(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            except Exception as exc:   # noqa: BLE001 - a garbled or oversized frame
-                self._broke(worker, exc)
-                return
-            finally:
-                reader.handler = None
-            if broken or take(message):
-                continue
-            try:
-                await events.take_later(worker, message)
-            except Exception as exc:   # noqa: BLE001
-                self._broke(worker, exc)
-                return
-
-    def _broke(self, worker: WorkerHandle, exc: Exception) -> None:
-        log.error("source %s: worker %d broke the protocol (%s: %s); replacing it", self.source_name,
-                  worker.index, type(exc).__name__, str(exc)[:200])
-        worker.kill(f"protocol violation: it sent a malformed message ({type(exc).__name__})")
-
     async def _watch(self, worker: WorkerHandle, fd: int) -> None:
         """Wait for the worker's end: read what it said last, fail its queries, replace it."""
         assert worker.proc is not None
         returncode = await worker.proc.wait()
+        worker.ended()
         if worker.state is not WorkerState.DEAD:
-            worker.state = WorkerState.STOPPING      # no new queries while its last words are read
-        if worker.reader_task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(worker.reader_task), LAST_WORDS)
-            worker.reader_task.cancel()
-        worker.state = WorkerState.DEAD
+            worker.become(WorkerState.STOPPING)      # no new queries while its last words are read
+        await worker.last_words(LAST_WORDS)
+        worker.become(WorkerState.DEAD)
         forkguard.release(fd)
-        if worker.writer is not None:
-            worker.writer.close()
+        worker.close()
         what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
         if worker.kill_reason:
             what = f"{what}; {worker.kill_reason}"
@@ -491,7 +262,7 @@ class WorkerPool:
     def _ended(self, worker: WorkerHandle, why: str) -> None:
         """The one place a worker's end is handled: its queries fail (worker_ended), and scale() starts what
         is now missing: below minWorkers, or for queries that wait."""
-        worker.state = WorkerState.DEAD
+        worker.become(WorkerState.DEAD)
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
         hits, misses = self.retired_cache_counts
@@ -525,22 +296,15 @@ class WorkerPool:
             return
         if not worker.load:
             worker.idle_since = time.monotonic()
-            if len(self.workers) > self.scale_policy.min_workers:     # else nothing is spare to retire
-                self._plan_retire()
-        budget = worker.budget
-        if not budget.limited:
-            budget.queries += 1
-            return
-        policy = self.recycle_policy
-        memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
-        reason = budget.after_query(memory)
-        if reason is None:
-            return
-        self.recycles[reason.value] = self.recycles.get(reason.value, 0) + 1
-        log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", self.source_name,
-                 worker.index, reason.value, worker.budget.queries, "?" if memory is None else memory >> 20)
-        worker.state = WorkerState.RETIRING
-        worker.kill_reason = f"recycled ({reason.value})"     # its end is expected: no warning
+        reason = _recycle_reason(worker, self.recycle_policy, self.source_name)
+        if reason is not None:
+            self.recycles[reason] = self.recycles.get(reason, 0) + 1
+            self._retire(worker, f"recycled ({reason})")     # its end is expected: no warning
+
+    def _retire(self, worker: WorkerHandle, why: str) -> None:
+        worker.become(WorkerState.RETIRING)
+        worker.kill_reason = why
+        log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, why)
         self._stop_if_idle(worker)
 
     def _stop_if_idle(self, worker: WorkerHandle) -> None:
@@ -554,38 +318,22 @@ class WorkerPool:
 
         asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
 
-    def _supervised(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.state in _SUPERVISED]
-
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
-            self._retire_timer = None
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
-        if procs:
-            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
-            for proc in procs:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            for task in pending:
-                with contextlib.suppress(Exception):
-                    await task
+        await _reap([w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None])
         if self._starting:       # their processes are gone now: they end at once
             await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.workers:
-            if worker.writer is not None:
-                worker.writer.close()
+            worker.close()
         await self.launcher.close()       # the zygote stops with its last pool
         self.started.set()
 
@@ -595,6 +343,60 @@ class WorkerPool:
 # should not wait for that (it may run `workers` + 1 meanwhile).
 _READY, _STARTING = WorkerState.READY, WorkerState.STARTING
 _SUPERVISED = frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.RETIRING})
+
+
+def credit_figures(ledger: list[tuple[int, int, int, int]]) -> dict[str, int]:
+    """credit: runs the workers asked for and were not sent yet; credit_overdrawn: runs sent beyond what
+    was asked for (0, always)."""
+    return {"credit": sum(max(0, granted - sent) for _, granted, _, sent in ledger),
+            "credit_overdrawn": sum(max(0, sent - granted) for _, granted, _, sent in ledger)}
+
+
+def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: str) -> str | None:
+    """Why the worker is recycled after the query that just ended (RecycleReason's value), if it is."""
+    budget = worker.budget
+    if not budget.limited:
+        budget.queries += 1
+        return None
+    memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
+    reason = budget.after_query(memory)
+    if reason is None:
+        return None
+    log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", source_name, worker.index,
+             reason.value, budget.queries, "?" if memory is None else memory >> 20)
+    return reason.value
+
+
+def _judge(worker: WorkerHandle, liveness: LivenessPolicy, now: float, source_name: str) -> bool:
+    """Act on the liveness verdict for one worker; True when it was killed as wedged."""
+    verdict = liveness.verdict(now, worker.last_heard, worker.pinged_at, len(worker.inflight))
+    if verdict is Verdict.PING:
+        worker.ping()
+    elif verdict is Verdict.SILENT:
+        if not worker.stalled:
+            worker.stalled = True      # the dispatcher passes it by until it writes again
+            log.warning("source %s: worker %d has not answered for %.1f s while running queries; no new "
+                        "queries go to it until it does", source_name, worker.index, now - worker.last_heard)
+    elif verdict is Verdict.WEDGED:
+        log.warning("source %s: worker %d ran no query and did not answer a ping for %.1f s: something its "
+                    "code left behind blocks it; replacing it", source_name, worker.index, now - worker.last_heard)
+        worker.kill(f"it did not answer a liveness ping within {liveness.timeout:g} s")
+        return True
+    return False
+
+
+async def _reap(procs: list[WorkerProcess]) -> None:
+    """Wait STOP_GRACE for the processes to exit, kill those that did not, and reap them all."""
+    if not procs:
+        return
+    _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    for task in pending:
+        with contextlib.suppress(Exception):
+            await task
 
 
 def describe_exit(returncode: int | None, killed_by_us: bool = False) -> str:

@@ -30,6 +30,10 @@ class EngineStats:
     worker_idle_retired: int | None = None
     worker_wedged: int | None = None
     queries_requeued: int | None = None
+    # pull with credit (process engine): runs workers asked for and were not sent yet; runs sent beyond
+    # what was asked for (0, always: a test and an operator can see it stays so)
+    credit: int | None = None
+    credit_overdrawn: int | None = None
     # which way queries reached the engine, for tests and debugging (not exported)
     relayed: int = 0                          # the frame relayed as it came (the worker read the WITH clause)
     parsed: int = 0                           # parsed in the connector

@@ -4,7 +4,8 @@ Bodies are pickles of a plain tuple, the kind's number and the fields (a pickled
 class, which the connector's restricted unpickler would have to look up for every message: that cost
 streamed replies a third more CPU per query), except the three messages of every query, which have
 binary formats of their own (measured: pickling them cost the connector more than the rest of its work
-on a relayed query, see docs/PERFORMANCE.md): `Relay` (b"R"), `Answered` (b"A") and `Ack` (b"K").
+on a relayed query, see docs/PERFORMANCE.md): `Relay` (b"R"), `Answered` (b"A"), `Credit` (b"C") and
+`Ack` (b"K").
 
 A worker runs user code, so what it sends is untrusted input: the connector unpickles it with a
 restricted unpickler (message types, plain data and QueryError only), never accepts a frame longer
@@ -15,20 +16,20 @@ import asyncio
 import io
 import pickle
 import struct
-from collections.abc import Callable
 from typing import Any
 
-from .. import compat
 from . import messages
-from .messages import ACKED, KINDS, Answered, Relay
+from .messages import ACKED, KINDS, Answered, Credit, Relay
 
-_LENGTH = struct.Struct("!I")
+_LENGTH = LENGTH = struct.Struct("!I")       # every frame's prefix: its body's length
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; then the frame (UTF-8)
-_RELAY = struct.Struct("!cQII")       # b"R", qid, address and code lengths; then address, code, frame
+_RELAY = struct.Struct("!cQIId")      # b"R", qid, address and code lengths, take_by; then address, code, frame
+_CREDIT = struct.Struct("!cQQ")       # b"C", granted, received
 _NO_TEXT = 0xFFFFFFFF
 _new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
+_CREDIT_PREFIX = _LENGTH.pack(_CREDIT.size)
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
 
@@ -49,12 +50,14 @@ def encode(message: Any) -> bytes:
         qid, frame, (hits, misses) = message
         text = frame.encode("utf-8", "surrogatepass")
         return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+    if kind is Credit:
+        return _CREDIT_PREFIX + _CREDIT.pack(b"C", *message)
     if kind is Relay:
-        qid, reply_address, text, raw = message
+        qid, reply_address, text, raw, take_by = message
         address = reply_address.encode("utf-8", "surrogatepass")
         code = text.encode("utf-8", "surrogatepass") if text is not None else b""
         return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
-                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT),
+                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT, take_by),
                          address, code, raw))
     if message is ACKED:
         return ACK
@@ -69,14 +72,20 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
         return _new(Answered, (qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)))
     if first == b"K" and len(data) == 1:
         return ACKED
+    if first == b"C":
+        if len(data) != _CREDIT.size:
+            raise MalformedMessage(f"a credit of {len(data)} bytes")
+        _, granted, received = _CREDIT.unpack_from(data)
+        return _new(Credit, (granted, received))
     if first == b"R" and trusted:     # only the connector relays queries, to a worker
-        _, qid, address_size, code_size = _RELAY.unpack_from(data)
+        _, qid, address_size, code_size, take_by = _RELAY.unpack_from(data)
         start = _RELAY.size + address_size
         address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
         if code_size == _NO_TEXT:
-            return _new(Relay, (qid, address, None, bytes(data[start:])))
+            return _new(Relay, (qid, address, None, bytes(data[start:]), take_by))
         end = start + code_size
-        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:])))
+        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:]),
+                            take_by))
     if trusted:
         fields = pickle.loads(data)
         return _new(KINDS[fields[0]], fields[1:])
@@ -94,49 +103,11 @@ def decode(data: bytes | memoryview, trusted: bool) -> Any:
 
 
 class Reader(asyncio.StreamReader):
-    """A StreamReader that can hand messages to a synchronous handler as they arrive, sparing the loop
-    iteration that waking the reading task costs. Only while `handler` is set (its owner sets it while
-    it waits in read() with nothing buffered) and only for messages `handler` accepts: it returns False
-    for one it cannot handle at once, which is then buffered, with everything after it, for read() —
-    so messages are always handled in the order they came, by the same handler."""
+    """A StreamReader that knows what its stream may hold (for read()): used where messages are awaited
+    one at a time (the zygote's pipe). Worker pipes are read by engine/channel.py's protocols."""
 
-    handler: Callable[[Any], bool] | None = None
-    after: Callable[[], None] | None = None     # called once the handler took what arrived
-    on_data: Callable[[], None] | None = None   # called first whenever anything arrives
     trusted = False
     max_size: int | None = None                 # the longest body accepted (None: any)
-
-    def feed_data(self, data: bytes) -> None:  # type: ignore[override]  # asyncio feeds bytes
-        if self.on_data is not None:
-            self.on_data()
-        handler = self.handler
-        if handler is None or compat.stream_buffer(self) or compat.stream_ended(self):
-            super().feed_data(data)
-            return
-        view = memoryview(data)
-        start, end = 0, len(data)
-        after, limit = self.after, self.max_size
-        try:
-            while end - start >= _LENGTH.size:
-                length = _LENGTH.unpack_from(view, start)[0]
-                stop = start + _LENGTH.size + length
-                if stop > end or (limit is not None and length > limit):
-                    break       # read() waits for the rest, or refuses it
-                message = decode(view[start + _LENGTH.size:stop], self.trusted)
-                if not handler(message):
-                    break
-                start = stop
-                handler = self.handler     # the handler may have stepped aside
-                if handler is None:
-                    break
-        except Exception:   # noqa: BLE001 - a garbled message: read() meets it and reports it
-            pass
-        finally:
-            view.release()
-        if start and after is not None:
-            after()
-        if start < end:
-            super().feed_data(data[start:] if start else data)
 
 
 async def read(reader: Reader) -> Any:
@@ -158,12 +129,6 @@ async def open_pipe(sock: Any, trusted: bool, max_size: int | None = None) -> tu
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-def has_message(reader: asyncio.StreamReader) -> bool:
-    """Whether a whole message is already buffered (read() would return without waiting)."""
-    buffer = compat.stream_buffer(reader)
-    return len(buffer) >= _LENGTH.size and len(buffer) >= _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
 
 
 _NUMBERS = {kind: number for number, kind in enumerate(KINDS)}

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -23,7 +24,8 @@ from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
 from . import output, runtime, wire
-from .base import Job, Outcome
+from .base import Job, Outcome, reply_body
+from .channel import WorkerEnd
 from .guard import CodeGuard
 from .messages import (
     ACCEPT_WINDOW,
@@ -32,10 +34,13 @@ from .messages import (
     Cancel,
     Cancelled,
     Configure,
+    Credit,
+    Declined,
     Done,
     Failed,
     HealthChanged,
     LinkFrame,
+    Ping,
     Ready,
     Relay,
     Reply,
@@ -44,6 +49,12 @@ from .messages import (
 )
 
 log = logging.getLogger("pyexec_connector.worker")
+
+# Runs a worker asks for at a time beyond those it holds (docs/ENGINE.md, "Credit"): small, so that a run
+# of synchronous code keeps few others waiting behind it in the worker; asked again each time the loop
+# has nothing ready, so awaiting code still takes hundreds within milliseconds.
+WINDOW = 32
+DEFAULT_CAP = 500     # the source's queriesPerWorker, until Init says
 
 
 class PipeChannel(ReplyChannel):
@@ -64,7 +75,7 @@ class PipeChannel(ReplyChannel):
 class Worker:
     def __init__(self, fd: int):
         self._fd = fd
-        self._writer: asyncio.StreamWriter | None = None
+        self._pipe: WorkerEnd | None = None
         self.runs: dict[int, asyncio.Task] = {}
         self.cancelled: set[int] = set()      # runs the connector told to stop
         self.cache = CodeCache()
@@ -74,7 +85,14 @@ class Worker:
         self.health = Health()
         self.rich_results = False         # the source's resultValues is "rich", for relayed queries
         self._batch: list[bytes] = []     # ends of runs in this loop iteration, written together
-        self._owe_ack = False             # took messages and has not written since (see messages.Ack)
+        self._owe_ack = False             # pinged, and has not written since (see messages.Ack)
+        self.cap = DEFAULT_CAP            # queriesPerWorker: the most runs held at once
+        self.granted = 0                  # runs asked for over its life (messages.Credit)
+        self.received = 0                 # runs read over its life
+        self._reported = 0                # `received` as the last Credit said
+        self._idle_soon = False           # _idle is scheduled
+        self._tasks_started = False       # runs that became tasks since _idle last ran
+        self._reading = False             # taking what one read brought (see _taken)
         self._stopping = False
         self._frame_limit = 2 ** 63           # the longest frame the connector accepts (set by Init)
         self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
@@ -91,8 +109,48 @@ class Worker:
     def send_soon(self, message: Any) -> None:
         """Write at the end of this loop iteration, with the other runs that end in it: one write."""
         self._batch.append(self._encode(message))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+        if not self._reading:       # else _taken writes it at the end of the read
+            self._soon()
+
+    def _soon(self) -> None:
+        if not self._idle_soon:
+            self._idle_soon = True
+            asyncio.get_running_loop().call_soon(self._idle)
+
+    def _idle(self) -> None:
+        """After the callbacks ready when it was scheduled: what ended goes out; and once the runs started
+        meanwhile had their first step too (one more turn), credit is asked for if the window runs low.
+        A run in synchronous code holds the loop, so this waits for it: a busy worker asks for nothing."""
+        self._idle_soon = False
+        if self._tasks_started:
+            self._tasks_started = False
+            self.flush()
+            self._soon()
+            return
+        self._grant()
+        self.flush()
+
+    def _taken(self) -> None:
+        """What arrived in one read was taken (its synchronous runs ran): their ends and the credit go out
+        in one write, now, unless runs became tasks (then credit waits for their first steps: _idle)."""
+        self._reading = False
+        if self._tasks_started:
+            self.flush()
+            self._soon()
+        else:
+            self._grant()
+            self.flush()
+
+    def _grant(self) -> None:
+        """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
+        connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
+        of the runs just read, so asking costs no write of its own."""
+        outstanding = self.granted - self.received
+        more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
+        if more or self.received != self._reported:
+            self.granted += more
+            self._reported = self.received
+            self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
@@ -106,17 +164,17 @@ class Worker:
         return data
 
     def flush(self) -> None:
-        """Write what is batched; after taking messages, at least an Ack: the connector holds the next
-        runs until it hears from this worker."""
+        """Write what is batched; after a Ping, at least an Ack (liveness)."""
         batch = self._batch
         if self._owe_ack:
             self._owe_ack = False
             if not batch:
                 batch.append(wire.ACK)
-        if batch and self._writer is not None:
+        pipe = self._pipe
+        if batch and pipe is not None and pipe.transport is not None:
             data = b"".join(batch) if len(batch) > 1 else batch[0]
             batch.clear()
-            self._writer.write(data)
+            pipe.transport.write(data)
 
     def send_frame(self, frame: str) -> None:
         self.send(LinkFrame(frame))
@@ -126,8 +184,8 @@ class Worker:
         but ACCEPT_WINDOW of the link frames into the link's outbox (it does so only while that has room).
         Bounded by the connector: if it goes, this process ends."""
         self.flush()
-        if self._writer is not None:
-            await self._writer.drain()
+        if self._pipe is not None:
+            await self._pipe.drain()
         if self.unaccepted > ACCEPT_WINDOW:
             self.send_waits += 1
             while self.unaccepted > ACCEPT_WINDOW:
@@ -140,8 +198,12 @@ class Worker:
         forkguard.arm()
         forkguard.protect(self._fd)
         sock = socket.socket(fileno=self._fd)
-        reader, self._writer = await wire.open_pipe(sock, trusted=True)
-        init = await wire.read(reader)
+        pipe = self._pipe = WorkerEnd()
+        await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+        try:
+            init = await pipe.first
+        except ConnectionError:
+            return                         # the connector is gone
         settings = init.settings
         self._configure(settings["cache_capacity"], settings["forbid"], settings.get("runtime_info", False),
                         settings.get("rich_results", False))
@@ -163,29 +225,30 @@ class Worker:
         output.install()
         _limit_memory(settings["memory_limit_mb"])
         sandbox.apply_limits(settings.get("max_open_files"), settings.get("max_processes"))
-        self.send(Ready(os.getpid()))
-        reader.after = self.flush
-        while not self._stopping:
-            reader.handler = self.take
-            try:
-                message = await wire.read(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return                     # the connector is gone
-            finally:
-                reader.handler = None
-            self.take(message)
-            if not wire.has_message(reader):
-                self.flush()        # nothing else to take now: its ends (or Ack) go out without a loop iteration
+        self.cap = settings.get("queries_per_worker") or DEFAULT_CAP
+        self._batch.append(wire.encode(Ready(os.getpid())))
+        self._grant()
+        self.flush()
+        # each chunk's messages taken as they arrive; their ends (or Ack) go out without a loop iteration
+        pipe.serve(self.take, self._taken)
+        await pipe.ended                   # Stop, or the connector is gone
 
     def take(self, message: Any) -> bool:
-        """Every message from the connector, as it arrives (wire.Reader's handler) or from serve()."""
+        """Every message from the connector, as it arrives (channel.WorkerEnd); False: stop."""
         forkguard.check()
-        self._owe_ack = True
+        self._reading = True
         kind = type(message)
-        if kind is Relay:
-            self._relay(message)
-        elif kind is Run:
-            self._start(message.qid, message.job, message.reply_address)
+        if kind is Relay or kind is Run:
+            # the clock is read after the bytes were: a run read after take_by is one the connector took back
+            self.received += 1
+            if time.monotonic() > message.take_by:
+                self.send_soon(Declined(message.qid))
+            elif kind is Relay:
+                self._relay(message)
+            else:
+                self._start(message.qid, message.job, message.reply_address)
+        elif kind is Ping:
+            self._owe_ack = True
         elif kind is Accepted:
             self.unaccepted -= message.size
             room = self._room
@@ -200,7 +263,10 @@ class Worker:
         elif kind is HealthChanged:
             self.health.declared = message.healthy
         elif kind is Configure:
-            self._configure(*message)
+            self._configure(*message[:4])
+            if message.queries_per_worker is not None:
+                self.cap = message.queries_per_worker
+                self._soon()
         elif kind is Stop:
             self.flush()
             self._stopping = True
@@ -254,6 +320,7 @@ class Worker:
             self._ended(qid, reply_address, None, started)
         else:
             self.runs[qid] = asyncio.create_task(self._run(qid, started, reply_address), context=context)
+            self._tasks_started = True
 
     async def _run(self, qid: int, running: Coroutine[Any, Any, Outcome], reply_address: str) -> None:
         try:
@@ -265,6 +332,7 @@ class Worker:
         finally:
             self.runs.pop(qid, None)
             self.cancelled.discard(qid)
+            self._soon()
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled."""
@@ -273,8 +341,7 @@ class Worker:
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
                     and outcome.results_json is not None:
                 # the whole reply, built here: the connector only puts it in the link's outbox
-                frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE,
-                                                 '{"pythonCallResults":' + outcome.results_json + "}")
+                frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE, reply_body(outcome, 0.0))
                 if not oversize(frame, self.max_message_bytes):
                     self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
                     return

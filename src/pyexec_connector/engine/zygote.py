@@ -114,6 +114,9 @@ class ForkedWorker:
     pid: int
     sock: socket.socket
     exited: asyncio.Future[int | None]
+    # a copy of the worker's own end: what it has not read yet is asked there (FIONREAD, exact); the pool
+    # closes it when the worker ends (engine/handle.py, WorkerHandle.unread)
+    peer: socket.socket | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -220,6 +223,7 @@ class Zygote:
         self._pending[request] = (forked, ours)
         try:
             await self._send({"kind": "fork", "id": request}, fds=(theirs.fileno(),))
+            peer = theirs.dup()
         except BaseException:
             self._pending.pop(request, None)
             ours.close()
@@ -228,8 +232,11 @@ class Zygote:
             theirs.close()
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(forked)
+                worker = await asyncio.shield(forked)
+            worker.peer = peer
+            return worker
         except BaseException:
+            peer.close()
             # timed out or cancelled: a worker forked after all is killed when its pid arrives (_forked)
             if self._pending.pop(request, None) is not None:
                 ours.close()

@@ -1,0 +1,327 @@
+"""The connector's end of one worker process (engine/worker.py is the other): its state, its pipe (a
+WorkerChannel driven by a PipeProtocol, engine/channel.py), and the order in which what it says reaches
+the pool's owner. The pool (pool.py) starts, supervises and ends handles; the engine (process.py) gives
+them runs."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import logging
+import socket
+import struct
+import termios
+import time
+from collections import deque
+from collections.abc import Container
+from typing import Any, Protocol
+
+from .channel import PipeProtocol, WorkerChannel
+from .launch import WorkerProcess
+from .messages import Credit, Ping, Ready
+from .recycle import RecyclePolicy, WorkerBudget
+
+log = logging.getLogger("pyexec_connector.engine.process")
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"      # spawned (or waiting to be, after failed starts); not ready yet
+    READY = "ready"            # takes queries
+    DRAINING = "draining"      # told to stop a query it has not let go of: takes nothing new
+    RETIRING = "retiring"      # recycled (maxQueriesPerWorker, maxWorkerMemoryMB): finishes its queries, then stops
+    STOPPING = "stopping"      # asked to exit, or killed; its end is being watched
+    DEAD = "dead"              # ended; a fresh handle replaces it
+
+
+_S = WorkerState
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.DEAD}),
+    _S.READY: frozenset({_S.DRAINING, _S.RETIRING, _S.STOPPING, _S.DEAD}),
+    _S.DRAINING: frozenset({_S.READY, _S.RETIRING, _S.STOPPING, _S.DEAD}),
+    _S.RETIRING: frozenset({_S.STOPPING, _S.DEAD}),
+    _S.STOPPING: frozenset({_S.DEAD}),
+    _S.DEAD: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A worker asked into a state it cannot reach from its own (a bug in the pool)."""
+
+
+class PoolEvents(Protocol):
+    """What the pool tells its owner."""
+
+    def take(self, worker: WorkerHandle, message: Any) -> bool:
+        """A worker's message, handled now; False (and nothing done) to have it handled by `take_later`
+        instead (it needs to wait). Raising means the worker broke the protocol: it is killed."""
+        ...
+
+    async def take_later(self, worker: WorkerHandle, message: Any) -> None: ...
+
+    def taken(self) -> None:
+        """take() handled what just arrived from a worker (as it arrived): a chance to pass it on at once."""
+        ...
+
+    def worker_ready(self, worker: WorkerHandle) -> None: ...
+
+    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
+        """It ended (`what`: how): fail the queries it had."""
+        ...
+
+    def no_worker_starts(self, why: str) -> None:
+        """Workers die before they are ready: queries waiting for one would wait for nothing."""
+        ...
+
+    def reading(self) -> bool:
+        """Whether workers' pipes are read now (not while the link is backed up): silence means nothing
+        while they are not."""
+        ...
+
+
+class WorkerHandle:
+    """One worker: what it runs (`inflight`, the engine's records), its pipe, and its liveness figures."""
+
+    def __init__(self, index: int, restarts: int = 0, budget: WorkerBudget | None = None,
+                 max_size: int | None = None):
+        self.index = index
+        self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
+        self._state = WorkerState.STARTING
+        self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
+        self.channel = WorkerChannel(max_size)
+        self.pipe: PipeProtocol | None = None
+        self.peer: socket.socket | None = None      # a copy of the worker's end of its socket (see _unread_bytes)
+        self.inflight: dict[int, Any] = {}      # qid -> the engine's record of a query it runs
+        self.reserved = 0                       # credit promised to parsed queries that have not resumed yet
+        self.replied = 0                        # queries in `inflight` whose code sent its terminal reply
+        self.cancelling: set[int] = set()       # queries told to stop (state DRAINING until it lets go)
+        self.kill_reason: str | None = None
+        self.restarts = restarts                # deaths in a row before becoming ready (restart backoff)
+        self.became_ready = False
+        self.backing_off = False                # waiting to start again after failed starts
+        self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
+        self.stalled = False                    # did not read a run in time: sent nothing until it writes
+        self.awaiting = False                   # sent runs, and has not written since (see flush)
+        self.last_heard = time.monotonic()      # liveness: when it last wrote anything
+        self.pinged_at: float | None = None     # the ping it has not answered yet
+        self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
+        self.hello: asyncio.Future[Any] | None = None   # its Ready, once it also asked for runs
+        self._ready: Ready | None = None
+        self._events: PoolEvents | None = None  # who takes its messages once it is ready
+        self._backlog: deque[Any] = deque()     # messages waiting for one take() refused (take_later)
+        self.backlog_task: asyncio.Task | None = None
+        self.broken: Exception | None = None    # what it sent that broke the protocol
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    def become(self, state: WorkerState) -> None:
+        """The one way a worker's state changes (WorkerPool's); raises InvalidTransition for one not allowed."""
+        if state is not self._state:
+            if state not in _ALLOWED[self._state]:
+                raise InvalidTransition(f"worker {self.index}: {self._state.value} -> {state.value}")
+            self._state = state
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight) + self.reserved
+
+    @property
+    def credit(self) -> int:
+        """Runs it may be sent now: asked for, not sent, not promised to a parsed query."""
+        return self.channel.credit - self.reserved
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not WorkerState.DEAD
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def send(self, message: Any) -> None:
+        """Write the message now (after any runs queued: order is kept)."""
+        self.channel.send(message)
+        self.flush(now=True)
+
+    def send_run(self, data: bytes, qid: int, take_by: float) -> None:
+        """A run, against its credit; written at the next flush() (a dispatch round writes its runs to a
+        worker together). Until the worker is known to have read it, it may be taken back (overdue)."""
+        self.channel.send_run(data, qid, take_by)
+
+    def flush(self, now: bool = False) -> None:
+        """Write what is queued. Runs for a worker that has not written since it was last sent runs wait
+        until it does (heard): it says what it read after every read, so under load the runs that came
+        meanwhile go in one write, and an idle worker gets its run at once. Held runs keep their take_by:
+        a worker that never writes again has them taken back (overdue)."""
+        if self.awaiting and not now:
+            return
+        channel = self.channel
+        runs = channel.runs_queued
+        data = channel.data_to_send()
+        transport = self.pipe.transport if self.pipe is not None else None
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)      # else it is dying: its watcher fails its queries
+            self.awaiting = self.awaiting or runs
+
+    def ping(self) -> None:
+        self.pinged_at = time.monotonic()
+        self.send(Ping())
+
+    def overdue(self, now: float, running: Container[int]) -> list[int]:
+        """The runs it did not read by their take_by (WorkerChannel.overdue): taken back, and it is stalled
+        until it writes again."""
+        self.flush(now=True)
+        late = self.channel.overdue(now, running, self._unread_bytes)
+        if late:
+            self.stalled = True
+        return late
+
+    def _unread_bytes(self) -> int:
+        """Bytes written to the worker it has not read: in the transport's buffer, and in its end's receive
+        queue (FIONREAD on our copy of that end: exact, where SIOCOUTQ on ours counts buffer overheads).
+        When that cannot be told, none: a run is then never taken back (it could run twice), and only
+        the liveness ping finds a blocked worker."""
+        transport = self.pipe.transport if self.pipe is not None else None
+        if transport is None or self.peer is None:
+            return 0
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.peer.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+        return transport.get_write_buffer_size() + queued
+
+    def ended(self) -> None:
+        """Its process ended: our copy of its end goes (else its pipe would never reach its end of file)."""
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
+
+    def kill(self, reason: str) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill_reason = self.kill_reason or reason
+            if self._state is not WorkerState.DEAD:
+                self.become(WorkerState.STOPPING)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def close(self) -> None:
+        self.ended()
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.close()
+        if self.backlog_task is not None:
+            self.backlog_task.cancel()
+
+    # ---- reading ---------------------------------------------------------------------------------
+    async def connect(self, sock: Any) -> None:
+        """Its socket, read from now on by a PipeProtocol."""
+        loop = asyncio.get_running_loop()
+        self.hello = loop.create_future()
+        pipe = self.pipe = PipeProtocol(self.channel, self._arrived, self._broke)
+        pipe.closed.add_done_callback(self._closed)
+        await loop.create_connection(lambda: pipe, sock=sock)
+
+    def _closed(self, _: asyncio.Future[None]) -> None:
+        if self.hello is not None and not self.hello.done():
+            self.hello.set_exception(ConnectionError("its pipe closed before it was ready"))
+
+    async def handshake(self, init: Any, timeout: float) -> Ready:
+        """Send its Init; its Ready, once it also asked for runs (raises what went wrong, TimeoutError)."""
+        assert self.hello is not None
+        self.send(init)
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self.hello)
+
+    async def last_words(self, timeout: float) -> None:
+        """After its process ended: what it wrote last, read and taken (at most `timeout` seconds)."""
+        if self.pipe is None or not self.became_ready:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.pipe.closed)
+                if self.backlog_task is not None:
+                    await asyncio.shield(self.backlog_task)
+
+    def serve(self, events: PoolEvents) -> None:
+        """Ready: what it says goes to `events` from now on."""
+        self._events = events
+
+    def heard(self) -> None:
+        """The worker wrote something: its loop runs."""
+        self.last_heard = time.monotonic()
+        self.pinged_at = None
+        self.stalled = False
+        if self.awaiting:
+            self.awaiting = False
+            self.flush()
+
+    def _broke(self, exc: Exception) -> None:
+        if self.broken is not None:
+            return
+        self.broken = exc
+        if self.hello is not None and not self.hello.done():
+            self.hello.set_exception(exc)
+        log.error("worker %d broke the protocol (%s: %s); replacing it", self.index, type(exc).__name__,
+                  str(exc)[:200])
+        self.kill(f"protocol violation: it sent a malformed message ({type(exc).__name__})")
+
+    def _arrived(self, messages: list[Any]) -> None:
+        """What it said, in order: before it is ready, its Ready (and first credit); then each message to
+        events.take, as it arrives; from the first that take() refuses, to take_later, in a task, with
+        reading paused until the backlog is taken (a slow link slows the worker's writes down)."""
+        self.heard()
+        if self.broken is not None:
+            return
+        events = self._events
+        if events is None:
+            self._starting(messages)
+            return
+        if self._backlog:
+            self._backlog.extend(messages)
+            return
+        for i, message in enumerate(messages):
+            try:
+                taken = events.take(self, message)
+            except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
+                self._broke(exc)
+                return
+            if not taken:
+                self._backlog.extend(messages[i:])
+                self._pause()
+                break
+        events.taken()
+
+    def _starting(self, messages: list[Any]) -> None:
+        hello = self.hello
+        if hello is None or hello.done():
+            return
+        for message in messages:      # Ready, then its first Credit (counted by the channel)
+            kind = type(message)
+            if kind is Ready and self._ready is None:
+                self._ready = message
+            elif kind is not Credit or self._ready is None:
+                self._broke(ValueError(f"unexpected first message {kind.__name__}"))
+                return
+        if self._ready is not None and self.channel.granted:
+            hello.set_result(self._ready)       # ready once it asked for runs: a waiting query goes at once
+
+    def _pause(self) -> None:
+        assert self.pipe is not None and self.pipe.transport is not None
+        self.pipe.transport.pause_reading()
+        self.backlog_task = asyncio.ensure_future(self._take_backlog())
+
+    async def _take_backlog(self) -> None:
+        events = self._events
+        assert events is not None
+        backlog = self._backlog
+        while backlog:
+            message = backlog[0]
+            try:
+                if not events.take(self, message):
+                    await events.take_later(self, message)
+            except Exception as exc:   # noqa: BLE001
+                backlog.clear()
+                self._broke(exc)
+                return
+            backlog.popleft()
+        transport = self.pipe.transport if self.pipe is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()

@@ -1,0 +1,346 @@
+"""The queries of a process engine's pool: one `Query` record each, from the moment a worker is chosen for
+it to its terminal reply, and what each message from a worker does to them (QueryBook). The processes
+are WorkerPool's (pool.py), the waiting Dispatcher's (dispatch.py), the way in ProcessEngine's
+(process.py); the end of a query, Pipeline.finish's."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from cachetools import LRUCache
+
+from .. import errors, protocol
+from ..errors import QueryError
+from ..reply import ReplyChannel
+from . import wire
+from .base import Job, Outcome
+from .dispatch import ENTRY_COST, Dispatcher
+from .handle import WorkerHandle
+from .messages import (
+    ACCEPT_EVERY,
+    Accepted,
+    Answered,
+    Cancel,
+    Cancelled,
+    Credit,
+    Declined,
+    Done,
+    Failed,
+    LinkFrame,
+    Reply,
+)
+from .pipeline import Deadlines, timeout_error
+from .pool import WorkerPool
+
+log = logging.getLogger("pyexec_connector.engine.process")
+
+KILL_GRACE = 2.0          # seconds a worker has to give up a timed-out query before it is killed
+# Seconds a worker has to read a run it asked for: a run it has not read by then goes to another worker
+# (it declines it, should it read it later). A few hundred round trips of the pipe: only a loop blocked
+# by code misses it, or a machine so loaded that another worker is as good.
+TAKE_BOUND = 0.25
+_COMPILE_ERRORS = frozenset({errors.SYNTAX_ERROR, errors.GUARD_VIOLATION})
+
+
+class LinkOutlet(Protocol):
+    """The part of the source's link the engine uses (SourceLink)."""
+
+    def send(self, frame: str) -> None: ...
+    async def drained(self) -> None: ...
+    def is_drained(self) -> bool: ...
+    def write_now(self) -> None: ...
+
+
+class NameBook:
+    """What each cached name's code is (as the connector last saw it run), so that a name-only query can
+    run on any worker, also one that never saw the code."""
+
+    def __init__(self, capacity: int, misses: int = 0):
+        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
+        self._holders: dict[str, WorkerHandle] = {}     # a plain dict: read and written per query
+        self._capacity = capacity
+        self.misses = misses        # name-only queries for a name nobody knew
+
+    def holder(self, name: str | None) -> WorkerHandle | None:
+        """The worker last sent a query of this name: it has compiled it, or is compiling it (affinity)."""
+        return self._holders.get(name) if name is not None else None
+
+    def held_by(self, name: str | None, worker: WorkerHandle) -> None:
+        holders = self._holders
+        if name is not None and holders.get(name) is not worker:
+            if len(holders) >= 2 * self._capacity:      # bounded: the oldest half goes
+                for stale in list(holders)[:self._capacity]:
+                    del holders[stale]
+            holders[name] = worker
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._known.maxsize)
+
+    def text(self, name: str) -> str | None:
+        known = self._known.get(name)
+        return known[0] if known is not None else None
+
+    def with_source(self, job: Job) -> Job:
+        """The job, a name-only one carrying the code text the name was last run with."""
+        request = job.request
+        key = request.cache_key
+        if key is None:
+            return job
+        if request.replace:
+            self._known.pop(key, None)
+        if job.source_text is not None:
+            return job
+        known = self._known.get(key)
+        if known is None:
+            self.misses += 1
+            raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
+                             [key])
+        return Job(request, known[0], known[1], job.runtime_info, job.timeout, job.rich_results)
+
+    def remember(self, known: tuple[str, str, Any] | None) -> None:
+        if known is not None:
+            name, text, fingerprint = known
+            self._known[name] = (text, fingerprint)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Query:
+    """One query from the moment a worker is chosen for it to its end: the same record whether the worker
+    or the connector read its WITH clause (`message` is then a Relay or a Run)."""
+    qid: int
+    channel: ReplyChannel
+    future: asyncio.Future
+    worker: WorkerHandle
+    limit: float | None = None                  # its timeout, seconds
+    deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
+    known: tuple[str, str, Any] | None = None   # (name, code text, fingerprint) for the name book once it ran
+    message: Any = None                         # its Relay or Run (sent again to another, see requeue)
+    size: int = 0                               # its message's bytes
+    replied: bool = False                       # its code sent its terminal reply; its run has not ended yet
+
+
+class QueryBook:
+    """Every query a pool's workers hold (WorkerHandle.inflight), their deadlines, and what each message
+    from a worker does to them; the runs a worker did not read in time are taken back here."""
+
+    def __init__(self, source_name: str, pool: WorkerPool, dispatcher: Dispatcher, link: LinkOutlet,
+                 names: NameBook):
+        self.source_name = source_name
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self._link = link
+        self.names = names
+        self.closed = False
+        self.deadlines = Deadlines(self._expire, self.running)
+        self.timeouts = 0
+        self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
+        self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
+        self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
+        self._checking: asyncio.TimerHandle | None = None     # the next _take_back
+
+    def running(self) -> Iterator[Query]:
+        for worker in self.pool.workers:
+            yield from worker.inflight.values()
+
+    def register(self, worker: WorkerHandle, qid: int, channel: ReplyChannel, limit: float | None,
+                  known: tuple[str, str, Any] | None, message: Any, size: int, flush: bool = True) -> Query:
+        """The query becomes the worker's (its death or close() answers it) and its message goes out."""
+        loop = asyncio.get_running_loop()
+        query = Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message, size)
+        self.send(worker, query, flush)
+        if limit:
+            self.deadlines.watch(query, limit, loop)
+        return query
+
+    def send(self, worker: WorkerHandle, query: Query, flush: bool) -> None:
+        """The query's run to `worker`, against its credit, to be read within TAKE_BOUND."""
+        take_by = time.monotonic() + TAKE_BOUND
+        message = query.message
+        query.worker = worker
+        worker.inflight[query.qid] = query
+        worker.send_run(wire.encode(_new(type(message), (*message[:-1], take_by))), query.qid, take_by)
+        if flush:
+            worker.flush()
+        if self._checking is None:
+            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND + 0.02, self._take_back)
+
+    def _take_back(self) -> None:
+        """The runs whose workers did not read them in time go to other workers (WorkerHandle.overdue)."""
+        self._checking = None
+        now = time.monotonic()
+        pending = False
+        for worker in self.pool.workers:
+            if worker.channel.unconfirmed:
+                late = worker.overdue(now, worker.inflight)
+                if late:
+                    log.info("source %s: worker %d did not read %d queries within %g s; they go to another "
+                             "worker", self.source_name, worker.index, len(late), TAKE_BOUND)
+                    self.requeue(worker, late)
+                pending = pending or bool(worker.channel.unconfirmed)
+        if pending and not self.closed:
+            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND / 2, self._take_back)
+
+    def settle(self, query: Query) -> Outcome:
+        """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
+        timeout, a worker's death, the code's error). Raises CancelledError for a query the caller
+        stopped waiting for (the worker is told to stop it)."""
+        future = query.future
+        if future.cancelled():
+            self._abandon(query, "the connector stopped waiting for it")
+            raise asyncio.CancelledError
+        error = future.exception()
+        if error is None:
+            if query.known is not None:
+                self.names.remember(query.known)
+            return future.result()
+        if isinstance(error, Expired):
+            self.timeouts += 1
+            self._abandon(query, f"its timeout of {query.limit:g} s passed")
+            raise timeout_error(query.limit)
+        if isinstance(error, QueryError) and error.code not in _COMPILE_ERRORS:
+            self.names.remember(query.known)
+        raise error
+
+    def _expire(self, query: Query) -> None:
+        if not query.future.done():
+            query.future.set_exception(Expired())   # its waiter answers, and stops the run
+
+    def _abandon(self, query: Query, why: str) -> None:
+        """Stop a query nobody waits for; kill its worker if it does not let go in time. Until it does,
+        the worker takes nothing new (it may be stuck in synchronous code)."""
+        worker = query.worker
+        if not worker.alive or query.qid not in worker.inflight:
+            return
+        worker.send(Cancel(query.qid))
+        worker.cancelling.add(query.qid)
+        self.pool.hold(worker)
+        reason = f"it did not stop the query {query.channel.reply_address} within {KILL_GRACE:g} s after {why}"
+
+        def kill_if_stuck() -> None:
+            if worker.alive and query.qid in worker.inflight:
+                log.warning("source %s: killing worker %d: %s", self.source_name, worker.index, reason)
+                worker.kill(f"the connector stopped it: {reason}")
+
+        asyncio.get_running_loop().call_later(KILL_GRACE, kill_if_stuck)
+
+    def handle(self, worker: WorkerHandle, message: Any) -> None:
+        kind = type(message)
+        if kind is Answered:
+            # The worker built the whole 200 reply: it goes out as it came, before the run ends (the
+            # completion then has nothing to build). Kept for speed: see docs/PERFORMANCE.md.
+            qid, frame, worker.cache_counts = message
+            query = worker.inflight.get(qid)
+            if query is not None and not query.future.done():
+                query.channel.forward(frame, True, protocol.STATUS_COMPLETE)
+            self._finish(worker, qid, _ANSWERED, None)
+        elif kind is Reply:
+            query = worker.inflight.get(message.qid)
+            if query is None:
+                log.warning("source %s: reply %s from worker %d for a finished query dropped",
+                            self.source_name, message.status, worker.index)
+            else:
+                query.channel.forward(message.frame, message.terminal, message.status, message.error_code)
+                if message.terminal and not query.replied:
+                    query.replied = True
+                    worker.replied += 1
+            self._accepted(worker, len(message.frame))
+        elif kind is Done:
+            worker.cache_counts = message.cache_counts
+            self._finish(worker, message.qid,
+                         Outcome(message.results_json, message.runtime, message.output, message.dry_run), None)
+        elif kind is Failed:
+            worker.cache_counts = message.cache_counts
+            if not isinstance(message.error, QueryError):
+                raise TypeError("failed without a QueryError")
+            query = worker.inflight.get(message.qid)
+            if message.refused and query is not None:    # the WITH clause was wrong: nothing ran
+                query.known = None
+            self._finish(worker, message.qid, None, message.error)
+        elif kind is LinkFrame:
+            self._link.send(message.frame)
+            self._accepted(worker, len(message.frame))
+        elif kind is Cancelled:
+            self._finish(worker, message.qid, None, None)
+        elif kind is Credit:      # checked by the worker's channel: it asks for more runs
+            self.dispatcher.dispatch()
+        elif kind is Declined:
+            if message.qid in worker.inflight:
+                self.requeue(worker, [message.qid])
+        else:
+            raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _accepted(self, worker: WorkerHandle, size: int) -> None:
+        """A frame from the worker's code went into the outbox (handled only while it has room): told to the
+        worker, whose awaited sends wait once it is ACCEPT_WINDOW ahead, every ACCEPT_EVERY characters."""
+        self.accepted_frames += 1
+        owed = self._owed.get(worker, 0) + size
+        if owed >= ACCEPT_EVERY:
+            self._owed[worker] = 0
+            worker.send(Accepted(owed))
+        else:
+            self._owed[worker] = owed
+
+    def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
+        query = worker.inflight.pop(qid, None)
+        if query is not None and query.replied:
+            worker.replied -= 1
+        if worker.cancelling:
+            worker.cancelling.discard(qid)
+            if not worker.cancelling:
+                self.pool.release(worker)
+        if query is not None:
+            if not query.future.done():
+                if error is not None:
+                    query.future.set_exception(error)
+                elif outcome is not None:
+                    query.future.set_result(outcome)
+                else:
+                    query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
+            self.pool.query_ended(worker)
+        self.dispatcher.dispatch()
+
+    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
+        for qid in reversed(qids):      # each goes first in line: their order is kept
+            query = worker.inflight.pop(qid, None)
+            if query is not None and not query.future.done():
+                self.requeued += 1
+                self.dispatcher.wait_again(query, ENTRY_COST + query.size)
+        self.dispatcher.dispatch()
+
+
+    def fail(self, worker: WorkerHandle, error: QueryError) -> None:
+        """It ended: the queries it held are answered with `error`."""
+        for query in worker.inflight.values():
+            if not query.future.done():
+                query.future.set_exception(error)
+        worker.inflight.clear()
+        worker.replied = 0
+        self._owed.pop(worker, None)
+        self.dispatcher.dispatch()
+
+    def close(self, error: QueryError) -> None:
+        """Every query held is answered with `error`; nothing more is watched."""
+        self.closed = True
+        self.deadlines.close()
+        if self._checking is not None:
+            self._checking.cancel()
+            self._checking = None
+        for query in self.running():
+            if not query.future.done():
+                query.future.set_exception(error)
+
+
+_ANSWERED = Outcome(answered=True)
+_new = tuple.__new__      # a NamedTuple without its Python-level __new__ (one per run sent)
+
+
+class Expired(Exception):
+    """A query's timeout passed (set on its future by the deadline sweep)."""
