@@ -661,6 +661,9 @@ class SourceConfig:
     # workerUser (README, "Threat model" says what each bounds)
     maxOpenFiles: int = setting("maxOpenFiles", _whole(16, 1_048_576), sandbox.DEFAULT_MAX_OPEN_FILES)
     maxProcessesPerWorker: int = setting("maxProcessesPerWorker", _whole(8, 4_194_304), sandbox.DEFAULT_MAX_PROCESSES)
+    # true: processes user code starts run until their worker ends, not only until their query does
+    # (process mode; docs/PROCESSES.md)
+    keepChildProcesses: bool = setting("keepChildProcesses", _flag("keepChildProcesses"), False)
 
     @staticmethod
     def cross_check(values: Mapping[str, Any], failed: set[str]) -> dict[str, str]:
@@ -691,7 +694,7 @@ class SourceConfig:
     def pool_shape(self) -> tuple[Any, ...]:
         """What a worker pool is built from: a change here needs a new pool, anything else does not."""
         return (self.executionMode, self.worker_count, self.memoryLimitMB or None, self.maxOpenFiles,
-                self.maxProcessesPerWorker, self.preload)
+                self.maxProcessesPerWorker, self.preload, self.keepChildProcesses)
 
 
 def source_config_problems(document: Any) -> tuple[SourceConfig | None, list[str], list[str]]:

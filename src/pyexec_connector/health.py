@@ -38,6 +38,8 @@ ENGINE_FIGURES = {
                             "workerIdleSeconds idle", True),
     "worker_wedged": ("engine_worker_wedged", "Workers killed for not answering a liveness ping while "
                       "running no query", True),
+    "query_processes_ended": ("engine_query_processes_ended", "Processes user code started that were still "
+                              "running when their query ended, ended then (keepChildProcesses: false)", True),
     "queries_requeued": ("engine_queries_requeued", "Queries taken back from a silent worker that never "
                          "read them and given to another", True),
 }

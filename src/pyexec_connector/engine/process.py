@@ -32,7 +32,7 @@ from ..config import SourceConfig
 from ..connection import Health
 from ..errors import QueryError
 from ..reply import ReplyChannel
-from . import wire
+from . import reaper, wire
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher, Waiting
 from .messages import (
@@ -47,6 +47,7 @@ from .messages import (
     Failed,
     HealthChanged,
     LinkFrame,
+    ProcessesEnded,
     Relay,
     Reply,
     Run,
@@ -157,6 +158,7 @@ class ProcessEngine:
         self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
         self.relayed = 0            # queries whose frame went to a worker as it came
         self.parsed = 0             # queries the connector parsed into a Job
+        self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
@@ -178,6 +180,7 @@ class ProcessEngine:
                 "rich_results": self._config.resultValues == "rich",
                 "max_message_bytes": self._max_message_bytes,
                 "max_open_files": self._config.maxOpenFiles,
+                "keep_child_processes": self._config.keepChildProcesses,
                 # Linux counts RLIMIT_NPROC per user: only a user of the workers' own makes it theirs
                 "max_processes": self._config.maxProcessesPerWorker if self._credentials else None}
 
@@ -213,7 +216,8 @@ forked on demand: minWorkers 0). relayed/parsed: which way
                 "timeouts_pending": self._deadlines.sweeping,
                 "worker_recycles": dict(self.pool.recycles), "worker_forks": self.pool.launcher.forks,
                 "worker_spawns": self.pool.launcher.spawns, "worker_idle_retired": self.pool.idle_retired,
-                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.pool.supervisor.requeued}
+                "worker_wedged": self.pool.supervisor.wedged, "queries_requeued": self.pool.supervisor.requeued,
+                "query_processes_ended": self.processes_ended}
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
@@ -454,8 +458,19 @@ forked on demand: minWorkers 0). relayed/parsed: which way
             self._accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
+        elif kind is ProcessesEnded:
+            self._processes_ended(worker, message)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _processes_ended(self, worker: WorkerHandle, message: ProcessesEnded) -> None:
+        count = message.processes
+        if type(count) is not int or count < 0 or type(message.reply_address) is not str:
+            raise ValueError("a ProcessesEnded without a count")
+        self.processes_ended += count
+        log.info("source %s: query %s ended with %d process%s it started still running (worker %d): sent "
+                 "SIGTERM, SIGKILL after %g s (keepChildProcesses: false)", self.source_name,
+                 message.reply_address[:200], count, "" if count == 1 else "es", worker.index, reaper.GRACE)
 
     def _accepted(self, worker: WorkerHandle, size: int) -> None:
         """A frame from the worker's code went into the outbox (handled only while it has room): told to the

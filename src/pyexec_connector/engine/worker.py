@@ -22,7 +22,7 @@ from ..errors import QueryError
 from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
-from . import output, runtime, wire
+from . import output, procgroup, reaper, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
 from .messages import (
@@ -36,6 +36,7 @@ from .messages import (
     Failed,
     HealthChanged,
     LinkFrame,
+    ProcessesEnded,
     Ready,
     Relay,
     Reply,
@@ -80,6 +81,7 @@ class Worker:
         self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
         self._room: asyncio.Event | None = None     # set when unaccepted falls to ACCEPT_WINDOW
         self.send_waits = 0                   # awaited sends that waited for the connector's Accepted
+        self.processes = reaper.QueryProcesses()    # what queries start ends with them (issue 21)
 
     # ---- writing ---------------------------------------------------------------------------------
     def send(self, message: Any) -> None:
@@ -159,6 +161,7 @@ class Worker:
                                               notification_builder(source, self.max_message_bytes),
                                               settings["server_config"], self.health)
         self.source_name = source
+        self.processes.keep = bool(settings.get("keep_child_processes", False))
         runtime.install_task_tracking(asyncio.get_running_loop())
         output.install()
         _limit_memory(settings["memory_limit_mb"])
@@ -241,6 +244,7 @@ class Worker:
         task of its own. Either way in a context of its own, as a task would have, so that context
         variables the code sets (decimal's context, ...) do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
+        self.processes.started(qid)
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
@@ -268,6 +272,9 @@ class Worker:
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled."""
+        left = self.processes.ended(qid)
+        if left:
+            self.send_soon(ProcessesEnded(qid, reply_address, left))
         if exc is None:
             assert outcome is not None
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
@@ -357,8 +364,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
     loop_factory, _ = event_loop_factory()      # uvloop when installed, as in the connector
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Worker(int(sys.argv[1])).serve())
+    procgroup.become_subreaper()    # what its code starts stays under it, whatever session it moves to
+    worker = Worker(int(sys.argv[1]))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(worker.serve())
+    finally:
+        worker.processes.end_all()      # nothing its code started outlives it
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import sandbox
-from . import procgroup
+from . import procgroup, reaper
 
 log = logging.getLogger(__name__)
 
@@ -424,8 +424,9 @@ class _Entry:
 class _Server:
     """The zygote process: preloads, then forks on request until told to stop or the connector is gone."""
 
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, connector_pid: int = 0):
         self.control = control
+        self.connector_pid = connector_pid
         self.children: set[int] = set()
         self.sig_r, self.sig_w = os.pipe()
         self.selector = selectors.DefaultSelector()
@@ -445,6 +446,8 @@ class _Server:
             for key, _ in self.selector.select():
                 if key.fileobj == self.sig_r:
                     self._drain_signals()
+                    if self.connector_pid and os.getppid() != self.connector_pid:
+                        return self.shutdown(0.0)        # the connector died (its parent-death signal)
                     self.reap()
                     continue
                 try:
@@ -475,14 +478,18 @@ class _Server:
             self.send({"kind": "fork-failed", "id": request, "error": "no socket came with the request"})
             return
         gc.freeze()     # what the zygote holds stays out of the workers' collections: their pages stay shared
+        # the zygote's SIGTERM handler ignores it (see main); a worker must die of one sent right after fork
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.close(worker_fd)
             self.send({"kind": "fork-failed", "id": request, "error": str(exc)})
             return
         if pid == 0:
             self._become_worker(worker_fd)       # never returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         procgroup.adopt_as_group(pid)
         os.close(worker_fd)
         self.children.add(pid)
@@ -496,6 +503,8 @@ class _Server:
             zygote_pid = os.getppid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGINT, signal.default_int_handler)
             self.selector.close()
             self.control.close()
@@ -518,19 +527,24 @@ class _Server:
             os._exit(code)     # never back into the zygote's loop
 
     def reap(self) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            reaped = True
             if pid in self.children:
                 self.children.discard(pid)
                 procgroup.kill_group(pid)       # what its code started dies with it
                 with contextlib.suppress(OSError):
                     self.send({"kind": "exit", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
             # else an orphan of some worker's code, reparented here (subreaper): reaped, nothing to report
+        if reaped:
+            # a worker ended: what its code started was reparented here, and ends now (issue 21)
+            reaper.kill_orphans(self.children)
 
     def shutdown(self, grace: float) -> int:
         deadline = time.monotonic() + grace
@@ -542,12 +556,16 @@ class _Server:
             self.reap()
         for pid in list(self.children):
             procgroup.kill_group(pid)
-        for pid, returncode in procgroup.reap_all(time.monotonic() + REAP_TIMEOUT).items():
-            if pid in self.children:
-                self.children.discard(pid)
-                with contextlib.suppress(OSError):
-                    self.send({"kind": "exit", "pid": pid, "returncode": returncode})
-        return 0
+        deadline = time.monotonic() + REAP_TIMEOUT
+        while True:
+            reaper.kill_descendants()       # whatever workers left, in whatever session: nothing outlives us
+            for pid, returncode in procgroup.reap_all(deadline).items():
+                if pid in self.children:
+                    self.children.discard(pid)
+                    with contextlib.suppress(OSError):
+                        self.send({"kind": "exit", "pid": pid, "returncode": returncode})
+            if not reaper.has_children() or time.monotonic() >= deadline:
+                return 0
 
 
 def _reseed_after_fork() -> None:
@@ -560,10 +578,11 @@ def _reseed_after_fork() -> None:
 
 
 def _die_with(parent_pid: int) -> None:
-    """Linux: the kernel kills the zygote when the connector ends, even by SIGKILL; its workers then die
-    with it (the worker runtime sets the same signal for its own parent, the zygote)."""
+    """Linux: the kernel tells the zygote when the connector ends, even by SIGKILL (SIGTERM, which the
+    zygote takes for "the connector is gone" only when its parent has changed): it then kills everything
+    under it and exits. Its workers die with it (the worker runtime sets SIGKILL for its own parent)."""
     try:
-        sandbox.libc().prctl(1, signal.SIGKILL, 0, 0, 0)    # PR_SET_PDEATHSIG
+        sandbox.libc().prctl(1, signal.SIGTERM, 0, 0, 0)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:
@@ -654,8 +673,12 @@ def main() -> None:
     sandbox.harden_worker()
     control_fd, connector_pid, modules = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     _die_with(connector_pid)
-    # signals meant for the connector's terminal or group are not the zygote's: the connector stops it
+    # signals meant for the connector's terminal or group are not the zygote's: the connector stops it.
+    # SIGTERM wakes its loop (the parent-death signal, see _Server.serve), and ends it only if the
+    # connector is gone: under systemd's KillMode=control-group the connector gets one at the same time
+    # and stops the zygote itself, after its in-flight queries.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-zygote[%(process)d] %(levelname)s %(name)s: %(message)s")
     control = socket.socket(fileno=control_fd)
@@ -670,7 +693,7 @@ def main() -> None:
     procgroup.set_process_name("pyexec-zygote")
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    server = _Server(control)
+    server = _Server(control, connector_pid)
     try:
         server.send({"kind": "ready", "pid": os.getpid(), "threads": threads, "warmed_up": warmed_up})
         code = server.serve()

@@ -1,0 +1,161 @@
+"""Every process a query starts ends with it (issue 21, docs/PROCESSES.md), through the real console command
+and the stand-in server: user code starts a plain child and one in a session of its own (as daemons do),
+and none of them is left after the query answers, after a timeout kill, after SIGTERM to the connector
+or after SIGKILL to it; unless the source says keepChildProcesses."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import SOURCE, TOKEN, console_command, free_port
+from .test_operations import Proc, config_text, get, samples, value
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="subreapers, parent-death signals and /proc: Linux")
+
+# both kinds of children: one in the worker's process group, one that left it (setsid)
+# (not on the connector's output: Proc.wait() would wait for them)
+CHILDREN = ("import subprocess\n"
+            "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
+            "plain = subprocess.Popen(['sleep', '60'], **quiet).pid\n"
+            "detached = subprocess.Popen(['sleep', '60'], start_new_session=True, **quiet).pid\n"
+            "del quiet\n")
+# the same, still running when the pids are known (a notification), until it is stopped
+IN_FLIGHT = (CHILDREN + "import asyncio\n"
+             "await connector_connection.send_notification({'pids': [plain, detached]})\n"
+             "await asyncio.sleep(60)\n")
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie no longer runs; whoever reaps it is checked by `reaped`)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+
+
+def in_proc(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+async def reaped(pids: list[int], within: float = 15.0) -> list[int]:
+    """The pids still in /proc (running, or zombies nobody reaped) after a bounded wait."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and in_proc(pids):
+        await asyncio.sleep(0.05)
+    return in_proc(pids)
+
+
+@pytest.fixture
+async def connector(server, tmp_path):
+    """The console command in a session of its own, as a shell or systemd starts it."""
+    procs: list[Proc] = []
+
+    async def start(extra: dict | None = None, **general) -> Proc:
+        server.set_source_config(SOURCE, {"workers": 1, **general})
+        (tmp_path / "serverConfig").mkdir(exist_ok=True)
+        (tmp_path / "serverConfig" / "server.config").write_text(config_text(server, TOKEN, **(extra or {})))
+        (tmp_path / "serverConfig" / "server.config").chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_")}
+        process = await asyncio.create_subprocess_exec(
+            *console_command(), cwd=tmp_path, env=env, start_new_session=True,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        proc = Proc(process)
+        procs.append(proc)
+        await server.wait_attached(SOURCE, timeout=60)
+        return proc
+
+    yield start
+    for proc in procs:
+        await proc.kill()
+
+
+async def started_children(server) -> list[int]:
+    """Send IN_FLIGHT; the pids of its two children once both run."""
+    await server.send_query(SOURCE, {"code": IN_FLIGHT})
+    notes = await server.wait_notifications(SOURCE, 1, timeout=60)
+    pids = [int(pid) for pid in _pids(notes[-1])]
+    assert all(running(pid) for pid in pids), pids
+    return pids
+
+
+def _pids(note: object) -> list[int]:
+    if isinstance(note, dict):
+        if "pids" in note:
+            return list(note["pids"])
+        for value_ in note.values():
+            found = _pids(value_)
+            if found:
+                return found
+    return []
+
+
+async def test_nothing_a_query_started_survives_its_200(server, connector):
+    port = free_port()
+    proc = await connector({"metricsPort": port})
+    result = await server.query({"code": CHILDREN}, SOURCE, timeout=60)
+    assert result.status == 200, result.body
+    pids = [result.results["plain"], result.results["detached"]]
+    assert await reaped(pids) == [], "a child of the query outlived it"
+    await proc.wait_for_line("ended with 2 processes it started still running")
+    status, text = await get(port, "/metrics")
+    assert status == 200
+    assert value(samples(text), "pyexec_engine_query_processes_ended_total", source=SOURCE) == 2
+    again = await server.query({"code": CHILDREN}, SOURCE, timeout=60)      # the same worker, again
+    assert again.status == 200
+    assert await reaped([again.results["plain"], again.results["detached"]]) == []
+
+
+async def test_a_query_that_starts_nothing_logs_nothing(server, connector):
+    proc = await connector()
+    for _ in range(3):
+        assert (await server.query({"code": "x = 1"}, SOURCE, timeout=60)).status == 200
+    assert "still running" not in proc.output
+
+
+async def test_keep_child_processes_keeps_them_until_the_worker_ends(server, connector):
+    proc = await connector(keepChildProcesses=True)
+    result = await server.query({"code": CHILDREN}, SOURCE, timeout=60)
+    assert result.status == 200, result.body
+    pids = [result.results["plain"], result.results["detached"]]
+    await asyncio.sleep(3.0)                    # well past the grace a query's processes get
+    assert all(running(pid) for pid in pids), "keepChildProcesses: they should still run"
+    proc.signal(signal.SIGTERM)                 # their worker ends with the connector: so do they
+    assert await proc.wait() == 0, proc.output
+    assert await reaped(pids) == [], "a kept child outlived its worker"
+
+
+async def test_nothing_survives_a_timeout_kill(server, connector):
+    await connector(executionTimeout=2)
+    # the code blocks its worker (no await): the worker is killed, not just the query cancelled
+    code = IN_FLIGHT.replace("await asyncio.sleep(60)", "import time\ntime.sleep(60)")
+    address = await server.send_query(SOURCE, {"code": code})
+    pids = [int(p) for p in _pids((await server.wait_notifications(SOURCE, 1, timeout=60))[-1])]
+    result = await server.replies_for(address, timeout=60)
+    assert result.status == 400 and "execution.timeout" in str(result.body)
+    assert await reaped(pids) == [], "a child outlived its killed worker"
+    again = await server.query({"code": "x = 1"}, SOURCE, timeout=60)
+    assert again.status == 200
+
+
+async def test_nothing_survives_sigterm_to_the_connector(server, connector):
+    proc = await connector({"shutdownGraceSeconds": 1})
+    pids = await started_children(server)
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0, proc.output
+    assert await reaped(pids) == [], "a child outlived the connector's shutdown"
+
+
+async def test_nothing_survives_sigkill_to_the_connector(server, connector):
+    proc = await connector()
+    pids = await started_children(server)
+    proc.signal(signal.SIGKILL)
+    await proc.wait()
+    # no waitpid of ours can reach them: gone from /proc means reaped by a process of the connector's
+    assert await reaped(pids) == [], "a child outlived the connector"
