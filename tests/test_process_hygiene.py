@@ -40,6 +40,10 @@ def running(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
+def is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
 def in_proc(pids: list[int]) -> list[int]:
     return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
@@ -131,8 +135,13 @@ async def test_keep_child_processes_keeps_them_until_the_worker_ends(server, con
     assert await reaped(pids) == [], "a kept child outlived its worker"
 
 
-async def test_nothing_survives_a_timeout_kill(server, connector):
-    await connector(executionTimeout=2)
+# workers forked from a zygote, and spawned ones (a preload that fails leaves no zygote)
+KINDS = pytest.mark.parametrize("preload", [(), ("no_such_module_here",)], ids=["forked", "spawned"])
+
+
+@KINDS
+async def test_nothing_survives_a_timeout_kill(server, connector, preload):
+    await connector(executionTimeout=2, preload=list(preload))
     # the code blocks its worker (no await): the worker is killed, not just the query cancelled
     code = IN_FLIGHT.replace("await asyncio.sleep(60)", "import time\ntime.sleep(60)")
     address = await server.send_query(SOURCE, {"code": code})
@@ -144,18 +153,35 @@ async def test_nothing_survives_a_timeout_kill(server, connector):
     assert again.status == 200
 
 
-async def test_nothing_survives_sigterm_to_the_connector(server, connector):
-    proc = await connector({"shutdownGraceSeconds": 1})
+@KINDS
+async def test_nothing_survives_sigterm_to_the_connector(server, connector, preload):
+    proc = await connector({"shutdownGraceSeconds": 1}, preload=list(preload))
     pids = await started_children(server)
     proc.signal(signal.SIGTERM)
     assert await proc.wait() == 0, proc.output
     assert await reaped(pids) == [], "a child outlived the connector's shutdown"
 
 
-async def test_nothing_survives_sigkill_to_the_connector(server, connector):
-    proc = await connector()
+@KINDS
+async def test_nothing_survives_sigkill_to_the_connector(server, connector, preload):
+    proc = await connector(preload=list(preload))
     pids = await started_children(server)
     proc.signal(signal.SIGKILL)
     await proc.wait()
     # no waitpid of ours can reach them: gone from /proc means reaped by a process of the connector's
     assert await reaped(pids) == [], "a child outlived the connector"
+
+
+async def test_the_start_says_which_guarantee_holds_and_the_cgroup_goes_with_the_connector(server, connector):
+    proc = await connector()
+    await proc.wait_for_line("process hygiene")
+    line = next(line for line in proc.lines if "process hygiene" in line)
+    if "without a cgroup" in line:
+        pytest.skip(f"no cgroup of its own here: {line}")
+    path = line.split("run in the cgroup ", 1)[1].split(";", 1)[0]
+    assert is_dir(path)
+    result = await server.query({"code": "cgroup = open('/proc/self/cgroup').read()"}, SOURCE, timeout=60)
+    assert path.endswith(result.results["cgroup"].strip().split("::", 1)[1]), "the worker is not in it"
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert not is_dir(path), "the connector's cgroup outlived it"

@@ -21,6 +21,7 @@ from .config import (
     source_config_problems,
 )
 from .connector import Connector
+from .engine import hygiene
 from .engine.zygote import PreloadError, Zygote, ZygoteError
 from .errors import AuthenticationError, ConfigError
 from .eventloop import event_loop_factory
@@ -233,6 +234,14 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
 
 
 async def serve(config: ServerConfig) -> int:
+    hygiene.start(config.worker_credentials)    # nothing started under the connector outlives it (issue 21)
+    try:
+        return await _serve(config)
+    finally:
+        hygiene.stop()
+
+
+async def _serve(config: ServerConfig) -> int:
     connector = Connector(config)
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -245,6 +254,7 @@ async def serve(config: ServerConfig) -> int:
             connector.stop()
             return
         log.warning("%s received again: exiting at once; in-flight queries are not answered", sig.name)
+        hygiene.stop()
         if logqueue.stop(timeout=1.0):
             logging.shutdown()
         os._exit(EXIT_FAILURE)

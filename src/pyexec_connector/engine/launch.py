@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from . import procgroup
+from . import cgroup, procgroup, reaper
 from .zygote import FORK_TIMEOUT, ForkedWorker, PreloadError, Zygote, ZygoteError, ZygoteRegistry, clean_environment
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class SpawnedWorker:
             procgroup.kill_group(self._proc.pid, sig)
 
     def kill(self) -> None:
+        if self._proc.returncode is None:
+            # no zygote adopts what its code started once it is dead: killed here first, while still under it
+            reaper.kill_descendants(self._proc.pid)
         self.send_signal(signal.SIGKILL)
 
     def terminate(self) -> None:
@@ -80,6 +83,7 @@ async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
     a session and process group of its own. `options`: sandbox.worker_spawn_options (its environment, and
     the user it becomes); by default an environment without secrets."""
     options = options if options is not None else {"env": clean_environment()}
+    options = {**options, "env": cgroup.environment(options.get("env") or clean_environment())}
     ours, theirs = socket.socketpair()
     try:
         proc = await asyncio.create_subprocess_exec(

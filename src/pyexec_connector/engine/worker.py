@@ -22,7 +22,7 @@ from ..errors import QueryError
 from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
-from . import output, procgroup, reaper, runtime, wire
+from . import cgroup, output, procgroup, reaper, runtime, wire
 from .base import Job, Outcome
 from .guard import CodeGuard
 from .messages import (
@@ -359,6 +359,7 @@ def _die_with_the_connector(connector_pid: int) -> None:
 
 
 def main() -> None:
+    cgroup.join()               # a spawned worker: into the connector's cgroup before it changes user
     sandbox.harden_worker()     # first: the worker user, no new privileges (before anything else runs)
     _die_with_the_connector(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import sandbox
-from . import procgroup, reaper
+from . import cgroup, procgroup, reaper
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,10 @@ class Zygote:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            options = {**self._options, "env": cgroup.environment(self._options.get("env") or clean_environment())}
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pyexec_connector.engine.zygote", str(theirs.fileno()), str(os.getpid()),
-                *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **self._options,
+                *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **options,
                 # a group (and session) of its own: signals for the connector's group or terminal are not for
                 # it. Not process_group=0: uvloop's subprocess_exec refuses that argument.
                 start_new_session=True)
@@ -424,9 +425,10 @@ class _Entry:
 class _Server:
     """The zygote process: preloads, then forks on request until told to stop or the connector is gone."""
 
-    def __init__(self, control: socket.socket, connector_pid: int = 0):
+    def __init__(self, control: socket.socket, connector_pid: int = 0, cgroup_path: str | None = None):
         self.control = control
         self.connector_pid = connector_pid
+        self.cgroup_path = cgroup_path      # the connector's cgroup (engine/cgroup.py), when it has one
         self.children: set[int] = set()
         self.sig_r, self.sig_w = os.pipe()
         self.selector = selectors.DefaultSelector()
@@ -447,7 +449,7 @@ class _Server:
                 if key.fileobj == self.sig_r:
                     self._drain_signals()
                     if self.connector_pid and os.getppid() != self.connector_pid:
-                        return self.shutdown(0.0)        # the connector died (its parent-death signal)
+                        return self.connector_died()     # its parent-death signal
                     self.reap()
                     continue
                 try:
@@ -455,7 +457,7 @@ class _Server:
                 except OSError:
                     data, fds = b"", []
                 if not data:                    # the connector is gone
-                    return self.shutdown(0.0)
+                    return self.connector_died()
                 message = json.loads(data)
                 if message["kind"] == "fork":
                     self.fork(message["id"], fds)
@@ -545,6 +547,17 @@ class _Server:
         if reaped:
             # a worker ended: what its code started was reparented here, and ends now (issue 21)
             reaper.kill_orphans(self.children)
+
+    def connector_died(self) -> int:
+        """Nothing started under the connector outlives it: what is under this zygote is killed; then, when
+        the connector is really gone (this process was reparented), its whole cgroup (the other zygotes,
+        spawned workers and what they started), this zygote included."""
+        code = self.shutdown(0.0)
+        if self.cgroup_path is not None and self.connector_pid and os.getppid() != self.connector_pid:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            cgroup.kill(self.cgroup_path)
+        return code
 
     def shutdown(self, grace: float) -> int:
         deadline = time.monotonic() + grace
@@ -670,6 +683,7 @@ def _warm_up(queries: int = WARM_UP_QUERIES) -> int:
 def main() -> None:
     # first: the worker user and no new privileges (its forks inherit both), before the preload runs any
     # module's code; and before _die_with, since a change of user clears the parent-death signal
+    cgroup_path = cgroup.join()      # first: what it forks from here on is in the connector's cgroup
     sandbox.harden_worker()
     control_fd, connector_pid, modules = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     _die_with(connector_pid)
@@ -693,12 +707,12 @@ def main() -> None:
     procgroup.set_process_name("pyexec-zygote")
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    server = _Server(control, connector_pid)
+    server = _Server(control, connector_pid, cgroup_path)
     try:
         server.send({"kind": "ready", "pid": os.getpid(), "threads": threads, "warmed_up": warmed_up})
         code = server.serve()
     except OSError:
-        code = server.shutdown(0.0)
+        code = server.connector_died()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,0 +1,206 @@
+"""A cgroup v2 of the connector's own, holding its zygotes and spawned workers (and so everything they
+start): one write to its `cgroup.kill` ends them all, whatever they did to their sessions, groups or
+parents. Where none can be had (cgroup v1 only, no write access or delegation, a kernel before 5.14
+without cgroup.kill) the connector runs without it, and says so once (docs/PROCESSES.md).
+
+The console command opens it (`open_for_connector`) and kills it as it exits (`close`). A process started
+for it joins it first thing, before anything it runs could fork (`join`, with the directory in PYEXEC_CGROUP
+of its environment). When the connector dies without closing it (SIGKILL, a crash), a sentinel process in
+the cgroup kills it, and so does each zygote (on its parent-death signal); the empty cgroup left by such a
+death is removed by the next start.
+
+The connector itself stays where it is: only what it starts moves, so its own cgroup's limits and its
+service manager's view are unchanged."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import MutableMapping
+
+log = logging.getLogger(__name__)
+
+ENV = "PYEXEC_CGROUP"
+_PREFIX = "pyexec-"
+KILL_WAIT = 5.0      # seconds close() waits for the killed cgroup to empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Cgroup:
+    path: str
+    sentinel: subprocess.Popen | None = None
+
+
+# The sentinel: a bare interpreter in the cgroup that waits for the connector to end (a pidfd: whatever
+# ends it, SIGKILL too) and then kills the cgroup. It runs no user code and imports nothing but os, select,
+# signal and sys; the connector's own orderly exit kills it with the rest.
+_SENTINEL = """
+import os, select, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+path, parent = sys.argv[1], int(sys.argv[2])
+with open(os.path.join(path, "cgroup.procs"), "w") as fp:
+    fp.write("0")
+try:
+    watch = os.pidfd_open(parent)
+except OSError:
+    watch = None
+if watch is not None and os.getppid() == parent:
+    select.select([watch], [], [])
+with open(os.path.join(path, "cgroup.kill"), "w") as fp:
+    fp.write("1")
+"""
+
+
+_opened: Cgroup | None = None
+
+
+def _cgroup2_mounts() -> list[tuple[str, str]]:
+    """(root within the hierarchy, mount point) of every cgroup2 mount this process sees."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fp:
+            for line in fp:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
+                    found.append((_unescape(fields[3]), _unescape(fields[4])))
+    except OSError:
+        return []
+    return found
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def own_directory() -> tuple[str | None, str]:
+    """The directory of this process's cgroup v2, or None and why not."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as fp:
+            unified = [line.rstrip("\n")[3:] for line in fp if line.startswith("0::")]
+    except OSError:
+        return None, "no /proc/self/cgroup (not Linux)"
+    if not unified:
+        return None, "no cgroup v2 hierarchy (cgroup v1 only)"
+    path = unified[0]
+    for root, mount in _cgroup2_mounts():
+        relative = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+        if relative.startswith(".."):
+            continue
+        directory = os.path.normpath(os.path.join(mount, relative))
+        if os.path.isdir(directory):
+            return directory, ""
+    return None, "the cgroup v2 hierarchy is not mounted where this process can see its own cgroup"
+
+
+def open_for_connector(worker_uid: int | None = None) -> tuple[Cgroup | None, str]:
+    """Make the connector's cgroup (a child of its own): (it, "") or (None, why not). `worker_uid`: the
+    workerUser, whose zygotes must be able to kill the cgroup when the connector dies."""
+    global _opened
+    parent, why = own_directory()
+    if parent is None:
+        return None, why
+    _remove_stale(parent)
+    path = os.path.join(parent, f"{_PREFIX}{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return None, f"cannot create a cgroup under {parent} ({exc.strerror}: no write access or delegation)"
+    if not os.path.exists(os.path.join(path, "cgroup.kill")):
+        _rmdir(path)
+        return None, "the kernel has no cgroup.kill (Linux 5.14 or later)"
+    if not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
+        _rmdir(path)
+        return None, f"cannot move processes out of {parent} (no write access to its cgroup.procs)"
+    if worker_uid is not None:
+        try:
+            os.chown(os.path.join(path, "cgroup.kill"), worker_uid, -1)
+        except OSError as exc:
+            log.warning("cgroup %s: cannot let the worker user kill it (%s); if the connector is killed, its "
+                        "zygotes kill what is under them only", path, exc.strerror)
+    try:
+        sentinel = subprocess.Popen([sys.executable, "-S", "-c", _SENTINEL, path, str(os.getpid())],
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env={})
+    except OSError as exc:
+        log.warning("cgroup %s: no process to kill it should the connector be killed (%s)", path, exc)
+        sentinel = None
+    _opened = Cgroup(path, sentinel)
+    return _opened, ""
+
+
+def _remove_stale(parent: str) -> None:
+    """Cgroups left by connectors that died without closing theirs (their zygote killed what was in them)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            if not name.startswith(_PREFIX) or not name[len(_PREFIX):].isdigit():
+                continue
+            pid = int(name[len(_PREFIX):])
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                _rmdir(os.path.join(parent, name))      # fails while something still runs in it
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def opened() -> Cgroup | None:
+    return _opened
+
+
+def environment(env: dict[str, str]) -> dict[str, str]:
+    """A child's environment, naming the cgroup it joins (unchanged when there is none)."""
+    if _opened is None:
+        return env
+    return {**env, ENV: _opened.path}
+
+
+def join(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """In a zygote or spawned worker, first thing (before it changes user): move into the cgroup its
+    environment names, and take the name out of the environment (its children need not know it). Returns
+    the directory, or None. A failure is not fatal: the subreaper and parent-death signals still hold."""
+    path = (os.environ if environ is None else environ).pop(ENV, None)
+    if not path:
+        return None
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w", encoding="ascii") as fp:
+            fp.write("0")
+    except OSError:
+        return None
+    return path
+
+
+def kill(path: str) -> bool:
+    """SIGKILL every process in the cgroup (this one too, if it is in it)."""
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w", encoding="ascii") as fp:
+            fp.write("1")
+    except OSError:
+        return False
+    return True
+
+
+def close() -> None:
+    """The connector is exiting: kill what is left in its cgroup, wait (bounded) until it is empty and
+    remove it."""
+    global _opened
+    cgroup, _opened = _opened, None
+    if cgroup is None:
+        return
+    kill(cgroup.path)
+    if cgroup.sentinel is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cgroup.sentinel.wait(KILL_WAIT)
+    deadline = time.monotonic() + KILL_WAIT
+    while not _rmdir(cgroup.path) and time.monotonic() < deadline:
+        time.sleep(0.02)
