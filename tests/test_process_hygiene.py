@@ -15,6 +15,7 @@ import pytest
 
 from .conftest import SOURCE, TOKEN, console_command, free_port
 from .test_operations import Proc, config_text, get, samples, value
+from .test_sandbox import _hardened, _stop, open_dir, root_only, worker_user  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="subreapers, parent-death signals and /proc: Linux")
 
@@ -185,3 +186,30 @@ async def test_the_start_says_which_guarantee_holds_and_the_cgroup_goes_with_the
     proc.signal(signal.SIGTERM)
     assert await proc.wait() == 0
     assert not is_dir(path), "the connector's cgroup outlived it"
+
+
+# 48 children that sleep 30 s, under maxProcessesPerWorker 50 (the zygote and the worker are the other two)
+FORK_48 = ("import os, time\n"
+           "children = []\n"
+           "for _ in range(48):\n"
+           "    pid = os.fork()\n"
+           "    if pid == 0:\n"
+           "        time.sleep(30)\n"
+           "        os._exit(0)\n"
+           "    children.append(pid)\n")
+
+
+@root_only
+async def test_hardened_forty_eight_children_end_with_their_query_and_the_next_can_fork(
+        server, worker_user, open_dir):  # noqa: F811 - the fixtures of test_sandbox
+    proc = await _hardened(server, open_dir, worker_user, {"workers": 1, "maxProcessesPerWorker": 50})
+    try:
+        first = await server.query({"code": FORK_48}, timeout=60)
+        assert first.status == 200, first.body
+        assert len(first.results["children"]) == 48
+        assert await reaped(first.results["children"]) == [], "the fork bomb's children outlived their query"
+        second = await server.query({"code": FORK_48}, timeout=60)       # the worker user's processes are free
+        assert second.status == 200, second.body
+        assert await reaped(second.results["children"]) == []
+    finally:
+        await _stop(proc)
