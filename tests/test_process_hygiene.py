@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import SOURCE, TOKEN, console_command, free_port
 from .test_operations import Proc, config_text, get, samples, value
-from .test_sandbox import _hardened, _stop, open_dir, root_only, worker_user  # noqa: F401 - fixtures
+from .test_sandbox import _console, _hardened, _stop, open_dir, root_only, worker_user  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="subreapers, parent-death signals and /proc: Linux")
 
@@ -213,3 +213,42 @@ async def test_hardened_forty_eight_children_end_with_their_query_and_the_next_c
         assert await reaped(second.results["children"]) == []
     finally:
         await _stop(proc)
+
+
+async def test_a_process_started_beside_a_longer_query_ends_when_that_one_does(server, connector):
+    """The rule for overlapping queries: a process belongs to every query running when it started."""
+    await connector()
+    long_address = await server.send_query(SOURCE, {"code": "import asyncio\n"
+                                                            "await connector_connection.send_notification({})\n"
+                                                            "await asyncio.sleep(4)\nx = 1"})
+    await server.wait_notifications(SOURCE, 1, timeout=60)      # the long query runs
+    short = await server.query({"code": CHILDREN}, SOURCE, timeout=60)
+    assert short.status == 200
+    pids = [short.results["plain"], short.results["detached"]]
+    await asyncio.sleep(2.0)                    # past the grace its own query's end would have given them
+    assert all(running(pid) for pid in pids), "ended while a query that overlapped their start still ran"
+    assert (await server.replies_for(long_address, timeout=60)).status == 200
+    assert await reaped(pids) == [], "outlived the last query that overlapped their start"
+
+
+@root_only
+async def test_without_a_cgroup_a_killed_connectors_zygote_ends_everything(server, open_dir):  # noqa: F811
+    """A connector that is not root cannot have a cgroup here: it says so, starts, and the zygote alone
+    ends what the queries started when the connector is SIGKILLed."""
+    conf = open_dir / "serverConfig"
+    conf.mkdir()
+    conf.chmod(0o755)
+    (conf / "server.config").write_text(config_text(server, TOKEN))
+    (conf / "server.config").chmod(0o644)      # readable by the unprivileged connector (it warns)
+    server.set_source_config(SOURCE, {"workers": 1})
+    proc = Proc(await _console(open_dir, {}, user="nobody", readable_by="nobody"))
+    try:
+        await server.wait_attached(SOURCE, timeout=60)
+        await proc.wait_for_line("process hygiene")
+        assert "without a cgroup" in proc.output, proc.output
+        pids = await started_children(server)
+        proc.signal(signal.SIGKILL)
+        await proc.wait()
+        assert await reaped(pids) == [], "a child outlived the connector"
+    finally:
+        await proc.kill()
