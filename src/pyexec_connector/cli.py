@@ -234,7 +234,7 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
 
 
 async def serve(config: ServerConfig) -> int:
-    hygiene.start(config.worker_credentials)    # nothing started under the connector outlives it (issue 21)
+    hygiene.start()     # nothing started under the connector outlives it (issue 21)
     try:
         return await _serve(config)
     finally:

@@ -4,10 +4,11 @@ parents. Where none can be had (cgroup v1 only, no write access or delegation, a
 without cgroup.kill) the connector runs without it, and says so once (docs/PROCESSES.md).
 
 The console command opens it (`open_for_connector`) and kills it as it exits (`close`). A process started
-for it joins it first thing, before anything it runs could fork (`join`, with the directory in PYEXEC_CGROUP
-of its environment). When the connector dies without closing it (SIGKILL, a crash), a sentinel process in
-the cgroup kills it, and so does each zygote (on its parent-death signal); the empty cgroup left by such a
-death is removed by the next start.
+for it (a zygote; a spawned worker, into a `leaf` cgroup of its own; the sentinel) joins it first thing,
+before anything it runs could fork (`join`, with the directory in PYEXEC_CGROUP of its environment).
+When the connector dies without closing it (SIGKILL, a crash), a sentinel process in the cgroup kills it,
+and so does each zygote that may (on its parent-death signal); the empty cgroup left by such a death is
+removed by the next start.
 
 The connector itself stays where it is: only what it starts moves, so its own cgroup's limits and its
 service manager's view are unchanged."""
@@ -98,9 +99,8 @@ def own_directory() -> tuple[str | None, str]:
     return None, "the cgroup v2 hierarchy is not mounted where this process can see its own cgroup"
 
 
-def open_for_connector(worker_uid: int | None = None) -> tuple[Cgroup | None, str]:
-    """Make the connector's cgroup (a child of its own): (it, "") or (None, why not). `worker_uid`: the
-    workerUser, whose zygotes must be able to kill the cgroup when the connector dies."""
+def open_for_connector() -> tuple[Cgroup | None, str]:
+    """Make the connector's cgroup (a child of its own): (it, "") or (None, why not)."""
     global _opened
     parent, why = own_directory()
     if parent is None:
@@ -119,12 +119,6 @@ def open_for_connector(worker_uid: int | None = None) -> tuple[Cgroup | None, st
     if not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
         _rmdir(path)
         return None, f"cannot move processes out of {parent} (no write access to its cgroup.procs)"
-    if worker_uid is not None:
-        try:
-            os.chown(os.path.join(path, "cgroup.kill"), worker_uid, -1)
-        except OSError as exc:
-            log.warning("cgroup %s: cannot let the worker user kill it (%s); if the connector is killed, its "
-                        "zygotes kill what is under them only", path, exc.strerror)
     try:
         sentinel = subprocess.Popen([sys.executable, "-S", "-c", _SENTINEL, path, str(os.getpid())],
                                     stdin=subprocess.DEVNULL, start_new_session=True, env={})
@@ -147,6 +141,12 @@ def _remove_stale(parent: str) -> None:
 
 
 def _rmdir(path: str) -> bool:
+    """Remove a cgroup and its leaf cgroups; False while a process is still in any of them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
     try:
         os.rmdir(path)
     except OSError:
@@ -158,11 +158,41 @@ def opened() -> Cgroup | None:
     return _opened
 
 
-def environment(env: dict[str, str]) -> dict[str, str]:
-    """A child's environment, naming the cgroup it joins (unchanged when there is none)."""
+def environment(env: dict[str, str], path: str | None = None) -> dict[str, str]:
+    """A child's environment, naming the cgroup it joins: `path`, else the connector's (unchanged when
+    there is none)."""
+    target = path if path is not None else _opened.path if _opened is not None else None
+    return env if target is None else {**env, ENV: target}
+
+
+def leaf(name: str) -> str | None:
+    """A cgroup of its own for one spawned worker, inside the connector's (None without one): what the
+    worker's code leaves when it ends, even by a crash, is killed with it (see `empty`). Forked workers
+    need none: their zygote adopts and kills what they leave."""
     if _opened is None:
-        return env
-    return {**env, ENV: _opened.path}
+        return None
+    path = os.path.join(_opened.path, name)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return path
+
+
+def discard(path: str) -> None:
+    """Remove a leaf cgroup nothing joined (its worker could not be started)."""
+    _rmdir(path)
+
+
+async def empty(path: str) -> None:
+    """Kill whatever is left in a leaf cgroup and remove it (bounded: KILL_WAIT)."""
+    import asyncio
+    kill(path)
+    deadline = time.monotonic() + KILL_WAIT
+    while not _rmdir(path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def join(environ: MutableMapping[str, str] | None = None) -> str | None:

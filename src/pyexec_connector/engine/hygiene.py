@@ -9,10 +9,10 @@ from . import cgroup
 log = logging.getLogger("pyexec_connector.processes")
 
 
-def start(worker_credentials: tuple[int, int] | None = None) -> bool:
+def start() -> bool:
     """Open the connector's cgroup and say once what ends the processes started under the connector.
     True when the cgroup holds them."""
-    opened, why = cgroup.open_for_connector(worker_credentials[0] if worker_credentials else None)
+    opened, why = cgroup.open_for_connector()
     if opened is not None:
         log.info("process hygiene: zygotes and workers run in the cgroup %s; whatever they start ends with "
                  "its query (unless keepChildProcesses), its worker, and the connector, also if the connector "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from . import cgroup, procgroup, reaper
 from .zygote import FORK_TIMEOUT, ForkedWorker, PreloadError, Zygote, ZygoteError, ZygoteRegistry, clean_environment
 
 log = logging.getLogger(__name__)
+_SPAWNED = itertools.count(1)      # names of spawned workers' leaf cgroups
 
 
 class WorkerProcess(Protocol):
@@ -47,10 +49,12 @@ class Launched:
 
 
 class SpawnedWorker:
-    """A spawned worker (asyncio's Process) whose signals go to its whole process group."""
+    """A spawned worker (asyncio's Process) whose signals go to its whole process group. `leaf`: its own
+    cgroup (engine/cgroup.py), emptied when it ends, or None."""
 
-    def __init__(self, proc: asyncio.subprocess.Process):
+    def __init__(self, proc: asyncio.subprocess.Process, leaf: str | None = None):
         self._proc = proc
+        self._leaf = leaf
 
     @property
     def pid(self) -> int:
@@ -61,7 +65,11 @@ class SpawnedWorker:
         return self._proc.returncode
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        code = await self._proc.wait()
+        leaf, self._leaf = self._leaf, None
+        if leaf is not None:
+            await cgroup.empty(leaf)     # what its code started, also in a session of its own, ends with it
+        return code
 
     def send_signal(self, sig: int) -> None:
         # once reaped (returncode set), its pid may belong to another process: nothing more is sent
@@ -83,7 +91,8 @@ async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
     a session and process group of its own. `options`: sandbox.worker_spawn_options (its environment, and
     the user it becomes); by default an environment without secrets."""
     options = options if options is not None else {"env": clean_environment()}
-    options = {**options, "env": cgroup.environment(options.get("env") or clean_environment())}
+    leaf = cgroup.leaf(f"spawned-{next(_SPAWNED)}")
+    options = {**options, "env": cgroup.environment(options.get("env") or clean_environment(), leaf)}
     ours, theirs = socket.socketpair()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -92,10 +101,12 @@ async def spawn_worker(options: dict[str, Any] | None = None) -> Launched:
             **options)                                                                     # uvloop refuses it
     except BaseException:
         ours.close()
+        if leaf is not None:
+            cgroup.discard(leaf)
         raise
     finally:
         theirs.close()
-    return Launched(SpawnedWorker(proc), ours, forked=False)
+    return Launched(SpawnedWorker(proc, leaf), ours, forked=False)
 
 
 class WorkerLauncher:

@@ -30,6 +30,8 @@ REAP_WITHIN = 5.0      # seconds the worker keeps trying to reap what it killed
 _WALL = 0x40000000     # __WALL (linux/wait.h): children of any kind, also those cloned without SIGCHLD
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _FREEZE_ROUNDS = 50    # SIGSTOP sweeps before SIGKILL: each catches what forked during the one before
+_clock = time.clock_gettime
+_BOOT = time.CLOCK_BOOTTIME if hasattr(time, "CLOCK_BOOTTIME") else time.CLOCK_MONOTONIC  # /proc's start times
 
 
 class Proc(NamedTuple):
@@ -119,11 +121,6 @@ def send(proc: Proc, sig: int) -> bool:
             os.close(fd)
 
 
-def _now_ticks() -> float:
-    # /proc's start times count clock ticks of the boot-time clock
-    return time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS
-
-
 def kill_descendants(pid: int | None = None, spare: Iterable[int] = ()) -> int:
     """SIGKILL every descendant of `pid` (this process by default) but the children in `spare` and their
     own: stopped first, sweep after sweep, so that none forks between being found and being killed.
@@ -157,7 +154,7 @@ class QueryProcesses:
     def __init__(self, keep: bool = False, pid: int | None = None):
         self.keep = keep
         self._pid = os.getpid() if pid is None else pid
-        self._running: dict[int, float] = {}        # qid -> when it started (ticks)
+        self._running: dict[int, float] = {}        # qid -> when it started (boot-time clock, seconds)
         self._held: dict[Proc, frozenset[int]] = {}  # process -> the running queries it belongs to
         self._ending: dict[Proc, float] = {}        # ended, not reaped yet -> when SIGKILL is due (monotonic)
         self._killed: dict[Proc, float] = {}        # sent SIGKILL -> until when it is waited for
@@ -166,7 +163,7 @@ class QueryProcesses:
 
     def started(self, qid: int) -> None:
         if not self.keep:
-            self._running[qid] = _now_ticks()
+            self._running[qid] = _clock(_BOOT)
 
     def ended(self, qid: int) -> int:
         """The query ended: SIGTERM to every process that belonged to it and to no query still running
@@ -188,7 +185,8 @@ class QueryProcesses:
                 continue
             owners = self._held.get(proc)
             if owners is None:
-                owners = frozenset(q for q, began in self._running.items() if began <= proc.start + 1)
+                started = (proc.start + 1) / _TICKS      # to the tick: a query up to one tick later is given it
+                owners = frozenset(q for q, began in self._running.items() if began <= started)
             else:
                 owners = frozenset(q for q in owners if q in self._running)
             if owners:
@@ -271,7 +269,8 @@ class QueryProcesses:
         """The worker is ending: SIGTERM to everything under it, SIGKILL after `grace`, reaped (bounded).
         Synchronous: the worker's loop is closed. Returns how many were running."""
         if self._timer is not None:
-            self._timer.cancel()
+            with contextlib.suppress(RuntimeError):     # its loop may be closed already
+                self._timer.cancel()
             self._timer = None
         if not has_children():
             return 0
