@@ -5,9 +5,9 @@ session or process group or whose parent exited (it is reparented to the worker,
 worker finds them all under /proc/<pid>/task/*/children. `QueryProcesses` ends them as queries end.
 
 Which query a process belongs to cannot be told when queries overlap in one worker. The rule: a process
-belongs to every query that was running when it started (its start time in /proc, to the clock tick; a
-process first seen later than it started may be given to a query that started up to one tick after it);
-it ends when the last of those has ended. A process that belongs to no running query ends when it is
+belongs to every query that was running when it started (its start time in /proc, to the clock tick: a
+query that started up to one tick after the process may be counted among them); it ends when the last of
+those has ended. A process that belongs to no running query ends when it is
 found. Every query ends (at the latest at its timeout), so every process does.
 
 The zygote uses `kill_descendants` and `kill_orphans`: a worker's descendants are reparented to the
