@@ -10,8 +10,9 @@ only modules) and it never runs a query. Like multiprocessing's forkserver it ru
 fork requests come in on the control socket with the worker's end of a fresh socket pair; it forks, and
 the child runs the same worker main loop a spawned worker runs. The connector cannot waitpid() a
 grandchild, so the zygote reaps its children and reports each end as (pid, exit code) on the control
-socket. It is also a child subreaper, so what user code leaves behind when its worker ends is reaped
-here, and it kills the group of every worker that ends (see procgroup). Before it says it is ready it
+socket. It is also a child subreaper, so what user code leaves behind when its worker ends is reparented
+here, and killed and reaped at once (engine/reaper.py); so is everything under it when the connector
+dies (its parent-death signal) or stops it. Before it says it is ready it
 runs the worker runtime once (_warm_up), so that what a worker's first queries write (lazy caches,
 quickened bytecode) is written once, in pages its forks share, not again in each of them.
 
@@ -550,8 +551,8 @@ class _Server:
 
     def connector_died(self) -> int:
         """Nothing started under the connector outlives it: what is under this zygote is killed; then, when
-        the connector is really gone (this process was reparented), its whole cgroup (the other zygotes,
-        spawned workers and what they started), this zygote included."""
+        the connector is really gone (this process was reparented) and this zygote may (not as workerUser:
+        the sentinel does it then), its whole cgroup, this zygote included (engine/cgroup.py)."""
         code = self.shutdown(0.0)
         if self.cgroup_path is not None and self.connector_pid and os.getppid() != self.connector_pid:
             sys.stdout.flush()
