@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
+
+from .. import sandbox
 
 GRACE = 1.0            # seconds between SIGTERM and SIGKILL for what a query left running
 REAP_WITHIN = 5.0      # seconds the worker keeps trying to reap what it killed
@@ -44,12 +49,29 @@ class Proc(NamedTuple):
 def has_children() -> bool:
     """Whether this process has any child, running or a zombie (one syscall, reaps nothing)."""
     try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT | _WALL)
+        os.waitid(os.P_ALL, 0, _WAITID_FLAGS)
     except ChildProcessError:
         return False
     except OSError:
         return True        # cannot tell: look
     return True
+
+
+_WAITID_FLAGS = os.WEXITED | os.WNOHANG | os.WNOWAIT | _WALL
+
+
+def _childless_probe() -> Callable[[], object]:
+    """`not has_children()`, faster, for the end of every query: the C library's waitid() answers -1
+    (ECHILD: truthy) or 0 without the exception os.waitid raises for ECHILD (half the cost). The portable
+    one where that cannot be had or does not answer as expected."""
+    try:
+        waitid = sandbox.libc().waitid
+        answer = waitid(os.P_ALL, 0, None, _WAITID_FLAGS)
+    except (OSError, AttributeError):
+        return lambda: not has_children()
+    if answer == -1 and ctypes.get_errno() != errno.ECHILD:
+        return lambda: not has_children()
+    return functools.partial(waitid, os.P_ALL, 0, None, _WAITID_FLAGS)
 
 
 def _stat(pid: int) -> tuple[int, bytes] | None:
@@ -159,6 +181,7 @@ class QueryProcesses:
         self._ending: dict[Proc, float] = {}        # ended, not reaped yet -> when SIGKILL is due (monotonic)
         self._killed: dict[Proc, float] = {}        # sent SIGKILL -> until when it is waited for
         self._timer: asyncio.TimerHandle | None = None
+        self._childless = _childless_probe()
         self.ended_total = 0                        # processes still running when their queries ended
 
     def started(self, qid: int) -> None:
@@ -168,11 +191,8 @@ class QueryProcesses:
     def ended(self, qid: int) -> int:
         """The query ended: SIGTERM to every process that belonged to it and to no query still running
         (SIGKILL follows after GRACE). Returns how many were running (zombies are only reaped)."""
-        if self.keep:
-            return 0
-        self._running.pop(qid, None)
-        if not has_children():
-            self._held.clear()
+        # keep: started() recorded nothing. Stale entries in _held are dropped by the next sweep.
+        if self._running.pop(qid, None) is None or self._childless():
             return 0
         return self._sweep()
 
