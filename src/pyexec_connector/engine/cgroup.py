@@ -6,9 +6,10 @@ without cgroup.kill) the connector runs without it, and says so once (docs/PROCE
 The console command opens it (`open_for_connector`) and kills it as it exits (`close`). A process started
 for it (a zygote; a spawned worker, into a `leaf` cgroup of its own; the sentinel) joins it first thing,
 before anything it runs could fork (`join`, with the directory in PYEXEC_CGROUP of its environment).
-When the connector dies without closing it (SIGKILL, a crash), a sentinel process in the cgroup kills it,
-and so does each zygote that may (on its parent-death signal); the empty cgroup left by such a death is
-removed by the next start.
+When the connector dies without closing it (SIGKILL, a crash), each zygote kills what is under it (and
+the cgroup, where it may: not as workerUser), and a sentinel process in the cgroup, started with the first
+spawned worker (what no zygote holds), kills the cgroup; the empty cgroup left by such a death is removed
+by the next start.
 
 The connector itself stays where it is: only what it starts moves, so its own cgroup's limits and its
 service manager's view are unchanged."""
@@ -30,15 +31,16 @@ _PREFIX = "pyexec-"
 KILL_WAIT = 5.0      # seconds close() waits for the killed cgroup to empty
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Cgroup:
     path: str
-    sentinel: subprocess.Popen | None = None
+    sentinel: subprocess.Popen | None = None     # started with the first spawned worker (leaf())
 
 
 # The sentinel: a bare interpreter in the cgroup that waits for the connector to end (a pidfd: whatever
 # ends it, SIGKILL too) and then kills the cgroup. It runs no user code and imports nothing but os, select,
-# signal and sys; the connector's own orderly exit kills it with the rest.
+# signal and sys; the connector's own orderly exit kills it with the rest. Only spawned workers need it
+# (~10 MB): a zygote ends what is under it itself.
 _SENTINEL = """
 import os, select, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -119,14 +121,17 @@ def open_for_connector() -> tuple[Cgroup | None, str]:
     if not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
         _rmdir(path)
         return None, f"cannot move processes out of {parent} (no write access to its cgroup.procs)"
-    try:
-        sentinel = subprocess.Popen([sys.executable, "-S", "-c", _SENTINEL, path, str(os.getpid())],
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env={})
-    except OSError as exc:
-        log.warning("cgroup %s: no process to kill it should the connector be killed (%s)", path, exc)
-        sentinel = None
-    _opened = Cgroup(path, sentinel)
+    _opened = Cgroup(path)
     return _opened, ""
+
+
+def _start_sentinel(cgroup: Cgroup) -> None:
+    try:
+        cgroup.sentinel = subprocess.Popen([sys.executable, "-S", "-c", _SENTINEL, cgroup.path, str(os.getpid())],
+                                           stdin=subprocess.DEVNULL, start_new_session=True, env={})
+    except OSError as exc:
+        log.warning("cgroup %s: no sentinel to kill it should the connector be killed (%s): what spawned "
+                    "workers start may then outlive it", cgroup.path, exc)
 
 
 def _remove_stale(parent: str) -> None:
@@ -171,6 +176,8 @@ def leaf(name: str) -> str | None:
     need none: their zygote adopts and kills what they leave."""
     if _opened is None:
         return None
+    if _opened.sentinel is None:
+        _start_sentinel(_opened)
     path = os.path.join(_opened.path, name)
     try:
         os.mkdir(path)
