@@ -159,10 +159,6 @@ def _rmdir(path: str) -> bool:
     return True
 
 
-def opened() -> Cgroup | None:
-    return _opened
-
-
 def environment(env: dict[str, str], path: str | None = None) -> dict[str, str]:
     """A child's environment, naming the cgroup it joins: `path`, else the connector's (unchanged when
     there is none)."""

@@ -182,7 +182,6 @@ class QueryProcesses:
         self._killed: dict[Proc, float] = {}        # sent SIGKILL -> until when it is waited for
         self._timer: asyncio.TimerHandle | None = None
         self._childless = _childless_probe()
-        self.ended_total = 0                        # processes still running when their queries ended
 
     def started(self, qid: int) -> None:
         if not self.keep:
@@ -220,7 +219,6 @@ class QueryProcesses:
             self._ending[proc] = kill_at
             if found[proc] != b"Z" and send(proc, signal.SIGTERM):
                 running += 1
-        self.ended_total += running
         if due:
             self._schedule(0.0 if running == 0 else GRACE)
         return running
