@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pyexec_connector.config import SourceConfig
+
 from .conftest import SOURCE, TOKEN, console_command, free_port
 from .test_operations import Proc, config_text, get, samples, value
 from .test_sandbox import _console, _hardened, _stop, open_dir, root_only, worker_user  # noqa: F401 - fixtures
@@ -270,3 +272,11 @@ async def test_without_a_cgroup_a_killed_connectors_zygote_ends_everything(serve
         assert await reaped(pids) == [], "a child outlived the connector"
     finally:
         await proc.kill()
+
+
+def test_keep_child_processes_is_a_boolean_named_when_wrong_and_changes_the_pool():
+    config, problems = SourceConfig.parse({"keepChildProcesses": "maybe"})
+    assert config is None and "keepChildProcesses" in problems
+    kept, _ = SourceConfig.parse({"keepChildProcesses": True})
+    assert kept is not None and kept.keepChildProcesses is True and SourceConfig().keepChildProcesses is False
+    assert kept.pool_shape != SourceConfig().pool_shape       # its workers are started with it
