@@ -293,9 +293,19 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
 
 
 async def serve(config: ServerConfig) -> int:
+    from .engine import hygiene
+    hygiene.start()     # nothing started under the connector outlives it (issue 21)
+    try:
+        return await _serve(config)
+    finally:
+        hygiene.stop()
+
+
+async def _serve(config: ServerConfig) -> int:
     import asyncio
 
     from .connector import Connector
+    from .engine import hygiene
     from .errors import AuthenticationError
     from .link import ConnectionFailed
     connector = Connector(config)
@@ -310,6 +320,7 @@ async def serve(config: ServerConfig) -> int:
             connector.stop()
             return
         log.warning("%s received again: exiting at once; in-flight queries are not answered", sig.name)
+        hygiene.stop()
         if logqueue.stop(timeout=1.0):
             logging.shutdown()
         os._exit(EXIT_FAILURE)

@@ -1,9 +1,9 @@
 """The check that the websockets names the connector relies on are there. No undocumented internal of
 asyncio or websockets is used anywhere: the worker pipe is a sans-I/O channel under a plain asyncio
 Protocol (engine/channel.py), and the websocket link runs on websockets' documented sans-I/O layer
-(websocket.py), whose names `websocket.SANS_IO_NAMES` lists and tests/test_compat.py checks. `missing()` lists what is gone,
-the connector logs it at start-up, and the test fails on it, so an upgrade that loses a name fails CI
-instead of showing up as a silent slowdown or a broken link."""
+(websocket.py), whose names `websocket.SANS_IO_NAMES` lists and tests/test_compat.py checks.
+`missing()` lists what is gone, the connector logs it at start-up, and the test fails on it, so an
+upgrade that loses a name fails CI instead of showing up as a silent slowdown or a broken link."""
 from __future__ import annotations
 
 import importlib

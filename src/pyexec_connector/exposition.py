@@ -40,6 +40,8 @@ ENGINE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int | None]]
      lambda s: s.credit),
     ("engine_credit_overdrawn", "Runs sent to workers beyond what they asked for (0 unless credit is broken)",
      False, lambda s: s.credit_overdrawn),
+    ("engine_query_processes_ended", "Processes user code started that were still running when their query "
+     "ended, ended then (keepChildProcesses: false)", True, lambda s: s.query_processes_ended),
     ("engine_queries_requeued", "Queries taken back from a silent worker that never read them and given to "
      "another", True, lambda s: s.queries_requeued),
 )

@@ -71,7 +71,7 @@ def type_text(info: FieldInfo) -> str:
             metadata += item.metadata if isinstance(item, FieldInfo) else [item]
     if typing.get_origin(base) is Literal:
         return " or ".join(f"`{v}`" for v in typing.get_args(base))
-    words = {bool: "true or false", int: "whole number", float: "number", str: "text"}
+    words: dict[Any, str] = {bool: "true or false", int: "whole number", float: "number", str: "text"}
     if base in words:
         return words[base] + ("" if base in (bool, str) else _bounds(metadata))
     if typing.get_origin(base) in (tuple, list):

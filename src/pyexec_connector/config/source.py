@@ -102,6 +102,8 @@ class SourceConfig(BaseModel):
     maxProcessesPerWorker: int = setting(sandbox.DEFAULT_MAX_PROCESSES, "With workerUser only: processes and "
                                          "threads the worker user may have at once (RLIMIT_NPROC).",
                                          ge=8, le=4_194_304)
+    keepChildProcesses: Flag = setting(False, "true: processes user code starts run until their worker ends; "
+                                       "false: they end with their query (process mode; docs/PROCESSES.md).")
 
     @field_validator("minWorkers")
     @classmethod
@@ -136,7 +138,7 @@ class SourceConfig(BaseModel):
     def pool_shape(self) -> tuple[Any, ...]:
         """What a worker pool is built from: a change here needs a new pool, anything else does not."""
         return (self.executionMode, self.worker_count, self.memoryLimitMB or None, self.maxOpenFiles,
-                self.maxProcessesPerWorker, self.preload)
+                self.maxProcessesPerWorker, self.preload, self.keepChildProcesses)
 
 
 def source_config_problems(document: Any) -> tuple[SourceConfig | None, list[str], list[str]]:

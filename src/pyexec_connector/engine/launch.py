@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from . import procgroup
+from . import cgroup, procgroup, reaper
 from .zygote import (
     FORK_TIMEOUT,
     ForkedWorker,
@@ -31,6 +32,7 @@ from .zygote import (
 )
 
 log = logging.getLogger(__name__)
+_SPAWNED = itertools.count(1)      # names of spawned workers' leaf cgroups
 
 
 class WorkerProcess(Protocol):
@@ -56,10 +58,12 @@ class Launched:
 
 
 class SpawnedWorker:
-    """A spawned worker (asyncio's Process) whose signals go to its whole process group."""
+    """A spawned worker (asyncio's Process) whose signals go to its whole process group. `leaf`: its own
+    cgroup (engine/cgroup.py), emptied when it ends, or None."""
 
-    def __init__(self, proc: asyncio.subprocess.Process):
+    def __init__(self, proc: asyncio.subprocess.Process, leaf: str | None = None):
         self._proc = proc
+        self._leaf = leaf
 
     @property
     def pid(self) -> int:
@@ -70,7 +74,11 @@ class SpawnedWorker:
         return self._proc.returncode
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        code = await self._proc.wait()
+        leaf, self._leaf = self._leaf, None
+        if leaf is not None:
+            await cgroup.empty(leaf)     # what its code started, also in a session of its own, ends with it
+        return code
 
     def send_signal(self, sig: int) -> None:
         # once reaped (returncode set), its pid may belong to another process: nothing more is sent
@@ -78,6 +86,9 @@ class SpawnedWorker:
             procgroup.kill_group(self._proc.pid, sig)
 
     def kill(self) -> None:
+        if self._proc.returncode is None:
+            # no zygote adopts what its code started once it is dead: killed here first, while still under it
+            reaper.kill_descendants(self._proc.pid)
         self.send_signal(signal.SIGKILL)
 
     def terminate(self) -> None:
@@ -90,6 +101,8 @@ async def spawn_worker(options: dict[str, Any] | None = None, python: str | None
     the user it becomes); by default an environment without secrets. `python`: the interpreter (default:
     the connector's; a per-script environment's runs the script with its packages)."""
     options = options if options is not None else {"env": clean_environment()}
+    leaf = cgroup.leaf(f"spawned-{next(_SPAWNED)}")
+    options = {**options, "env": cgroup.environment(options.get("env") or clean_environment(), leaf)}
     ours, theirs = socket.socketpair()
     peer = theirs.dup()
     try:
@@ -100,10 +113,12 @@ async def spawn_worker(options: dict[str, Any] | None = None, python: str | None
     except BaseException:
         ours.close()
         peer.close()
+        if leaf is not None:
+            cgroup.discard(leaf)
         raise
     finally:
         theirs.close()
-    return Launched(SpawnedWorker(proc), ours, forked=False, peer=peer)
+    return Launched(SpawnedWorker(proc, leaf), ours, forked=False, peer=peer)
 
 
 class WorkerLauncher:

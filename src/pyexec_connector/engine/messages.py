@@ -145,9 +145,18 @@ class Cancelled(NamedTuple):
     qid: int
 
 
+class ProcessesEnded(NamedTuple):
+    """When the query ended, `processes` processes it started were still running: they were sent SIGTERM
+    (engine/reaper.py). For the log and /metrics."""
+    qid: int
+    reply_address: str
+    processes: int
+
+
 ACKED = Ack()
 TO_WORKER = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Accepted, Ping)
-FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged, Credit, Declined)
+FROM_WORKER = (Ready, Ack, Reply, LinkFrame, Answered, Done, Failed, Cancelled, HealthChanged, Credit, Declined,
+               ProcessesEnded)
 # Each kind's number on the wire (wire.py): a message is pickled as a plain tuple (number, *fields).
 KINDS: tuple[type, ...] = (Init, Configure, Run, Relay, Cancel, Stop, HealthChanged, Ready, Ack, Reply, LinkFrame,
-                           Answered, Done, Failed, Cancelled, Accepted, Ping, Credit, Declined)
+                           Answered, Done, Failed, Cancelled, Accepted, Ping, Credit, Declined, ProcessesEnded)

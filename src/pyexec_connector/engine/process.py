@@ -96,6 +96,7 @@ class ProcessEngine:
                 "max_message_bytes": self._max_message_bytes,
                 "max_open_files": self._config.maxOpenFiles,
                 "queries_per_worker": self._config.queriesPerWorker,
+                "keep_child_processes": self._config.keepChildProcesses,
                 # Linux counts RLIMIT_NPROC per user: only a user of the workers' own makes it theirs
                 "max_processes": self._config.maxProcessesPerWorker if self._credentials else None}
 
@@ -129,7 +130,8 @@ class ProcessEngine:
             worker_spawns=self.pool.launcher.spawns, worker_idle_retired=self.pool.idle_retired,
             worker_wedged=self.pool.wedged, queries_requeued=book.requeued,
             relayed=self.relayed, parsed=self.parsed, accepted_frames=book.accepted_frames,
-            timeouts_pending=book.deadlines.sweeping, **credit_figures(self.pool.credit_ledger()))
+            timeouts_pending=book.deadlines.sweeping, query_processes_ended=book.processes_ended,
+            **credit_figures(self.pool.credit_ledger()))
 
     # ---- one query --------------------------------------------------------------------------
     def submit(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:

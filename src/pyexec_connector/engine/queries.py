@@ -16,7 +16,7 @@ from cachetools import LRUCache
 from .. import errors, protocol
 from ..errors import QueryError
 from ..reply import ReplyChannel
-from . import wire
+from . import reaper, wire
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher
 from .handle import WorkerHandle
@@ -31,6 +31,7 @@ from .messages import (
     Done,
     Failed,
     LinkFrame,
+    ProcessesEnded,
     Reply,
 )
 from .pipeline import Deadlines, timeout_error
@@ -143,6 +144,7 @@ class QueryBook:
         self.timeouts = 0
         self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
         self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
+        self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
         self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
         self._checking: asyncio.TimerHandle | None = None     # the next _take_back
 
@@ -274,8 +276,19 @@ class QueryBook:
         elif kind is Declined:
             if message.qid in worker.inflight:
                 self.requeue(worker, [message.qid])
+        elif kind is ProcessesEnded:
+            self._processes_ended(worker, message)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def _processes_ended(self, worker: WorkerHandle, message: ProcessesEnded) -> None:
+        count = message.processes
+        if type(count) is not int or count < 0 or type(message.reply_address) is not str:
+            raise ValueError("a ProcessesEnded without a count")
+        self.processes_ended += count
+        log.info("source %s: query %s ended with %d process%s it started still running (worker %d): sent "
+                 "SIGTERM, SIGKILL after %g s (keepChildProcesses: false)", self.source_name,
+                 message.reply_address[:200], count, "" if count == 1 else "es", worker.index, reaper.GRACE)
 
     def _accepted(self, worker: WorkerHandle, size: int) -> None:
         """A frame from the worker's code went into the outbox (handled only while it has room): told to the

@@ -23,7 +23,7 @@ from ..errors import QueryError
 from ..eventloop import event_loop_factory
 from ..reply import ReplyChannel, notification_builder, oversize
 from ..request import parse_query
-from . import output, runtime, wire
+from . import cgroup, output, procgroup, reaper, runtime, wire
 from .base import Job, Outcome, reply_body
 from .channel import WorkerEnd
 from .guard import CodeGuard
@@ -41,6 +41,7 @@ from .messages import (
     HealthChanged,
     LinkFrame,
     Ping,
+    ProcessesEnded,
     Ready,
     Relay,
     Reply,
@@ -98,6 +99,7 @@ class Worker:
         self.unaccepted = 0                   # link frames' characters sent, not Accepted yet
         self._room: asyncio.Event | None = None     # set when unaccepted falls to ACCEPT_WINDOW
         self.send_waits = 0                   # awaited sends that waited for the connector's Accepted
+        self.processes = reaper.QueryProcesses()    # what queries start ends with them (issue 21)
 
     # ---- writing ---------------------------------------------------------------------------------
     def send(self, message: Any) -> None:
@@ -221,6 +223,7 @@ class Worker:
                                               notification_builder(source, self.max_message_bytes),
                                               settings["server_config"], self.health)
         self.source_name = source
+        self.processes.keep = bool(settings.get("keep_child_processes", False))
         runtime.install_task_tracking(asyncio.get_running_loop())
         output.install()
         _limit_memory(settings["memory_limit_mb"])
@@ -307,6 +310,7 @@ class Worker:
         task of its own. Either way in a context of its own, as a task would have, so that context
         variables the code sets (decimal's context, ...) do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
+        self.processes.started(qid)
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
@@ -336,6 +340,9 @@ class Worker:
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled."""
+        left = self.processes.ended(qid)
+        if left:
+            self.send_soon(ProcessesEnded(qid, reply_address, left))
         if exc is None:
             assert outcome is not None
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
@@ -419,13 +426,19 @@ def _die_with_the_connector(connector_pid: int) -> None:
 
 
 def main() -> None:
+    cgroup.join()               # a spawned worker: into the connector's cgroup before it changes user
     sandbox.harden_worker()     # first: the worker user, no new privileges (before anything else runs)
     _die_with_the_connector(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
     loop_factory, _ = event_loop_factory()      # uvloop when installed, as in the connector
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Worker(int(sys.argv[1])).serve())
+    procgroup.become_subreaper()    # what its code starts stays under it, whatever session it moves to
+    worker = Worker(int(sys.argv[1]))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(worker.serve())
+    finally:
+        worker.processes.end_all()      # nothing its code started outlives it
 
 
 if __name__ == "__main__":

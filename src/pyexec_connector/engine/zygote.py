@@ -10,8 +10,9 @@ only modules) and it never runs a query. Like multiprocessing's forkserver it ru
 fork requests come in on the control socket with the worker's end of a fresh socket pair; it forks, and
 the child runs the same worker main loop a spawned worker runs. The connector cannot waitpid() a
 grandchild, so the zygote reaps its children and reports each end as (pid, exit code) on the control
-socket. It is also a child subreaper, so what user code leaves behind when its worker ends is reaped
-here, and it kills the group of every worker that ends (see procgroup). Before it says it is ready it
+socket. It is also a child subreaper, so what user code leaves behind when its worker ends is reparented
+here, and killed and reaped at once (engine/reaper.py); so is everything under it when the connector
+dies (its parent-death signal) or stops it. Before it says it is ready it
 runs the worker runtime once (_warm_up), so that what a worker's first queries write (lazy caches,
 quickened bytecode) is written once, in pages its forks share, not again in each of them.
 
@@ -40,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import sandbox
-from . import procgroup
+from . import cgroup, procgroup, reaper
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,11 @@ class Zygote:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            options = {**self._options, "env": cgroup.environment(self._options.get("env") or clean_environment())}
             self._proc = await asyncio.create_subprocess_exec(
                 *interpreter_command(self.python, "pyexec_connector.engine.zygote"), str(theirs.fileno()),
                 str(os.getpid()),
-                *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **self._options,
+                *self.preload, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, **options,
                 # a group (and session) of its own: signals for the connector's group or terminal are not for
                 # it. Not process_group=0: uvloop's subprocess_exec refuses that argument.
                 start_new_session=True)
@@ -472,8 +474,10 @@ class _Entry:
 class _Server:
     """The zygote process: preloads, then forks on request until told to stop or the connector is gone."""
 
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, connector_pid: int = 0, cgroup_path: str | None = None):
         self.control = control
+        self.connector_pid = connector_pid
+        self.cgroup_path = cgroup_path      # the connector's cgroup (engine/cgroup.py), when it has one
         self.children: set[int] = set()
         self.sig_r, self.sig_w = os.pipe()
         self.selector = selectors.DefaultSelector()
@@ -493,6 +497,8 @@ class _Server:
             for key, _ in self.selector.select():
                 if key.fileobj == self.sig_r:
                     self._drain_signals()
+                    if self.connector_pid and os.getppid() != self.connector_pid:
+                        return self.connector_died()     # its parent-death signal
                     self.reap()
                     continue
                 try:
@@ -500,7 +506,7 @@ class _Server:
                 except OSError:
                     data, fds = b"", []
                 if not data:                    # the connector is gone
-                    return self.shutdown(0.0)
+                    return self.connector_died()
                 message = json.loads(data)
                 if message["kind"] == "fork":
                     self.fork(message["id"], fds)
@@ -523,14 +529,18 @@ class _Server:
             self.send({"kind": "fork-failed", "id": request, "error": "no socket came with the request"})
             return
         gc.freeze()     # what the zygote holds stays out of the workers' collections: their pages stay shared
+        # the zygote's SIGTERM handler ignores it (see main); a worker must die of one sent right after fork
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.close(worker_fd)
             self.send({"kind": "fork-failed", "id": request, "error": str(exc)})
             return
         if pid == 0:
             self._become_worker(worker_fd)       # never returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         procgroup.adopt_as_group(pid)
         os.close(worker_fd)
         self.children.add(pid)
@@ -544,6 +554,8 @@ class _Server:
             zygote_pid = os.getppid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGINT, signal.default_int_handler)
             self.selector.close()
             self.control.close()
@@ -566,19 +578,35 @@ class _Server:
             os._exit(code)     # never back into the zygote's loop
 
     def reap(self) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            reaped = True
             if pid in self.children:
                 self.children.discard(pid)
                 procgroup.kill_group(pid)       # what its code started dies with it
                 with contextlib.suppress(OSError):
                     self.send({"kind": "exit", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
             # else an orphan of some worker's code, reparented here (subreaper): reaped, nothing to report
+        if reaped:
+            # a worker ended: what its code started was reparented here, and ends now (issue 21)
+            reaper.kill_orphans(self.children)
+
+    def connector_died(self) -> int:
+        """Nothing started under the connector outlives it: what is under this zygote is killed; then, when
+        the connector is really gone (this process was reparented) and this zygote may (not as workerUser:
+        the sentinel does it then), its whole cgroup, this zygote included (engine/cgroup.py)."""
+        code = self.shutdown(0.0)
+        if self.cgroup_path is not None and self.connector_pid and os.getppid() != self.connector_pid:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            cgroup.kill(self.cgroup_path)
+        return code
 
     def shutdown(self, grace: float) -> int:
         deadline = time.monotonic() + grace
@@ -590,12 +618,16 @@ class _Server:
             self.reap()
         for pid in list(self.children):
             procgroup.kill_group(pid)
-        for pid, returncode in procgroup.reap_all(time.monotonic() + REAP_TIMEOUT).items():
-            if pid in self.children:
-                self.children.discard(pid)
-                with contextlib.suppress(OSError):
-                    self.send({"kind": "exit", "pid": pid, "returncode": returncode})
-        return 0
+        deadline = time.monotonic() + REAP_TIMEOUT
+        while True:
+            reaper.kill_descendants()       # whatever workers left, in whatever session: nothing outlives us
+            for pid, returncode in procgroup.reap_all(deadline).items():
+                if pid in self.children:
+                    self.children.discard(pid)
+                    with contextlib.suppress(OSError):
+                        self.send({"kind": "exit", "pid": pid, "returncode": returncode})
+            if not reaper.has_children() or time.monotonic() >= deadline:
+                return 0
 
 
 def _reseed_after_fork() -> None:
@@ -608,10 +640,11 @@ def _reseed_after_fork() -> None:
 
 
 def _die_with(parent_pid: int) -> None:
-    """Linux: the kernel kills the zygote when the connector ends, even by SIGKILL; its workers then die
-    with it (the worker runtime sets the same signal for its own parent, the zygote)."""
+    """Linux: the kernel tells the zygote when the connector ends, even by SIGKILL (SIGTERM, which the
+    zygote takes for "the connector is gone" only when its parent has changed): it then kills everything
+    under it and exits. Its workers die with it (the worker runtime sets SIGKILL for its own parent)."""
     try:
-        sandbox.libc().prctl(1, signal.SIGKILL, 0, 0, 0)    # PR_SET_PDEATHSIG
+        sandbox.libc().prctl(1, signal.SIGTERM, 0, 0, 0)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:
@@ -699,11 +732,16 @@ def _warm_up(queries: int = WARM_UP_QUERIES) -> int:
 def main() -> None:
     # first: the worker user and no new privileges (its forks inherit both), before the preload runs any
     # module's code; and before _die_with, since a change of user clears the parent-death signal
+    cgroup_path = cgroup.join()      # first: what it forks from here on is in the connector's cgroup
     sandbox.harden_worker()
     control_fd, connector_pid, modules = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     _die_with(connector_pid)
-    # signals meant for the connector's terminal or group are not the zygote's: the connector stops it
+    # signals meant for the connector's terminal or group are not the zygote's: the connector stops it.
+    # SIGTERM wakes its loop (the parent-death signal, see _Server.serve), and ends it only if the
+    # connector is gone: under systemd's KillMode=control-group the connector gets one at the same time
+    # and stops the zygote itself, after its in-flight queries.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pyexec-zygote[%(process)d] %(levelname)s %(name)s: %(message)s")
     control = socket.socket(fileno=control_fd)
@@ -718,12 +756,12 @@ def main() -> None:
     procgroup.set_process_name("pyexec-zygote")
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    server = _Server(control)
+    server = _Server(control, connector_pid, cgroup_path)
     try:
         server.send({"kind": "ready", "pid": os.getpid(), "threads": threads, "warmed_up": warmed_up})
         code = server.serve()
     except OSError:
-        code = server.shutdown(0.0)
+        code = server.connector_died()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
