@@ -492,3 +492,14 @@ async def test_console_command_runs_scripts_in_their_environments(tmp_path, serv
     text = output.decode()
     assert proc.returncode == 0, text
     assert TOKEN not in text
+
+
+def test_an_environment_engine_is_a_process_engine_of_idle_workers_also_for_an_inline_source():
+    """The environment is another interpreter: its engine is a process engine whatever the source's mode,
+    and holds no worker while nobody uses it."""
+    from pyexec_connector.config import SourceConfig
+    from pyexec_connector.envs.engines import environment_config
+    inline, problems = SourceConfig.parse({"executionMode": "inline", "minWorkers": 1})
+    assert inline is not None and not problems
+    config = environment_config(inline)
+    assert config.executionMode == "process" and config.minWorkers == 0

@@ -119,13 +119,14 @@ class SourceSession:
             self._retiring[task] = old
             task.add_done_callback(self._retiring.pop)
 
-    def _make_engine(self, config: SourceConfig) -> Engine:
-        if config.executionMode == "inline":
+    def _make_engine(self, config: SourceConfig, python: str | None = None) -> Engine:
+        """`python`: a per-script environment's interpreter, for its own process engine."""
+        if config.executionMode == "inline" and python is None:
             return InlineEngine(self.pipeline, self.connection, config)
         return ProcessEngine(config, self.pipeline, self.link, self.health, source_name=self.source_name,
                              server_config=self.server_config.public_properties,
                              max_message_bytes=self.server_config.max_message_bytes,
-                             worker_credentials=self.server_config.worker_credentials)
+                             worker_credentials=self.server_config.worker_credentials, python=python)
 
     def on_unreadable_query(self, reply_address: str, error: QueryError) -> None:
         """A query frame that could not be parsed (cut off, too large) but names its reply address."""
@@ -206,8 +207,7 @@ class SourceSession:
 
     def _run_in(self, environment: Any, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         """The query to the environment's engine, made now when it has none. Raises EnvironmentGone."""
-        from . import sandbox
-        from .envs.engines import EnvironmentEngines, environment_config, in_environment
+        from .envs.engines import EnvironmentEngines, environment_config
         if self._environment_engines is None:
             assert self.environments is not None
             self._environment_engines = EnvironmentEngines(self.source_name, self.environments)
@@ -217,8 +217,7 @@ class SourceSession:
         lease = engines.lease(environment)
         try:
             config = environment_config(self.source_config)
-            engine = in_environment(self._make_engine(config), environment, config.preload, self.source_name,
-                                    lambda: sandbox.worker_spawn_options(self.server_config.worker_credentials))
+            engine = self._make_engine(config, python=str(environment.python))
         except BaseException:
             lease.release()
             raise

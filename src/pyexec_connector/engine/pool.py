@@ -46,7 +46,7 @@ class WorkerPool:
     def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
                  settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
                  recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None,
-                 liveness: LivenessPolicy = LivenessPolicy()):
+                 liveness: LivenessPolicy = LivenessPolicy(), python: str | None = None):
         self.source_name = source_name
         self.scale_policy = scale
         self.recycle_policy = recycle
@@ -57,7 +57,8 @@ class WorkerPool:
         # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
         self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
         # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options)
+        # `python`: the interpreter of a per-script environment (docs/ENVIRONMENTS.md); None: the connector's
+        self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options, python=python)
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
         self.workers: list[WorkerHandle] = []
         self._indexes = itertools.count()

@@ -59,7 +59,7 @@ class ProcessEngine:
 
     def __init__(self, config: SourceConfig, pipeline: Pipeline, link: LinkOutlet, health: Health, *,
                  source_name: str, server_config: dict[str, str], max_message_bytes: int | None = None,
-                 worker_credentials: tuple[int, int] | None = None):
+                 worker_credentials: tuple[int, int] | None = None, python: str | None = None):
         self.source_name = source_name
         self._pipeline = pipeline
         self._link = link
@@ -76,7 +76,7 @@ class ProcessEngine:
         health.listeners.append(self._health_changed)
         self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
-                               spawn_options=lambda: sandbox.worker_spawn_options(self._credentials))
+                               spawn_options=lambda: sandbox.worker_spawn_options(self._credentials), python=python)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
                                      config.maxQueuedBytes, self)
         self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize))

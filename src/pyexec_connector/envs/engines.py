@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from ..config import SourceConfig
@@ -34,8 +33,9 @@ class _InUse:
 
 def environment_config(config: SourceConfig) -> SourceConfig:
     """The source's configuration for an environment's engine: its workers start as queries come and end
-    when idle (minWorkers 0), so an environment nobody uses holds no worker."""
-    return config.model_copy(update={"minWorkers": 0})
+    when idle (minWorkers 0), so an environment nobody uses holds no worker; and they are processes, also
+    for an inline source: the environment is another interpreter."""
+    return config.model_copy(update={"minWorkers": 0, "executionMode": "process"})
 
 
 class EnvironmentEngines:
@@ -130,20 +130,3 @@ class EnvironmentEngines:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
-
-
-def in_environment(engine: Engine, environment: Environment, preload: tuple[str, ...], source_name: str,
-                   spawn_options: Callable[[], dict[str, Any]]) -> Engine:
-    """A process engine, just made, whose workers come from the environment's interpreter.
-
-    The process engine takes no interpreter yet (its pool is being rebuilt): its pool's launcher, which
-    has not been opened (the pool opens it on its first loop turn), is replaced by one for that
-    interpreter. Once the pool takes `python=`, this function becomes that argument."""
-    from ..engine import zygote
-    from ..engine.launch import WorkerLauncher
-    pool = getattr(engine, "pool", None)
-    if pool is None or getattr(pool, "launcher_open", True):
-        raise RuntimeError("per-script environments need a process engine whose pool has not started")
-    pool.launcher = WorkerLauncher(zygote.registry(), preload, source_name, spawn_options,
-                                   python=str(environment.python))
-    return engine
