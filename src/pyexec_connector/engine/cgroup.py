@@ -205,19 +205,19 @@ def join(environ: MutableMapping[str, str] | None = None) -> str | None:
     path = (os.environ if environ is None else environ).pop(ENV, None)
     if not path:
         return None
-    try:
-        with open(os.path.join(path, "cgroup.procs"), "w", encoding="ascii") as fp:
-            fp.write("0")
-    except OSError:
-        return None
-    return path
+    return path if _write(path, "cgroup.procs", "0") else None
 
 
 def kill(path: str) -> bool:
     """SIGKILL every process in the cgroup (this one too, if it is in it)."""
+    return _write(path, "cgroup.kill", "1")
+
+
+def _write(path: str, name: str, text: str) -> bool:
+    """Write one of the cgroup's control files; False where the kernel or its permissions refuse."""
     try:
-        with open(os.path.join(path, "cgroup.kill"), "w", encoding="ascii") as fp:
-            fp.write("1")
+        with open(os.path.join(path, name), "w", encoding="ascii") as fp:
+            fp.write(text)
     except OSError:
         return False
     return True
