@@ -145,7 +145,10 @@ class SourceSession:
             if self.environments is not None and code is None and type(params.get("script")) is str:
                 self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
                 return
-        self._submit(engine, frame, channel)
+        try:
+            engine.submit(frame, channel)
+        except Exception as exc:   # noqa: BLE001 - an engine bug must not cost the query its reply
+            self._failed(frame, channel, exc)
 
     def _submit(self, engine: Engine, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         try:

@@ -45,7 +45,7 @@ class InlineEngine:
             if request.script is not None:      # its document is fetched first: that awaits
                 pipeline.track(asyncio.ensure_future(self._fetch_and_start(request, channel)))
                 return
-            job = pipeline.code_job(request)
+            job = pipeline.make_job(request, request.code, request.code)
         except Exception as exc:   # noqa: BLE001 - each is answered
             pipeline.fail(channel, exc)
             return

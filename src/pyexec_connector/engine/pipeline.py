@@ -97,15 +97,13 @@ class Pipeline:
 
     async def job(self, request: QueryRequest) -> Job:
         if request.script is None:
-            return self.code_job(request)
+            return self.make_job(request, request.code, request.code)
         script = await self._documents.get(request.script, force=request.replace)
-        return self._make_job(request, script.text, script.modified)
+        return self.make_job(request, script.text, script.modified)
 
-    def code_job(self, request: QueryRequest) -> Job:
-        """The Job of a query that names no script document (it needs nothing fetched)."""
-        return self._make_job(request, request.code, request.code)
-
-    def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
+    def make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
+        """The Job of `request` run from `text` (None: cached code only), cached under `fingerprint`: for a
+        query without a script document it needs nothing awaited (code and fingerprint: its code)."""
         config = self.config
         return Job(request, text, fingerprint, config.returnRuntimeInformation,
                    time_limit(request.timeout, config), config.resultValues == "rich")

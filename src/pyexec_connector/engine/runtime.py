@@ -136,8 +136,8 @@ def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, ric
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
         # asked for by name: even a function or a module is the caller's business (and a 400)
         return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
-    names = [k for k in run_globals if k not in RESERVED_GLOBALS]
-    candidates = {k: v for k in names if not isinstance(v := run_globals[k], _CODE_TYPES)}
+    candidates = {k: v for k, v in run_globals.items() if k not in RESERVED_GLOBALS
+                  and not isinstance(v, _CODE_TYPES)}
     return values.globals_json(candidates, rich, (), skipped)
 
 
