@@ -51,8 +51,10 @@ def loads(raw: str | bytes) -> Any:
 
 # ---- frames from the server ----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueryFrame:
+    """Not frozen, though never changed once made: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, several times the cost, and one is made per query."""
     reply_address: str
     params: Any          # the WITH clause; validated later, may be anything
     raw: bytes | None = None   # the frame as received (process mode relays it to a worker as it is)
