@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Coroutine
+from contextvars import copy_context
 from typing import Any
 
 from .. import protocol
@@ -69,7 +70,8 @@ class InlineEngine:
         try:
             if job.request.capture_output:
                 output.install()
-            started = runtime.start_job(self.cache, job, self._connection, channel, self.guard)
+            # in a context of its own, as in a task: what the code sets in a ContextVar ends with it
+            started = copy_context().run(runtime.start_job, self.cache, job, self._connection, channel, self.guard)
         except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - each is answered
             pipeline.fail(channel, exc)     # a CancelledError the code raised: "stopped", as in a task
             return
