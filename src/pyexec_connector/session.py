@@ -44,6 +44,8 @@ class SourceSession:
             link_options["handshake_timeout"] = handshake_timeout
         self.link = SourceLink(source_name, config, self, reconnect_secret=f"{source_name}_{reconnect_secret}",
                                on_state=self._state_changed, **link_options)
+        self._send = self.link.send                         # each query's ReplyChannel sends through it
+        self._max_bytes = config.max_message_bytes
         self.connection = ConnectorConnection(
             source_name, self.link.send, self.link.drained,
             notification_builder(source_name, config.max_message_bytes), config.public_properties, health)
@@ -122,8 +124,7 @@ class SourceSession:
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
         """One query: the engine takes it from here and ends it through the pipeline."""
-        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
-                               self.server_config.max_message_bytes)
+        channel = ReplyChannel(self._send, frame.reply_address, self.source_name, self._max_bytes)
         self.pipeline.begin(channel)
         engine = self.engine
         if not self.accepting or engine is None:
@@ -215,7 +216,7 @@ class SourceSession:
         engines.submit(environment, frame, channel)
 
     def _channel(self, reply_address: str) -> ReplyChannel:
-        channel = ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes)
+        channel = ReplyChannel(self._send, reply_address, self.source_name, self._max_bytes)
         self.pipeline.begin(channel)
         return channel
 
