@@ -61,13 +61,15 @@ async def test_code_handles_return_tasks_cancelled_when_stopping(connected):
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
 async def test_query_whose_task_never_started_is_answered_on_close(server, start_connector, mode):
-    """A query task cancelled before its first step never reaches its own end: close() answers it."""
+    """A query task cancelled before its first step never reaches its own end: close() answers it.
+    (Inline code that cannot await has no task: it is answered in the step its frame came; code with a
+    top-level await gets one.)"""
     server.set_source_config(SOURCE, {"executionMode": mode, "workers": 1})
     running = await start_connector()
     session = running.session
     address = "never-started"
     server.expect(address)
-    session.on_query(protocol.QueryFrame(address, {"code": "x = 1"}))
+    session.on_query(protocol.QueryFrame(address, {"code": "import asyncio\nawait asyncio.sleep(0)\nx = 1"}))
     await session.close()            # no await between: the task has not run a single step
     result = await server.replies_for(address, timeout=10)
     assert result.status == 400 and result.error_code == errors.SHUTTING_DOWN

@@ -16,7 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import pyexec_connector
 from pyexec_connector.config import build_server_config
 from pyexec_connector.connector import Connector
-from pyexec_connector.engine import EngineStats
+from pyexec_connector.engine import EngineStats, Outcome
+from pyexec_connector.engine.pipeline import Pipeline
+from pyexec_connector.errors import QueryError
+from pyexec_connector.health import QueryLog
+from pyexec_connector.reply import ReplyChannel
 
 from .conftest import SOURCE, TOKEN, free_port
 
@@ -224,3 +228,21 @@ def test_prometheus_client_is_loaded_on_the_first_scrape_not_at_start():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[]", "True True"], done.stdout
+
+
+def test_a_pipeline_ends_each_query_into_its_query_log_and_calls_nothing_back():
+    """Pipeline.finish writes every end into the QueryLog it was given (a sink below it, no callback):
+    the count, the figures /metrics exports; a second finish for the same query counts nothing."""
+    queries = QueryLog("s")
+    pipeline = Pipeline("s", None, queries)
+    sent: list[str] = []
+    failed, answered = ReplyChannel(sent.append, "a1", "s"), ReplyChannel(sent.append, "a2", "s")
+    for channel in (failed, answered):
+        pipeline.begin(channel)
+    pipeline.finish(failed, error=QueryError("my.code", "bad {0}", [1]))
+    pipeline.finish(failed, error=QueryError("my.other", "again"))         # ended already: nothing
+    pipeline.finish(answered, Outcome(results_json='{"x":1}'))
+    assert len(sent) == 2 and queries.answered == 2
+    figures = queries.figures
+    assert (figures.ok, figures.error, figures.errors) == (1, 1, {"my.code": 1})
+    assert sum(figures.buckets) == 2 and figures.total_seconds >= 0

@@ -204,3 +204,21 @@ def test_any_query_through_the_link_gets_one_terminal_reply(live, params):
 def test_report_examples(capsys):
     with capsys.disabled():
         print("\nhypothesis examples tried:", dict(EXAMPLES))
+
+
+@settings(max_examples=400 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=json_values | st.integers(min_value=-(2 ** 80), max_value=2 ** 80)
+       | st.floats(allow_nan=True, allow_infinity=True))
+def test_a_frame_reads_as_the_standard_library_reads_it(value):
+    """protocol.loads (orjson when it can only agree) gives exactly what json.loads gives, types and all."""
+    EXAMPLES["frame reading"] += 1
+    raw = json.dumps({"op": "query", "object": value, "messageHeaders": {"REPLY_ADDR_HEADER": "a"}},
+                     ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        expected = json.loads(raw)
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=None) as raised:
+            protocol.loads(raw)
+        assert str(raised.value) == str(exc)
+        return
+    assert repr(protocol.loads(raw)) == repr(expected)

@@ -72,3 +72,59 @@ def test_dumps_is_compact_json_and_takes_what_orjson_rejects():
     loop.append(loop)
     with pytest.raises(TypeError):
         protocol.dumps({"loop": loop})
+
+
+# ---- reading a frame: always what the standard library reads ------------------------------------
+
+def _same_reading(raw: bytes) -> None:
+    """protocol.loads gives what json.loads gives, types and all (an int stays an int), or the same error."""
+    try:
+        expected = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        with pytest.raises(type(exc)) as raised:
+            protocol.loads(raw)
+        assert str(raised.value) == str(exc)
+        return
+    got = protocol.loads(raw)
+    assert repr(got) == repr(expected)
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+@pytest.mark.parametrize("value", [
+    "NaN", "Infinity", "-Infinity", "[NaN, 1]", "1e400", "-1e400", "1.7976931348623157e309",
+    "18446744073709551615", "18446744073709551616", "9223372036854775807", "-9223372036854775808",
+    "-9223372036854775809", "123456789012345678901234567890", "-123456789012345678901234567890",
+    '"\\ud800"', '"a\\udfffb"', '"\\ud83d\\ude42"', '"\\u0000"', "-0", "-0.0", "5e-324", "1E2", "0.1",
+    "2.2250738585072011e-308", "1.00000000000000000000001", '{"a": 1, "b": 2, "a": 3}', "[]", "{}",
+])
+def test_frames_read_as_the_standard_library_reads_them(value):
+    frame = '{"op": "query", "object": {"presetValues": {"v": %s}}, ' \
+            '"messageHeaders": {"REPLY_ADDR_HEADER": "a"}}' % value
+    _same_reading(frame.encode())
+    parsed, from_text = protocol.parse_frame(frame.encode()), protocol.parse_frame(frame)
+    assert type(parsed) is protocol.QueryFrame and parsed.raw == frame.encode()
+    assert repr(parsed.params) == repr(from_text.params)      # bytes read as text (the standard library) is
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xef\xbb\xbf{\"a\": 1}", '{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-32-le"), b'{"a": "\xff"}',
+    b'{"a": "\x01"}', b'{"a": 1} x', b"", b"[" * 600 + b"]" * 600, b"[" * 1000 + b"]" * 1000, b"[" * 5000 + b"]" * 5000,
+    b'{"a": [' + b"[" * 300 + b"]" * 300 + b"]}",
+])
+def test_unusual_bytes_read_as_the_standard_library_reads_them(raw):
+    _same_reading(raw)
+
+
+def test_nesting_follows_the_recursion_limit_of_now():
+    """The standard library's nesting limit moves with sys.setrecursionlimit (inline code may call it)."""
+    import sys
+    raw = b"[" * 150 + b"]" * 150
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(120)
+    try:
+        with pytest.raises(RecursionError):
+            protocol.loads(raw)
+        assert protocol.parse_frame(b'{"a": %s}' % raw) == protocol.BadFrame("nested too deeply")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert protocol.loads(raw) == json.loads(raw)

@@ -295,3 +295,24 @@ async def test_reply_body_is_valid_json_for_unicode(connected):
     result = await server.query({"code": "s = 'héllo ✓ \\u2028'"})
     assert result.results == {"s": "héllo ✓ \u2028"}
     assert json.loads(json.dumps(result.body))
+
+
+async def test_context_variables_set_by_one_query_are_not_seen_by_the_next(connected):
+    """Each query's code runs in a context of its own, as code in a task of its own does: what it sets in
+    a ContextVar (decimal's context is one) is gone for the next query, whether it awaits or not."""
+    server, _ = connected
+    setter = ("import contextvars, decimal, sys\n"
+              "var = sys.modules.setdefault('shared_var', contextvars.ContextVar('shared_var', default='unset'))\n"
+              "var.set('set by a query')\n"
+              "decimal.setcontext(decimal.Context(prec=3))\n")
+    reader = ("import decimal, sys\n"
+              "seen = sys.modules['shared_var'].get()\n"
+              "third = str(decimal.Decimal(1) / 3)\n")
+    for code in (setter, "import asyncio\nawait asyncio.sleep(0)\n" + setter):
+        assert (await server.query({"code": code})).status == 200
+        for read in (reader, "import asyncio\nawait asyncio.sleep(0)\n" + reader):
+            result = await server.query({"code": read})
+            assert result.status == 200, result.body
+            results = result.body["pythonCallResults"]
+            assert results["seen"] == "unset"
+            assert results["third"] == "0.3333333333333333333333333333"

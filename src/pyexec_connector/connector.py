@@ -41,7 +41,7 @@ class Connector:
         self.sessions: dict[str, SourceSession] = {
             name: SourceSession(name, config, reconnect_secret=secret, health=self.health,
                                 backoff=Backoff(backoff_initial, backoff_max),
-                                handshake_timeout=handshake_timeout, observer=self.metrics.observe,
+                                handshake_timeout=handshake_timeout, figures=self.metrics.figures(name),
                                 environments=self.environments)
             for name in config.sources
         }

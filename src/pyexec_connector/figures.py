@@ -17,7 +17,7 @@ _NOTHING = EngineStats()
 
 
 class QueryFigures:
-    """One source's query counts, kept as plain numbers: health.Metrics.observe() is on every query, and
+    """One source's query counts, kept as plain numbers: health.QueryLog.ended() is on every query, and
     prometheus' own Counter and Histogram take a lock and look their labels up on each call."""
 
     __slots__ = ("ok", "error", "buckets", "total_seconds", "errors")

@@ -11,6 +11,8 @@ import asyncio
 import sys
 from collections import deque
 
+_sizeof = sys.getsizeof
+
 
 class Outbox(deque[str]):
     """A deque of frames that knows the bytes it holds. Only append(), popleft() and clear() change
@@ -30,7 +32,7 @@ class Outbox(deque[str]):
 
     def append(self, frame: str) -> None:
         super().append(frame)
-        size = self.pending_bytes = self.pending_bytes + sys.getsizeof(frame)
+        size = self.pending_bytes = self.pending_bytes + _sizeof(frame)
         if size > self.peak_bytes:
             self.peak_bytes = size
         if size > self.limit:
@@ -38,7 +40,7 @@ class Outbox(deque[str]):
 
     def popleft(self) -> str:
         frame = super().popleft()
-        self.pending_bytes -= sys.getsizeof(frame)
+        self.pending_bytes -= _sizeof(frame)
         return frame
 
     def clear(self) -> None:

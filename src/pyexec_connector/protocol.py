@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from . import values
 from .errors import QueryError
@@ -18,6 +21,12 @@ TERMINAL_STATUSES = frozenset({STATUS_COMPLETE, STATUS_EMPTY})
 QUERY_RESPONSE_CODES = frozenset({STATUS_PARTIAL, STATUS_COMPLETE, STATUS_EMPTY})
 
 _loads = json.loads
+_fast_loads = orjson.loads
+_FAST_REFUSED = orjson.JSONDecodeError
+# orjson reads an integer beyond 64 bits as a float where the standard library keeps it exact: a run of
+# 19 digits (the shortest such integer, -9223372036854775809) sends the frame to the standard library
+_DIGITS = bytes(48 if 48 <= byte <= 57 else 32 for byte in range(256))     # each digit "0", the rest " "
+_LONG_RUN = b"0" * 19
 
 
 # Compact JSON of anything the connector sends, through the one value encoder (values.py): numpy, pandas,
@@ -26,14 +35,26 @@ dumps = values.dumps
 
 
 def loads(raw: str | bytes) -> Any:
-    """A frame's JSON, read as parse_frame reads it."""
+    """A frame's JSON, read as parse_frame reads it: always what json.loads gives (or raises). orjson reads
+    it when it can only agree: it refuses what it reads otherwise (NaN and Infinity, lone surrogates, a byte
+    order mark, UTF-16 or 32, bad UTF-8, 1e400), and frames that could hold an integer beyond 64 bits or
+    nest deeper than the standard library's recursion allows never reach it."""
+    if type(raw) is bytes and _LONG_RUN not in raw.translate(_DIGITS):
+        depth = sys.getrecursionlimit() // 2       # more than the nesting this many brackets can make
+        if len(raw) <= depth or raw.count(b"[") + raw.count(b"{") <= depth:
+            try:
+                return _fast_loads(raw)
+            except _FAST_REFUSED:
+                pass
     return _loads(raw)
 
 
 # ---- frames from the server ----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueryFrame:
+    """Not frozen, though never changed once made: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, several times the cost, and one is made per query."""
     reply_address: str
     params: Any          # the WITH clause; validated later, may be anything
     raw: bytes | None = None   # the frame as received (process mode relays it to a worker as it is)
@@ -92,7 +113,7 @@ def parse_frame(raw: str | bytes) -> Frame:
     """One websocket message (text or binary) into a Frame. Never raises. A frame that is not JSON but
     names a reply address comes back as a BadFrame carrying it, so that its query can still be answered."""
     try:
-        message = _loads(raw)
+        message = loads(raw)
     except (ValueError, TypeError, RecursionError) as exc:   # includes UnicodeDecodeError; nesting too deep
         reason = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
         return BadFrame(reason, sniff_reply_address(raw))

@@ -17,8 +17,9 @@ KNOWN_PARAMETERS = frozenset({
 })
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueryRequest:
+    """Never changed once made (not frozen: one is made per query, see protocol.QueryFrame)."""
     code: str | None
     name: str | None
     script: str | None

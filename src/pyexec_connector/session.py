@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import errors, protocol
@@ -17,6 +14,8 @@ from .engine.inline import InlineEngine
 from .engine.pipeline import Pipeline, not_accepting, stopped, timeout_error
 from .engine.process import ProcessEngine
 from .errors import QueryError
+from .figures import QueryFigures
+from .health import QueryLog
 from .link import Backoff, LinkState, SourceLink
 from .reply import ReplyChannel, notification_builder
 
@@ -29,32 +28,15 @@ log = logging.getLogger(__name__)
 SCRIPT_BLOCK = "# /// script"
 
 
-@dataclass(frozen=True, slots=True)
-class QueryEnded:
-    """What one finished query tells its observer (metrics): known only at its end (Pipeline.finish)."""
-    source: str
-    reply_address: str
-    status: int | None          # the terminal status sent: 200, 204 or 400
-    message_code: str | None    # the error's messageCode, for a 400
-    duration: float             # seconds, from the query frame to the terminal reply
-
-    @property
-    def outcome(self) -> str:
-        return "ok" if self.status in (200, 204) else "error"
-
-
-QueryObserver = Callable[[QueryEnded], None]
-
-
 class SourceSession:
     def __init__(self, source_name: str, config: ServerConfig, *, reconnect_secret: str, health: Health,
                  backoff: Backoff | None = None, handshake_timeout: float | None = None,
-                 observer: QueryObserver | None = None, environments: EnvironmentManager | None = None):
+                 figures: QueryFigures | None = None, environments: EnvironmentManager | None = None):
+        """`figures`: where this source's query metrics go (health.Metrics.figures); its own when None."""
         self.source_name = source_name
         # per-script environments (scriptDependencies on), shared by every source of the connector
         self.environments = environments
         self._environment_engines: EnvironmentEngines | None = None
-        self.observer = observer
         self.server_config = config
         self.source_config = SourceConfig()
         link_options: dict[str, Any] = {"backoff": backoff}
@@ -62,6 +44,8 @@ class SourceSession:
             link_options["handshake_timeout"] = handshake_timeout
         self.link = SourceLink(source_name, config, self, reconnect_secret=f"{source_name}_{reconnect_secret}",
                                on_state=self._state_changed, **link_options)
+        self._send = self.link.send                         # each query's ReplyChannel sends through it
+        self._max_bytes = config.max_message_bytes
         self.connection = ConnectorConnection(
             source_name, self.link.send, self.link.drained,
             notification_builder(source_name, config.max_message_bytes), config.public_properties, health)
@@ -69,14 +53,19 @@ class SourceSession:
                                        cache_capacity=self.source_config.codeCacheSize,
                                        timeout=config.document_timeout, max_bytes=config.max_document_bytes)
         self.health = health
+        self.queries = QueryLog(source_name, figures)     # every query's end: count, log line, metrics
         # with scriptDependencies off, a document declaring dependencies is refused as it arrives
         self.pipeline = Pipeline(source_name, self.documents if environments is not None
-                                 else _DependenciesOff(self.documents), self._answered)
+                                 else _DependenciesOff(self.documents), self.queries)
         self.engine: Engine | None = None          # built by the first configure
         self._retiring: dict[asyncio.Task, Engine] = {}   # engines a reconfigure replaced, finishing up
         self.accepting = True
         self.configured = asyncio.Event()
-        self.queries_answered = 0
+
+    @property
+    def queries_answered(self) -> int:
+        """Queries ended (each with its terminal reply) since the session started."""
+        return self.queries.answered
 
     @property
     def in_flight(self) -> set[asyncio.Future]:
@@ -135,8 +124,7 @@ class SourceSession:
 
     def on_query(self, frame: protocol.QueryFrame) -> None:
         """One query: the engine takes it from here and ends it through the pipeline."""
-        channel = ReplyChannel(self.link.send, frame.reply_address, self.source_name,
-                               self.server_config.max_message_bytes)
+        channel = ReplyChannel(self._send, frame.reply_address, self.source_name, self._max_bytes)
         self.pipeline.begin(channel)
         engine = self.engine
         if not self.accepting or engine is None:
@@ -158,7 +146,10 @@ class SourceSession:
             if self.environments is not None and code is None and type(params.get("script")) is str:
                 self.pipeline.track(asyncio.ensure_future(self._environment_query(frame, channel, engine)))
                 return
-        self._submit(engine, frame, channel)
+        try:
+            engine.submit(frame, channel)
+        except Exception as exc:   # noqa: BLE001 - an engine bug must not cost the query its reply
+            self._failed(frame, channel, exc)
 
     def _submit(self, engine: Engine, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         try:
@@ -225,31 +216,9 @@ class SourceSession:
         engines.submit(environment, frame, channel)
 
     def _channel(self, reply_address: str) -> ReplyChannel:
-        channel = ReplyChannel(self.link.send, reply_address, self.source_name, self.server_config.max_message_bytes)
+        channel = ReplyChannel(self._send, reply_address, self.source_name, self._max_bytes)
         self.pipeline.begin(channel)
         return channel
-
-    def _answered(self, channel: ReplyChannel) -> None:
-        """Every query's last step (from Pipeline.finish): its log line and metrics."""
-        self.queries_answered += 1
-        self._ended(QueryEnded(self.source_name, channel.reply_address, channel.status, channel.error_code,
-                               perf_counter() - channel.started))
-
-    def _ended(self, ended: QueryEnded) -> None:
-        """The one place a query ends: its log line (with structured fields) and its observer."""
-        error = ended.status == protocol.STATUS_ERROR
-        if log.isEnabledFor(logging.INFO if error else logging.DEBUG):
-            log.log(logging.INFO if error else logging.DEBUG,
-                    "source %s: query %s answered %s%s in %.3f s", ended.source, ended.reply_address,
-                    ended.status, f" ({ended.message_code})" if error else "", ended.duration,
-                    extra={"source": ended.source, "replyAddress": ended.reply_address,
-                           "duration": round(ended.duration, 6), "outcome": ended.outcome,
-                           "status": ended.status, "messageCode": ended.message_code})
-        if self.observer is not None:
-            try:
-                self.observer(ended)
-            except Exception:  # noqa: BLE001 - metrics must never cost a reply
-                log.exception("source %s: the query observer failed", self.source_name)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:

@@ -13,9 +13,10 @@ if TYPE_CHECKING:   # at run time too heavy for worker processes, which only unp
     from .stats import EngineStats
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
-    """Everything an engine needs to run one query."""
+    """Everything an engine needs to run one query. Never changed once made (not frozen: one is made per
+    query, see protocol.QueryFrame)."""
     request: QueryRequest
     source_text: str | None      # None: the query named cached code only
     fingerprint: Any             # what a cached entry must match: the code text, or the document's time

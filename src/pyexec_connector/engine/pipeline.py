@@ -6,8 +6,9 @@
                                      the engine runs it, Pipeline.complete awaits the run
                                ──► Pipeline.finish(channel, outcome | error)   the one completion
 
-`finish` builds the reply body, ends the query through its ReplyChannel (once only), and reports the
-end to the session (log line, metrics). A query ends once: a second `finish` for it (its code let go
+`finish` builds the reply body, ends the query through its ReplyChannel (once only), and writes the end
+into the source's QueryLog (health.py: count, log line, metrics), a sink the session hands the pipeline:
+nothing calls back up into the session. A query ends once: a second `finish` for it (its code let go
 after its timeout was answered) does nothing."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors, forkguard, protocol
 from ..config import SourceConfig
@@ -24,6 +25,9 @@ from ..reply import ReplyChannel
 from ..request import QueryRequest, parse_query
 from .base import Job, Outcome, reply_body
 
+if TYPE_CHECKING:
+    from ..health import QueryLog
+
 log = logging.getLogger(__name__)
 _MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
 
@@ -31,11 +35,11 @@ _MAX_WARNED = 1024     # lenient combinations remembered (each logged once); pas
 class Pipeline:
     """One source's query pipeline: the parts of a query's handling no engine owns."""
 
-    def __init__(self, source_name: str, documents: Any, on_end: Callable[[ReplyChannel], None]):
+    def __init__(self, source_name: str, documents: Any, ended: QueryLog):
         self.source_name = source_name
         self.config = SourceConfig()
         self._documents = documents
-        self._on_end = on_end
+        self._ended = ended
         self.in_flight: set[asyncio.Future] = set()    # queries running: close() cancels them
         self.unanswered: set[ReplyChannel] = set()     # queries taken and not ended yet
         self._warned: set[tuple[str, str, str | None]] = set()   # lenient combinations logged once each
@@ -53,13 +57,16 @@ class Pipeline:
         """The query's Job (its WITH clause parsed, its document fetched), or None when it was answered
         already (a bad WITH clause, a missing document...)."""
         try:
-            return await self.job(parse_query(frame.params, strict=self.config.strictParameters,
-                                              warn=self._lenient))
+            return await self.job(self.request(frame))
         except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - each is answered
             self.fail(channel, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
+
+    def request(self, frame: protocol.QueryFrame) -> QueryRequest:
+        """The query's WITH clause, parsed under the source's strictParameters. Raises QueryError."""
+        return parse_query(frame.params, strict=self.config.strictParameters, warn=self._lenient)
 
     async def complete(self, channel: ReplyChannel, running: Awaitable[Outcome]) -> None:
         """Await the run's outcome and finish with it. Every outcome ends in `finish`."""
@@ -90,13 +97,16 @@ class Pipeline:
 
     async def job(self, request: QueryRequest) -> Job:
         if request.script is None:
-            return self._make_job(request, request.code, request.code)
+            return self.make_job(request, request.code, request.code)
         script = await self._documents.get(request.script, force=request.replace)
-        return self._make_job(request, script.text, script.modified)
+        return self.make_job(request, script.text, script.modified)
 
-    def _make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
-        return Job(request, text, fingerprint, self.config.returnRuntimeInformation,
-                   time_limit(request.timeout, self.config), self.config.resultValues == "rich")
+    def make_job(self, request: QueryRequest, text: str | None, fingerprint: Any) -> Job:
+        """The Job of `request` run from `text` (None: cached code only), cached under `fingerprint`: for a
+        query without a script document it needs nothing awaited (code and fingerprint: its code)."""
+        config = self.config
+        return Job(request, text, fingerprint, config.returnRuntimeInformation,
+                   time_limit(request.timeout, config), config.resultValues == "rich")
 
     # ---- the end --------------------------------------------------------------------------------
     def fail(self, channel: ReplyChannel, exc: BaseException) -> None:
@@ -129,7 +139,7 @@ class Pipeline:
             if not channel.terminated:
                 channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
             self.unanswered.discard(channel)
-            self._on_end(channel)
+            self._ended.ended(channel)
 
     def _internal_error(self, channel: ReplyChannel, exc: Exception) -> QueryError:
         log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,

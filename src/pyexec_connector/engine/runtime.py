@@ -19,6 +19,7 @@ from .base import Job, Outcome
 from .guard import CodeGuard
 
 COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+_CO_COROUTINE = inspect.CO_COROUTINE     # a module whose top level awaits
 RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
                               "__builtins__"})
 # never data: left out without a word (not in skippedGlobals either)
@@ -63,7 +64,8 @@ def resolve_code(cache: CodeCache, job: Job, info: dict[str, Any] | None,
     if key is not None and request.cache_code:
         entry = cache.get(key, job.fingerprint)
         if entry is not None:
-            _note(info, using_cached=True, newCacheEntry=False)
+            if info is not None:     # the common case, cached code nobody asked figures of: no call
+                _note(info, using_cached=True, newCacheEntry=False)
             return entry.code
     started = perf_counter()
     code = compile_code(job.source_text, request.filename, guard)
@@ -136,8 +138,8 @@ def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, ric
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
         # asked for by name: even a function or a module is the caller's business (and a 400)
         return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
-    names = [k for k in run_globals if k not in RESERVED_GLOBALS]
-    candidates = {k: v for k in names if not isinstance(v := run_globals[k], _CODE_TYPES)}
+    candidates = {k: v for k, v in run_globals.items() if k not in RESERVED_GLOBALS
+                  and not isinstance(v, _CODE_TYPES)}
     return values.globals_json(candidates, rich, (), skipped)
 
 
@@ -242,7 +244,7 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
         info = {} if job.request.cache_key is None else {"name": job.request.cache_key}
     code = resolve_code(cache, job, info, guard)
     run_globals = make_globals(job, connection, channel.context)
-    if code.co_flags & inspect.CO_COROUTINE or job.request.code_handles_return:
+    if code.co_flags & _CO_COROUTINE or job.request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
     started = perf_counter()
     if not job.request.capture_output:
