@@ -1,10 +1,12 @@
-"""The compiled-code cache: a least-recently-used map of code objects keyed by name, each valid only for
-the code text or document modification time it was compiled from."""
+"""The compiled-code cache: an LRU (cachetools) of code objects keyed by name, each valid only for the
+code text or document modification time it was compiled from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
+
+from cachetools import LRUCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,21 +18,14 @@ class CachedCode:
 
 
 class CodeCache:
-    """A plain dict kept in use order (a hit moves its entry to the end; the first is the least recently
-    used): every operation is a dict operation in C, where an LRUCache's get is several Python calls, and
-    a lookup is on every query."""
-
     def __init__(self, capacity: int = 128):
-        if capacity < 1:
-            raise ValueError("the code cache holds at least one entry")
-        self._entries: dict[str, CachedCode] = {}
-        self._capacity = capacity
+        self._entries: LRUCache[str, CachedCode] = LRUCache(maxsize=capacity)
         self.hits = 0
         self.misses = 0
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return int(self._entries.maxsize)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -40,22 +35,15 @@ class CodeCache:
 
     def get(self, name: str, fingerprint: Any = None, *, any_version: bool = False) -> CachedCode | None:
         """The entry for `name` if it was compiled from `fingerprint` (or any, for name-only queries)."""
-        entries = self._entries
-        entry = entries.pop(name, None)
-        if entry is not None:
-            entries[name] = entry       # the most recently used, whether it matches or not (as LRUCache did)
-            if any_version or entry.fingerprint == fingerprint:
-                self.hits += 1
-                return entry
+        entry = self._entries.get(name)
+        if entry is not None and (any_version or entry.fingerprint == fingerprint):
+            self.hits += 1
+            return entry
         self.misses += 1
         return None
 
     def put(self, name: str, code: CodeType, fingerprint: Any) -> None:
-        entries = self._entries
-        entries.pop(name, None)
-        entries[name] = CachedCode(code, fingerprint)
-        if len(entries) > self._capacity:
-            del entries[next(iter(entries))]
+        self._entries[name] = CachedCode(code, fingerprint)
 
     def drop(self, name: str) -> None:
         self._entries.pop(name, None)
