@@ -35,7 +35,10 @@ class CodeCache:
 
     def get(self, name: str, fingerprint: Any = None, *, any_version: bool = False) -> CachedCode | None:
         """The entry for `name` if it was compiled from `fingerprint` (or any, for name-only queries)."""
-        entry = self._entries.get(name)
+        try:
+            entry = self._entries[name]     # one call fewer than LRUCache.get on the hit every query makes
+        except KeyError:
+            entry = None
         if entry is not None and (any_version or entry.fingerprint == fingerprint):
             self.hits += 1
             return entry
