@@ -132,6 +132,19 @@ class WorkerHandle:
         """Runs it may be sent now: asked for, not sent, not promised to a parsed query."""
         return self.channel.credit - self.reserved
 
+    def takes(self, per_worker: int) -> int:
+        """Its load, when it may be sent one more run now (ready, not stalled, with credit, holding fewer
+        than `per_worker` queries); else -1. One call per worker per dispatch decision: properties
+        (state, load, credit) read apart cost as much again."""
+        if self._state is not _S.READY or self.stalled:
+            return -1
+        reserved = self.reserved
+        load = len(self.inflight) + reserved
+        channel = self.channel
+        if load >= per_worker or channel.granted - channel.sent - reserved <= 0:
+            return -1
+        return load
+
     @property
     def alive(self) -> bool:
         return self.state is not WorkerState.DEAD
