@@ -6,8 +6,10 @@ it happens, by the same methods: a worker's end (`_watch` -> `_ended`, the one p
 finds no worker (`scale`), a query's end (`query_ended`: recycling, engine/recycle.py). A worker's state
 (WorkerState) changes only here, through WorkerHandle.become, which refuses a transition not allowed.
 
-What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; which queries
-a worker runs is the engine's (`WorkerHandle.inflight`)."""
+Nothing here calls the pool's owner (the process engine): what happens to workers comes back to it as
+one stream of events (`events()`: WorkerReady, WorkerEnded, NoWorkerStarts), and a ready worker's
+messages go to what the engine serves it with. Which queries a worker runs is the engine's
+(`WorkerHandle.inflight`)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,12 +18,13 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
-from .handle import PoolEvents, WorkerHandle, WorkerState
+from .handle import WorkerHandle, WorkerState
 from .launch import WorkerLauncher, WorkerProcess
 from .liveness import LivenessPolicy, Verdict
 from .messages import Init, Stop
@@ -38,13 +41,32 @@ LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
 TICK = 0.5                # seconds between supervision ticks
 
 
+class WorkerReady(NamedTuple):
+    """It finished its handshake and is READY: the engine serves it (WorkerHandle.serve) and dispatches."""
+    worker: WorkerHandle
+
+
+class WorkerEnded(NamedTuple):
+    """It ended (`what`: how) and is DEAD, out of the pool: the queries it held fail."""
+    worker: WorkerHandle
+    what: str
+
+
+class NoWorkerStarts(NamedTuple):
+    """Workers die before they are ready: queries waiting for one would wait for nothing."""
+    why: str
+
+
+PoolEvent = WorkerReady | WorkerEnded | NoWorkerStarts
+
+
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
     replaces dead ones (with a backoff when workers die before they are ready), recycles them, watches
     them (tick), and stops them all at close."""
 
-    def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
-                 settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
+    def __init__(self, source_name: str, scale: ScalePolicy, settings: Callable[[], dict[str, Any]],
+                 max_message_bytes: int | None, preload: Sequence[str] = (),
                  recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None,
                  liveness: LivenessPolicy = LivenessPolicy(), python: str | None = None):
         self.source_name = source_name
@@ -52,7 +74,8 @@ class WorkerPool:
         self.recycle_policy = recycle
         self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
         # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        self._events = events
+        self._events: deque[PoolEvent] = deque()   # a few per worker's life; events() takes them at once
+        self._evented = asyncio.Event()
         self._settings = settings
         # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
         self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
@@ -91,6 +114,22 @@ class WorkerPool:
         queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
         return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
                 for w in self.workers if w.state in _SUPERVISED]
+
+    async def events(self) -> AsyncIterator[PoolEvent]:
+        """What happens to the workers, in order, until the pool is stopped: the one way the pool's owner
+        hears of it (the pool calls nothing of its owner's)."""
+        events, evented = self._events, self._evented
+        while True:
+            while events:
+                yield events.popleft()
+            if self.closed:
+                return
+            evented.clear()
+            await evented.wait()
+
+    def _publish(self, event: PoolEvent) -> None:
+        self._events.append(event)
+        self._evented.set()
 
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:
@@ -140,9 +179,8 @@ class WorkerPool:
     def tick(self) -> None:
         """One supervision step: liveness of each worker, idle ones retired, the count brought back."""
         now = time.monotonic()
-        reading = self._events.reading()
         for worker in [w for w in self.workers if w.state in _SUPERVISED and w.pipe is not None]:
-            if not reading:       # its answers wait unread: its silence says nothing
+            if worker.backlog:      # what it said waits (the link is backed up), unread: its silence says nothing
                 worker.last_heard, worker.pinged_at = now, None
             elif _judge(worker, self.liveness, now, self.source_name):
                 self.wedged += 1
@@ -235,9 +273,8 @@ class WorkerPool:
         worker.became_ready = True
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
-        worker.serve(self._events)
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
-        self._events.worker_ready(worker)
+        self._publish(WorkerReady(worker))
 
     # ---- watching ----------------------------------------------------------------------------------
     async def _watch(self, worker: WorkerHandle, fd: int) -> None:
@@ -261,8 +298,8 @@ class WorkerPool:
         self._ended(worker, what)
 
     def _ended(self, worker: WorkerHandle, why: str) -> None:
-        """The one place a worker's end is handled: its queries fail (worker_ended), and scale() starts what
-        is now missing: below minWorkers, or for queries that wait."""
+        """The one place a worker's end is handled: its queries fail (WorkerEnded, the engine's), and scale()
+        starts what is now missing: below minWorkers, or for queries that wait."""
         worker.become(WorkerState.DEAD)
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
@@ -272,11 +309,11 @@ class WorkerPool:
             self.restarts += 1
         if not worker.became_ready and not self.closed:
             self._failed_starts += 1
-        self._events.worker_ended(worker, why)      # may ask scale() for the queries that wait
+        self._publish(WorkerEnded(worker, why))
         if self.closed:
             return
         if self._failed_starts and not any(w.state is WorkerState.READY for w in self.workers):
-            self._events.no_worker_starts(why)
+            self._publish(NoWorkerStarts(why))
         self.scale()
 
     # ---- recycling ---------------------------------------------------------------------------------
@@ -324,6 +361,7 @@ class WorkerPool:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
+        self._evented.set()       # events() ends once what happened before is taken
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
