@@ -63,6 +63,9 @@ class WorkerHandle:
         self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
         self._state = WorkerState.STARTING
         self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
+        self.fd: int | None = None              # our end of its socket (forkguard-protected)
+        self.exited = False                     # its process ended (WorkerPool reaps it)
+        self.exit_code: int | None = None
         self.channel = WorkerChannel(max_size)
         self.pipe: PipeProtocol | None = None
         self.peer: socket.socket | None = None      # a copy of the worker's end of its socket (see _unread_bytes)

@@ -1,9 +1,10 @@
 """WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
 replacing and stopping them — in the manner of gunicorn's arbiter: one supervision `tick` (every TICK
 seconds) pings silent workers and kills wedged ones (judged by engine/liveness.py), retires idle ones
-(engine/scaling.py) and brings the count back to `minWorkers`. What cannot wait for a tick is handled as
-it happens, by the same methods: a worker's end (`_watch` -> `_ended`, the one place), a query that
-finds no worker (`scale`), a query's end (`query_ended`: recycling, engine/recycle.py). A worker's state
+(engine/scaling.py) and brings the count back to `minWorkers`; the same loop reaps a worker whose process
+ended as soon as it does (`_reap_workers` -> `_ended`, the one place). What cannot wait for it is
+handled as it happens, by the same methods: a query that finds no worker (`scale`), a query's end
+(`query_ended`: recycling, engine/recycle.py). A worker's state
 (WorkerState) changes only here, through WorkerHandle.become, which refuses a transition not allowed.
 
 Nothing here calls the pool's owner (the process engine): what happens to workers comes back to it as
@@ -60,10 +61,38 @@ class NoWorkerStarts(NamedTuple):
 PoolEvent = WorkerReady | WorkerEnded | NoWorkerStarts
 
 
+class EventStream:
+    """The pool's events, in order, for its one follower (the engine): a few per worker's life, taken as
+    they come, so what waits stays small."""
+
+    def __init__(self) -> None:
+        self._events: deque[PoolEvent] = deque()
+        self._evented = asyncio.Event()
+        self._closed = False
+
+    def publish(self, event: PoolEvent) -> None:
+        self._events.append(event)
+        self._evented.set()
+
+    def close(self) -> None:
+        """The stream ends once what was published before is taken."""
+        self._closed = True
+        self._evented.set()
+
+    async def follow(self) -> AsyncIterator[PoolEvent]:
+        events, evented = self._events, self._evented
+        while True:
+            while events:
+                yield events.popleft()
+            if self._closed:
+                return
+            evented.clear()
+            await evented.wait()
+
+
 class WorkerPool:
-    """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
-    replaces dead ones (with a backoff when workers die before they are ready), recycles them, watches
-    them (tick), and stops them all at close."""
+    """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (scale()), replaces
+    dead ones (with a backoff when they die before ready), recycles, supervises and stops them."""
 
     def __init__(self, source_name: str, scale: ScalePolicy, settings: Callable[[], dict[str, Any]],
                  max_message_bytes: int | None, preload: Sequence[str] = (),
@@ -73,14 +102,12 @@ class WorkerPool:
         self.scale_policy = scale
         self.recycle_policy = recycle
         self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
-        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        self._events: deque[PoolEvent] = deque()   # a few per worker's life; events() takes them at once
-        self._evented = asyncio.Event()
+        self.events = EventStream()     # how its owner hears of workers (the pool calls nothing of its owner's)
         self._settings = settings
         # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
         self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
-        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        # `python`: the interpreter of a per-script environment (docs/ENVIRONMENTS.md); None: the connector's
+        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py;
+        # `python`: the interpreter of a per-script environment (docs/ENVIRONMENTS.md), None: the connector's
         self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options, python=python)
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
         self.workers: list[WorkerHandle] = []
@@ -93,6 +120,7 @@ class WorkerPool:
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
+        self._wake = asyncio.Event()            # wakes the supervision loop: a process ended, or stop()
         self.started = asyncio.Event()          # every first start ended (ready or not)
         self._tasks: set[asyncio.Task] = set()
         self._starting: set[asyncio.Task] = set()   # spawns under way: stop() waits for them, never cancels
@@ -114,22 +142,6 @@ class WorkerPool:
         queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
         return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
                 for w in self.workers if w.state in _SUPERVISED]
-
-    async def events(self) -> AsyncIterator[PoolEvent]:
-        """What happens to the workers, in order, until the pool is stopped: the one way the pool's owner
-        hears of it (the pool calls nothing of its owner's)."""
-        events, evented = self._events, self._evented
-        while True:
-            while events:
-                yield events.popleft()
-            if self.closed:
-                return
-            evented.clear()
-            await evented.wait()
-
-    def _publish(self, event: PoolEvent) -> None:
-        self._events.append(event)
-        self._evented.set()
 
     # ---- how many run ------------------------------------------------------------------------------
     def can_grow(self) -> bool:
@@ -166,13 +178,21 @@ class WorkerPool:
 
     # ---- the supervision tick ----------------------------------------------------------------------
     async def _supervise(self) -> None:
+        """The one supervision loop, in the manner of gunicorn's arbiter: it reaps the workers whose process
+        ended as soon as one does (`_reap_workers`; a process's end wakes it, as SIGCHLD wakes the arbiter),
+        and ticks every TICK seconds."""
+        next_tick = time.monotonic() + TICK
         while not self.closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), TICK)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
             if self.closed:
                 return
             try:
-                self.tick()
+                await self._reap_workers()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK
+                    self.tick()
             except Exception:   # noqa: BLE001 - supervision must go on
                 log.exception("source %s: supervising the workers failed", self.source_name)
 
@@ -205,18 +225,14 @@ class WorkerPool:
 
     # ---- starting ----------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        # cancelling a spawn midway would leave a process nobody watches
-        task = asyncio.ensure_future(coro)
-        task.set_name(f"pyexec-{self.source_name}-{name}")
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        self._background(coro, name, self._starting)   # cancelling a spawn midway would leave a process nobody watches
 
-    def _background(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+    def _background(self, coro: Awaitable[Any], name: str, tasks: set[asyncio.Task] | None = None) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(f"pyexec-{self.source_name}-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        tasks = self._tasks if tasks is None else tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _start_all(self) -> None:
         try:
@@ -259,7 +275,8 @@ class WorkerPool:
         parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
         await worker.connect(parent_end)
-        self._background(self._watch(worker, parent_end.fileno()), f"watch-{worker.index}")
+        worker.fd = parent_end.fileno()
+        self._background(self._wait_for_end(worker), f"wait-{worker.index}")
         if self.closed:                  # stop() ran while it was starting
             worker.kill("the engine closed")
             return
@@ -274,28 +291,32 @@ class WorkerPool:
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
-        self._publish(WorkerReady(worker))
+        self.events.publish(WorkerReady(worker))
 
-    # ---- watching ----------------------------------------------------------------------------------
-    async def _watch(self, worker: WorkerHandle, fd: int) -> None:
-        """Wait for the worker's end: read what it said last, fail its queries, replace it."""
+    # ---- reaping ------------------------------------------------------------------------------------
+    async def _wait_for_end(self, worker: WorkerHandle) -> None:
+        """Its process's end wakes the supervision loop, which reaps it."""
         assert worker.proc is not None
-        returncode = await worker.proc.wait()
-        worker.ended()
-        if worker.state is not WorkerState.DEAD:
+        worker.exit_code = await worker.proc.wait()
+        worker.exited = True
+        self._wake.set()
+
+    async def _reap_workers(self) -> None:
+        """The workers whose process ended: what each wrote last is read and taken (together, within
+        LAST_WORDS seconds), then each end is handled (_ended: its queries fail, it is replaced)."""
+        ended = [w for w in self.workers if w.exited and w.state is not WorkerState.DEAD]
+        if not ended:
+            return
+        for worker in ended:
+            worker.ended()
             worker.become(WorkerState.STOPPING)      # no new queries while its last words are read
-        await worker.last_words(LAST_WORDS)
-        worker.become(WorkerState.DEAD)
-        forkguard.release(fd)
-        worker.close()
-        what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
-        if worker.kill_reason:
-            what = f"{what}; {worker.kill_reason}"
-        if not self.closed:
-            level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
-            log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
-                    self.source_name, worker.index, what, len(worker.inflight))
-        self._ended(worker, what)
+        await asyncio.gather(*(w.last_words(LAST_WORDS) for w in ended))
+        for worker in ended:
+            worker.become(WorkerState.DEAD)
+            if worker.fd is not None:
+                forkguard.release(worker.fd)
+            worker.close()
+            self._ended(worker, _how_it_ended(worker, self.source_name, self.closed))
 
     def _ended(self, worker: WorkerHandle, why: str) -> None:
         """The one place a worker's end is handled: its queries fail (WorkerEnded, the engine's), and scale()
@@ -309,11 +330,11 @@ class WorkerPool:
             self.restarts += 1
         if not worker.became_ready and not self.closed:
             self._failed_starts += 1
-        self._publish(WorkerEnded(worker, why))
+        self.events.publish(WorkerEnded(worker, why))
         if self.closed:
             return
         if self._failed_starts and not any(w.state is WorkerState.READY for w in self.workers):
-            self._publish(NoWorkerStarts(why))
+            self.events.publish(NoWorkerStarts(why))
         self.scale()
 
     # ---- recycling ---------------------------------------------------------------------------------
@@ -328,7 +349,7 @@ class WorkerPool:
         """A query on `worker` ended: past maxQueriesPerWorker or maxWorkerMemoryMB, it takes nothing new,
         finishes what it runs and is replaced (no query fails for it: those arriving meanwhile wait)."""
         if worker.state is WorkerState.RETIRING:
-            self._stop_if_idle(worker)
+            _stop_if_idle(worker)
             return
         if worker.state is not WorkerState.READY and worker.state is not WorkerState.DRAINING:
             return
@@ -343,31 +364,25 @@ class WorkerPool:
         worker.become(WorkerState.RETIRING)
         worker.kill_reason = why
         log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, why)
-        self._stop_if_idle(worker)
-
-    def _stop_if_idle(self, worker: WorkerHandle) -> None:
-        if worker.inflight or worker.reserved:
-            return
-        worker.send(Stop())
-
-        def kill_if_still_there() -> None:
-            if worker.alive and worker.proc is not None and worker.proc.returncode is None:
-                worker.kill("it did not stop after it was recycled")
-
-        asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
+        _stop_if_idle(worker)
 
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
-        self._evented.set()       # events() ends once what happened before is taken
+        self.events.close()
+        self._wake.set()
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
         await _reap([w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None])
         if self._starting:       # their processes are gone now: they end at once
             await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
+        for worker in self.workers:     # reaped now, as the supervision loop (ended) would have
+            if not worker.exited and worker.proc is not None and worker.proc.returncode is not None:
+                worker.exited, worker.exit_code = True, worker.proc.returncode
+        await self._reap_workers()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -404,6 +419,30 @@ def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: st
     log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", source_name, worker.index,
              reason.value, budget.queries, "?" if memory is None else memory >> 20)
     return reason.value
+
+
+def _stop_if_idle(worker: WorkerHandle) -> None:
+    """A retiring worker that holds nothing is told to stop, and killed if it does not."""
+    if worker.inflight or worker.reserved:
+        return
+    worker.send(Stop())
+
+    def kill_if_still_there() -> None:
+        if worker.alive and worker.proc is not None and worker.proc.returncode is None:
+            worker.kill("it did not stop after it was recycled")
+
+    asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
+
+
+def _how_it_ended(worker: WorkerHandle, source_name: str, closed: bool) -> str:
+    what = describe_exit(worker.exit_code, killed_by_us=worker.kill_reason is not None)
+    if worker.kill_reason:
+        what = f"{what}; {worker.kill_reason}"
+    if not closed:
+        level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
+        log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
+                source_name, worker.index, what, len(worker.inflight))
+    return what
 
 
 def _judge(worker: WorkerHandle, liveness: LivenessPolicy, now: float, source_name: str) -> bool:

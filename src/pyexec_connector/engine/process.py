@@ -276,7 +276,7 @@ class ProcessEngine:
     async def _follow(self) -> None:
         """The pool's events, in order, for the engine's life: a ready worker's messages go to the intake
         and waiting queries to it; an ended worker's queries fail."""
-        async for event in self.pool.events():
+        async for event in self.pool.events.follow():
             try:
                 if type(event) is WorkerReady:
                     event.worker.serve(self.intake.take)
