@@ -9,6 +9,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import operator
 import socket
 import struct
 import termios
@@ -91,9 +92,8 @@ class WorkerHandle:
         self.backlog_task: asyncio.Task | None = None   # the intake's task taking them
         self.broken: Exception | None = None    # what it sent that broke the protocol
 
-    @property
-    def state(self) -> WorkerState:
-        return self._state
+    # read several times per query (dispatch, recycling): a property whose getter is C code, not a Python call
+    state: WorkerState = property(operator.attrgetter("_state"))  # type: ignore[assignment]
 
     def become(self, state: WorkerState) -> None:
         """The one way a worker's state changes (WorkerPool's); raises InvalidTransition for one not allowed."""

@@ -123,23 +123,22 @@ class WorkerPool:
         self._wake = asyncio.Event()            # wakes the supervision loop: a process ended, or stop()
         self.started = asyncio.Event()          # every first start ended (ready or not)
         self._tasks: set[asyncio.Task] = set()
-        self._starting: set[asyncio.Task] = set()   # spawns under way: stop() waits for them, never cancels
+        self._starting: set[asyncio.Task] = set()   # starts under way: stop() waits for them, never cancels
+        # (cancelling one midway would leave a process nobody watches)
         self.launcher_open = False
-        self._spawn(self._start_all(), "start")
+        self._background(self._start_all(), "start", self._starting)
 
     def alive_count(self) -> int:
         """Processes alive or starting (not those waiting to retry after failed starts)."""
         return sum(1 for w in self.workers if w.alive and not w.backing_off)
 
     def can_run(self) -> bool:
-        """The first workers are starting, a worker is up, or one can be forked when a query comes
-        (minWorkers 0, no failed starts)."""
+        """The first workers are starting, a worker is up, or one can be forked on demand (minWorkers 0)."""
         return not self.started.is_set() or self.alive_count() > 0 \
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
     def credit_ledger(self) -> list[tuple[int, int, int, int]]:
-        """(index, runs it asked for, runs it said it read, runs it was sent) of each worker that takes
-        queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
+        """(index, runs asked for, said read, sent) per worker taking queries: sent never passes asked for."""
         return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
                 for w in self.workers if w.state in _SUPERVISED]
 
@@ -151,14 +150,15 @@ class WorkerPool:
             return False
         live = 0
         for w in self.workers:
-            if w.state is _STARTING:
+            state = w.state
+            if state is _STARTING:
                 return True
-            live += w.state is _READY
+            live += state is _READY
         return live < self.scale_policy.max_workers
 
     def scale(self, waiting: int = 0) -> None:
-        """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
-        `waiting` queries that found no idle worker (retiring idle ones is _retire_idle's, on a timer)."""
+        """The one place that decides how many workers start: what ScalePolicy.to_start says for `waiting`
+        queries that found no idle worker (retiring idle ones is the tick's)."""
         if self.closed or not self.launcher_open:
             return
         live = busy = 0
@@ -178,9 +178,8 @@ class WorkerPool:
 
     # ---- the supervision tick ----------------------------------------------------------------------
     async def _supervise(self) -> None:
-        """The one supervision loop, in the manner of gunicorn's arbiter: it reaps the workers whose process
-        ended as soon as one does (`_reap_workers`; a process's end wakes it, as SIGCHLD wakes the arbiter),
-        and ticks every TICK seconds."""
+        """The one supervision loop (gunicorn's arbiter's): it reaps as soon as a process ends (its end wakes
+        the loop, as SIGCHLD wakes the arbiter's) and ticks every TICK seconds."""
         next_tick = time.monotonic() + TICK
         while not self.closed:
             with contextlib.suppress(TimeoutError):
@@ -224,9 +223,6 @@ class WorkerPool:
             worker.send(message)
 
     # ---- starting ----------------------------------------------------------------------------------
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        self._background(coro, name, self._starting)   # cancelling a spawn midway would leave a process nobody watches
-
     def _background(self, coro: Awaitable[Any], name: str, tasks: set[asyncio.Task] | None = None) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(f"pyexec-{self.source_name}-{name}")
@@ -254,7 +250,7 @@ class WorkerPool:
         self.workers.append(worker)
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
         delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** self._failed_starts) if self._failed_starts else 0.0
-        self._spawn(self._start(worker, delay), f"start-{worker.index}")
+        self._background(self._start(worker, delay), f"start-{worker.index}", self._starting)
 
     async def _start(self, worker: WorkerHandle, delay: float = 0.0) -> None:
         if delay:
@@ -348,13 +344,17 @@ class WorkerPool:
     def query_ended(self, worker: WorkerHandle) -> None:
         """A query on `worker` ended: past maxQueriesPerWorker or maxWorkerMemoryMB, it takes nothing new,
         finishes what it runs and is replaced (no query fails for it: those arriving meanwhile wait)."""
-        if worker.state is WorkerState.RETIRING:
+        state = worker.state
+        if state is WorkerState.RETIRING:
             _stop_if_idle(worker)
             return
-        if worker.state is not WorkerState.READY and worker.state is not WorkerState.DRAINING:
+        if state is not _READY and state is not WorkerState.DRAINING:
             return
-        if not worker.load:
+        if not worker.inflight and not worker.reserved:
             worker.idle_since = time.monotonic()
+        if not worker.budget.limited:       # the common case, per query: counted, nothing to decide
+            worker.budget.queries += 1
+            return
         reason = _recycle_reason(worker, self.recycle_policy, self.source_name)
         if reason is not None:
             self.recycles[reason] = self.recycles.get(reason, 0) + 1
@@ -409,9 +409,6 @@ def credit_figures(ledger: list[tuple[int, int, int, int]]) -> dict[str, int]:
 def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: str) -> str | None:
     """Why the worker is recycled after the query that just ended (RecycleReason's value), if it is."""
     budget = worker.budget
-    if not budget.limited:
-        budget.queries += 1
-        return None
     memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
     reason = budget.after_query(memory)
     if reason is None:
