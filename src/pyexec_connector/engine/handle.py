@@ -1,7 +1,7 @@
 """The connector's end of one worker process (engine/worker.py is the other): its state, its pipe (a
-WorkerChannel driven by a PipeProtocol, engine/channel.py), and the order in which what it says reaches
-the pool's owner. The pool (pool.py) starts, supervises and ends handles; the engine (process.py) gives
-them runs."""
+WorkerChannel driven by a PipeProtocol, engine/channel.py), its handshake, and each read's messages, in
+order, to what serves it (the engine's Intake, engine/intake.py). The pool (pool.py) starts, supervises
+and ends handles; the engine (process.py) gives them runs."""
 from __future__ import annotations
 
 import asyncio
