@@ -90,6 +90,39 @@ class EventStream:
             await evented.wait()
 
 
+class Alarm:
+    """What the supervision loop sleeps on: `seconds`, or until rung (a process ended, or stop()). One
+    future and one timer per sleep, so a ring resumes the loop in one step (a worker's death is answered
+    that much sooner than through an Event and wait_for's task)."""
+
+    def __init__(self) -> None:
+        self._waker: asyncio.Future[None] | None = None
+        self._rung = False
+
+    async def sleep(self, seconds: float) -> None:
+        if self._rung:
+            self._rung = False
+            return
+        loop = asyncio.get_running_loop()
+        waker = self._waker = loop.create_future()
+        timer = loop.call_later(seconds, _wake_up, waker)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._waker = None
+            self._rung = False
+
+    def ring(self) -> None:
+        self._rung = True
+        _wake_up(self._waker)
+
+
+def _wake_up(waker: asyncio.Future[None] | None) -> None:
+    if waker is not None and not waker.done():
+        waker.set_result(None)
+
+
 class WorkerPool:
     """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (scale()), replaces
     dead ones (with a backoff when they die before ready), recycles, supervises and stops them."""
@@ -120,7 +153,7 @@ class WorkerPool:
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
-        self._wake = asyncio.Event()            # wakes the supervision loop: a process ended, or stop()
+        self._alarm = Alarm()                   # wakes the supervision loop: a process ended, or stop()
         self.started = asyncio.Event()          # every first start ended (ready or not)
         self._tasks: set[asyncio.Task] = set()
         self._starting: set[asyncio.Task] = set()   # starts under way: stop() waits for them, never cancels
@@ -178,13 +211,10 @@ class WorkerPool:
 
     # ---- the supervision tick ----------------------------------------------------------------------
     async def _supervise(self) -> None:
-        """The one supervision loop (gunicorn's arbiter's): it reaps as soon as a process ends (its end wakes
-        the loop, as SIGCHLD wakes the arbiter's) and ticks every TICK seconds."""
+        """gunicorn's arbiter's loop: reaps as soon as a process ends (as SIGCHLD wakes it), ticks every TICK s."""
         next_tick = time.monotonic() + TICK
         while not self.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
-            self._wake.clear()
+            await self._alarm.sleep(max(0.0, next_tick - time.monotonic()))
             if self.closed:
                 return
             try:
@@ -295,7 +325,7 @@ class WorkerPool:
         assert worker.proc is not None
         worker.exit_code = await worker.proc.wait()
         worker.exited = True
-        self._wake.set()
+        self._alarm.ring()
 
     async def _reap_workers(self) -> None:
         """The workers whose process ended: what each wrote last is read and taken (together, within
@@ -306,7 +336,10 @@ class WorkerPool:
         for worker in ended:
             worker.ended()
             worker.become(WorkerState.STOPPING)      # no new queries while its last words are read
-        await asyncio.gather(*(w.last_words(LAST_WORDS) for w in ended))
+        if len(ended) == 1:       # (gather would wrap it in a task: a loop step more before its queries fail)
+            await ended[0].last_words(LAST_WORDS)
+        else:
+            await asyncio.gather(*(w.last_words(LAST_WORDS) for w in ended))
         for worker in ended:
             worker.become(WorkerState.DEAD)
             if worker.fd is not None:
@@ -372,7 +405,7 @@ class WorkerPool:
         self.closed = True
         self._closing.set()
         self.events.close()
-        self._wake.set()
+        self._alarm.ring()
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
