@@ -305,14 +305,14 @@ async def test_message_codes_beyond_the_cap_are_counted_as_other(server, start_c
 async def test_a_query_whose_relay_fails_is_still_answered(server, start_connector, monkeypatch):
     """A bug on the relay path must not cost the query its reply: it runs the ordinary way."""
     _, relays = await start_process(server, start_connector)
-    encode = wire.encode
+    encode_run = wire.encode_run
 
-    def broken(message):
+    def broken(message, take_by):
         if type(message) is Relay:
             raise RuntimeError("relay bug")
-        return encode(message)
+        return encode_run(message, take_by)
 
-    monkeypatch.setattr(wire, "encode", broken)
+    monkeypatch.setattr(wire, "encode_run", broken)
     result = await server.query({"code": "y = x * 2", "presetValues": {"x": 21}}, timeout=5)
     assert result.status == 200 and result.results == {"x": 21, "y": 42}
     assert relays.relayed == 0 and relays.declined == 1

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 
 from .. import errors
 from ..errors import QueryError
-from .pool import WorkerHandle, WorkerPool, WorkerState
+from .pool import WorkerHandle, WorkerPool
 
-_READY = WorkerState.READY
 # What a waiting query costs beyond its frame: its ReplyChannel, QueryFrame, parsed WITH dict and this
 # record, rounded up (the measured figure is in docs/PERFORMANCE.md, "Queueing by cost").
 ENTRY_COST = 1024
@@ -76,8 +75,8 @@ class Dispatcher:
         its last run (not held by synchronous code), else the least busy."""
         if self._count:
             return None
-        if prefer is not None and prefer.state is _READY and prefer.credit > 0 and prefer.load < self.per_worker \
-                and not prefer.stalled and prefer.channel.received == prefer.channel.sent:
+        if prefer is not None and prefer.takes(self.per_worker) >= 0 \
+                and prefer.channel.received == prefer.channel.sent:
             return prefer
         return self._least_busy()
 
@@ -92,10 +91,8 @@ class Dispatcher:
         per_worker = self.per_worker
         best_load = 0
         for worker in self._pool.workers:
-            if worker.state is not _READY or worker.stalled:
-                continue
-            load = worker.load
-            if load >= per_worker or worker.credit <= 0:
+            load = worker.takes(per_worker)
+            if load < 0:
                 continue
             if load == worker.replied:     # (every run it holds replied: it read them all)
                 return worker

@@ -1,7 +1,7 @@
 """The connector's end of one worker process (engine/worker.py is the other): its state, its pipe (a
-WorkerChannel driven by a PipeProtocol, engine/channel.py), and the order in which what it says reaches
-the pool's owner. The pool (pool.py) starts, supervises and ends handles; the engine (process.py) gives
-them runs."""
+WorkerChannel driven by a PipeProtocol, engine/channel.py), its handshake, and each read's messages, in
+order, to what serves it (the engine's Intake, engine/intake.py). The pool (pool.py) starts, supervises
+and ends handles; the engine (process.py) gives them runs."""
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +9,14 @@ import contextlib
 import enum
 import fcntl
 import logging
+import operator
 import socket
 import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Container
-from typing import Any, Protocol
+from collections.abc import Callable, Container
+from typing import Any
 
 from .channel import PipeProtocol, WorkerChannel
 from .launch import WorkerProcess
@@ -49,34 +50,9 @@ class InvalidTransition(RuntimeError):
     """A worker asked into a state it cannot reach from its own (a bug in the pool)."""
 
 
-class PoolEvents(Protocol):
-    """What the pool tells its owner."""
-
-    def take(self, worker: WorkerHandle, message: Any) -> bool:
-        """A worker's message, handled now; False (and nothing done) to have it handled by `take_later`
-        instead (it needs to wait). Raising means the worker broke the protocol: it is killed."""
-        ...
-
-    async def take_later(self, worker: WorkerHandle, message: Any) -> None: ...
-
-    def taken(self) -> None:
-        """take() handled what just arrived from a worker (as it arrived): a chance to pass it on at once."""
-        ...
-
-    def worker_ready(self, worker: WorkerHandle) -> None: ...
-
-    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
-        """It ended (`what`: how): fail the queries it had."""
-        ...
-
-    def no_worker_starts(self, why: str) -> None:
-        """Workers die before they are ready: queries waiting for one would wait for nothing."""
-        ...
-
-    def reading(self) -> bool:
-        """Whether workers' pipes are read now (not while the link is backed up): silence means nothing
-        while they are not."""
-        ...
+TakeMessages = Callable[["WorkerHandle", list[Any]], None]
+"""What takes a ready worker's messages (ProcessEngine's intake): each read's, in order, as they arrive.
+Raising means the worker broke the protocol: it is killed."""
 
 
 class WorkerHandle:
@@ -88,6 +64,9 @@ class WorkerHandle:
         self.budget = budget or RecyclePolicy().budget()     # queries it may still run before it is recycled
         self._state = WorkerState.STARTING
         self.proc: WorkerProcess | None = None     # forked or spawned; its signals go to its process group
+        self.fd: int | None = None              # our end of its socket (forkguard-protected)
+        self.exited = False                     # its process ended (WorkerPool reaps it)
+        self.exit_code: int | None = None
         self.channel = WorkerChannel(max_size)
         self.pipe: PipeProtocol | None = None
         self.peer: socket.socket | None = None      # a copy of the worker's end of its socket (see _unread_bytes)
@@ -107,14 +86,14 @@ class WorkerHandle:
         self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
         self.hello: asyncio.Future[Any] | None = None   # its Ready, once it also asked for runs
         self._ready: Ready | None = None
-        self._events: PoolEvents | None = None  # who takes its messages once it is ready
-        self._backlog: deque[Any] = deque()     # messages waiting for one take() refused (take_later)
-        self.backlog_task: asyncio.Task | None = None
+        self._take: TakeMessages | None = None  # who takes its messages once it is ready (serve)
+        self._early: list[Any] = []             # what it said after its handshake, before serve()
+        self.backlog: deque[Any] = deque()      # its messages that wait (the intake's), its reading paused
+        self.backlog_task: asyncio.Task | None = None   # the intake's task taking them
         self.broken: Exception | None = None    # what it sent that broke the protocol
 
-    @property
-    def state(self) -> WorkerState:
-        return self._state
+    # read several times per query (dispatch, recycling): a property whose getter is C code, not a Python call
+    state: WorkerState = property(operator.attrgetter("_state"))  # type: ignore[assignment]
 
     def become(self, state: WorkerState) -> None:
         """The one way a worker's state changes (WorkerPool's); raises InvalidTransition for one not allowed."""
@@ -131,6 +110,19 @@ class WorkerHandle:
     def credit(self) -> int:
         """Runs it may be sent now: asked for, not sent, not promised to a parsed query."""
         return self.channel.credit - self.reserved
+
+    def takes(self, per_worker: int) -> int:
+        """Its load, when it may be sent one more run now (ready, not stalled, with credit, holding fewer
+        than `per_worker` queries); else -1. One call per worker per dispatch decision: properties
+        (state, load, credit) read apart cost as much again."""
+        if self._state is not _S.READY or self.stalled:
+            return -1
+        reserved = self.reserved
+        load = len(self.inflight) + reserved
+        channel = self.channel
+        if load >= per_worker or channel.granted - channel.sent - reserved <= 0:
+            return -1
+        return load
 
     @property
     def alive(self) -> bool:
@@ -215,7 +207,7 @@ class WorkerHandle:
         """Its socket, read from now on by a PipeProtocol."""
         loop = asyncio.get_running_loop()
         self.hello = loop.create_future()
-        pipe = self.pipe = PipeProtocol(self.channel, self._arrived, self._broke)
+        pipe = self.pipe = PipeProtocol(self.channel, self._arrived, self.broke)
         pipe.closed.add_done_callback(self._closed)
         await loop.create_connection(lambda: pipe, sock=sock)
 
@@ -240,9 +232,12 @@ class WorkerHandle:
                 if self.backlog_task is not None:
                     await asyncio.shield(self.backlog_task)
 
-    def serve(self, events: PoolEvents) -> None:
-        """Ready: what it says goes to `events` from now on."""
-        self._events = events
+    def serve(self, take: TakeMessages) -> None:
+        """Ready: what it says goes to `take` from now on (what it said since its handshake first)."""
+        self._take = take
+        early, self._early = self._early, []
+        if early:
+            self._arrived(early, heard=False)
 
     def heard(self) -> None:
         """The worker wrote something: its loop runs."""
@@ -253,7 +248,8 @@ class WorkerHandle:
             self.awaiting = False
             self.flush()
 
-    def _broke(self, exc: Exception) -> None:
+    def broke(self, exc: Exception) -> None:
+        """It sent what this side does not accept (its channel's, or the intake's verdict): it is killed."""
         if self.broken is not None:
             return
         self.broken = exc
@@ -263,65 +259,47 @@ class WorkerHandle:
                   str(exc)[:200])
         self.kill(f"protocol violation: it sent a malformed message ({type(exc).__name__})")
 
-    def _arrived(self, messages: list[Any]) -> None:
-        """What it said, in order: before it is ready, its Ready (and first credit); then each message to
-        events.take, as it arrives; from the first that take() refuses, to take_later, in a task, with
-        reading paused until the backlog is taken (a slow link slows the worker's writes down)."""
-        self.heard()
+    def _arrived(self, messages: list[Any], heard: bool = True) -> None:
+        """What it said, in order: before it is ready, its Ready (and first credit); then each read's
+        messages to the intake (`serve`)."""
+        if heard:
+            self.heard()
         if self.broken is not None:
             return
-        events = self._events
-        if events is None:
+        take = self._take
+        if take is None:
             self._starting(messages)
             return
-        if self._backlog:
-            self._backlog.extend(messages)
-            return
-        for i, message in enumerate(messages):
-            try:
-                taken = events.take(self, message)
-            except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
-                self._broke(exc)
-                return
-            if not taken:
-                self._backlog.extend(messages[i:])
-                self._pause()
-                break
-        events.taken()
+        try:
+            take(self, messages)
+        except Exception as exc:   # noqa: BLE001 - the worker cannot be trusted any more
+            self.broke(exc)
 
     def _starting(self, messages: list[Any]) -> None:
         hello = self.hello
-        if hello is None or hello.done():
+        if hello is None:
+            return
+        if hello.done():        # ready, and not served yet: kept for serve()
+            self._early.extend(messages)
             return
         for message in messages:      # Ready, then its first Credit (counted by the channel)
             kind = type(message)
             if kind is Ready and self._ready is None:
                 self._ready = message
             elif kind is not Credit or self._ready is None:
-                self._broke(ValueError(f"unexpected first message {kind.__name__}"))
+                self.broke(ValueError(f"unexpected first message {kind.__name__}"))
                 return
         if self._ready is not None and self.channel.granted:
             hello.set_result(self._ready)       # ready once it asked for runs: a waiting query goes at once
 
-    def _pause(self) -> None:
-        assert self.pipe is not None and self.pipe.transport is not None
-        self.pipe.transport.pause_reading()
-        self.backlog_task = asyncio.ensure_future(self._take_backlog())
+    def pause_reading(self) -> None:
+        """Its messages wait (the intake's backlog): nothing more is read from it until resume_reading(),
+        so its writes, and the code's awaited sends, wait too."""
+        transport = self.pipe.transport if self.pipe is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
-    async def _take_backlog(self) -> None:
-        events = self._events
-        assert events is not None
-        backlog = self._backlog
-        while backlog:
-            message = backlog[0]
-            try:
-                if not events.take(self, message):
-                    await events.take_later(self, message)
-            except Exception as exc:   # noqa: BLE001
-                backlog.clear()
-                self._broke(exc)
-                return
-            backlog.popleft()
+    def resume_reading(self) -> None:
         transport = self.pipe.transport if self.pipe is not None else None
         if transport is not None and not transport.is_closing():
             transport.resume_reading()

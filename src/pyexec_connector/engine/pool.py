@@ -1,13 +1,16 @@
 """WorkerPool: the one owner of a source's worker processes — how many run, starting, watching,
 replacing and stopping them — in the manner of gunicorn's arbiter: one supervision `tick` (every TICK
 seconds) pings silent workers and kills wedged ones (judged by engine/liveness.py), retires idle ones
-(engine/scaling.py) and brings the count back to `minWorkers`. What cannot wait for a tick is handled as
-it happens, by the same methods: a worker's end (`_watch` -> `_ended`, the one place), a query that
-finds no worker (`scale`), a query's end (`query_ended`: recycling, engine/recycle.py). A worker's state
+(engine/scaling.py) and brings the count back to `minWorkers`; the same loop reaps a worker whose process
+ended as soon as it does (`_reap_workers` -> `_ended`, the one place). What cannot wait for it is
+handled as it happens, by the same methods: a query that finds no worker (`scale`), a query's end
+(`query_ended`: recycling, engine/recycle.py). A worker's state
 (WorkerState) changes only here, through WorkerHandle.become, which refuses a transition not allowed.
 
-What the workers say goes to the pool's owner (the process engine) through `PoolEvents`; which queries
-a worker runs is the engine's (`WorkerHandle.inflight`)."""
+Nothing here calls the pool's owner (the process engine): what happens to workers comes back to it as
+one stream of events (`events()`: WorkerReady, WorkerEnded, NoWorkerStarts), and a ready worker's
+messages go to what the engine serves it with. Which queries a worker runs is the engine's
+(`WorkerHandle.inflight`)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,12 +19,13 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 from .. import forkguard, sandbox
 from . import recycle, wire, zygote
-from .handle import PoolEvents, WorkerHandle, WorkerState
+from .handle import WorkerHandle, WorkerState
 from .launch import WorkerLauncher, WorkerProcess
 from .liveness import LivenessPolicy, Verdict
 from .messages import Init, Stop
@@ -38,26 +42,105 @@ LAST_WORDS = 1.0          # seconds to read what a worker that ended wrote last
 TICK = 0.5                # seconds between supervision ticks
 
 
-class WorkerPool:
-    """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (see scale()),
-    replaces dead ones (with a backoff when workers die before they are ready), recycles them, watches
-    them (tick), and stops them all at close."""
+class WorkerReady(NamedTuple):
+    """It finished its handshake and is READY: the engine serves it (WorkerHandle.serve) and dispatches."""
+    worker: WorkerHandle
 
-    def __init__(self, source_name: str, scale: ScalePolicy, events: PoolEvents,
-                 settings: Callable[[], dict[str, Any]], max_message_bytes: int | None, preload: Sequence[str] = (),
+
+class WorkerEnded(NamedTuple):
+    """It ended (`what`: how) and is DEAD, out of the pool: the queries it held fail."""
+    worker: WorkerHandle
+    what: str
+
+
+class NoWorkerStarts(NamedTuple):
+    """Workers die before they are ready: queries waiting for one would wait for nothing."""
+    why: str
+
+
+PoolEvent = WorkerReady | WorkerEnded | NoWorkerStarts
+
+
+class EventStream:
+    """The pool's events, in order, for its one follower (the engine): a few per worker's life, taken as
+    they come, so what waits stays small."""
+
+    def __init__(self) -> None:
+        self._events: deque[PoolEvent] = deque()
+        self._evented = asyncio.Event()
+        self._closed = False
+
+    def publish(self, event: PoolEvent) -> None:
+        self._events.append(event)
+        self._evented.set()
+
+    def close(self) -> None:
+        """The stream ends once what was published before is taken."""
+        self._closed = True
+        self._evented.set()
+
+    async def follow(self) -> AsyncIterator[PoolEvent]:
+        events, evented = self._events, self._evented
+        while True:
+            while events:
+                yield events.popleft()
+            if self._closed:
+                return
+            evented.clear()
+            await evented.wait()
+
+
+class Alarm:
+    """What the supervision loop sleeps on: `seconds`, or until rung (a process ended, or stop()). One
+    future and one timer per sleep, so a ring resumes the loop in one step (a worker's death is answered
+    that much sooner than through an Event and wait_for's task)."""
+
+    def __init__(self) -> None:
+        self._waker: asyncio.Future[None] | None = None
+        self._rung = False
+
+    async def sleep(self, seconds: float) -> None:
+        if self._rung:
+            self._rung = False
+            return
+        loop = asyncio.get_running_loop()
+        waker = self._waker = loop.create_future()
+        timer = loop.call_later(seconds, _wake_up, waker)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._waker = None
+            self._rung = False
+
+    def ring(self) -> None:
+        self._rung = True
+        _wake_up(self._waker)
+
+
+def _wake_up(waker: asyncio.Future[None] | None) -> None:
+    if waker is not None and not waker.done():
+        waker.set_result(None)
+
+
+class WorkerPool:
+    """Runs between `scale.min_workers` and `scale.max_workers` workers as the load asks (scale()), replaces
+    dead ones (with a backoff when they die before ready), recycles, supervises and stops them."""
+
+    def __init__(self, source_name: str, scale: ScalePolicy, settings: Callable[[], dict[str, Any]],
+                 max_message_bytes: int | None, preload: Sequence[str] = (),
                  recycle: RecyclePolicy = RecyclePolicy(), spawn_options: Callable[[], dict[str, Any]] | None = None,
                  liveness: LivenessPolicy = LivenessPolicy(), python: str | None = None):
         self.source_name = source_name
         self.scale_policy = scale
         self.recycle_policy = recycle
         self.recycles: dict[str, int] = {}      # workers recycled, by reason (RecycleReason)
-        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        self._events = events
+        self.events = EventStream()     # how its owner hears of workers (the pool calls nothing of its owner's)
         self._settings = settings
         # the worker's environment (no secrets) and the user it becomes (sandbox.worker_spawn_options)
         self._spawn_options = spawn_options or (lambda: sandbox.worker_spawn_options(None))
-        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py
-        # `python`: the interpreter of a per-script environment (docs/ENVIRONMENTS.md); None: the connector's
+        # forks workers from the zygote of the preload list (spawns them when it cannot): see launch.py;
+        # `python`: the interpreter of a per-script environment (docs/ENVIRONMENTS.md), None: the connector's
         self.launcher = WorkerLauncher(zygote.registry(), preload, source_name, self._spawn_options, python=python)
         self._max_size = wire.frame_limit(max_message_bytes) if max_message_bytes else None
         self.workers: list[WorkerHandle] = []
@@ -70,25 +153,25 @@ class WorkerPool:
         self.retired_cache_counts = (0, 0)      # of workers gone
         self.closed = False
         self._closing = asyncio.Event()
+        self._alarm = Alarm()                   # wakes the supervision loop: a process ended, or stop()
         self.started = asyncio.Event()          # every first start ended (ready or not)
         self._tasks: set[asyncio.Task] = set()
-        self._starting: set[asyncio.Task] = set()   # spawns under way: stop() waits for them, never cancels
+        self._starting: set[asyncio.Task] = set()   # starts under way: stop() waits for them, never cancels
+        # (cancelling one midway would leave a process nobody watches)
         self.launcher_open = False
-        self._spawn(self._start_all(), "start")
+        self._background(self._start_all(), "start", self._starting)
 
     def alive_count(self) -> int:
         """Processes alive or starting (not those waiting to retry after failed starts)."""
         return sum(1 for w in self.workers if w.alive and not w.backing_off)
 
     def can_run(self) -> bool:
-        """The first workers are starting, a worker is up, or one can be forked when a query comes
-        (minWorkers 0, no failed starts)."""
+        """The first workers are starting, a worker is up, or one can be forked on demand (minWorkers 0)."""
         return not self.started.is_set() or self.alive_count() > 0 \
             or (self.scale_policy.min_workers == 0 and not self._failed_starts)
 
     def credit_ledger(self) -> list[tuple[int, int, int, int]]:
-        """(index, runs it asked for, runs it said it read, runs it was sent) of each worker that takes
-        queries, for metrics and tests: sent never passes asked for, and a dead worker's credit goes with it."""
+        """(index, runs asked for, said read, sent) per worker taking queries: sent never passes asked for."""
         return [(w.index, w.channel.granted, w.channel.received, w.channel.sent)
                 for w in self.workers if w.state in _SUPERVISED]
 
@@ -100,14 +183,15 @@ class WorkerPool:
             return False
         live = 0
         for w in self.workers:
-            if w.state is _STARTING:
+            state = w.state
+            if state is _STARTING:
                 return True
-            live += w.state is _READY
+            live += state is _READY
         return live < self.scale_policy.max_workers
 
     def scale(self, waiting: int = 0) -> None:
-        """The one place that decides how many workers run: starts what ScalePolicy.to_start says for
-        `waiting` queries that found no idle worker (retiring idle ones is _retire_idle's, on a timer)."""
+        """The one place that decides how many workers start: what ScalePolicy.to_start says for `waiting`
+        queries that found no idle worker (retiring idle ones is the tick's)."""
         if self.closed or not self.launcher_open:
             return
         live = busy = 0
@@ -127,22 +211,25 @@ class WorkerPool:
 
     # ---- the supervision tick ----------------------------------------------------------------------
     async def _supervise(self) -> None:
+        """gunicorn's arbiter's loop: reaps as soon as a process ends (as SIGCHLD wakes it), ticks every TICK s."""
+        next_tick = time.monotonic() + TICK
         while not self.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), TICK)
+            await self._alarm.sleep(max(0.0, next_tick - time.monotonic()))
             if self.closed:
                 return
             try:
-                self.tick()
+                await self._reap_workers()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK
+                    self.tick()
             except Exception:   # noqa: BLE001 - supervision must go on
                 log.exception("source %s: supervising the workers failed", self.source_name)
 
     def tick(self) -> None:
         """One supervision step: liveness of each worker, idle ones retired, the count brought back."""
         now = time.monotonic()
-        reading = self._events.reading()
         for worker in [w for w in self.workers if w.state in _SUPERVISED and w.pipe is not None]:
-            if not reading:       # its answers wait unread: its silence says nothing
+            if worker.backlog:      # what it said waits (the link is backed up), unread: its silence says nothing
                 worker.last_heard, worker.pinged_at = now, None
             elif _judge(worker, self.liveness, now, self.source_name):
                 self.wedged += 1
@@ -166,19 +253,12 @@ class WorkerPool:
             worker.send(message)
 
     # ---- starting ----------------------------------------------------------------------------------
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        # cancelling a spawn midway would leave a process nobody watches
+    def _background(self, coro: Awaitable[Any], name: str, tasks: set[asyncio.Task] | None = None) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(f"pyexec-{self.source_name}-{name}")
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
-
-    def _background(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        task.set_name(f"pyexec-{self.source_name}-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        tasks = self._tasks if tasks is None else tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _start_all(self) -> None:
         try:
@@ -200,7 +280,7 @@ class WorkerPool:
         self.workers.append(worker)
         # a worker that dies before it is ready (bad memoryLimitMB, broken install) is retried with backoff
         delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** self._failed_starts) if self._failed_starts else 0.0
-        self._spawn(self._start(worker, delay), f"start-{worker.index}")
+        self._background(self._start(worker, delay), f"start-{worker.index}", self._starting)
 
     async def _start(self, worker: WorkerHandle, delay: float = 0.0) -> None:
         if delay:
@@ -221,7 +301,8 @@ class WorkerPool:
         parent_end = launched.sock
         forkguard.protect(parent_end.fileno())
         await worker.connect(parent_end)
-        self._background(self._watch(worker, parent_end.fileno()), f"watch-{worker.index}")
+        worker.fd = parent_end.fileno()
+        self._background(self._wait_for_end(worker), f"wait-{worker.index}")
         if self.closed:                  # stop() ran while it was starting
             worker.kill("the engine closed")
             return
@@ -235,34 +316,40 @@ class WorkerPool:
         worker.became_ready = True
         self._failed_starts = 0
         worker.idle_since = worker.last_heard = time.monotonic()
-        worker.serve(self._events)
         log.debug("source %s: worker %d ready (pid %s)", self.source_name, worker.index, hello.pid)
-        self._events.worker_ready(worker)
+        self.events.publish(WorkerReady(worker))
 
-    # ---- watching ----------------------------------------------------------------------------------
-    async def _watch(self, worker: WorkerHandle, fd: int) -> None:
-        """Wait for the worker's end: read what it said last, fail its queries, replace it."""
+    # ---- reaping ------------------------------------------------------------------------------------
+    async def _wait_for_end(self, worker: WorkerHandle) -> None:
+        """Its process's end wakes the supervision loop, which reaps it."""
         assert worker.proc is not None
-        returncode = await worker.proc.wait()
-        worker.ended()
-        if worker.state is not WorkerState.DEAD:
+        worker.exit_code = await worker.proc.wait()
+        worker.exited = True
+        self._alarm.ring()
+
+    async def _reap_workers(self) -> None:
+        """The workers whose process ended: what each wrote last is read and taken (together, within
+        LAST_WORDS seconds), then each end is handled (_ended: its queries fail, it is replaced)."""
+        ended = [w for w in self.workers if w.exited and w.state is not WorkerState.DEAD]
+        if not ended:
+            return
+        for worker in ended:
+            worker.ended()
             worker.become(WorkerState.STOPPING)      # no new queries while its last words are read
-        await worker.last_words(LAST_WORDS)
-        worker.become(WorkerState.DEAD)
-        forkguard.release(fd)
-        worker.close()
-        what = describe_exit(returncode, killed_by_us=worker.kill_reason is not None)
-        if worker.kill_reason:
-            what = f"{what}; {worker.kill_reason}"
-        if not self.closed:
-            level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
-            log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
-                    self.source_name, worker.index, what, len(worker.inflight))
-        self._ended(worker, what)
+        if len(ended) == 1:       # (gather would wrap it in a task: a loop step more before its queries fail)
+            await ended[0].last_words(LAST_WORDS)
+        else:
+            await asyncio.gather(*(w.last_words(LAST_WORDS) for w in ended))
+        for worker in ended:
+            worker.become(WorkerState.DEAD)
+            if worker.fd is not None:
+                forkguard.release(worker.fd)
+            worker.close()
+            self._ended(worker, _how_it_ended(worker, self.source_name, self.closed))
 
     def _ended(self, worker: WorkerHandle, why: str) -> None:
-        """The one place a worker's end is handled: its queries fail (worker_ended), and scale() starts what
-        is now missing: below minWorkers, or for queries that wait."""
+        """The one place a worker's end is handled: its queries fail (WorkerEnded, the engine's), and scale()
+        starts what is now missing: below minWorkers, or for queries that wait."""
         worker.become(WorkerState.DEAD)
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
@@ -272,11 +359,11 @@ class WorkerPool:
             self.restarts += 1
         if not worker.became_ready and not self.closed:
             self._failed_starts += 1
-        self._events.worker_ended(worker, why)      # may ask scale() for the queries that wait
+        self.events.publish(WorkerEnded(worker, why))
         if self.closed:
             return
         if self._failed_starts and not any(w.state is WorkerState.READY for w in self.workers):
-            self._events.no_worker_starts(why)
+            self.events.publish(NoWorkerStarts(why))
         self.scale()
 
     # ---- recycling ---------------------------------------------------------------------------------
@@ -290,13 +377,17 @@ class WorkerPool:
     def query_ended(self, worker: WorkerHandle) -> None:
         """A query on `worker` ended: past maxQueriesPerWorker or maxWorkerMemoryMB, it takes nothing new,
         finishes what it runs and is replaced (no query fails for it: those arriving meanwhile wait)."""
-        if worker.state is WorkerState.RETIRING:
-            self._stop_if_idle(worker)
+        state = worker.state
+        if state is WorkerState.RETIRING:
+            _stop_if_idle(worker)
             return
-        if worker.state is not WorkerState.READY and worker.state is not WorkerState.DRAINING:
+        if state is not _READY and state is not WorkerState.DRAINING:
             return
-        if not worker.load:
+        if not worker.inflight and not worker.reserved:
             worker.idle_since = time.monotonic()
+        if not worker.budget.limited:       # the common case, per query: counted, nothing to decide
+            worker.budget.queries += 1
+            return
         reason = _recycle_reason(worker, self.recycle_policy, self.source_name)
         if reason is not None:
             self.recycles[reason] = self.recycles.get(reason, 0) + 1
@@ -306,30 +397,25 @@ class WorkerPool:
         worker.become(WorkerState.RETIRING)
         worker.kill_reason = why
         log.debug("source %s: worker %d retires: %s", self.source_name, worker.index, why)
-        self._stop_if_idle(worker)
-
-    def _stop_if_idle(self, worker: WorkerHandle) -> None:
-        if worker.inflight or worker.reserved:
-            return
-        worker.send(Stop())
-
-        def kill_if_still_there() -> None:
-            if worker.alive and worker.proc is not None and worker.proc.returncode is None:
-                worker.kill("it did not stop after it was recycled")
-
-        asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
+        _stop_if_idle(worker)
 
     # ---- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Ask every worker to exit, kill those that do not within STOP_GRACE, and reap them all."""
         self.closed = True
         self._closing.set()
+        self.events.close()
+        self._alarm.ring()
         self.broadcast(Stop())
         if self._starting:
             await asyncio.wait(set(self._starting), timeout=2 * STOP_GRACE)
         await _reap([w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None])
         if self._starting:       # their processes are gone now: they end at once
             await asyncio.wait(set(self._starting), timeout=STOP_GRACE)
+        for worker in self.workers:     # reaped now, as the supervision loop (ended) would have
+            if not worker.exited and worker.proc is not None and worker.proc.returncode is not None:
+                worker.exited, worker.exit_code = True, worker.proc.returncode
+        await self._reap_workers()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -356,9 +442,6 @@ def credit_figures(ledger: list[tuple[int, int, int, int]]) -> dict[str, int]:
 def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: str) -> str | None:
     """Why the worker is recycled after the query that just ended (RecycleReason's value), if it is."""
     budget = worker.budget
-    if not budget.limited:
-        budget.queries += 1
-        return None
     memory = recycle.resident_bytes(worker.proc.pid) if policy.watches_memory and worker.proc else None
     reason = budget.after_query(memory)
     if reason is None:
@@ -366,6 +449,30 @@ def _recycle_reason(worker: WorkerHandle, policy: RecyclePolicy, source_name: st
     log.info("source %s: recycling worker %d (%s: %d queries, %s MiB resident)", source_name, worker.index,
              reason.value, budget.queries, "?" if memory is None else memory >> 20)
     return reason.value
+
+
+def _stop_if_idle(worker: WorkerHandle) -> None:
+    """A retiring worker that holds nothing is told to stop, and killed if it does not."""
+    if worker.inflight or worker.reserved:
+        return
+    worker.send(Stop())
+
+    def kill_if_still_there() -> None:
+        if worker.alive and worker.proc is not None and worker.proc.returncode is None:
+            worker.kill("it did not stop after it was recycled")
+
+    asyncio.get_running_loop().call_later(STOP_GRACE, kill_if_still_there)
+
+
+def _how_it_ended(worker: WorkerHandle, source_name: str, closed: bool) -> str:
+    what = describe_exit(worker.exit_code, killed_by_us=worker.kill_reason is not None)
+    if worker.kill_reason:
+        what = f"{what}; {worker.kill_reason}"
+    if not closed:
+        level = logging.DEBUG if worker.kill_reason and not worker.inflight else logging.WARNING
+        log.log(level, "source %s: worker %d ended (%s) with %d queries running; replacing it",
+                source_name, worker.index, what, len(worker.inflight))
+    return what
 
 
 def _judge(worker: WorkerHandle, liveness: LivenessPolicy, now: float, source_name: str) -> bool:

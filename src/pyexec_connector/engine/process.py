@@ -31,15 +31,15 @@ from ..errors import QueryError
 from ..reply import ReplyChannel
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher, Waiting
+from .intake import Intake
 from .messages import (
-    ACKED,
     Configure,
     HealthChanged,
     Relay,
     Run,
 )
 from .pipeline import Pipeline, time_limit
-from .pool import WorkerHandle, WorkerPool, credit_figures
+from .pool import NoWorkerStarts, WorkerEnded, WorkerHandle, WorkerPool, WorkerReady, credit_figures
 from .queries import LinkOutlet, NameBook, Query, QueryBook
 from .recycle import RecyclePolicy
 from .scaling import ScalePolicy
@@ -74,12 +74,14 @@ class ProcessEngine:
         self.parsed = 0             # queries the connector parsed into a Job
         self._before_start = 0      # parsed queries waiting for the pool's first workers
         health.listeners.append(self._health_changed)
-        self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self, self._settings, max_message_bytes,
+        self.pool = WorkerPool(source_name, ScalePolicy.from_config(config), self._settings, max_message_bytes,
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials), python=python)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
                                      config.maxQueuedBytes, self)
         self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize))
+        self.intake = Intake(source_name, self.queries, link, health)
+        self._following = asyncio.ensure_future(self._follow())
 
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
@@ -270,45 +272,24 @@ class ProcessEngine:
             pass
         return self.queries.settle(query)
 
-    # ---- what workers say (PoolEvents) ----------------------------------------------------------
-    def take(self, worker: WorkerHandle, message: Any) -> bool:
-        """Every message from a worker, as it arrives or from the pool's reading task: handled now unless
-        it must wait (a health change is awaited before the code's next reply goes out; nothing is taken
-        from workers while the link is backed up)."""
-        if message is ACKED:
-            return True
-        if type(message) is HealthChanged or not self._link.is_drained():
-            return False
-        self.queries.handle(worker, message)
-        return True
-
-    async def take_later(self, worker: WorkerHandle, message: Any) -> None:
-        if type(message) is HealthChanged:
+    # ---- what happens to workers (the pool's events) --------------------------------------------
+    async def _follow(self) -> None:
+        """The pool's events, in order, for the engine's life: a ready worker's messages go to the intake
+        and waiting queries to it; an ended worker's queries fail."""
+        async for event in self.pool.events.follow():
             try:
-                await self._health.declare(bool(message.healthy))
-            except Exception:   # noqa: BLE001 - a failing health listener is not the worker's fault
-                log.exception("source %s: declaring health failed", self.source_name)
-            return
-        await self._link.drained()
-        self.queries.handle(worker, message)
-        await self._link.drained()     # the link is slow: stop reading, and the worker's writes wait
-
-    def taken(self) -> None:
-        self._link.write_now()         # a worker's answers go out in the step they came in
-
-    def worker_ready(self, worker: WorkerHandle) -> None:
-        self.dispatcher.dispatch()
-
-    def worker_ended(self, worker: WorkerHandle, what: str) -> None:
-        error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.", [what]) \
-            if not self._closed else _shutting_down()
-        self.queries.fail(worker, error)
-
-    def no_worker_starts(self, why: str) -> None:
-        self.dispatcher.fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: {0}.", [why]))
-
-    def reading(self) -> bool:
-        return self._link.is_drained()
+                if type(event) is WorkerReady:
+                    event.worker.serve(self.intake.take)
+                    self.dispatcher.dispatch()
+                elif type(event) is WorkerEnded:
+                    error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.",
+                                       [event.what]) if not self._closed else _shutting_down()
+                    self.queries.fail(event.worker, error)
+                elif type(event) is NoWorkerStarts:
+                    self.dispatcher.fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: "
+                                                                                "{0}.", [event.why]))
+            except Exception:   # noqa: BLE001 - the events after it must still be followed
+                log.exception("source %s: handling %s failed", self.source_name, type(event).__name__)
 
     async def _health_changed(self, healthy: bool) -> None:
         self.pool.broadcast(HealthChanged(healthy))
@@ -325,6 +306,8 @@ class ProcessEngine:
         self.dispatcher.close()
         self.queries.close(_shutting_down())
         await self.pool.stop()
+        self._following.cancel()
+        await asyncio.gather(self._following, return_exceptions=True)
 
     async def retire(self) -> None:
         """After a reconfigure changed the pool: let the queries already here finish, then close."""

@@ -8,10 +8,9 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Protocol
-
-from cachetools import LRUCache
 
 from .. import errors, protocol
 from ..errors import QueryError
@@ -61,7 +60,8 @@ class NameBook:
     run on any worker, also one that never saw the code."""
 
     def __init__(self, capacity: int, misses: int = 0):
-        self._known: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=capacity)
+        # least recently used first; an OrderedDict, as remember() runs per query
+        self._known: OrderedDict[str, tuple[str, Any]] = OrderedDict()
         self._holders: dict[str, WorkerHandle] = {}     # a plain dict: read and written per query
         self._capacity = capacity
         self.misses = misses        # name-only queries for a name nobody knew
@@ -83,11 +83,14 @@ class NameBook:
 
     @property
     def capacity(self) -> int:
-        return int(self._known.maxsize)
+        return self._capacity
 
     def text(self, name: str) -> str | None:
         known = self._known.get(name)
-        return known[0] if known is not None else None
+        if known is None:
+            return None
+        self._known.move_to_end(name)
+        return known[0]
 
     def with_source(self, job: Job) -> Job:
         """The job, a name-only one carrying the code text the name was last run with."""
@@ -100,7 +103,9 @@ class NameBook:
         if job.source_text is not None:
             return job
         known = self._known.get(key)
-        if known is None:
+        if known is not None:
+            self._known.move_to_end(key)
+        else:
             self.misses += 1
             raise QueryError(errors.NO_CACHE, "No code is cached under the name {0}; send the code with it.",
                              [key])
@@ -109,7 +114,11 @@ class NameBook:
     def remember(self, known: tuple[str, str, Any] | None) -> None:
         if known is not None:
             name, text, fingerprint = known
-            self._known[name] = (text, fingerprint)
+            entries = self._known
+            entries[name] = (text, fingerprint)
+            entries.move_to_end(name)
+            if len(entries) > self._capacity:
+                entries.popitem(last=False)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -165,10 +174,9 @@ class QueryBook:
     def send(self, worker: WorkerHandle, query: Query, flush: bool) -> None:
         """The query's run to `worker`, against its credit, to be read within TAKE_BOUND."""
         take_by = time.monotonic() + TAKE_BOUND
-        message = query.message
         query.worker = worker
         worker.inflight[query.qid] = query
-        worker.send_run(wire.encode(_new(type(message), (*message[:-1], take_by))), query.qid, take_by)
+        worker.send_run(wire.encode_run(query.message, take_by), query.qid, take_by)
         if flush:
             worker.flush()
         if self._checking is None:
@@ -352,7 +360,6 @@ class QueryBook:
 
 
 _ANSWERED = Outcome(answered=True)
-_new = tuple.__new__      # a NamedTuple without its Python-level __new__ (one per run sent)
 
 
 class Expired(Exception):

@@ -53,16 +53,26 @@ def encode(message: Any) -> bytes:
     if kind is Credit:
         return _CREDIT_PREFIX + _CREDIT.pack(b"C", *message)
     if kind is Relay:
-        qid, reply_address, text, raw, take_by = message
-        address = reply_address.encode("utf-8", "surrogatepass")
-        code = text.encode("utf-8", "surrogatepass") if text is not None else b""
-        return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
-                         _RELAY.pack(b"R", qid, len(address), len(code) if text is not None else _NO_TEXT, take_by),
-                         address, code, raw))
+        return encode_run(message, message[4])
     if message is ACKED:
         return ACK
     data = pickle.dumps((_NUMBERS[kind], *message), PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def encode_run(message: Any, take_by: float) -> bytes:
+    """A Relay's or Run's frame with `take_by` for its own (a run is encoded when it is sent, once per
+    worker it goes to)."""
+    if type(message) is Relay:
+        qid, reply_address, text, raw, _ = message
+        address = reply_address.encode("utf-8", "surrogatepass")
+        if text is None:
+            return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(raw)),
+                             _RELAY.pack(b"R", qid, len(address), _NO_TEXT, take_by), address, raw))
+        code = text.encode("utf-8", "surrogatepass")
+        return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
+                         _RELAY.pack(b"R", qid, len(address), len(code), take_by), address, code, raw))
+    return encode(_new(type(message), (*message[:-1], take_by)))
 
 
 def decode(data: bytes | memoryview, trusted: bool) -> Any:
