@@ -124,24 +124,27 @@ class Worker:
         meanwhile had their first step too (one more turn), credit is asked for if the window runs low.
         A run in synchronous code holds the loop, so this waits for it: a busy worker asks for nothing."""
         self._idle_soon = False
-        if self._tasks_started:
-            self._tasks_started = False
-            self.flush()
-            self._soon()
-            return
-        self._grant()
-        self.flush()
+        tasks_started, self._tasks_started = self._tasks_started, False
+        self._turned(tasks_started)
 
     def _taken(self) -> None:
         """What arrived in one read was taken (its synchronous runs ran): their ends and the credit go out
         in one write, now, unless runs became tasks (then credit waits for their first steps: _idle)."""
         self._reading = False
-        if self._tasks_started:
+        self._turned(self._tasks_started)
+
+    def _turned(self, tasks_started: bool) -> None:
+        if tasks_started:
             self.flush()
             self._soon()
         else:
             self._grant()
             self.flush()
+        # what the runs that ended in this turn left running ends (issue 21): checked once their replies
+        # and the credit went out, so that neither waits for it, and once for all of them
+        if self.processes.ended_runs:
+            for qid, reply_address, count in self.processes.check() or ():
+                self.send(ProcessesEnded(qid, reply_address, count))
 
     def _grant(self) -> None:
         """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
@@ -310,7 +313,6 @@ class Worker:
         task of its own. Either way in a context of its own, as a task would have, so that context
         variables the code sets (decimal's context, ...) do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
-        self.processes.started(qid)
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
@@ -324,6 +326,7 @@ class Worker:
             self._ended(qid, reply_address, None, started)
         else:
             self.runs[qid] = asyncio.create_task(self._run(qid, started, reply_address), context=context)
+            self.processes.started(qid)     # before its first step: nothing of it has run yet
             self._tasks_started = True
 
     async def _run(self, qid: int, running: Coroutine[Any, Any, Outcome], reply_address: str) -> None:
@@ -339,10 +342,10 @@ class Worker:
             self._soon()
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
-        """The one message that ends a run: Answered, Done, Failed or Cancelled."""
-        left = self.processes.ended(qid)
-        if left:
-            self.send_soon(ProcessesEnded(qid, reply_address, left))
+        """The one message that ends a run: Answered, Done, Failed or Cancelled. What the run left running
+        ends once the turn's replies went out (_end_processes: every run's end is followed by _taken, at
+        the end of the read that started it, or by _idle)."""
+        self.processes.ended(qid, reply_address)
         if exc is None:
             assert outcome is not None
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
