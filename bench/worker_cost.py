@@ -126,13 +126,15 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--profile")
+    parser.add_argument("--patch", default="pass", help="Python run in the worker before it starts (what-ifs)")
     parser.add_argument("--callgrind", help="run the worker under valgrind's callgrind, its output here: "
                         "instructions per query (user space only, deterministic)")
     args = parser.parse_args()
     ours, theirs = socket.socketpair()
     # as a zygote forks it: the runtime imported and frozen out of the collector first (engine/zygote.py)
-    command = [sys.executable, "-c", "import gc, sys; from pyexec_connector.engine import worker; gc.freeze(); "
-               "sys.argv[1:] = sys.argv[2:]; worker.main()", "-", str(theirs.fileno()), str(os.getpid())]
+    command = [sys.executable, "-c", "import gc, sys; from pyexec_connector.engine import worker; "
+               f"{args.patch}; gc.freeze(); sys.argv[1:] = sys.argv[2:]; worker.main()", "-",
+               str(theirs.fileno()), str(os.getpid())]
     if args.profile:
         command = [sys.executable, "-c", "import cProfile, gc, sys; sys.argv[1:] = sys.argv[2:]; "
                    "from pyexec_connector.engine import worker; gc.freeze(); "

@@ -298,11 +298,11 @@ class Worker:
             # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
             request = parse_query(protocol.loads(message.raw).get("object"), strict=True)
         except QueryError as exc:
-            self.send_soon(Failed(qid, exc, self._cache_counts(), refused=True))
+            self.send_soon(Failed(qid, exc, _counts(self.cache), refused=True))
             return
         except Exception as exc:    # noqa: BLE001 - the connector parsed this frame: should not happen
             self.send_soon(Failed(qid, QueryError(errors.BAD_QUERY, "The query frame could not be read: {0}",
-                                                  [f"{type(exc).__name__}: {exc}"]), self._cache_counts(),
+                                                  [f"{type(exc).__name__}: {exc}"]), _counts(self.cache),
                                   refused=True))
             return
         code = request.code if message.text is None else message.text
@@ -343,8 +343,8 @@ class Worker:
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled. What the run left running
-        ends once the turn's replies went out (_end_processes: every run's end is followed by _taken, at
-        the end of the read that started it, or by _idle)."""
+        ends once the turn's replies went out (_turned: every run's end is followed by _taken, at the end
+        of the read that started it, or by _idle)."""
         self.processes.ended(qid, reply_address)
         if exc is None:
             assert outcome is not None
@@ -353,27 +353,34 @@ class Worker:
                 # the whole reply, built here: the connector only puts it in the link's outbox
                 frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE, reply_body(outcome, 0.0))
                 if not oversize(frame, self.max_message_bytes):
-                    self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
+                    # send_soon without _encode: within maxMessageBytes, an Answered is within the pipe's limit
+                    forkguard.check()
+                    cache = self.cache
+                    self._batch.append(wire.encode(_new(Answered, (qid, frame, (cache.hits, cache.misses)))))
+                    if not self._reading:
+                        self._soon()
                     return
             self.send_soon(Done(qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
-                                self._cache_counts()))
+                                _counts(self.cache)))
         elif isinstance(exc, asyncio.CancelledError):
             if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
                 self.send(Cancelled(qid))
         elif isinstance(exc, QueryError):
-            self.send(Failed(qid, _sendable(exc), self._cache_counts()))
+            self.send(Failed(qid, _sendable(exc), _counts(self.cache)))
         elif isinstance(exc, Exception):
             log.error("query %s failed inside the worker", reply_address, exc_info=exc)
             self.send(Failed(qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running the query: "
-                                             "{0}", [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
+                                             "{0}", [f"{type(exc).__name__}: {exc}"]), _counts(self.cache)))
         else:
             raise exc
 
-    def _cache_counts(self) -> tuple[int, int]:
-        return self.cache.hits, self.cache.misses
-
 
 _new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
+
+
+def _counts(cache: CodeCache) -> tuple[int, int]:
+    """The code cache's hits and misses over the worker's life, as each run's end reports them."""
+    return cache.hits, cache.misses
 
 
 def _within_limit(message: Any, size: int, max_bytes: int) -> Any:
