@@ -70,7 +70,7 @@ def switches(pid: int) -> tuple[int, int]:
     return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
 
 
-def run(pipe: Pipe, conc: int, queries: int, first_qid: int, gap: float, floor: bool) -> int:
+def run(pipe: Pipe, conc: int, queries: int, first_qid: int, gap: float, floor: bool, busy: bool = False) -> int:
     """`queries` relayed queries, at most `conc` in flight; returns the next qid."""
     qid, sent, answered = first_qid, 0, 0
     relay = wire.encode(messages.Relay(0, "reply-address-0123456789", "result = x + 1\n", FRAME, 1e18))
@@ -99,7 +99,12 @@ def run(pipe: Pipe, conc: int, queries: int, first_qid: int, gap: float, floor: 
                 raise RuntimeError(message)
         if out:
             if gap:
-                time.sleep(gap)
+                if busy:
+                    until = time.perf_counter() + gap
+                    while time.perf_counter() < until:     # other Python code on this core meanwhile
+                        sum(range(50))
+                else:
+                    time.sleep(gap)
             pipe.sock.sendall(b"".join(out))
     return qid
 
@@ -123,6 +128,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gap", type=float, default=0.0)
+    parser.add_argument("--busy", action="store_true", help="--gap spent running Python, not sleeping")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--profile")
@@ -161,7 +167,7 @@ def main() -> None:
         args.rounds = 0
     for _ in range(args.rounds):
         cpu, (vol, invol), started = cpu_ns(child.pid), switches(child.pid), time.perf_counter()
-        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor)
+        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor, args.busy)
         elapsed = time.perf_counter() - started
         vol2, invol2 = switches(child.pid)
         n = args.queries

@@ -7,8 +7,10 @@ worker finds them all under /proc/<pid>/task/*/children. `QueryProcesses` ends t
 Which query a process belongs to cannot be told when queries overlap in one worker. The rule: a process
 belongs to every query that was running when it started (its start time in /proc, to the clock tick: a
 query that started up to one tick after the process may be counted among them); it ends when the last of
-those has ended. A process that belongs to no running query ends when it is
-found. Every query ends (at the latest at its timeout), so every process does.
+those has ended. A process that belongs to no running query ends when it is found. Every query ends (at
+the latest at its timeout), so every process does. The worker checks once per turn of its loop in which
+queries ended, after their replies went out: a query whose code cannot await starts and ends within one
+turn, so a check never sees it running, and only queries that became tasks are recorded as running.
 
 The zygote uses `kill_descendants` and `kill_orphans`: a worker's descendants are reparented to the
 zygote (also a subreaper) when the worker ends, and the zygote kills them there.
