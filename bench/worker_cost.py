@@ -143,7 +143,7 @@ def main() -> None:
                str(theirs.fileno()), str(os.getpid())]
     if args.profile:
         command = [sys.executable, "-c", "import cProfile, gc, sys; sys.argv[1:] = sys.argv[2:]; "
-                   "from pyexec_connector.engine import worker; gc.freeze(); "
+                   f"from pyexec_connector.engine import worker; {args.patch}; gc.freeze(); "
                    f"cProfile.run('worker.main()', {args.profile!r})", "-", *command[-2:]]
     if args.floor:
         command = [sys.executable, os.path.join(os.path.dirname(__file__), "floor_process.py"), "worker",

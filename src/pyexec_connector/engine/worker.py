@@ -150,12 +150,13 @@ class Worker:
         """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
         connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
         of the runs just read, so asking costs no write of its own."""
-        outstanding = self.granted - self.received
-        more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
-        if more or self.received != self._reported:
+        more = min(WINDOW, self.cap - len(self.runs)) - (self.granted - self.received)
+        if more > 0:
             self.granted += more
-            self._reported = self.received
-            self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
+        elif self.received == self._reported:
+            return
+        self._reported = self.received
+        self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
