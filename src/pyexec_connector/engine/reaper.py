@@ -7,14 +7,17 @@ worker finds them all under /proc/<pid>/task/*/children. `QueryProcesses` ends t
 Which query a process belongs to cannot be told when queries overlap in one worker. The rule: a process
 belongs to every query that was running when it started (its start time in /proc, to the clock tick: a
 query that started up to one tick after the process may be counted among them); it ends when the last of
-those has ended. A process that belongs to no running query ends when it is
-found. Every query ends (at the latest at its timeout), so every process does.
+those has ended. A process that belongs to no running query ends when it is found. Every query ends (at
+the latest at its timeout), so every process does. The worker checks once per turn of its loop in which
+queries ended, after their replies went out: a query whose code cannot await starts and ends within one
+turn, so a check never sees it running, and only queries that became tasks are recorded as running.
 
 The zygote uses `kill_descendants` and `kill_orphans`: a worker's descendants are reparented to the
 zygote (also a subreaper) when the worker ends, and the zygote kills them there.
 
-Cost, for a query that starts no process: one clock read at its start, one waitid() at its end (the
-worker has no child at all: nothing to scan)."""
+Cost, for a query that starts no process: an entry in a list, and one waitid() per turn of the worker's
+loop (for every query that ended in it), after their replies went out: the worker has no child at all,
+so nothing is scanned. A query that becomes a task (it awaits) also costs a clock read at its start."""
 from __future__ import annotations
 
 import asyncio
@@ -169,14 +172,18 @@ def kill_orphans(workers: Iterable[int]) -> int:
 
 class QueryProcesses:
     """One worker's record of the processes its queries started, ending them as the queries end (see the
-    module's rule). The worker calls started() and ended() per query, and end_all() as it ends; SIGKILL
-    after the grace and the reaping run on the worker's event loop (timers). `keep`
-    (keepChildProcesses): nothing ends before the worker does."""
+    module's rule). The worker calls started() for a run that becomes a task (one that can span turns of
+    its loop: a run that ends within the turn it started in can own no process a sweep finds, since
+    sweeps run between turns), ended() for every run, and check() once per turn of its loop, after the
+    replies of the runs that ended in it went out; end_all() as it ends. SIGKILL after the grace and the
+    reaping run on the worker's event loop (timers). `keep` (keepChildProcesses): nothing ends before the
+    worker does."""
 
     def __init__(self, keep: bool = False, pid: int | None = None):
         self.keep = keep
         self._pid = os.getpid() if pid is None else pid
         self._running: dict[int, float] = {}        # qid -> when it started (boot-time clock, seconds)
+        self.ended_runs: list[tuple[int, str]] = []  # (qid, reply address) ended since the last check()
         self._held: dict[Proc, frozenset[int]] = {}  # process -> the running queries it belongs to
         self._ending: dict[Proc, float] = {}        # ended, not reaped yet -> when SIGKILL is due (monotonic)
         self._killed: dict[Proc, float] = {}        # sent SIGKILL -> until when it is waited for
@@ -184,21 +191,34 @@ class QueryProcesses:
         self._childless = _childless_probe()
 
     def started(self, qid: int) -> None:
+        """A run became a task: it may still run when a later sweep finds what another run started."""
         if not self.keep:
             self._running[qid] = _clock(_BOOT)
 
-    def ended(self, qid: int) -> int:
-        """The query ended: SIGTERM to every process that belonged to it and to no query still running
-        (SIGKILL follows after GRACE). Returns how many were running (zombies are only reaped)."""
-        # keep: started() recorded nothing. Stale entries in _held are dropped by the next sweep.
-        if self._running.pop(qid, None) is None or self._childless():
-            return 0
-        return self._sweep()
+    def ended(self, qid: int, reply_address: str) -> None:
+        """A run ended: what it leaves running is ended by the next check()."""
+        if not self.keep:
+            self._running.pop(qid, None)
+            self.ended_runs.append((qid, reply_address))
 
-    def _sweep(self) -> int:
+    def check(self) -> list[tuple[int, str, int]] | None:
+        """After the runs that ended since the last check (`ended_runs`, not empty): SIGTERM to every
+        process that belonged to one of them and to no run still going (SIGKILL follows after GRACE). One
+        syscall when the worker has no child at all (nothing to scan). Returns (qid, reply address,
+        processes running) for each run that left processes running; one found for the first time is
+        counted against the last run that ended. (keep: nothing is recorded, so this is never called.)"""
+        ended = self.ended_runs
+        if self._childless():
+            ended.clear()
+            return None
+        self.ended_runs = []
+        return self._sweep(ended)
+
+    def _sweep(self, ended: list[tuple[int, str]]) -> list[tuple[int, str, int]]:
         found = descendants(self._pid)
-        due: list[Proc] = []
+        due: list[tuple[Proc, int]] = []         # with the position in `ended` of the run it is counted against
         held: dict[Proc, frozenset[int]] = {}
+        last = len(ended) - 1
         for proc in found:
             if proc in self._ending or proc in self._killed:
                 continue
@@ -206,22 +226,24 @@ class QueryProcesses:
             if owners is None:
                 started = (proc.start + 1) / _TICKS      # to the tick: a query up to one tick later is given it
                 owners = frozenset(q for q, began in self._running.items() if began <= started)
+                blame = last
             else:
+                blame = max((i for i, (qid, _) in enumerate(ended) if qid in owners), default=last)
                 owners = frozenset(q for q in owners if q in self._running)
             if owners:
                 held[proc] = owners
             else:
-                due.append(proc)
+                due.append((proc, blame))
         self._held = held
-        running = 0
+        counts = [0] * len(ended)
         kill_at = time.monotonic() + GRACE
-        for proc in due:
+        for proc, blame in due:
             self._ending[proc] = kill_at
             if found[proc] != b"Z" and send(proc, signal.SIGTERM):
-                running += 1
+                counts[blame] += 1
         if due:
-            self._schedule(0.0 if running == 0 else GRACE)
-        return running
+            self._schedule(0.0 if not any(counts) else GRACE)
+        return [(qid, address, count) for (qid, address), count in zip(ended, counts, strict=True) if count]
 
     def _schedule(self, delay: float) -> None:
         if self._timer is None:

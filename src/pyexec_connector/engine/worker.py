@@ -124,35 +124,39 @@ class Worker:
         meanwhile had their first step too (one more turn), credit is asked for if the window runs low.
         A run in synchronous code holds the loop, so this waits for it: a busy worker asks for nothing."""
         self._idle_soon = False
-        if self._tasks_started:
-            self._tasks_started = False
-            self.flush()
-            self._soon()
-            return
-        self._grant()
-        self.flush()
+        tasks_started, self._tasks_started = self._tasks_started, False
+        self._turned(tasks_started)
 
     def _taken(self) -> None:
         """What arrived in one read was taken (its synchronous runs ran): their ends and the credit go out
         in one write, now, unless runs became tasks (then credit waits for their first steps: _idle)."""
         self._reading = False
-        if self._tasks_started:
+        self._turned(self._tasks_started)
+
+    def _turned(self, tasks_started: bool) -> None:
+        if tasks_started:
             self.flush()
             self._soon()
         else:
             self._grant()
             self.flush()
+        # what the runs that ended in this turn left running ends (issue 21): checked once their replies
+        # and the credit went out, so that neither waits for it, and once for all of them
+        if self.processes.ended_runs:
+            for qid, reply_address, count in self.processes.check() or ():
+                self.send(ProcessesEnded(qid, reply_address, count))
 
     def _grant(self) -> None:
         """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
         connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
         of the runs just read, so asking costs no write of its own."""
-        outstanding = self.granted - self.received
-        more = max(0, min(WINDOW - outstanding, self.cap - len(self.runs) - outstanding))
-        if more or self.received != self._reported:
+        more = min(WINDOW, self.cap - len(self.runs)) - (self.granted - self.received)
+        if more > 0:
             self.granted += more
-            self._reported = self.received
-            self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
+        elif self.received == self._reported:
+            return
+        self._reported = self.received
+        self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
@@ -295,11 +299,11 @@ class Worker:
             # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
             request = parse_query(protocol.loads(message.raw).get("object"), strict=True)
         except QueryError as exc:
-            self.send_soon(Failed(qid, exc, self._cache_counts(), refused=True))
+            self.send_soon(Failed(qid, exc, _counts(self.cache), refused=True))
             return
         except Exception as exc:    # noqa: BLE001 - the connector parsed this frame: should not happen
             self.send_soon(Failed(qid, QueryError(errors.BAD_QUERY, "The query frame could not be read: {0}",
-                                                  [f"{type(exc).__name__}: {exc}"]), self._cache_counts(),
+                                                  [f"{type(exc).__name__}: {exc}"]), _counts(self.cache),
                                   refused=True))
             return
         code = request.code if message.text is None else message.text
@@ -310,7 +314,6 @@ class Worker:
         task of its own. Either way in a context of its own, as a task would have, so that context
         variables the code sets (decimal's context, ...) do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
-        self.processes.started(qid)
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
@@ -324,6 +327,7 @@ class Worker:
             self._ended(qid, reply_address, None, started)
         else:
             self.runs[qid] = asyncio.create_task(self._run(qid, started, reply_address), context=context)
+            self.processes.started(qid)     # before its first step: nothing of it has run yet
             self._tasks_started = True
 
     async def _run(self, qid: int, running: Coroutine[Any, Any, Outcome], reply_address: str) -> None:
@@ -339,10 +343,10 @@ class Worker:
             self._soon()
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
-        """The one message that ends a run: Answered, Done, Failed or Cancelled."""
-        left = self.processes.ended(qid)
-        if left:
-            self.send_soon(ProcessesEnded(qid, reply_address, left))
+        """The one message that ends a run: Answered, Done, Failed or Cancelled. What the run left running
+        ends once the turn's replies went out (_turned: every run's end is followed by _taken, at the end
+        of the read that started it, or by _idle)."""
+        self.processes.ended(qid, reply_address)
         if exc is None:
             assert outcome is not None
             if outcome.runtime is None and outcome.output is None and outcome.dry_run is None \
@@ -350,27 +354,34 @@ class Worker:
                 # the whole reply, built here: the connector only puts it in the link's outbox
                 frame = protocol.reply_frame_raw(reply_address, protocol.STATUS_COMPLETE, reply_body(outcome, 0.0))
                 if not oversize(frame, self.max_message_bytes):
-                    self.send_soon(_new(Answered, (qid, frame, self._cache_counts())))
+                    # send_soon without _encode: within maxMessageBytes, an Answered is within the pipe's limit
+                    forkguard.check()
+                    cache = self.cache
+                    self._batch.append(wire.encode(_new(Answered, (qid, frame, (cache.hits, cache.misses)))))
+                    if not self._reading:
+                        self._soon()
                     return
             self.send_soon(Done(qid, outcome.results_json, outcome.runtime, outcome.output, outcome.dry_run,
-                                self._cache_counts()))
+                                _counts(self.cache)))
         elif isinstance(exc, asyncio.CancelledError):
             if qid in self.cancelled:        # else the worker itself is ending: the connector hears of it
                 self.send(Cancelled(qid))
         elif isinstance(exc, QueryError):
-            self.send(Failed(qid, _sendable(exc), self._cache_counts()))
+            self.send(Failed(qid, _sendable(exc), _counts(self.cache)))
         elif isinstance(exc, Exception):
             log.error("query %s failed inside the worker", reply_address, exc_info=exc)
             self.send(Failed(qid, QueryError(errors.INTERNAL_ERROR, "The worker failed while running the query: "
-                                             "{0}", [f"{type(exc).__name__}: {exc}"]), self._cache_counts()))
+                                             "{0}", [f"{type(exc).__name__}: {exc}"]), _counts(self.cache)))
         else:
             raise exc
 
-    def _cache_counts(self) -> tuple[int, int]:
-        return self.cache.hits, self.cache.misses
-
 
 _new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
+
+
+def _counts(cache: CodeCache) -> tuple[int, int]:
+    """The code cache's hits and misses over the worker's life, as each run's end reports them."""
+    return cache.hits, cache.misses
 
 
 def _within_limit(message: Any, size: int, max_bytes: int) -> Any:
