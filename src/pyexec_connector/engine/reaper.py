@@ -34,6 +34,9 @@ from typing import NamedTuple
 from .. import sandbox
 
 GRACE = 1.0            # seconds between SIGTERM and SIGKILL for what a query left running
+# seconds from a turn in which runs ended to the sweep for what they left running: one waitid() for all
+# the runs that end meanwhile rather than one per turn (a turn per query when queries come one by one)
+SWEEP_DELAY = 0.05
 REAP_WITHIN = 5.0      # seconds the worker keeps trying to reap what it killed
 _WALL = 0x40000000     # __WALL (linux/wait.h): children of any kind, also those cloned without SIGCHLD
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -174,8 +177,8 @@ class QueryProcesses:
     """One worker's record of the processes its queries started, ending them as the queries end (see the
     module's rule). The worker calls started() for a run that becomes a task (one that can span turns of
     its loop: a run that ends within the turn it started in can own no process a sweep finds, since
-    sweeps run between turns), ended() for every run, and check() once per turn of its loop, after the
-    replies of the runs that ended in it went out; end_all() as it ends. SIGKILL after the grace and the
+    sweeps run between turns), ended() for every run, and check() SWEEP_DELAY after a turn in which
+    runs ended (their replies went out then); end_all() as it ends. SIGKILL after the grace and the
     reaping run on the worker's event loop (timers). `keep` (keepChildProcesses): nothing ends before the
     worker does."""
 
@@ -189,6 +192,7 @@ class QueryProcesses:
         self._killed: dict[Proc, float] = {}        # sent SIGKILL -> until when it is waited for
         self._timer: asyncio.TimerHandle | None = None
         self._childless = _childless_probe()
+        self.due: asyncio.TimerHandle | None = None  # the worker's sweep, scheduled (Worker._turned)
 
     def started(self, qid: int) -> None:
         """A run became a task: it may still run when a later sweep finds what another run started."""
@@ -207,7 +211,10 @@ class QueryProcesses:
         syscall when the worker has no child at all (nothing to scan). Returns (qid, reply address,
         processes running) for each run that left processes running; one found for the first time is
         counted against the last run that ended. (keep: nothing is recorded, so this is never called.)"""
+        self.due = None
         ended = self.ended_runs
+        if not ended:
+            return None
         if self._childless():
             ended.clear()
             return None

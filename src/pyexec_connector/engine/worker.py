@@ -140,11 +140,13 @@ class Worker:
         else:
             self._grant()
             self.flush()
-        # what the runs that ended in this turn left running ends (issue 21): checked once their replies
-        # and the credit went out, so that neither waits for it, and once for all of them
-        if self.processes.ended_runs:
-            for qid, reply_address, count in self.processes.check() or ():
-                self.send(ProcessesEnded(qid, reply_address, count))
+        # what ended runs left running ends a moment later (issue 21), off every reply's path, in one sweep
+        if self.processes.ended_runs and self.processes.due is None:
+            self.processes.due = asyncio.get_running_loop().call_later(reaper.SWEEP_DELAY, self._sweep)
+
+    def _sweep(self) -> None:
+        for qid, reply_address, count in self.processes.check() or ():
+            self.send(ProcessesEnded(qid, reply_address, count))
 
     def _grant(self) -> None:
         """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
@@ -294,9 +296,8 @@ class Worker:
         """A query frame the connector relayed as it came: its WITH clause is read here."""
         qid = message.qid
         try:
-            # strict: a relayed frame never holds `script` (ProcessEngine.relay keeps those for the
-            # connector, which knows strictParameters and logs the lenient reading), so strictness
-            # changes nothing here; should that gate ever let one through, it is refused, not run unsaid.
+            # strict: a relayed frame never holds `script` (the connector keeps those: it knows strictParameters
+            # and logs the lenient reading); should one ever get through, it is refused, not run unsaid.
             request = parse_query(protocol.loads(message.raw).get("object"), strict=True)
         except QueryError as exc:
             self.send_soon(Failed(qid, exc, _counts(self.cache), refused=True))
@@ -310,9 +311,8 @@ class Worker:
         self._start(qid, Job(request, code, code, self.runtime_info, None, self.rich_results), message.reply_address)
 
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
-        """Run the query at once when its code cannot await (no task, one loop iteration less), else in a
-        task of its own. Either way in a context of its own, as a task would have, so that context
-        variables the code sets (decimal's context, ...) do not outlive the query."""
+        """Run the query at once when its code cannot await (no task), else in a task of its own; either way
+        in a context of its own, so that the context variables the code sets do not outlive the query."""
         channel = PipeChannel(self, qid, reply_address, self.source_name)
         context = contextvars.copy_context()
         try:
@@ -344,8 +344,7 @@ class Worker:
 
     def _ended(self, qid: int, reply_address: str, exc: BaseException | None, outcome: Outcome | None = None) -> None:
         """The one message that ends a run: Answered, Done, Failed or Cancelled. What the run left running
-        ends once the turn's replies went out (_turned: every run's end is followed by _taken, at the end
-        of the read that started it, or by _idle)."""
+        ends at the sweep its turn's end schedules (_turned, after _taken or _idle)."""
         self.processes.ended(qid, reply_address)
         if exc is None:
             assert outcome is not None
