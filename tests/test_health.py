@@ -19,7 +19,7 @@ from pyexec_connector.connector import Connector
 from pyexec_connector.engine import EngineStats, Outcome
 from pyexec_connector.engine.pipeline import Pipeline
 from pyexec_connector.errors import QueryError
-from pyexec_connector.health import QueryLog
+from pyexec_connector.querylog import QueryLog
 from pyexec_connector.reply import ReplyChannel
 
 from .conftest import SOURCE, TOKEN, free_port

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pyexec_connector import errors, health
+from pyexec_connector import errors, querylog
 from pyexec_connector.engine import process, wire
 from pyexec_connector.engine.messages import ACKED, Relay
 
@@ -275,7 +275,7 @@ def test_ack_decodes_to_acked():
 # ---- 4. the cap on message_code labels ------------------------------------------------------------
 
 async def test_message_codes_beyond_the_cap_are_counted_as_other(server, start_connector, monkeypatch):
-    monkeypatch.setattr(health, "MAX_MESSAGE_CODES", 3)
+    monkeypatch.setattr(querylog, "MAX_MESSAGE_CODES", 3)
     running, relays = await start_process(server, start_connector)
     code = "from pyexec_connector import QueryError\nraise QueryError(f'my.code.{i}', 'bad {0}', [i])"
     for i in range(7):
@@ -295,7 +295,7 @@ async def test_message_codes_beyond_the_cap_are_counted_as_other(server, start_c
     assert sample("pyexec_query_errors_total", message_code="my.code.2") == 1
     for i in range(3, 7):
         assert sample("pyexec_query_errors_total", message_code=f"my.code.{i}") is None
-    assert sample("pyexec_query_errors_total", message_code=health.OTHER_CODE) == 4
+    assert sample("pyexec_query_errors_total", message_code=querylog.OTHER_CODE) == 4
     assert sample("pyexec_queries_total", outcome="error") == 8
     assert sample("pyexec_queries_total", outcome="ok") == 1     # the warm-up query
     assert sample("pyexec_query_duration_seconds_count") == 9

@@ -14,7 +14,8 @@ from prometheus_client.utils import floatToGoString
 
 from . import logqueue
 from .engine.stats import EngineStats
-from .figures import DURATION_BUCKETS, QueryFigures, engine_stats
+from .figures import engine_stats
+from .querylog import DURATION_BUCKETS, QueryFigures
 
 if TYPE_CHECKING:
     from .engine.base import Engine

@@ -1,5 +1,5 @@
-"""The figures health.py keeps and exposition.py exports, as plain numbers: below both, so that neither
-imports the other (health.Metrics loads exposition, and prometheus_client with it, on the first scrape)."""
+"""An engine's figures for health.py and exposition.py, below both (health.Metrics loads exposition, and
+prometheus_client with it, on the first scrape). The per-query counts are querylog.py's."""
 from __future__ import annotations
 
 import logging
@@ -11,23 +11,7 @@ if TYPE_CHECKING:
     from .engine.base import Engine
 
 log = logging.getLogger(__name__)
-
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _NOTHING = EngineStats()
-
-
-class QueryFigures:
-    """One source's query counts, kept as plain numbers: health.QueryLog.ended() is on every query, and
-    prometheus' own Counter and Histogram take a lock and look their labels up on each call."""
-
-    __slots__ = ("ok", "error", "buckets", "total_seconds", "errors")
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.error = 0
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)    # per bucket (the last: +Inf), not cumulative
-        self.total_seconds = 0.0
-        self.errors: dict[str, int] = {}
 
 
 def engine_stats(engine: Engine) -> EngineStats:
@@ -38,3 +22,4 @@ def engine_stats(engine: Engine) -> EngineStats:
     except Exception:  # noqa: BLE001 - logged; the figures of one scrape are not worth an error page
         log.debug("engine.stats() failed", exc_info=True)
         return _NOTHING
+

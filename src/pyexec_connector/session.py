@@ -14,9 +14,8 @@ from .engine.inline import InlineEngine
 from .engine.pipeline import Pipeline, not_accepting, stopped, timeout_error
 from .engine.process import ProcessEngine
 from .errors import QueryError
-from .figures import QueryFigures
-from .health import QueryLog
 from .link import Backoff, LinkState, SourceLink
+from .querylog import QueryFigures, QueryLog
 from .reply import ReplyChannel, notification_builder
 
 if TYPE_CHECKING:

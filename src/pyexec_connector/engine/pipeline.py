@@ -7,7 +7,7 @@
                                ──► Pipeline.finish(channel, outcome | error)   the one completion
 
 `finish` builds the reply body, ends the query through its ReplyChannel (once only), and writes the end
-into the source's QueryLog (health.py: count, log line, metrics), a sink the session hands the pipeline:
+into the source's QueryLog (querylog.py: count, log line, metrics), a sink the session hands the pipeline:
 nothing calls back up into the session. A query ends once: a second `finish` for it (its code let go
 after its timeout was answered) does nothing."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..request import QueryRequest, parse_query
 from .base import Job, Outcome, reply_body
 
 if TYPE_CHECKING:
-    from ..health import QueryLog
+    from ..querylog import QueryLog
 
 log = logging.getLogger(__name__)
 _MAX_WARNED = 1024     # lenient combinations remembered (each logged once); past it, none more
