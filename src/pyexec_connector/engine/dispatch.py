@@ -15,7 +15,6 @@ import dataclasses
 import heapq
 import itertools
 from collections import deque
-from typing import Any, Protocol
 
 from .. import errors
 from ..errors import QueryError
@@ -27,35 +26,24 @@ ENTRY_COST = 1024
 SWEEP_INTERVAL = 0.1      # seconds between checks for waiting queries whose timeout passed
 
 
-class Starter(Protocol):
-    """Who runs a waiting frame once a worker takes it (ProcessEngine)."""
-
-    def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None: ...
-    def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None: ...
-
-
 @dataclasses.dataclass(eq=False, slots=True)
 class Waiting:
-    """One query waiting for a worker: a frame to relay (`frame`, `channel`), or a parsed query's task
-    waiting on `ticket`."""
+    """One query waiting for a worker, whoever waits on its `ticket` (a parsed query's task, or whoever
+    queued a frame or a query taken back): it resolves to the worker (reserved for it: the taker lowers
+    `reserved`), or to the busy QueryError. Nothing here calls the taker."""
     cost: int
     since: float
     limit: float | None
-    ticket: asyncio.Future | None = None
-    frame: Any = None
-    channel: Any = None
-    query: Any = None         # a query taken back from a worker (Starter.start_waiting sends it again)
+    ticket: asyncio.Future
     gone: bool = False        # taken out of the queue (timeout passed, or cancelled): skipped there
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, per_worker: int, max_queued: int | None, max_queued_bytes: int,
-                 starter: Starter | None = None):
+    def __init__(self, pool: WorkerPool, per_worker: int, max_queued: int | None, max_queued_bytes: int):
         self._pool = pool
         self.per_worker = per_worker
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
-        self._starter = starter
         self._waiting: deque[Waiting] = deque()
         self._count = 0               # entries in _waiting not gone
         self._deadlines: list[tuple[float, int, Waiting]] = []     # a heap: one push per query, no scans
@@ -120,7 +108,7 @@ class Dispatcher:
                              [self._pool.source_name, self._running(), waiting, self.queued_bytes,
                               self.max_queued_bytes])
         loop = asyncio.get_running_loop()
-        entry = Waiting(cost, loop.time(), limit or None)
+        entry = Waiting(cost, loop.time(), limit or None, loop.create_future())
         self._waiting.append(entry)
         self._count += 1
         self.queued_bytes += cost
@@ -141,11 +129,12 @@ class Dispatcher:
     def _running(self) -> int:
         return sum(len(w.inflight) for w in self._pool.workers)
 
-    def wait(self, frame: Any, channel: Any, cost: int, limit: float | None) -> None:
-        """Queue a frame until a worker takes it (Starter.start_waiting); raises the busy QueryError."""
-        entry = self._admit(cost, limit)
-        entry.frame, entry.channel = frame, channel
+    def wait(self, cost: int, limit: float | None) -> asyncio.Future:
+        """A place in the queue for a query that waits as it is (a frame: no task, no Job): the ticket
+        resolves to its worker (see Waiting); raises the busy QueryError."""
+        ticket = self._admit(cost, limit).ticket
         self.dispatch()
+        return ticket
 
     async def acquire(self, cost: int = ENTRY_COST, limit: float | None = None,
                       prefer: WorkerHandle | None = None) -> WorkerHandle:
@@ -156,7 +145,7 @@ class Dispatcher:
             if worker is not None:
                 return worker
             entry = self._admit(cost, limit)
-            ticket = entry.ticket = asyncio.get_running_loop().create_future()
+            ticket = entry.ticket
             self.dispatch()
             try:
                 worker = await ticket
@@ -195,32 +184,23 @@ class Dispatcher:
             if entry.gone:
                 continue
             self._remove(entry)
-            ticket = entry.ticket
-            if ticket is None:
-                self._start(entry, worker)
-                entry.frame = entry.channel = None
-            elif not ticket.done():
+            if not entry.ticket.done():
                 worker.reserved += 1
-                ticket.set_result(worker)
+                entry.ticket.set_result(worker)
 
-    def wait_again(self, query: Any, cost: int) -> None:
-        """A query taken back from a worker that never read it: first in line (it was admitted already;
-        its own deadline still runs)."""
-        entry = Waiting(cost, asyncio.get_running_loop().time(), None, query=query)
+    def wait_again(self, cost: int) -> asyncio.Future:
+        """A place first in line for a query taken back from a worker that never read it (it was admitted
+        already; its own deadline still runs): its ticket, as wait()'s."""
+        loop = asyncio.get_running_loop()
+        entry = Waiting(cost, loop.time(), None, loop.create_future())
         self._waiting.appendleft(entry)
         self._count += 1
         self.queued_bytes += cost
-
-    def _start(self, entry: Waiting, worker: WorkerHandle) -> None:
-        assert self._starter is not None
-        self._starter.start_waiting(entry, worker)
+        return entry.ticket
 
     def _fail(self, entry: Waiting, error: QueryError) -> None:
-        if entry.ticket is not None:
-            if not entry.ticket.done():
-                entry.ticket.set_exception(error)
-        elif self._starter is not None:
-            self._starter.refuse_waiting(entry, error)
+        if not entry.ticket.done():
+            entry.ticket.set_exception(error)
 
     def _sweep(self) -> None:
         """Busy for the queries whose timeout passed while they waited: nothing of theirs ran, and a

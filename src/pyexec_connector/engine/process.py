@@ -30,7 +30,7 @@ from ..connection import Health
 from ..errors import QueryError
 from ..reply import ReplyChannel
 from .base import Job, Outcome
-from .dispatch import ENTRY_COST, Dispatcher, Waiting
+from .dispatch import ENTRY_COST, Dispatcher
 from .intake import Intake
 from .messages import (
     Configure,
@@ -78,7 +78,7 @@ class ProcessEngine:
                                preload=config.preload, recycle=RecyclePolicy.from_config(config),
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials), python=python)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
-                                     config.maxQueuedBytes, self)
+                                     config.maxQueuedBytes)
         self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize))
         self.intake = Intake(source_name, self.queries, link, health)
         self._following = asyncio.ensure_future(self._follow())
@@ -186,9 +186,11 @@ class ProcessEngine:
         if worker is None:
             # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
             try:
-                self.dispatcher.wait(frame, channel, len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
+                ticket = self.dispatcher.wait(len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
             except QueryError as exc:
                 self._pipeline.finish(channel, error=exc)
+            else:
+                ticket.add_done_callback(functools.partial(self._waited, frame, channel))
             return _QUEUED
         return self._send_relay(worker, frame, channel)
 
@@ -209,31 +211,26 @@ class ProcessEngine:
                               _new(Relay, (qid, frame.reply_address, text, frame.raw, 0.0)),
                               len(frame.raw) + len(text or ""), flush)
 
-    # ---- queued frames (dispatch.Starter) ---------------------------------------------------------
-    def start_waiting(self, waiting: Waiting, worker: WorkerHandle) -> None:
-        if waiting.query is not None:       # taken back from a worker that never read it
-            query, waiting.query = waiting.query, None
-            if not query.future.done():
-                self.queries.send(worker, query, flush=False)
+    # ---- queued frames ------------------------------------------------------------------------
+    def _waited(self, frame: protocol.QueryFrame, channel: ReplyChannel, ticket: asyncio.Future) -> None:
+        """A queued frame's turn: its ticket (dispatch.Waiting) came back with a worker reserved for it, or
+        with the busy error."""
+        error = asyncio.CancelledError() if ticket.cancelled() else ticket.exception()
+        if error is not None:
+            self._pipeline.fail(channel, error)
             return
-        frame, channel = waiting.frame, waiting.channel
+        worker = ticket.result()
+        worker.reserved -= 1
         try:
-            query = self._send_relay(worker, frame, channel, flush=False) if not self._closed else None
+            query = self._send_relay(worker, frame, channel) if not self._closed and worker.alive else None
         except Exception:   # noqa: BLE001 - as in submit: the query is parsed instead
             log.exception("source %s: relaying query %s failed; running it the ordinary way",
                           self.source_name, frame.reply_address)
             query = None
-        if query is None:
+        if query is None:       # the worker ended meanwhile, the name was forgotten, or closing
             self._parse(frame, channel)
         else:
             self._relayed(query)
-
-    def refuse_waiting(self, waiting: Waiting, error: QueryError) -> None:
-        if waiting.query is not None:
-            if not waiting.query.future.done():
-                waiting.query.future.set_exception(error)
-            return
-        self._pipeline.finish(waiting.channel, error=error)
 
     async def _answer(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         job = await self._pipeline.prepare(frame, channel)

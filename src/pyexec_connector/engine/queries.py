@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -333,8 +334,29 @@ class QueryBook:
             query = worker.inflight.pop(qid, None)
             if query is not None and not query.future.done():
                 self.requeued += 1
-                self.dispatcher.wait_again(query, ENTRY_COST + query.size)
+                self._wait_again(query)
         self.dispatcher.dispatch()
+
+    def _wait_again(self, query: Query) -> None:
+        ticket = self.dispatcher.wait_again(ENTRY_COST + query.size)
+        ticket.add_done_callback(functools.partial(self._resend, query))
+
+    def _resend(self, query: Query, ticket: asyncio.Future) -> None:
+        """A query taken back gets its turn (its ticket: a worker reserved for it, or the busy error)."""
+        error = asyncio.CancelledError() if ticket.cancelled() else ticket.exception()
+        if error is not None:
+            if not query.future.done():
+                query.future.set_exception(error)
+            return
+        worker = ticket.result()
+        worker.reserved -= 1
+        if query.future.done():
+            return
+        if worker.alive:
+            self.send(worker, query, flush=True)
+        else:       # it ended meanwhile: first in line again
+            self._wait_again(query)
+            self.dispatcher.dispatch()
 
 
     def fail(self, worker: WorkerHandle, error: QueryError) -> None:
