@@ -153,7 +153,7 @@ class Connector:
         self.shutting_down = True
         for session in self.sessions.values():
             session.stop_accepting()
-        running = sum(len(s.in_flight) for s in self.sessions.values())
+        running = sum(s.running for s in self.sessions.values())
         if running:
             log.info("waiting up to %g s for %d in-flight quer%s", self.config.shutdown_grace_seconds, running,
                      "y" if running == 1 else "ies")

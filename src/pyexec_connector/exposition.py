@@ -132,7 +132,7 @@ class _SessionCollector(Collector):
         engines: dict[int, tuple[Engine, list[str]]] = {}
         for name, session in sessions.items():
             connected.add_metric([name], 1.0 if session.link.ready else 0.0)
-            in_flight.add_metric([name], len(session.in_flight))
+            in_flight.add_metric([name], session.running)
             reconnects.add_metric([name], session.link.reconnects)
             pending.add_metric([name], session.link.pending_bytes)
             waits.add_metric([name], session.link.sender_waits)

@@ -68,8 +68,13 @@ class SourceSession:
 
     @property
     def in_flight(self) -> set[asyncio.Future]:
-        """Queries running (a task, or a worker's future)."""
+        """The tasks of queries running (a relayed query has none: see `running`)."""
         return self.pipeline.in_flight
+
+    @property
+    def running(self) -> int:
+        """Queries taken and not answered yet (running, or waiting for a worker)."""
+        return len(self.pipeline.unanswered)
 
     @property
     def environments_in_use(self) -> int:
@@ -233,7 +238,8 @@ class SourceSession:
         deadline = loop.time() + timeout
         while self.in_flight and loop.time() < deadline:
             await asyncio.wait(set(self.in_flight), timeout=deadline - loop.time())
-        return len(self.in_flight)
+        await self.pipeline.wait_answered(deadline - loop.time())
+        return max(len(self.in_flight), self.running)
 
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Answer whatever still runs with an error, send what is queued, close the websocket normally

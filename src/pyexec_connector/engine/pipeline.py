@@ -43,6 +43,7 @@ class Pipeline:
         self.in_flight: set[asyncio.Future] = set()    # queries running: close() cancels them
         self.unanswered: set[ReplyChannel] = set()     # queries taken and not ended yet
         self._warned: set[tuple[str, str, str | None]] = set()   # lenient combinations logged once each
+        self._all_answered: asyncio.Event | None = None     # set when `unanswered` empties (wait_answered)
 
     def begin(self, channel: ReplyChannel) -> None:
         channel.started = perf_counter()
@@ -138,14 +139,31 @@ class Pipeline:
         finally:
             if not channel.terminated:
                 channel.error(QueryError(errors.INTERNAL_ERROR, "The query ended without a reply."))
-            self.unanswered.discard(channel)
+            unanswered = self.unanswered
+            unanswered.discard(channel)
             self._ended.ended(channel)
+            if not unanswered and self._all_answered is not None:
+                self._all_answered.set()
 
     def _internal_error(self, channel: ReplyChannel, exc: Exception) -> QueryError:
         log.error("source %s: internal error answering query %s", self.source_name, channel.reply_address,
                   exc_info=exc)
         return QueryError(errors.INTERNAL_ERROR, "The connector failed while answering: {0}",
                           [f"{type(exc).__name__}: {exc}"])
+
+    async def wait_answered(self, timeout: float) -> None:
+        """Until every query taken has its terminal reply, for `timeout` seconds at most (a relayed query
+        has no task to wait for: its end is Pipeline.finish's)."""
+        if not self.unanswered or timeout <= 0:
+            return
+        event = self._all_answered = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._all_answered = None
 
     async def close(self, grace: float) -> None:
         """Stop what still runs (each is answered "shutting down") and answer the queries that never

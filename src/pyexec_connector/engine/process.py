@@ -79,7 +79,8 @@ class ProcessEngine:
                                spawn_options=lambda: sandbox.worker_spawn_options(self._credentials), python=python)
         self.dispatcher = Dispatcher(self.pool, config.queriesPerWorker, config.maxQueuedQueries,
                                      config.maxQueuedBytes)
-        self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize))
+        self.queries = QueryBook(source_name, self.pool, self.dispatcher, link, NameBook(config.codeCacheSize),
+                                 pipeline)
         self.intake = Intake(source_name, self.queries, link, health)
         self._following = asyncio.ensure_future(self._follow())
 
@@ -153,18 +154,7 @@ class ProcessEngine:
         self._pipeline.track(asyncio.ensure_future(self._answer(frame, channel)))
 
     def _relayed(self, query: Query) -> None:
-        self.relayed += 1
-        self._pipeline.in_flight.add(query.future)
-        query.future.add_done_callback(functools.partial(self._settled, query))
-
-    def _settled(self, query: Query, future: asyncio.Future) -> None:
-        self._pipeline.in_flight.discard(future)
-        try:
-            outcome = self.queries.settle(query)
-        except (Exception, asyncio.CancelledError) as exc:     # noqa: BLE001 - each is answered
-            self._pipeline.fail(query.channel, exc)
-        else:
-            self._pipeline.finish(query.channel, outcome)
+        self.relayed += 1      # the QueryBook ends it (Pipeline.finish): no future, no task
 
     def _relay(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> Query | object | None:
         """The frame to a free worker as it came, for a plain query (code and/or a known name, presets, the
@@ -257,8 +247,9 @@ class ProcessEngine:
             and job.source_text is not None else None
         qid = next(self._ids)
         query = self.queries.register(worker, qid, channel, job.timeout, known, Run(qid, job, channel.reply_address),
-                               ENTRY_COST + len(job.source_text or ""))
+                                      ENTRY_COST + len(job.source_text or ""), awaited=True)
         self.queries.names.held_by(request.cache_key, worker)
+        assert query.future is not None
         try:
             await query.future
         except asyncio.CancelledError:

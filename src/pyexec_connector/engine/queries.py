@@ -34,7 +34,7 @@ from .messages import (
     ProcessesEnded,
     Reply,
 )
-from .pipeline import Deadlines, timeout_error
+from .pipeline import Deadlines, Pipeline, timeout_error
 from .pool import WorkerPool
 
 log = logging.getLogger("pyexec_connector.engine.process")
@@ -128,7 +128,7 @@ class Query:
     or the connector read its WITH clause (`message` is then a Relay or a Run)."""
     qid: int
     channel: ReplyChannel
-    future: asyncio.Future
+    future: asyncio.Future | None       # a parsed query's, its task awaits it; None: QueryBook ends it (relayed)
     worker: WorkerHandle
     limit: float | None = None                  # its timeout, seconds
     deadline: float = 0.0                       # loop time its timeout passes (0.0: none); see Deadlines
@@ -136,6 +136,7 @@ class Query:
     message: Any = None                         # its Relay or Run (sent again to another, see requeue)
     size: int = 0                               # its message's bytes
     replied: bool = False                       # its code sent its terminal reply; its run has not ended yet
+    ended: bool = False                         # concluded (its end went to its future, or to Pipeline.finish)
 
 
 class QueryBook:
@@ -143,8 +144,9 @@ class QueryBook:
     from a worker does to them; the runs a worker did not read in time are taken back here."""
 
     def __init__(self, source_name: str, pool: WorkerPool, dispatcher: Dispatcher, link: LinkOutlet,
-                 names: NameBook):
+                 names: NameBook, pipeline: Pipeline):
         self.source_name = source_name
+        self._pipeline = pipeline       # where a relayed query ends (Pipeline.finish), as a parsed one's task does
         self.pool = pool
         self.dispatcher = dispatcher
         self._link = link
@@ -163,10 +165,13 @@ class QueryBook:
             yield from worker.inflight.values()
 
     def register(self, worker: WorkerHandle, qid: int, channel: ReplyChannel, limit: float | None,
-                  known: tuple[str, str, Any] | None, message: Any, size: int, flush: bool = True) -> Query:
-        """The query becomes the worker's (its death or close() answers it) and its message goes out."""
+                  known: tuple[str, str, Any] | None, message: Any, size: int, flush: bool = True,
+                  awaited: bool = False) -> Query:
+        """The query becomes the worker's (its death or close() answers it) and its message goes out.
+        `awaited`: a task awaits its `future` and settles it; else the book ends it (`_conclude`)."""
         loop = asyncio.get_running_loop()
-        query = Query(qid, channel, loop.create_future(), worker, limit, 0.0, known, message, size)
+        query = Query(qid, channel, loop.create_future() if awaited else None, worker, limit, 0.0, known, message,
+                      size)
         self.send(worker, query, flush)
         if limit:
             self.deadlines.watch(query, limit, loop)
@@ -199,19 +204,49 @@ class QueryBook:
         if pending and not self.closed:
             self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND / 2, self._take_back)
 
-    def settle(self, query: Query) -> Outcome:
-        """The end of a query whose future is done: its Outcome, or the QueryError to answer with (a
-        timeout, a worker's death, the code's error). Raises CancelledError for a query the caller
-        stopped waiting for (the worker is told to stop it)."""
+    def _conclude(self, query: Query, outcome: Outcome | None, error: BaseException | None) -> None:
+        """A query's end, once: to the task awaiting its future, or (relayed) through the same verdict
+        straight to Pipeline.finish."""
+        if query.ended:
+            return
+        query.ended = True
         future = query.future
+        if future is not None:
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(outcome)
+            return
+        try:
+            outcome = self.verdict(query, outcome, error)
+        except (Exception, asyncio.CancelledError) as exc:     # noqa: BLE001 - each is answered
+            self._pipeline.fail(query.channel, exc)
+        else:
+            self._pipeline.finish(query.channel, outcome)
+
+    def settle(self, query: Query) -> Outcome:
+        """The end of a parsed query whose future is done (its awaiting task's): see verdict."""
+        future = query.future
+        assert future is not None
+        query.ended = True
         if future.cancelled():
-            self._abandon(query, "the connector stopped waiting for it")
-            raise asyncio.CancelledError
+            return self.verdict(query, None, asyncio.CancelledError())
         error = future.exception()
+        return self.verdict(query, future.result() if error is None else None, error)
+
+    def verdict(self, query: Query, outcome: Outcome | None, error: BaseException | None) -> Outcome:
+        """What a query's end answers: its Outcome, or the QueryError to answer with (a timeout, a
+        worker's death, the code's error). Raises CancelledError for a query the connector stopped
+        waiting for (the worker is told to stop it)."""
         if error is None:
             if query.known is not None:
                 self.names.remember(query.known)
-            return future.result()
+            assert outcome is not None
+            return outcome
+        if isinstance(error, asyncio.CancelledError):
+            self._abandon(query, "the connector stopped waiting for it")
+            raise asyncio.CancelledError
         if isinstance(error, Expired):
             self.timeouts += 1
             self._abandon(query, f"its timeout of {query.limit:g} s passed")
@@ -221,8 +256,7 @@ class QueryBook:
         raise error
 
     def _expire(self, query: Query) -> None:
-        if not query.future.done():
-            query.future.set_exception(Expired())   # its waiter answers, and stops the run
+        self._conclude(query, None, Expired())      # answered, and the run stopped (verdict)
 
     def _abandon(self, query: Query, why: str) -> None:
         """Stop a query nobody waits for; kill its worker if it does not let go in time. Until it does,
@@ -249,7 +283,7 @@ class QueryBook:
             # completion then has nothing to build). Kept for speed: see docs/PERFORMANCE.md.
             qid, frame, worker.cache_counts = message
             query = worker.inflight.get(qid)
-            if query is not None and not query.future.done():
+            if query is not None and not query.ended and (query.future is None or not query.future.done()):
                 query.channel.forward(frame, True, protocol.STATUS_COMPLETE)
             self._finish(worker, qid, _ANSWERED, None)
         elif kind is Reply:
@@ -319,20 +353,17 @@ class QueryBook:
             if not worker.cancelling:
                 self.pool.release(worker)
         if query is not None:
-            if not query.future.done():
-                if error is not None:
-                    query.future.set_exception(error)
-                elif outcome is not None:
-                    query.future.set_result(outcome)
-                else:
-                    query.future.set_exception(QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query."))
+            if not query.ended:
+                if error is None and outcome is None:
+                    error = QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query.")
+                self._conclude(query, outcome, error)
             self.pool.query_ended(worker)
         self.dispatcher.dispatch()
 
     def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
         for qid in reversed(qids):      # each goes first in line: their order is kept
             query = worker.inflight.pop(qid, None)
-            if query is not None and not query.future.done():
+            if query is not None and not query.ended:
                 self.requeued += 1
                 self._wait_again(query)
         self.dispatcher.dispatch()
@@ -345,12 +376,11 @@ class QueryBook:
         """A query taken back gets its turn (its ticket: a worker reserved for it, or the busy error)."""
         error = asyncio.CancelledError() if ticket.cancelled() else ticket.exception()
         if error is not None:
-            if not query.future.done():
-                query.future.set_exception(error)
+            self._conclude(query, None, error)
             return
         worker = ticket.result()
         worker.reserved -= 1
-        if query.future.done():
+        if query.ended:
             return
         if worker.alive:
             self.send(worker, query, flush=True)
@@ -361,10 +391,10 @@ class QueryBook:
 
     def fail(self, worker: WorkerHandle, error: QueryError) -> None:
         """It ended: the queries it held are answered with `error`."""
-        for query in worker.inflight.values():
-            if not query.future.done():
-                query.future.set_exception(error)
+        lost = list(worker.inflight.values())
         worker.inflight.clear()
+        for query in lost:
+            self._conclude(query, None, error)
         worker.replied = 0
         self._owed.pop(worker, None)
         self.dispatcher.dispatch()
@@ -376,9 +406,8 @@ class QueryBook:
         if self._checking is not None:
             self._checking.cancel()
             self._checking = None
-        for query in self.running():
-            if not query.future.done():
-                query.future.set_exception(error)
+        for query in list(self.running()):
+            self._conclude(query, None, error)
 
 
 _ANSWERED = Outcome(answered=True)
