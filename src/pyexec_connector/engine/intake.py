@@ -6,7 +6,7 @@ while the link's outbox is full (nothing is taken from workers while the link is
 first that must wait, that worker's messages queue in its backlog, its reading paused (its writes, and
 so the code's awaited sends, wait too: flow control reaches user code), and a task takes them in order.
 When every message of a read is taken, the link writes at once: a worker's answers go out in the step
-they came in."""
+they came in, and only then are the answered runs ended (QueryBook.end_answered), off the replies' path."""
 from __future__ import annotations
 
 import asyncio
@@ -33,16 +33,19 @@ class Intake:
         """One read's messages from `worker` (WorkerHandle.serve). Raises what the QueryBook raises for a
         message the worker may not send: the worker broke the protocol."""
         backlog = worker.backlog
-        if not backlog:
-            for i, message in enumerate(messages):
-                if not self._take_now(worker, message):
-                    backlog.extend(itertools.islice(messages, i, None))
-                    worker.pause_reading()
-                    worker.backlog_task = asyncio.ensure_future(self._take_backlog(worker))
-                    break
-        else:       # read before its reading paused: after what waits
-            backlog.extend(messages)
-        self._link.write_now()
+        try:
+            if not backlog:
+                for i, message in enumerate(messages):
+                    if not self._take_now(worker, message):
+                        backlog.extend(itertools.islice(messages, i, None))
+                        worker.pause_reading()
+                        worker.backlog_task = asyncio.ensure_future(self._take_backlog(worker))
+                        break
+            else:       # read before its reading paused: after what waits
+                backlog.extend(messages)
+            self._link.write_now()
+        finally:
+            self.queries.end_answered()     # after the write: a reply's bookkeeping is off its path
 
     def _take_now(self, worker: WorkerHandle, message: Any) -> bool:
         """The message handled now; False (nothing done) when it must wait (_take_later)."""
@@ -75,5 +78,7 @@ class Intake:
                 backlog.clear()
                 worker.broke(exc)
                 return
+            finally:
+                self.queries.end_answered()
             backlog.popleft()
         worker.resume_reading()

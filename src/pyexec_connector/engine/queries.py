@@ -159,6 +159,7 @@ class QueryBook:
         self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
         self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
         self._checking: asyncio.TimerHandle | None = None     # the next _take_back
+        self._answered: list[tuple[WorkerHandle, int]] = []     # runs whose reply went out, to end (end_answered)
 
     def running(self) -> Iterator[Query]:
         for worker in self.pool.workers:
@@ -285,7 +286,9 @@ class QueryBook:
             query = worker.inflight.get(qid)
             if query is not None and not query.ended and (query.future is None or not query.future.done()):
                 query.channel.forward(frame, True, protocol.STATUS_COMPLETE)
-            self._finish(worker, qid, _ANSWERED, None)
+            # its end waits for end_answered(): the reply is written first (the intake writes the link after
+            # each read), the bookkeeping after, off the reply's path
+            self._answered.append((worker, qid))
         elif kind is Reply:
             query = worker.inflight.get(message.qid)
             if query is None:
@@ -323,6 +326,18 @@ class QueryBook:
             self._processes_ended(worker, message)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
+
+    def end_answered(self) -> None:
+        """End the runs whose replies `handle` forwarded (Answered): once those replies were written."""
+        answered = self._answered
+        if not answered:
+            return
+        self._answered = []
+        for worker, qid in answered:
+            try:
+                self._finish(worker, qid, _ANSWERED, None)
+            except Exception:   # noqa: BLE001 - a bug in one end must not cost the others theirs
+                log.exception("source %s: ending query %d failed", self.source_name, qid)
 
     def _processes_ended(self, worker: WorkerHandle, message: ProcessesEnded) -> None:
         count = message.processes
