@@ -133,6 +133,25 @@ def test_runs_use_credit_and_go_out_together():
     assert channel.receive_data(frames(Credit(5, 2))) == [Credit(5, 2)] and channel.credit == 3
 
 
+def test_runs_not_written_yet_are_taken_back_whole_and_the_rest_stays_in_order():
+    channel = channel_with_runs(1, granted=4)       # run 1 written: 5 bytes
+    channel.send_run(b"run-2", 2, 10.0)
+    channel.send(Cancel(7))
+    channel.send_run(b"run-3", 3, 10.0)
+    assert channel.runs_queued == 2 and channel.sent == 3 and channel.credit == 1
+    assert channel.take_back_queued() == [2, 3]
+    # the worker never sees them: not sent as far as credit goes, and what else was queued goes as it was
+    assert channel.runs_queued == 0 and channel.sent == 1 and channel.credit == 3
+    assert channel.take_back_queued() == []
+    assert channel.data_to_send() == wire.encode(Cancel(7))
+    # it says nothing of runs it never had: their ends would be dropped as unknown
+    assert channel.receive_data(frames(Declined(2))) == [] and channel.unknown == 1
+    # the run it was written keeps its place: due and unread, it is taken back; a Credit reading all it
+    # was sent is no lie
+    assert channel.overdue(6.0, {1}, lambda: 5 + len(wire.encode(Cancel(7)))) == [1]
+    assert channel.receive_data(frames(Credit(6, 1))) == [Credit(6, 1)]
+
+
 def test_runs_not_read_by_their_take_by_are_taken_back():
     channel = channel_with_runs(1, 2, 3)       # 15 bytes written, 5 each
     running = {1, 2, 3}

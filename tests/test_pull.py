@@ -96,6 +96,38 @@ async def test_a_cpu_bound_query_delays_others_by_no_more_than_a_take_bound(serv
     assert engine.stats().credit_overdrawn == 0
 
 
+async def test_quick_queries_at_once_go_to_one_worker_in_batches(server, start_connector):
+    """Two workers wake for every batch, one does for half the cost: quick runs keep to the first
+    worker while its turns stay within PACE (a loaded machine may spill a few to the other)."""
+    _, engine = await start(server, start_connector, workers=2, minWorkers=2)
+    await settled(engine)
+    pids: dict[int, int] = {}
+    for _ in range(10):
+        for result in await burst(server, {"code": "import os\npid = os.getpid()"}, 20):
+            pids[result.results["pid"]] = pids.get(result.results["pid"], 0) + 1
+    assert sum(pids.values()) == 200
+    assert max(pids.values()) >= 150, pids      # least-busy dispatch splits them about evenly
+    await settled(engine)
+    assert_ledger_sound(engine)
+
+
+async def test_runs_held_for_a_worker_whose_turn_turns_slow_go_to_the_other(server, start_connector):
+    """Right after quick queries, a burst of CPU-bound ones: those held for the first worker while its
+    first one runs are given to the other (spilled), not written to it in one batch behind that one."""
+    _, engine = await start(server, start_connector, workers=2, minWorkers=2)
+    await burst(server, {"code": "q = i"}, 20)
+    spin = "import os, time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.3:\n    pass\npid = os.getpid()"
+    started = time.monotonic()
+    results = await burst(server, {"code": spin}, 8)
+    elapsed = time.monotonic() - started
+    pids = [r.results["pid"] for r in results]
+    assert len(set(pids)) == 2 and max(pids.count(p) for p in set(pids)) <= 5, pids
+    assert elapsed < 2.0, elapsed        # 8 x 0.3 s on two workers: 1.2 s; all on one: 2.4 s
+    assert engine.stats().queries_spilled >= 1
+    await settled(engine)
+    assert_ledger_sound(engine)
+
+
 async def test_a_wedged_worker_takes_nothing_and_innocent_queries_are_answered_well_before_their_timeout(
         server, start_connector):
     _, engine = await start(server, start_connector, workers=2, minWorkers=2, executionTimeout=10)

@@ -45,6 +45,8 @@ ENGINE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int | None]]
      "ended, ended then (keepChildProcesses: false)", True, lambda s: s.query_processes_ended),
     ("engine_queries_requeued", "Queries taken back from a silent worker that never read them and given to "
      "another", True, lambda s: s.queries_requeued),
+    ("engine_queries_spilled", "Runs held for a worker that fell behind its pace, given to another before it "
+     "saw them", True, lambda s: s.queries_spilled),
 )
 CACHE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int]], ...] = (
     ("code_cache_hits", "Compiled-code cache hits", True, lambda s: s.cache_hits),

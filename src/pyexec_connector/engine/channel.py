@@ -92,7 +92,7 @@ class WorkerChannel:
         self.unknown = 0            # messages about runs it was never sent, dropped
         self._out: list[bytes] = []
         self._out_size = 0
-        self.runs_queued = False    # runs are among what data_to_send() would give
+        self._queued: list[tuple[int, int]] = []    # (qid, index in _out) of the runs data_to_send() would give
         self._open: set[int] = set()     # runs sent that it has not ended nor had taken back
         self._unconfirmed: deque[tuple[int, int, float]] = deque()     # (qid, end offset, take_by)
         self._broken: MalformedMessage | None = None
@@ -139,9 +139,9 @@ class WorkerChannel:
 
     def send_run(self, data: bytes, qid: int, take_by: float) -> None:
         """A run's encoded message, to be read by the worker by `take_by` (time.monotonic())."""
+        self._queued.append((qid, len(self._out)))
         self._out.append(data)
         self._out_size += len(data)
-        self.runs_queued = True
         self.sent += 1
         self._open.add(qid)
         self._unconfirmed.append((qid, self.written + self._out_size, take_by))
@@ -153,9 +153,36 @@ class WorkerChannel:
         data = b"".join(out) if len(out) > 1 else out[0]
         out.clear()
         self._out_size = 0
-        self.runs_queued = False
+        self._queued.clear()
         self.written += len(data)
         return data
+
+    @property
+    def runs_queued(self) -> int:
+        """Runs among what data_to_send() would give."""
+        return len(self._queued)
+
+    def take_back_queued(self) -> list[int]:
+        """The runs not taken by data_to_send() yet, in the order sent: the worker never sees them (not
+        sent, as far as credit goes). What else is queued stays, in order; the runs still owed a read
+        are all written ones, so their offsets stand."""
+        queued = self._queued
+        if not queued:
+            return []
+        qids = [qid for qid, _ in queued]
+        drop = {index for _, index in queued}
+        kept = [data for index, data in enumerate(self._out) if index not in drop]
+        self._out[:] = kept
+        self._out_size = sum(map(len, kept))
+        queued.clear()
+        self.sent -= len(qids)
+        for qid in qids:
+            self._open.discard(qid)
+        unconfirmed = self._unconfirmed
+        for qid in reversed(qids):      # the last entries: sent after every written run
+            if unconfirmed and unconfirmed[-1][0] == qid:
+                unconfirmed.pop()
+        return qids
 
     # ---- credit and taking back ------------------------------------------------------------------
     @property

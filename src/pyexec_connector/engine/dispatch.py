@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
+import time
 from collections import deque
 
 from .. import errors
@@ -69,21 +70,32 @@ class Dispatcher:
         return self._least_busy()
 
     def _least_busy(self) -> WorkerHandle | None:
-        """The first worker in the pool's order that is idle: nothing held, or only queries that already
-        sent their terminal reply (their runs end in a moment); so a sequence of queries keeps to one
-        worker and its compiled code, as upstream's one process does. Else, when the pool cannot grow,
+        """The first worker in the pool's order that is idle (nothing held, or only queries that already
+        sent their terminal reply: their runs end in a moment), or in the midst of a turn while it keeps pace
+        (its turns take less than handle.PACE: the runs held for it go out as soon as it answers): so a
+        sequence of queries keeps to one worker and its compiled code, as upstream's one process does,
+        and quick runs go to one loop in batches rather than wake every worker, while a query that
+        finds a worker holding only long-running (awaiting) queries goes to an idle one if there is
+        one (a crash costs fewer queries). A worker in a slow turn (passed PACE, or after one that did)
+        gets nothing until it answers: the query waits in the queue for whichever worker answers first.
+        Else, when the pool cannot grow,
         the least-busy one with credit (below `workers` a query that finds every worker busy waits for a
         fork: see scaling.py). Nothing goes to a worker beyond the credit it granted, nor beyond
         `queriesPerWorker` at once."""
         best = None
         per_worker = self.per_worker
         best_load = 0
+        now = time.monotonic()
         for worker in self._pool.workers:
             load = worker.takes(per_worker)
             if load < 0:
                 continue
             if load == worker.replied:     # (every run it holds replied: it read them all)
                 return worker
+            if worker.awaiting:         # in a turn: more for it only while its turns are quick
+                if worker.keeps_pace(now):
+                    return worker
+                continue
             if best is None or load < best_load:
                 best, best_load = worker, load
         if best is not None and self._pool.can_grow():

@@ -50,6 +50,12 @@ class InvalidTransition(RuntimeError):
     """A worker asked into a state it cannot reach from its own (a bug in the pool)."""
 
 
+# Seconds a worker's turn (from its runs' write to its answer) may take for the dispatcher to hold more
+# runs for it than an idle worker's share: quick runs go to one worker in batches; a worker whose turn
+# passes it gets no more until it answers, and what was held for it meanwhile goes to whoever is free.
+# A few pipe round trips: far below any timeout, above a loop turn of a few dozen quick runs.
+PACE = 0.002
+
 TakeMessages = Callable[["WorkerHandle", list[Any]], None]
 """What takes a ready worker's messages (ProcessEngine's intake): each read's, in order, as they arrive.
 Raising means the worker broke the protocol: it is killed."""
@@ -81,6 +87,10 @@ class WorkerHandle:
         self.cache_counts = (0, 0)              # its code cache's hits and misses, as it last reported them
         self.stalled = False                    # did not read a run in time: sent nothing until it writes
         self.awaiting = False                   # sent runs, and has not written since (see flush)
+        self.awaiting_since = 0.0               # when it was written runs while not awaiting
+        self.last_turn = 0.0                    # seconds from its last runs' write to its answer
+        self.over_pace = False                  # runs were held for it past a slow turn: QueryBook.spill moves them
+        self.pace_check: asyncio.TimerHandle | None = None  # QueryBook's look at its turn, PACE after it began
         self.last_heard = time.monotonic()      # liveness: when it last wrote anything
         self.pinged_at: float | None = None     # the ping it has not answered yet
         self.idle_since = time.monotonic()      # when it last had no query (scaling: retired after idle)
@@ -124,6 +134,12 @@ class WorkerHandle:
             return -1
         return load
 
+    def keeps_pace(self, now: float) -> bool:
+        """Whether its last turn took less than PACE and the one running now has not passed it: the
+        dispatcher may then hold more runs for it than an idle worker's share (one process's loop takes
+        a batch of quick runs at a fraction of the cost of waking two)."""
+        return self.last_turn < PACE and not (self.awaiting and now - self.awaiting_since >= PACE)
+
     @property
     def alive(self) -> bool:
         return self.state is not WorkerState.DEAD
@@ -152,7 +168,9 @@ class WorkerHandle:
         transport = self.pipe.transport if self.pipe is not None else None
         if data and transport is not None and not transport.is_closing():
             transport.write(data)      # else it is dying: its watcher fails its queries
-            self.awaiting = self.awaiting or runs
+            if runs and not self.awaiting:
+                self.awaiting = True
+                self.awaiting_since = time.monotonic()
 
     def ping(self) -> None:
         self.pinged_at = time.monotonic()
@@ -197,6 +215,9 @@ class WorkerHandle:
 
     def close(self) -> None:
         self.ended()
+        if self.pace_check is not None:
+            self.pace_check.cancel()
+            self.pace_check = None
         if self.pipe is not None and self.pipe.transport is not None:
             self.pipe.transport.close()
         if self.backlog_task is not None:
@@ -240,13 +261,19 @@ class WorkerHandle:
             self._arrived(early, heard=False)
 
     def heard(self) -> None:
-        """The worker wrote something: its loop runs."""
-        self.last_heard = time.monotonic()
+        """The worker wrote something: its loop runs. The runs held for it go out now, unless the turn it
+        just ended took longer than PACE (over_pace: the engine gives them to whoever is free, see
+        QueryBook.spill): a slow turn's runs are not followed by a batch held meanwhile."""
+        now = self.last_heard = time.monotonic()
         self.pinged_at = None
         self.stalled = False
         if self.awaiting:
             self.awaiting = False
-            self.flush()
+            self.last_turn = now - self.awaiting_since
+            if self.last_turn < PACE or not self.channel.runs_queued:
+                self.flush()
+            else:
+                self.over_pace = True
 
     def broke(self, exc: Exception) -> None:
         """It sent what this side does not accept (its channel's, or the intake's verdict): it is killed."""

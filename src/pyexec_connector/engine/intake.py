@@ -46,6 +46,8 @@ class Intake:
             self._link.write_now()
         finally:
             self.queries.end_answered()     # after the write: a reply's bookkeeping is off its path
+            if worker.over_pace:
+                self.queries.spill(worker)
 
     def _take_now(self, worker: WorkerHandle, message: Any) -> bool:
         """The message handled now; False (nothing done) when it must wait (_take_later)."""

@@ -131,8 +131,8 @@ class ProcessEngine:
             cache_size=len(names), cache_capacity=names.capacity,
             worker_recycles=dict(self.pool.recycles), worker_forks=self.pool.launcher.forks,
             worker_spawns=self.pool.launcher.spawns, worker_idle_retired=self.pool.idle_retired,
-            worker_wedged=self.pool.wedged, queries_requeued=book.requeued,
-            relayed=self.relayed, parsed=self.parsed, accepted_frames=book.accepted_frames,
+            worker_wedged=self.pool.wedged, queries_requeued=book.requeued, queries_spilled=book.spilled,
+            relayed=self.relayed, parsed=self.parsed, accepted_frames=book.acks.frames,
             timeouts_pending=book.deadlines.sweeping, query_processes_ended=book.processes_ended,
             **credit_figures(self.pool.credit_ledger()))
 

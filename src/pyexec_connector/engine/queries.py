@@ -19,7 +19,7 @@ from ..reply import ReplyChannel
 from . import reaper, wire
 from .base import Job, Outcome
 from .dispatch import ENTRY_COST, Dispatcher
-from .handle import WorkerHandle
+from .handle import PACE, WorkerHandle
 from .messages import (
     ACCEPT_EVERY,
     Accepted,
@@ -139,6 +139,39 @@ class Query:
     ended: bool = False                         # concluded (its end went to its future, or to Pipeline.finish)
 
 
+class LinkAcks:
+    """The frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox (only while it
+    has room), told to each worker every ACCEPT_EVERY characters: its awaited sends wait once it is
+    ACCEPT_WINDOW ahead (flow control reaches user code)."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._owed: dict[WorkerHandle, int] = {}     # characters taken from each worker, not told yet
+
+    def accepted(self, worker: WorkerHandle, size: int) -> None:
+        self.frames += 1
+        owed = self._owed.get(worker, 0) + size
+        if owed >= ACCEPT_EVERY:
+            self._owed[worker] = 0
+            worker.send(Accepted(owed))
+        else:
+            self._owed[worker] = owed
+
+    def forget(self, worker: WorkerHandle) -> None:
+        self._owed.pop(worker, None)
+
+
+def _processes_ended(source_name: str, worker: WorkerHandle, message: ProcessesEnded) -> int:
+    """The count a worker reports of processes a query left running that it ended (issue 21), logged."""
+    count = message.processes
+    if type(count) is not int or count < 0 or type(message.reply_address) is not str:
+        raise ValueError("a ProcessesEnded without a count")
+    log.info("source %s: query %s ended with %d process%s it started still running (worker %d): sent "
+             "SIGTERM, SIGKILL after %g s (keepChildProcesses: false)", source_name,
+             message.reply_address[:200], count, "" if count == 1 else "es", worker.index, reaper.GRACE)
+    return count
+
+
 class QueryBook:
     """Every query a pool's workers hold (WorkerHandle.inflight), their deadlines, and what each message
     from a worker does to them; the runs a worker did not read in time are taken back here."""
@@ -155,9 +188,9 @@ class QueryBook:
         self.deadlines = Deadlines(self._expire, self.running)
         self.timeouts = 0
         self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
-        self.accepted_frames = 0    # frames workers' code sent for the link (Reply, LinkFrame), taken into the outbox
+        self.spilled = 0            # runs held for a worker behind its pace, given to another before it saw them
+        self.acks = LinkAcks()
         self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
-        self._owed: dict[WorkerHandle, int] = {}     # link frames taken from each worker, not acknowledged yet
         self._checking: asyncio.TimerHandle | None = None     # the next _take_back
         self._answered: list[tuple[WorkerHandle, int]] = []     # runs whose reply went out, to end (end_answered)
 
@@ -186,8 +219,21 @@ class QueryBook:
         worker.send_run(wire.encode_run(query.message, take_by), query.qid, take_by)
         if flush:
             worker.flush()
+        if worker.awaiting and worker.pace_check is None:     # held for it: moved if its turn passes PACE
+            worker.pace_check = asyncio.get_running_loop().call_later(
+                PACE - (time.monotonic() - worker.awaiting_since), self._check_pace, worker)
         if self._checking is None:
             self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND + 0.02, self._take_back)
+
+    def _check_pace(self, worker: WorkerHandle) -> None:
+        """A worker's turn passed PACE: what is held for it goes to whoever is free (spill)."""
+        worker.pace_check = None
+        if worker.alive and worker.awaiting and worker.channel.runs_queued and not self.closed:
+            left = PACE - (time.monotonic() - worker.awaiting_since)
+            if left > 0:        # a later turn: its own PACE
+                worker.pace_check = asyncio.get_running_loop().call_later(left, self._check_pace, worker)
+            else:
+                self.spill(worker)
 
     def _take_back(self) -> None:
         """The runs whose workers did not read them in time go to other workers (WorkerHandle.overdue)."""
@@ -299,7 +345,7 @@ class QueryBook:
                 if message.terminal and not query.replied:
                     query.replied = True
                     worker.replied += 1
-            self._accepted(worker, len(message.frame))
+            self.acks.accepted(worker, len(message.frame))
         elif kind is Done:
             worker.cache_counts = message.cache_counts
             self._finish(worker, message.qid,
@@ -314,7 +360,7 @@ class QueryBook:
             self._finish(worker, message.qid, None, message.error)
         elif kind is LinkFrame:
             self._link.send(message.frame)
-            self._accepted(worker, len(message.frame))
+            self.acks.accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
         elif kind is Credit:      # checked by the worker's channel: it asks for more runs
@@ -323,7 +369,7 @@ class QueryBook:
             if message.qid in worker.inflight:
                 self.requeue(worker, [message.qid])
         elif kind is ProcessesEnded:
-            self._processes_ended(worker, message)
+            self.processes_ended += _processes_ended(self.source_name, worker, message)
         else:
             raise ValueError(f"unexpected message {kind.__name__}")
 
@@ -338,26 +384,6 @@ class QueryBook:
                 self._finish(worker, qid, _ANSWERED, None)
             except Exception:   # noqa: BLE001 - a bug in one end must not cost the others theirs
                 log.exception("source %s: ending query %d failed", self.source_name, qid)
-
-    def _processes_ended(self, worker: WorkerHandle, message: ProcessesEnded) -> None:
-        count = message.processes
-        if type(count) is not int or count < 0 or type(message.reply_address) is not str:
-            raise ValueError("a ProcessesEnded without a count")
-        self.processes_ended += count
-        log.info("source %s: query %s ended with %d process%s it started still running (worker %d): sent "
-                 "SIGTERM, SIGKILL after %g s (keepChildProcesses: false)", self.source_name,
-                 message.reply_address[:200], count, "" if count == 1 else "es", worker.index, reaper.GRACE)
-
-    def _accepted(self, worker: WorkerHandle, size: int) -> None:
-        """A frame from the worker's code went into the outbox (handled only while it has room): told to the
-        worker, whose awaited sends wait once it is ACCEPT_WINDOW ahead, every ACCEPT_EVERY characters."""
-        self.accepted_frames += 1
-        owed = self._owed.get(worker, 0) + size
-        if owed >= ACCEPT_EVERY:
-            self._owed[worker] = 0
-            worker.send(Accepted(owed))
-        else:
-            self._owed[worker] = owed
 
     def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
         query = worker.inflight.pop(qid, None)
@@ -375,13 +401,22 @@ class QueryBook:
             self.pool.query_ended(worker)
         self.dispatcher.dispatch()
 
-    def requeue(self, worker: WorkerHandle, qids: list[int]) -> None:
+    def requeue(self, worker: WorkerHandle, qids: list[int], counted: bool = True) -> None:
         for qid in reversed(qids):      # each goes first in line: their order is kept
             query = worker.inflight.pop(qid, None)
             if query is not None and not query.ended:
-                self.requeued += 1
+                self.requeued += counted
                 self._wait_again(query)
         self.dispatcher.dispatch()
+
+    def spill(self, worker: WorkerHandle) -> None:
+        """The runs held for a worker that fell behind its pace (handle.PACE) go to whoever is free, first
+        in line: it never saw them."""
+        worker.over_pace = False
+        qids = worker.channel.take_back_queued()
+        if qids:
+            self.spilled += len(qids)
+            self.requeue(worker, qids, counted=False)
 
     def _wait_again(self, query: Query) -> None:
         ticket = self.dispatcher.wait_again(ENTRY_COST + query.size)
@@ -411,7 +446,7 @@ class QueryBook:
         for query in lost:
             self._conclude(query, None, error)
         worker.replied = 0
-        self._owed.pop(worker, None)
+        self.acks.forget(worker)
         self.dispatcher.dispatch()
 
     def close(self, error: QueryError) -> None:

@@ -30,6 +30,7 @@ class EngineStats:
     worker_idle_retired: int | None = None
     worker_wedged: int | None = None
     queries_requeued: int | None = None
+    queries_spilled: int | None = None
     query_processes_ended: int | None = None  # processes queries left running, ended with them (issue 21)
     # pull with credit (process engine): runs workers asked for and were not sent yet; runs sent beyond
     # what was asked for (0, always: a test and an operator can see it stays so)
