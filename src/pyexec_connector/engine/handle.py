@@ -53,8 +53,9 @@ class InvalidTransition(RuntimeError):
 # Seconds a worker's turn (from its runs' write to its answer) may take for the dispatcher to hold more
 # runs for it than an idle worker's share: quick runs go to one worker in batches; a worker whose turn
 # passes it gets no more until it answers, and what was held for it meanwhile goes to whoever is free.
-# A few pipe round trips: far below any timeout, above a loop turn of a few dozen quick runs.
-PACE = 0.002
+# Far below any timeout; above a loop turn of a few dozen quick runs and a scheduler time slice on a busy
+# machine (a turn is timed on this side: the connector's own delay in reading the answer counts).
+PACE = 0.005
 
 TakeMessages = Callable[["WorkerHandle", list[Any]], None]
 """What takes a ready worker's messages (ProcessEngine's intake): each read's, in order, as they arrive.
