@@ -147,7 +147,7 @@ class SourceLink:
 
     def is_drained(self) -> bool:
         """Whether drained() would return at once."""
-        return self._outbox.has_room()
+        return self._outbox.not_full
 
     @property
     def pending_frames(self) -> int:

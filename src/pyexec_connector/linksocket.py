@@ -138,7 +138,7 @@ class LinkSocket(asyncio.Protocol):
                 self._handshake_done()
             elif self.ended.done():
                 continue            # the link is closing this socket: nothing more is taken from it
-            elif held or (not self._outbox.has_room() and self._status.ready.is_set()):
+            elif held or (not self._outbox.not_full and self._status.ready.is_set()):
                 held.append(message)
                 self._counters.held += 1
             else:

@@ -29,6 +29,7 @@ class Outbox(deque[str]):
         self.waits = 0               # how many times a producer had to wait for room
         self._room = asyncio.Event()
         self._room.set()
+        self.not_full = True         # has_room(), as an attribute: read for every frame in and out
 
     def append(self, frame: str) -> None:
         super().append(frame)
@@ -37,6 +38,7 @@ class Outbox(deque[str]):
             self.peak_bytes = size
         if size > self.limit:
             self._room.clear()
+            self.not_full = False
 
     def popleft(self) -> str:
         frame = super().popleft()
@@ -52,15 +54,16 @@ class Outbox(deque[str]):
         """Let producers go on once the writer took the outbox under half its limit (called after each
         batch written rather than per frame). Half, not the limit itself, so that a stream of large frames
         wakes its producer once per batch, not once per frame."""
-        if not self._room.is_set() and self.pending_bytes <= self.limit // 2:
+        if not self.not_full and self.pending_bytes <= self.limit // 2:
             self._room.set()
+            self.not_full = True
 
     def has_room(self) -> bool:
         """Whether room() would return at once."""
-        return self._room.is_set()
+        return self.not_full
 
     async def room(self) -> None:
         """Wait while the outbox is full."""
-        if not self._room.is_set():
+        if not self.not_full:
             self.waits += 1
             await self._room.wait()

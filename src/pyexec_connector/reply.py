@@ -78,7 +78,8 @@ class ReplyChannel:
 
     def forward(self, frame: str, terminal: bool, status: int, error_code: str | None = None) -> bool:
         """A frame some other channel already built and checked (a worker's): the same once-only rule."""
-        size = oversize(frame, self.max_bytes)
+        max_bytes = self.max_bytes      # oversize() only when the frame might be: it is on every reply's path
+        size = oversize(frame, max_bytes) if max_bytes is not None and len(frame) * 4 > max_bytes else 0
         if size:   # the worker checks too; this keeps an oversized frame out of the outbox whatever happens
             return self.error(QueryError(errors.TOO_LARGE, "A reply of {0} bytes is over the connector's limit of "
                                          "{1} bytes (maxMessageBytes).", [size, self.max_bytes]))

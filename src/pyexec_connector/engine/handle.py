@@ -151,11 +151,6 @@ class WorkerHandle:
         self.channel.send(message)
         self.flush(now=True)
 
-    def send_run(self, data: bytes, qid: int, take_by: float) -> None:
-        """A run, against its credit; written at the next flush() (a dispatch round writes its runs to a
-        worker together). Until the worker is known to have read it, it may be taken back (overdue)."""
-        self.channel.send_run(data, qid, take_by)
-
     def flush(self, now: bool = False) -> None:
         """Write what is queued. Runs for a worker that has not written since it was last sent runs wait
         until it does (heard): it says what it read after every read, so under load the runs that came

@@ -216,7 +216,7 @@ class QueryBook:
         take_by = time.monotonic() + TAKE_BOUND
         query.worker = worker
         worker.inflight[query.qid] = query
-        worker.send_run(wire.encode_run(query.message, take_by), query.qid, take_by)
+        worker.channel.send_run(wire.encode_run(query.message, take_by), query.qid, take_by)
         if flush:
             worker.flush()
         if worker.awaiting and worker.pace_check is None:     # held for it: moved if its turn passes PACE
