@@ -335,6 +335,8 @@ class QueryBook:
             # its end waits for end_answered(): the reply is written first (the intake writes the link after
             # each read), the bookkeeping after, off the reply's path
             self._answered.append((worker, qid))
+        elif kind is Credit:      # checked by the worker's channel: it asks for more runs (once per turn)
+            self.dispatcher.dispatch()
         elif kind is Reply:
             query = worker.inflight.get(message.qid)
             if query is None:
@@ -363,8 +365,6 @@ class QueryBook:
             self.acks.accepted(worker, len(message.frame))
         elif kind is Cancelled:
             self._finish(worker, message.qid, None, None)
-        elif kind is Credit:      # checked by the worker's channel: it asks for more runs
-            self.dispatcher.dispatch()
         elif kind is Declined:
             if message.qid in worker.inflight:
                 self.requeue(worker, [message.qid])
