@@ -76,6 +76,24 @@ async def test_engine_figures_come_from_engine_stats(server, start_connector):
     assert "no engine worker alive" in running.connector.health_problems()[0]
 
 
+async def test_queries_in_flight_counts_relayed_queries_and_a_graceful_finish_waits_for_them(
+        server, start_connector):
+    """A relayed query (process mode) has no task of its own: the gauge and the session's finish count the
+    queries not answered yet."""
+    server.set_source_config(SOURCE, {"executionMode": "process", "workers": 1})
+    running = await start_connector()
+    assert (await server.query({"code": "warm = 1"}, timeout=60)).status == 200
+    label = frozenset({("source", SOURCE)})
+    address = await server.send_query(SOURCE, {"code": "import time\ntime.sleep(0.5)\nslept = True"})
+    async with asyncio.timeout(10):
+        while scrape(running.connector)[("pyexec_queries_in_flight", label)] != 1:
+            await asyncio.sleep(0.01)
+    assert running.session.running == 1 and not running.session.in_flight     # no task: it was relayed
+    assert await running.session.finish(10) == 0
+    assert (await server.replies_for(address, 10)).results == {"slept": True}
+    assert scrape(running.connector)[("pyexec_queries_in_flight", label)] == 0
+
+
 async def test_metrics_modules_import_downwards_only():
     """health loads exposition on the first scrape; exposition, and the figures both read, never import
     health back (issue 20: no import circle, the engine reached only through Engine.stats())."""
