@@ -133,6 +133,17 @@ def test_runs_use_credit_and_go_out_together():
     assert channel.receive_data(frames(Credit(5, 2))) == [Credit(5, 2)] and channel.credit == 3
 
 
+def test_a_run_s_end_says_every_run_sent_before_it_was_read():
+    channel = channel_with_runs(1, 2, 3, granted=8)
+    assert channel.received == 0
+    assert channel.receive_data(frames(Done(2, "{}", None, None, None, (0, 0)))) != []
+    assert channel.received == 2                 # runs are read in order: 1 was read before 2
+    assert channel.receive_data(frames(Done(1, "{}", None, None, None, (0, 0)))) != []
+    assert channel.received == 2                 # an earlier run's end says nothing new
+    with pytest.raises(wire.MalformedMessage):   # and a Credit saying it read less is a lie
+        channel.receive_data(frames(Credit(8, 1)))
+
+
 def test_runs_not_written_yet_are_taken_back_whole_and_the_rest_stays_in_order():
     channel = channel_with_runs(1, granted=4)       # run 1 written: 5 bytes
     channel.send_run(b"run-2", 2, 10.0)

@@ -86,14 +86,16 @@ class WorkerChannel:
     def __init__(self, max_size: int | None = None):
         self._frames = Frames(trusted=False, max_size=max_size)
         self.granted = 0            # runs it asked for over its life (Credit.granted)
-        self.received = 0           # runs it said it read (Credit.received)
+        self.received = 0           # runs it read, as far as known (Credit.received, or a later run's end)
         self.sent = 0               # runs queued for it over its life
         self.written = 0            # bytes taken by data_to_send() over its life
         self.unknown = 0            # messages about runs it was never sent, dropped
         self._out: list[bytes] = []
         self._out_size = 0
         self._queued: list[tuple[int, int]] = []    # (qid, index in _out) of the runs data_to_send() would give
-        self._open: set[int] = set()     # runs sent that it has not ended nor had taken back
+        # runs sent that it has not ended nor had taken back -> how many runs it had been sent with it: a
+        # run's end says it read every run sent up to it (it reads them in order), so `received` needs no Credit
+        self._open: dict[int, int] = {}
         self._unconfirmed: deque[tuple[int, int, float]] = deque()     # (qid, end offset, take_by)
         self._broken: MalformedMessage | None = None
 
@@ -114,10 +116,12 @@ class WorkerChannel:
                 if kind is Credit:
                     self._credit(message)
                 elif kind in _ENDS_RUN:
-                    if message.qid not in self._open:
+                    index = self._open.pop(message.qid, None)
+                    if index is None:
                         self.unknown += 1    # ended already (taken back, then declined), or a lie: nothing to do
                         continue
-                    self._open.discard(message.qid)
+                    if index > self.received:
+                        self.received = index
                 kept.append(message)
             return kept
         except MalformedMessage as exc:
@@ -143,7 +147,7 @@ class WorkerChannel:
         self._out.append(data)
         self._out_size += len(data)
         self.sent += 1
-        self._open.add(qid)
+        self._open[qid] = self.sent
         self._unconfirmed.append((qid, self.written + self._out_size, take_by))
 
     def data_to_send(self) -> bytes:
@@ -177,7 +181,7 @@ class WorkerChannel:
         queued.clear()
         self.sent -= len(qids)
         for qid in qids:
-            self._open.discard(qid)
+            self._open.pop(qid, None)
         unconfirmed = self._unconfirmed
         for qid in reversed(qids):      # the last entries: sent after every written run
             if unconfirmed and unconfirmed[-1][0] == qid:
@@ -212,12 +216,12 @@ class WorkerChannel:
             qid = unconfirmed.popleft()[0]
             if qid in running:
                 late.append(qid)
-                self._open.discard(qid)
+                self._open.pop(qid, None)
         return late
 
     def forget(self, qid: int) -> None:
         """A run taken back for another reason (it declined it): what it says of it later is dropped."""
-        self._open.discard(qid)
+        self._open.pop(qid, None)
 
 
 class PipeProtocol(asyncio.Protocol):
