@@ -52,9 +52,10 @@ from .messages import (
 log = logging.getLogger("pyexec_connector.worker")
 
 # Runs a worker asks for at a time beyond those it holds (docs/ENGINE.md, "Credit"): small, so that a run
-# of synchronous code keeps few others waiting behind it in the worker; asked again each time the loop
-# has nothing ready, so awaiting code still takes hundreds within milliseconds.
-WINDOW = 32
+# of synchronous code keeps few others waiting behind it in the worker; asked again once half is used,
+# when the loop has nothing ready, so awaiting code still takes hundreds within milliseconds, and a
+# batch of quick runs as large as the connector holds for one worker (handle.PACE) fits in what is left.
+WINDOW = 64
 DEFAULT_CAP = 500     # the source's queriesPerWorker, until Init says
 
 
@@ -149,13 +150,13 @@ class Worker:
             self.send(ProcessesEnded(qid, reply_address, count))
 
     def _grant(self) -> None:
-        """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
-        connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
-        of the runs just read, so asking costs no write of its own."""
-        more = min(WINDOW, self.cap - len(self.runs)) - (self.granted - self.received)
-        if more > 0:
+        """Credit back up to the window once half is used; `received` said too while runs read since still run
+        (a run's end tells the connector its loop took them: dispatch.py). Sent with the runs' ends, no write."""
+        window = min(WINDOW, self.cap - len(self.runs))
+        more = window - (self.granted - self.received)
+        if more > 0 and more * 2 >= window:
             self.granted += more
-        elif self.received == self._reported:
+        elif self.received == self._reported or not self.runs:
             return
         self._reported = self.received
         self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
