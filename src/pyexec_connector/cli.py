@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -283,6 +284,9 @@ def run_connector(config_path: str | None, log_level: str | None, log_format: st
         log.warning("%s", warning)
     loop_factory, loop_name = event_loop_factory(warn=log.warning)
     log.info("pyexec-connector %s starting; logging: %s; event loop: %s", version(), logging_source, loop_name)
+    # What the imports and the configuration made lives as long as the process: out of the collector's full
+    # passes, which would otherwise walk all of it again every few thousand queries.
+    gc.freeze()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         code = runner.run(serve(config))
     if not logqueue.stop():
