@@ -1,12 +1,11 @@
-"""The compiled-code cache: an LRU (cachetools) of code objects keyed by name, each valid only for the
-code text or document modification time it was compiled from."""
+"""The compiled-code cache: least recently used code objects by name, each valid only for the code text
+or document modification time it was compiled from."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
-
-from cachetools import LRUCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,14 +17,18 @@ class CachedCode:
 
 
 class CodeCache:
+    """An OrderedDict rather than cachetools' LRUCache: a hit, which every query of cached code makes,
+    then stays in C instead of going through Python-level methods."""
+
     def __init__(self, capacity: int = 128):
-        self._entries: LRUCache[str, CachedCode] = LRUCache(maxsize=capacity)
+        self._entries: OrderedDict[str, CachedCode] = OrderedDict()
+        self._capacity = capacity
         self.hits = 0
         self.misses = 0
 
     @property
     def capacity(self) -> int:
-        return int(self._entries.maxsize)
+        return self._capacity
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,18 +38,21 @@ class CodeCache:
 
     def get(self, name: str, fingerprint: Any = None, *, any_version: bool = False) -> CachedCode | None:
         """The entry for `name` if it was compiled from `fingerprint` (or any, for name-only queries)."""
-        try:
-            entry = self._entries[name]     # one call fewer than LRUCache.get on the hit every query makes
-        except KeyError:
-            entry = None
+        entries = self._entries
+        entry = entries.get(name)
         if entry is not None and (any_version or entry.fingerprint == fingerprint):
+            entries.move_to_end(name)
             self.hits += 1
             return entry
         self.misses += 1
         return None
 
     def put(self, name: str, code: CodeType, fingerprint: Any) -> None:
-        self._entries[name] = CachedCode(code, fingerprint)
+        entries = self._entries
+        entries[name] = CachedCode(code, fingerprint)
+        entries.move_to_end(name)
+        while len(entries) > self._capacity:
+            entries.popitem(last=False)
 
     def drop(self, name: str) -> None:
         self._entries.pop(name, None)
