@@ -246,15 +246,15 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     run_globals = make_globals(job, connection, channel.context)
     if code.co_flags & _CO_COROUTINE or job.request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
-    started = perf_counter()
+    started = perf_counter() if info is not None else 0.0
     if not job.request.capture_output:
         # code that cannot await runs to its end right here: no task of its can outlive the query as
         # part of it, so a run scope (task tracker, capture) would be made and dropped unused
         _run_plain(code, run_globals)
-        return _outcome(cache, job, run_globals, info, None, perf_counter() - started)
+        return _outcome(cache, job, run_globals, info, None, started)
     with _RunScope(True) as scope:
         _run_plain(code, run_globals)
-    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+    return _outcome(cache, job, run_globals, info, scope.captured, started)
 
 
 def _run_plain(code: types.CodeType, run_globals: dict[str, Any]) -> None:
@@ -269,7 +269,7 @@ def _run_plain(code: types.CodeType, run_globals: dict[str, Any]) -> None:
 async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.CodeType,
                         run_globals: dict[str, Any], info: dict[str, Any] | None) -> Outcome:
     with _RunScope(job.request.capture_output) as scope:
-        started = perf_counter()
+        started = perf_counter() if info is not None else 0.0
         await execute(code, run_globals)
     if job.request.code_handles_return:
         try:
@@ -278,7 +278,7 @@ async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.Co
             if not channel.terminated:
                 scope.tracker.cancel_all()
         return Outcome()
-    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+    return _outcome(cache, job, run_globals, info, scope.captured, started)
 
 
 class _RunScope:
@@ -302,10 +302,14 @@ class _RunScope:
 
 
 def _outcome(cache: CodeCache, job: Job, run_globals: dict[str, Any], info: dict[str, Any] | None,
-             captured: output.Captured | None, executed: float) -> Outcome:
-    skipped: list[dict[str, str]] | None = [] if info is not None else None
+             captured: output.Captured | None, started: float) -> Outcome:
+    """`started`: perf_counter() when the code began, read only when figures were asked for (`info`)."""
+    if info is None:
+        results = results_json(run_globals, job.request.limit_return_to, job.rich_results)
+        return Outcome(results, None, captured.result() if captured is not None else None)
+    executed = perf_counter() - started
+    skipped: list[dict[str, str]] = []
     results = results_json(run_globals, job.request.limit_return_to, job.rich_results, skipped)
-    if info is not None:
-        info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity,
-                    skippedGlobals=skipped)
+    info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity,
+                skippedGlobals=skipped)
     return Outcome(results, info, captured.result() if captured is not None else None)
