@@ -48,16 +48,26 @@ def encode(message: Any) -> bytes:
     kind = type(message)
     if kind is Answered:
         qid, frame, (hits, misses) = message
-        text = frame.encode("utf-8", "surrogatepass")
-        return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+        return encode_answered(qid, frame, hits, misses)
     if kind is Credit:
-        return _CREDIT_PREFIX + _CREDIT.pack(b"C", *message)
+        return encode_credit(*message)
     if kind is Relay:
         return encode_run(message, message[4])
     if message is ACKED:
         return ACK
     data = pickle.dumps((_NUMBERS[kind], *message), PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def encode_answered(qid: int, frame: str, hits: int, misses: int) -> bytes:
+    """An Answered's frame from its fields: a worker ends most runs with one, and needs no message for it."""
+    text = frame.encode("utf-8", "surrogatepass")
+    return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+
+
+def encode_credit(granted: int, received: int) -> bytes:
+    """A Credit's frame from its fields (a worker sends one with most of its writes)."""
+    return _CREDIT_PREFIX + _CREDIT.pack(b"C", granted, received)
 
 
 def encode_run(message: Any, take_by: float) -> bytes:

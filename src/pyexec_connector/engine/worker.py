@@ -30,11 +30,9 @@ from .guard import CodeGuard
 from .messages import (
     ACCEPT_WINDOW,
     Accepted,
-    Answered,
     Cancel,
     Cancelled,
     Configure,
-    Credit,
     Declined,
     Done,
     Failed,
@@ -158,7 +156,7 @@ class Worker:
         elif self.received == self._reported:
             return
         self._reported = self.received
-        self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
+        self._batch.append(wire.encode_credit(self.granted, self.received))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
@@ -356,7 +354,7 @@ class Worker:
                     # send_soon without _encode: within maxMessageBytes, an Answered is within the pipe's limit
                     forkguard.check()
                     cache = self.cache
-                    self._batch.append(wire.encode(_new(Answered, (qid, frame, (cache.hits, cache.misses)))))
+                    self._batch.append(wire.encode_answered(qid, frame, cache.hits, cache.misses))
                     if not self._reading:
                         self._soon()
                     return
