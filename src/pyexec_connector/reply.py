@@ -20,14 +20,18 @@ class QueryContext(dict):
     """`connector_context`: the dict upstream scripts receive (source_name, response_address), carrying
     the channel its replies go through."""
 
+    # No __init__ of its own: one is made per query, by dict's (ReplyChannel.context sets the channel).
     __slots__ = ("channel",)
-
-    def __init__(self, source_name: str, reply_address: str, channel: ReplyChannel | None):
-        super().__init__(source_name=source_name, response_address=reply_address)
-        self.channel = channel
+    channel: ReplyChannel | None
 
     def __reduce__(self):  # a context pickled into a worker travels without its channel
-        return (QueryContext, (self["source_name"], self["response_address"], None))
+        return (_unpickled_context, (self["source_name"], self["response_address"]))
+
+
+def _unpickled_context(source_name: str, reply_address: str) -> QueryContext:
+    context = QueryContext(source_name=source_name, response_address=reply_address)
+    context.channel = None
+    return context
 
 
 class ReplyChannel:
@@ -56,7 +60,8 @@ class ReplyChannel:
         worker process never needs the connector's)."""
         context = self._context
         if context is None:
-            context = self._context = QueryContext(self.source_name, self.reply_address, self)
+            context = self._context = QueryContext(source_name=self.source_name, response_address=self.reply_address)
+            context.channel = self
         return context
 
     def _emit(self, frame: str, terminal: bool, status: int) -> bool:
