@@ -105,17 +105,6 @@ def _is_user_frame(frame: types.FrameType) -> bool:
     return "pyexec_connector" not in frame.f_code.co_filename
 
 
-def make_globals(job: Job, connection: Any, context: Any) -> dict[str, Any]:
-    run_globals: dict[str, Any] = {
-        "__name__": "__main__",
-        "__file__": job.request.filename,
-        "connector_connection": connection,
-        "connector_context": context,
-    }
-    run_globals.update(job.request.preset_values)
-    return run_globals
-
-
 async def execute(code: types.CodeType, run_globals: dict[str, Any]) -> None:
     """Run the module code; top-level `await` is allowed. User exceptions come out as QueryError."""
     try:
@@ -237,17 +226,20 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     """One query: run to its end at once when its code cannot await (no top-level `await`, not
     codeHandlesReturn) and return the Outcome; else return the coroutine that runs it, to be awaited
     (in a task of its own, where it must be cancellable). Saves a task per query for plain code."""
-    if job.request.dry_run:
+    request = job.request
+    if request.dry_run:
         return dry_run(cache, job, guard)
     info: dict[str, Any] | None = None
     if job.runtime_info:    # `name` only when there is one, as upstream
-        info = {} if job.request.cache_key is None else {"name": job.request.cache_key}
+        info = {} if request.cache_key is None else {"name": request.cache_key}
     code = resolve_code(cache, job, info, guard)
-    run_globals = make_globals(job, connection, channel.context)
-    if code.co_flags & _CO_COROUTINE or job.request.code_handles_return:
+    run_globals: dict[str, Any] = {"__name__": "__main__", "__file__": request.filename,
+                                   "connector_connection": connection, "connector_context": channel.context}
+    run_globals.update(request.preset_values)
+    if code.co_flags & _CO_COROUTINE or request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
     started = perf_counter() if info is not None else 0.0
-    if not job.request.capture_output:
+    if not request.capture_output:
         # code that cannot await runs to its end right here: no task of its can outlive the query as
         # part of it, so a run scope (task tracker, capture) would be made and dropped unused
         _run_plain(code, run_globals)

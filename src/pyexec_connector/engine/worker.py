@@ -60,15 +60,13 @@ class PipeChannel(ReplyChannel):
     """A query's replies as the code sends them: checked here (status, body, once-only), then passed to
     the connector, whose own channel for the query decides again (it may have answered with a timeout)."""
 
-    __slots__ = ("_worker", "_qid")
-
-    def __init__(self, worker: Worker, qid: int, reply_address: str, source_name: str):
-        super().__init__(worker.send_frame, reply_address, source_name, worker.max_message_bytes)
-        self._worker = worker
-        self._qid = qid
+    # No __init__ of its own (one is made per query: ReplyChannel's runs alone, without a super() call):
+    # `_send` is the worker's send (messages, not frames), and Worker._start sets `_qid`.
+    __slots__ = ("_qid",)
+    _qid: int
 
     def _deliver(self, frame: str, terminal: bool, status: int) -> None:
-        self._worker.send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))
+        self._send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))  # type: ignore[arg-type]
 
 
 class Worker:
@@ -311,7 +309,8 @@ class Worker:
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task), else in a task of its own; either way
         in a context of its own, so that the context variables the code sets do not outlive the query."""
-        channel = PipeChannel(self, qid, reply_address, self.source_name)
+        channel = PipeChannel(self.send, reply_address, self.source_name, self.max_message_bytes)
+        channel._qid = qid
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
