@@ -127,8 +127,10 @@ def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, ric
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
         # asked for by name: even a function or a module is the caller's business (and a 400)
         return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
-    candidates = {k: v for k, v in run_globals.items() if k not in RESERVED_GLOBALS
-                  and not isinstance(v, _CODE_TYPES)}
+    candidates: dict[str, Any] = {}
+    for k, v in run_globals.items():     # a loop, not a comprehension: no function call of its own (3.11)
+        if k not in RESERVED_GLOBALS and not isinstance(v, _CODE_TYPES):
+            candidates[k] = v
     return values.globals_json(candidates, rich, (), skipped)
 
 
