@@ -30,7 +30,9 @@ _NO_TEXT = 0xFFFFFFFF
 _A, _K, _C, _R = b"AKCR"      # the binary messages' first bytes, as numbers
 _new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
-_CREDIT_PREFIX = _LENGTH.pack(_CREDIT.size)
+# with the length prefix, so that each is one pack (a worker writes one or both with most writes)
+_ANSWERED_FRAME = struct.Struct("!IcQQQ")
+_CREDIT_FRAME = struct.Struct("!IcQQ")
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
 
@@ -63,12 +65,12 @@ def encode(message: Any) -> bytes:
 def encode_answered(qid: int, frame: str, hits: int, misses: int) -> bytes:
     """An Answered's frame from its fields: a worker ends most runs with one, and needs no message for it."""
     text = frame.encode("utf-8", "surrogatepass")
-    return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+    return _ANSWERED_FRAME.pack(_ANSWERED.size + len(text), b"A", qid, hits, misses) + text
 
 
 def encode_credit(granted: int, received: int) -> bytes:
     """A Credit's frame from its fields (a worker sends one with most of its writes)."""
-    return _CREDIT_PREFIX + _CREDIT.pack(b"C", granted, received)
+    return _CREDIT_FRAME.pack(_CREDIT.size, b"C", granted, received)
 
 
 def encode_run(message: Any, take_by: float) -> bytes:
