@@ -22,6 +22,7 @@ COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _CO_COROUTINE = inspect.CO_COROUTINE     # a module whose top level awaits
 RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
                               "__builtins__"})
+_RESERVED = tuple(RESERVED_GLOBALS)
 # never data: left out without a word (not in skippedGlobals either)
 _CODE_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 
@@ -127,10 +128,14 @@ def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, ric
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
         # asked for by name: even a function or a module is the caller's business (and a 400)
         return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
-    candidates: dict[str, Any] = {}
-    for k, v in run_globals.items():     # a loop, not a comprehension: no function call of its own (3.11)
-        if k not in RESERVED_GLOBALS and not isinstance(v, _CODE_TYPES):
-            candidates[k] = v
+    # a copy less the reserved names, in C whatever the number of globals; values of plain JSON types
+    # (globals_json checks as much next) cannot be code, so only other values are looked at one by one
+    candidates = run_globals.copy()
+    pop = candidates.pop
+    for name in _RESERVED:
+        pop(name, None)
+    if not values.JSON_TYPES.issuperset(map(type, candidates.values())):
+        candidates = {k: v for k, v in candidates.items() if not isinstance(v, _CODE_TYPES)}
     return values.globals_json(candidates, rich, (), skipped)
 
 
