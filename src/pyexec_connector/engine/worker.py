@@ -352,8 +352,7 @@ class Worker:
                 if not oversize(frame, self.max_message_bytes):
                     # send_soon without _encode: within maxMessageBytes, an Answered is within the pipe's limit
                     forkguard.check()
-                    cache = self.cache
-                    self._batch.append(wire.encode_answered(qid, frame, cache.hits, cache.misses))
+                    self._batch.append(wire.encode_answered(qid, frame, self.cache.hits, self.cache.misses))
                     if not self._reading:
                         self._soon()
                     return
