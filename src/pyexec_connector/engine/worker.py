@@ -138,17 +138,14 @@ class Worker:
             self.flush()
         # what ended runs left running ends a moment later (issue 21), off every reply's path, in one sweep
         if self.processes.ended_runs and self.processes.due is None:
-            self.processes.due = asyncio.get_running_loop().call_later(reaper.SWEEP_DELAY, self._sweep)
-
-    def _sweep(self) -> None:
-        for qid, reply_address, count in self.processes.check() or ():
-            self.send(ProcessesEnded(qid, reply_address, count))
+            self.processes.due = asyncio.get_running_loop().call_later(reaper.SWEEP_DELAY, _sweep, self)
 
     def _grant(self) -> None:
         """Credit back up to the window; said too whenever runs were read since it last spoke of them (the
         connector then knows this loop took them and turned: see dispatch.py). It goes out with the ends
         of the runs just read, so asking costs no write of its own."""
-        more = min(WINDOW, self.cap - len(self.runs)) - (self.granted - self.received)
+        room = self.cap - len(self.runs)
+        more = (WINDOW if room > WINDOW else room) - (self.granted - self.received)
         if more > 0:
             self.granted += more
         elif self.received == self._reported:
@@ -372,6 +369,12 @@ class Worker:
 
 
 _new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
+
+
+def _sweep(worker: Worker) -> None:
+    """What ended runs left running is ended (reaper.py), and each such run's query told of it."""
+    for qid, reply_address, count in worker.processes.check() or ():
+        worker.send(ProcessesEnded(qid, reply_address, count))
 
 
 def _counts(cache: CodeCache) -> tuple[int, int]:
