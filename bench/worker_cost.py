@@ -4,9 +4,11 @@ is sent) and reads the worker's CPU time (/proc/PID/schedstat, nanoseconds) and 
 The worker is the real one (`python -m pyexec_connector.engine.worker`), on uvloop when installed.
 
 Run: python -m bench.worker_cost [--conc N] [--queries N] [--rounds N] [--gap US] [--keep] [--floor]
-[--profile FILE] (--gap: microseconds this side sleeps before each write, so that the worker sleeps
-between queries as it does behind a connector at c=1; --keep: keepChildProcesses, i.e. without issue
-21's per-query hooks; --floor: bench/floor_process.py's worker instead; --profile: cProfile the worker)."""
+[--profile FILE] [--script] (--gap: microseconds this side sleeps before each write, so that the worker
+sleeps between queries as it does behind a connector at c=1; --keep: keepChildProcesses, i.e. without
+issue 21's per-query hooks; --floor: bench/floor_process.py's worker instead; --profile: cProfile the
+worker; --script: bench (a)'s query as the connector sends it, a `script` parsed into a Job (`Run`),
+instead of a relayed frame of named code)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,8 @@ import time
 
 from pyexec_connector import protocol
 from pyexec_connector.engine import messages, wire
+from pyexec_connector.engine.base import Job
+from pyexec_connector.request import parse_query
 
 FRAME = protocol.dumps({"op": "query", "resourceName": "sources", "resourceId": "bench",
                         "messageHeaders": {"REPLY_ADDR_HEADER": "reply-address-0123456789"},
@@ -70,14 +74,23 @@ def switches(pid: int) -> tuple[int, int]:
     return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
 
 
-def run(pipe: Pipe, conc: int, queries: int, first_qid: int, gap: float, floor: bool, busy: bool = False) -> int:
-    """`queries` relayed queries, at most `conc` in flight; returns the next qid."""
+# bench (a)'s query (bench/run.py) as the process engine sends it: a script, parsed into a Job carrying the
+# document's text and modification time
+SCRIPT_JOB = Job(parse_query({"script": "bench_script", "presetValues": {"x": 3}}), "result = x * 2\n",
+                 "2026-01-01T00:00:00.000Z", False, 120.0, False)
+
+
+def run(pipe: Pipe, conc: int, queries: int, first_qid: int, gap: float, floor: bool, busy: bool = False,
+        script: bool = False) -> int:
+    """`queries` queries, at most `conc` in flight; returns the next qid."""
     qid, sent, answered = first_qid, 0, 0
     relay = wire.encode(messages.Relay(0, "reply-address-0123456789", "result = x + 1\n", FRAME, 1e18))
     head, body = relay[:5], relay[13:]
     plain = wire.LENGTH.pack(len(FRAME)) + FRAME
 
     def encoded(q: int) -> bytes:
+        if script:
+            return wire.encode_run(messages.Run(q, SCRIPT_JOB, "reply-address-0123456789", 0.0), 1e18)
         return plain if floor else head + struct.pack("!Q", q) + body
 
     batch = []
@@ -132,6 +145,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--profile")
+    parser.add_argument("--script", action="store_true", help="bench (a)'s script query, parsed (Run), not relayed")
     parser.add_argument("--patch", default="pass", help="Python run in the worker before it starts (what-ifs)")
     parser.add_argument("--callgrind", help="run the worker under valgrind's callgrind, its output here: "
                         "instructions per query (user space only, deterministic)")
@@ -158,16 +172,16 @@ def main() -> None:
     if not args.floor:
         ours.sendall(wire.encode(messages.Init(settings(args.keep))))
         pipe.messages()        # Ready, Credit
-    qid = run(pipe, args.conc, 2000, 1, gap, args.floor)      # warm
+    qid = run(pipe, args.conc, 2000, 1, gap, args.floor, script=args.script)      # warm
     figures = []
     if args.callgrind:
         subprocess.run(["callgrind_control", "--zero", str(child.pid)], check=True, capture_output=True)
-        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor)
+        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor, script=args.script)
         subprocess.run(["callgrind_control", "--dump", str(child.pid)], check=True, capture_output=True)
         args.rounds = 0
     for _ in range(args.rounds):
         cpu, (vol, invol), started = cpu_ns(child.pid), switches(child.pid), time.perf_counter()
-        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor, args.busy)
+        qid = run(pipe, args.conc, args.queries, qid, gap, args.floor, args.busy, args.script)
         elapsed = time.perf_counter() - started
         vol2, invol2 = switches(child.pid)
         n = args.queries
@@ -179,10 +193,12 @@ def main() -> None:
     child.wait(10)
     if args.callgrind:
         print(json.dumps({"worker": "floor" if args.floor else "ours", "conc": args.conc, "keep": args.keep,
+                          "script": args.script,
                           "instructions": instructions(args.callgrind, child.pid, args.queries)}))
         return
     cpus = [f[0] for f in figures]
     print(json.dumps({"worker": "floor" if args.floor else "ours", "conc": args.conc, "gap": args.gap,
+                      "script": args.script,
                       "keep": args.keep, "cpu_us": round(statistics.median(cpus), 2),
                       "cpu_us_all": [round(c, 2) for c in cpus],
                       "vol_cs": round(statistics.median(f[1] for f in figures), 3),

@@ -20,21 +20,25 @@ class QueryContext(dict):
     """`connector_context`: the dict upstream scripts receive (source_name, response_address), carrying
     the channel its replies go through."""
 
+    # No __init__ of its own: one is made per query, by dict's (ReplyChannel.context sets the channel).
     __slots__ = ("channel",)
-
-    def __init__(self, source_name: str, reply_address: str, channel: ReplyChannel | None):
-        super().__init__(source_name=source_name, response_address=reply_address)
-        self.channel = channel
+    channel: ReplyChannel | None
 
     def __reduce__(self):  # a context pickled into a worker travels without its channel
-        return (QueryContext, (self["source_name"], self["response_address"], None))
+        return (_unpickled_context, (self["source_name"], self["response_address"]))
+
+
+def _unpickled_context(source_name: str, reply_address: str) -> QueryContext:
+    context = QueryContext(source_name=source_name, response_address=reply_address)
+    context.channel = None
+    return context
 
 
 class ReplyChannel:
     """Sends one query's replies through `send` (the link's ordered outbox). After the first terminal
     reply (200, 204 or an error) everything else for this query is dropped and logged."""
 
-    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "_context", "status", "error_code",
+    __slots__ = ("reply_address", "source_name", "_send", "terminated", "_done", "status", "error_code",
                  "max_bytes", "started")
 
     def __init__(self, send: Callable[[str], None], reply_address: str, source_name: str,
@@ -47,16 +51,15 @@ class ReplyChannel:
         self.status: int | None = None       # the terminal status sent, for logs and metrics
         self.error_code: str | None = None   # the messageCode of the terminal error, for logs and metrics
         self._done: asyncio.Future | None = None
-        self._context: QueryContext | None = None
         self.started = 0.0                   # perf_counter() when the query came (Pipeline.begin)
 
     @property
     def context(self) -> QueryContext:
-        """`connector_context` for code run with this channel; made on first use (a query relayed to a
-        worker process never needs the connector's)."""
-        context = self._context
-        if context is None:
-            context = self._context = QueryContext(self.source_name, self.reply_address, self)
+        """`connector_context` for code run with this channel (a run asks once). Made at each use, not kept:
+        a channel holding its context would make a reference cycle per query, which only the collector
+        frees (a query relayed to a worker process never needs the connector's either)."""
+        context = QueryContext(source_name=self.source_name, response_address=self.reply_address)
+        context.channel = self
         return context
 
     def _emit(self, frame: str, terminal: bool, status: int) -> bool:

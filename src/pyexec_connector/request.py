@@ -44,8 +44,9 @@ class QueryRequest:
 
     @property
     def filename(self) -> str:
-        """`__file__` of the run: the name or script the caller gave."""
-        return self.cache_key or "<query code>"
+        """`__file__` of the run: the name or script the caller gave (cache_key's, read without calling it:
+        this is on every query)."""
+        return self.script or self.name or "<query code>"
 
 
 

@@ -151,7 +151,7 @@ def _unplain_top(value: Any) -> bool:
     return enum is not None and isinstance(value, enum.Enum) and not isinstance(value, int | str)
 
 
-_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None), tuple})
+_JSON_TYPES = JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None), tuple})
 
 
 # ---- rich ------------------------------------------------------------------------------------

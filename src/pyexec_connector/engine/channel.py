@@ -284,6 +284,9 @@ class WorkerEnd(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         messages = self._frames.feed(data)
+        if self._early is None:        # serving (the first message came long ago)
+            self._deliver(messages)
+            return
         if not self.first.done():
             if not messages:
                 return

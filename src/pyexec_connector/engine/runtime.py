@@ -22,6 +22,7 @@ COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _CO_COROUTINE = inspect.CO_COROUTINE     # a module whose top level awaits
 RESERVED_GLOBALS = frozenset({"__name__", "__file__", "connector_connection", "connector_context",
                               "__builtins__"})
+_RESERVED = tuple(RESERVED_GLOBALS)
 # never data: left out without a word (not in skippedGlobals either)
 _CODE_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 
@@ -105,17 +106,6 @@ def _is_user_frame(frame: types.FrameType) -> bool:
     return "pyexec_connector" not in frame.f_code.co_filename
 
 
-def make_globals(job: Job, connection: Any, context: Any) -> dict[str, Any]:
-    run_globals: dict[str, Any] = {
-        "__name__": "__main__",
-        "__file__": job.request.filename,
-        "connector_connection": connection,
-        "connector_context": context,
-    }
-    run_globals.update(job.request.preset_values)
-    return run_globals
-
-
 async def execute(code: types.CodeType, run_globals: dict[str, Any]) -> None:
     """Run the module code; top-level `await` is allowed. User exceptions come out as QueryError."""
     try:
@@ -138,8 +128,14 @@ def results_json(run_globals: dict[str, Any], limit: tuple[str, ...] | None, ric
         names = [k for k in limit if k in run_globals and k not in RESERVED_GLOBALS]
         # asked for by name: even a function or a module is the caller's business (and a 400)
         return values.globals_json({k: run_globals[k] for k in names}, True, limit, skipped)
-    candidates = {k: v for k, v in run_globals.items() if k not in RESERVED_GLOBALS
-                  and not isinstance(v, _CODE_TYPES)}
+    # a copy less the reserved names, in C whatever the number of globals; values of plain JSON types
+    # (globals_json checks as much next) cannot be code, so only other values are looked at one by one
+    candidates = run_globals.copy()
+    pop = candidates.pop
+    for name in _RESERVED:
+        pop(name, None)
+    if not values.JSON_TYPES.issuperset(map(type, candidates.values())):
+        candidates = {k: v for k, v in candidates.items() if not isinstance(v, _CODE_TYPES)}
     return values.globals_json(candidates, rich, (), skipped)
 
 
@@ -237,24 +233,27 @@ def start_job(cache: CodeCache, job: Job, connection: Any, channel: Any,
     """One query: run to its end at once when its code cannot await (no top-level `await`, not
     codeHandlesReturn) and return the Outcome; else return the coroutine that runs it, to be awaited
     (in a task of its own, where it must be cancellable). Saves a task per query for plain code."""
-    if job.request.dry_run:
+    request = job.request
+    if request.dry_run:
         return dry_run(cache, job, guard)
     info: dict[str, Any] | None = None
     if job.runtime_info:    # `name` only when there is one, as upstream
-        info = {} if job.request.cache_key is None else {"name": job.request.cache_key}
+        info = {} if request.cache_key is None else {"name": request.cache_key}
     code = resolve_code(cache, job, info, guard)
-    run_globals = make_globals(job, connection, channel.context)
-    if code.co_flags & _CO_COROUTINE or job.request.code_handles_return:
+    run_globals: dict[str, Any] = {"__name__": "__main__", "__file__": request.filename,
+                                   "connector_connection": connection, "connector_context": channel.context}
+    run_globals.update(request.preset_values)
+    if code.co_flags & _CO_COROUTINE or request.code_handles_return:
         return _run_awaiting(cache, job, channel, code, run_globals, info)
-    started = perf_counter()
-    if not job.request.capture_output:
+    started = perf_counter() if info is not None else 0.0
+    if not request.capture_output:
         # code that cannot await runs to its end right here: no task of its can outlive the query as
         # part of it, so a run scope (task tracker, capture) would be made and dropped unused
         _run_plain(code, run_globals)
-        return _outcome(cache, job, run_globals, info, None, perf_counter() - started)
+        return _outcome(cache, job, run_globals, info, None, started)
     with _RunScope(True) as scope:
         _run_plain(code, run_globals)
-    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+    return _outcome(cache, job, run_globals, info, scope.captured, started)
 
 
 def _run_plain(code: types.CodeType, run_globals: dict[str, Any]) -> None:
@@ -269,7 +268,7 @@ def _run_plain(code: types.CodeType, run_globals: dict[str, Any]) -> None:
 async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.CodeType,
                         run_globals: dict[str, Any], info: dict[str, Any] | None) -> Outcome:
     with _RunScope(job.request.capture_output) as scope:
-        started = perf_counter()
+        started = perf_counter() if info is not None else 0.0
         await execute(code, run_globals)
     if job.request.code_handles_return:
         try:
@@ -278,7 +277,7 @@ async def _run_awaiting(cache: CodeCache, job: Job, channel: Any, code: types.Co
             if not channel.terminated:
                 scope.tracker.cancel_all()
         return Outcome()
-    return _outcome(cache, job, run_globals, info, scope.captured, perf_counter() - started)
+    return _outcome(cache, job, run_globals, info, scope.captured, started)
 
 
 class _RunScope:
@@ -302,10 +301,14 @@ class _RunScope:
 
 
 def _outcome(cache: CodeCache, job: Job, run_globals: dict[str, Any], info: dict[str, Any] | None,
-             captured: output.Captured | None, executed: float) -> Outcome:
-    skipped: list[dict[str, str]] | None = [] if info is not None else None
+             captured: output.Captured | None, started: float) -> Outcome:
+    """`started`: perf_counter() when the code began, read only when figures were asked for (`info`)."""
+    if info is None:
+        results = results_json(run_globals, job.request.limit_return_to, job.rich_results)
+        return Outcome(results, None, captured.result() if captured is not None else None)
+    executed = perf_counter() - started
+    skipped: list[dict[str, str]] = []
     results = results_json(run_globals, job.request.limit_return_to, job.rich_results, skipped)
-    if info is not None:
-        info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity,
-                    skippedGlobals=skipped)
+    info.update(executionTime=executed, currentCacheSize=len(cache), cacheCapacity=cache.capacity,
+                skippedGlobals=skipped)
     return Outcome(results, info, captured.result() if captured is not None else None)

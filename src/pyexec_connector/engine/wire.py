@@ -27,9 +27,12 @@ _ANSWERED = struct.Struct("!cQQQ")    # b"A", qid, cache hits, cache misses; the
 _RELAY = struct.Struct("!cQIId")      # b"R", qid, address and code lengths, take_by; then address, code, frame
 _CREDIT = struct.Struct("!cQQ")       # b"C", granted, received
 _NO_TEXT = 0xFFFFFFFF
+_A, _K, _C, _R = b"AKCR"      # the binary messages' first bytes, as numbers
 _new = tuple.__new__      # a NamedTuple without its Python-level __new__: these are made per query
 ACK = _LENGTH.pack(1) + b"K"
-_CREDIT_PREFIX = _LENGTH.pack(_CREDIT.size)
+# with the length prefix, so that each is one pack (a worker writes one or both with most writes)
+_ANSWERED_FRAME = struct.Struct("!IcQQQ")
+_CREDIT_FRAME = struct.Struct("!IcQQ")
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
 
@@ -48,16 +51,26 @@ def encode(message: Any) -> bytes:
     kind = type(message)
     if kind is Answered:
         qid, frame, (hits, misses) = message
-        text = frame.encode("utf-8", "surrogatepass")
-        return _LENGTH.pack(_ANSWERED.size + len(text)) + _ANSWERED.pack(b"A", qid, hits, misses) + text
+        return encode_answered(qid, frame, hits, misses)
     if kind is Credit:
-        return _CREDIT_PREFIX + _CREDIT.pack(b"C", *message)
+        return encode_credit(*message)
     if kind is Relay:
         return encode_run(message, message[4])
     if message is ACKED:
         return ACK
     data = pickle.dumps((_NUMBERS[kind], *message), PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def encode_answered(qid: int, frame: str, hits: int, misses: int) -> bytes:
+    """An Answered's frame from its fields: a worker ends most runs with one, and needs no message for it."""
+    text = frame.encode("utf-8", "surrogatepass")
+    return _ANSWERED_FRAME.pack(_ANSWERED.size + len(text), b"A", qid, hits, misses) + text
+
+
+def encode_credit(granted: int, received: int) -> bytes:
+    """A Credit's frame from its fields (a worker sends one with most of its writes)."""
+    return _CREDIT_FRAME.pack(_CREDIT.size, b"C", granted, received)
 
 
 def encode_run(message: Any, take_by: float) -> bytes:
@@ -76,26 +89,27 @@ def encode_run(message: Any, take_by: float) -> bytes:
 
 
 def decode(data: bytes | memoryview, trusted: bool) -> Any:
-    first = data[:1]        # pickles start with the PROTO opcode, b"\x80"
-    if first == b"A":
+    # the first byte as a number: a memoryview's slice compared with bytes goes through the buffer
+    # protocol, for every message either side reads (pickles start with the PROTO opcode, 0x80)
+    first = data[0] if data else -1
+    if first == _A:
         _, qid, hits, misses = _ANSWERED.unpack_from(data)
-        return _new(Answered, (qid, bytes(data[_ANSWERED.size:]).decode("utf-8", "surrogatepass"), (hits, misses)))
-    if first == b"K" and len(data) == 1:
+        return _new(Answered, (qid, str(data[_ANSWERED.size:], "utf-8", "surrogatepass"), (hits, misses)))
+    if first == _K and len(data) == 1:
         return ACKED
-    if first == b"C":
+    if first == _C:
         if len(data) != _CREDIT.size:
             raise MalformedMessage(f"a credit of {len(data)} bytes")
         _, granted, received = _CREDIT.unpack_from(data)
         return _new(Credit, (granted, received))
-    if first == b"R" and trusted:     # only the connector relays queries, to a worker
+    if first == _R and trusted:     # only the connector relays queries, to a worker
         _, qid, address_size, code_size, take_by = _RELAY.unpack_from(data)
         start = _RELAY.size + address_size
-        address = bytes(data[_RELAY.size:start]).decode("utf-8", "surrogatepass")
+        address = str(data[_RELAY.size:start], "utf-8", "surrogatepass")
         if code_size == _NO_TEXT:
             return _new(Relay, (qid, address, None, bytes(data[start:]), take_by))
         end = start + code_size
-        return _new(Relay, (qid, address, bytes(data[start:end]).decode("utf-8", "surrogatepass"), bytes(data[end:]),
-                            take_by))
+        return _new(Relay, (qid, address, str(data[start:end], "utf-8", "surrogatepass"), bytes(data[end:]), take_by))
     if trusted:
         fields = pickle.loads(data)
         return _new(KINDS[fields[0]], fields[1:])

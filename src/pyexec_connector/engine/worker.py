@@ -30,11 +30,9 @@ from .guard import CodeGuard
 from .messages import (
     ACCEPT_WINDOW,
     Accepted,
-    Answered,
     Cancel,
     Cancelled,
     Configure,
-    Credit,
     Declined,
     Done,
     Failed,
@@ -63,15 +61,13 @@ class PipeChannel(ReplyChannel):
     """A query's replies as the code sends them: checked here (status, body, once-only), then passed to
     the connector, whose own channel for the query decides again (it may have answered with a timeout)."""
 
-    __slots__ = ("_worker", "_qid")
-
-    def __init__(self, worker: Worker, qid: int, reply_address: str, source_name: str):
-        super().__init__(worker.send_frame, reply_address, source_name, worker.max_message_bytes)
-        self._worker = worker
-        self._qid = qid
+    # No __init__ of its own (one is made per query: ReplyChannel's runs alone, without a super() call):
+    # `_send` is the worker's send (messages, not frames), and Worker._start sets `_qid`.
+    __slots__ = ("_qid",)
+    _qid: int
 
     def _deliver(self, frame: str, terminal: bool, status: int) -> None:
-        self._worker.send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))
+        self._send(_new(Reply, (self._qid, frame, terminal, status, self.error_code)))  # type: ignore[arg-type]
 
 
 class Worker:
@@ -143,23 +139,20 @@ class Worker:
             self.flush()
         # what ended runs left running ends a moment later (issue 21), off every reply's path, in one sweep
         if self.processes.ended_runs and self.processes.due is None:
-            self.processes.due = asyncio.get_running_loop().call_later(reaper.SWEEP_DELAY, self._sweep)
-
-    def _sweep(self) -> None:
-        for qid, reply_address, count in self.processes.check() or ():
-            self.send(ProcessesEnded(qid, reply_address, count))
+            self.processes.due = asyncio.get_running_loop().call_later(reaper.SWEEP_DELAY, _sweep, self)
 
     def _grant(self) -> None:
         """Credit back up to the window once half is used; `received` said too while runs read since still run
         (a run's end tells the connector its loop took them: dispatch.py). Sent with the runs' ends, no write."""
-        window = min(WINDOW, self.cap - len(self.runs))
+        room = self.cap - len(self.runs)
+        window = WINDOW if room > WINDOW else room
         more = window - (self.granted - self.received)
         if more > 0 and more * 2 >= window:
             self.granted += more
         elif self.received == self._reported or not self.runs:
             return
         self._reported = self.received
-        self._batch.append(wire.encode(_new(Credit, (self.granted, self.received))))
+        self._batch.append(wire.encode_credit(self.granted, self.received))
 
     def _encode(self, message: Any) -> bytes:
         """The message's frame; one the connector would refuse as too long becomes the error it means."""
@@ -314,7 +307,8 @@ class Worker:
     def _start(self, qid: int, job: Job, reply_address: str) -> None:
         """Run the query at once when its code cannot await (no task), else in a task of its own; either way
         in a context of its own, so that the context variables the code sets do not outlive the query."""
-        channel = PipeChannel(self, qid, reply_address, self.source_name)
+        channel = PipeChannel(self.send, reply_address, self.source_name, self.max_message_bytes)
+        channel._qid = qid
         context = contextvars.copy_context()
         try:
             started = context.run(runtime.start_job, self.cache, job, self.connection, channel, self.guard)
@@ -356,8 +350,7 @@ class Worker:
                 if not oversize(frame, self.max_message_bytes):
                     # send_soon without _encode: within maxMessageBytes, an Answered is within the pipe's limit
                     forkguard.check()
-                    cache = self.cache
-                    self._batch.append(wire.encode(_new(Answered, (qid, frame, (cache.hits, cache.misses)))))
+                    self._batch.append(wire.encode_answered(qid, frame, self.cache.hits, self.cache.misses))
                     if not self._reading:
                         self._soon()
                     return
@@ -377,6 +370,12 @@ class Worker:
 
 
 _new = tuple.__new__     # a NamedTuple without its Python-level __new__ (one per query)
+
+
+def _sweep(worker: Worker) -> None:
+    """What ended runs left running is ended (reaper.py), and each such run's query told of it."""
+    for qid, reply_address, count in worker.processes.check() or ():
+        worker.send(ProcessesEnded(qid, reply_address, count))
 
 
 def _counts(cache: CodeCache) -> tuple[int, int]:
