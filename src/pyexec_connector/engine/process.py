@@ -87,6 +87,7 @@ class ProcessEngine:
     # ---- configuration ----------------------------------------------------------------------
     def _apply(self, config: SourceConfig) -> None:
         self._config = config
+        self._relay_limit = time_limit(None, config)     # a relayed query's timeout (no WITH timeout)
         self._forbid = tuple(config.codeGuard.forbid) if config.codeGuard else ()
 
     def _settings(self) -> dict[str, Any]:
@@ -161,45 +162,47 @@ class ProcessEngine:
         return options), or to the queue as it came when no worker is free (_QUEUED; a busy query is
         answered here); None for anything else."""
         params = frame.params
-        if self._closed or frame.raw is None or type(params) is not dict \
-                or not params.keys() <= _RELAYED_PARAMETERS or not self.pool.started.is_set():
+        if self._closed or frame.raw is None or type(params) is not dict or not params.keys() <= _RELAYED_PARAMETERS:
             return None
         code, name = params.get("code"), params.get("name")
         if name is not None and (type(name) is not str or not name or "\x00" in name):
             return None
+        names = self.queries.names
         if code is None:
-            if name is None or self.queries.names.text(name) is None:
+            if name is None or names.text(name) is None:
                 return None
         elif type(code) is not str:
             return None
-        worker = self.dispatcher.free_worker(self.queries.names.holder(name))
-        if worker is None:
-            # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
-            try:
-                ticket = self.dispatcher.wait(len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
-            except QueryError as exc:
-                self._pipeline.finish(channel, error=exc)
-            else:
-                ticket.add_done_callback(functools.partial(self._waited, frame, channel))
-            return _QUEUED
-        return self._send_relay(worker, frame, channel)
+        worker = self.dispatcher.free_worker(names.holder(name))
+        if worker is not None:      # (a ready worker: the pool has started)
+            return self._send_relay(worker, frame, channel, code, name)
+        if not self.pool.started.is_set():
+            return None
+        # waits as the frame it is: no Job, no task (queueing by cost, see dispatch.py)
+        try:
+            ticket = self.dispatcher.wait(len(frame.raw) + ENTRY_COST, self._config.executionTimeout)
+        except QueryError as exc:
+            self._pipeline.finish(channel, error=exc)
+        else:
+            ticket.add_done_callback(functools.partial(self._waited, frame, channel))
+        return _QUEUED
 
-    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel,
-                    flush: bool = True) -> Query | None:
-        params = frame.params
-        code, name = params.get("code"), params.get("name")
+    def _send_relay(self, worker: WorkerHandle, frame: protocol.QueryFrame, channel: ReplyChannel, code: Any,
+                    name: Any) -> Query | None:
         text = None
+        names = self.queries.names
         if code is None:
-            text = self.queries.names.text(name)
+            text = names.text(name)
             if text is None:        # forgotten while it waited: the parsed way answers it
                 return None
         qid = next(self._ids)
-        assert frame.raw is not None
-        self.queries.names.held_by(name, worker)
-        return self.queries.register(worker, qid, channel, time_limit(None, self._config),
-                              (name, code, code) if name is not None and code is not None else None,
-                              _new(Relay, (qid, frame.reply_address, text, frame.raw, 0.0)),
-                              len(frame.raw) + len(text or ""), flush)
+        raw = frame.raw
+        assert raw is not None
+        names.held_by(name, worker)
+        return self.queries.register(worker, qid, channel, self._relay_limit,
+                                     (name, code, code) if name is not None and code is not None else None,
+                                     _new(Relay, (qid, frame.reply_address, text, raw, 0.0)),
+                                     len(raw) + len(text or ""))
 
     # ---- queued frames ------------------------------------------------------------------------
     def _waited(self, frame: protocol.QueryFrame, channel: ReplyChannel, ticket: asyncio.Future) -> None:
@@ -212,7 +215,9 @@ class ProcessEngine:
         worker = ticket.result()
         worker.reserved -= 1
         try:
-            query = self._send_relay(worker, frame, channel) if not self._closed and worker.alive else None
+            params = frame.params
+            query = self._send_relay(worker, frame, channel, params.get("code"), params.get("name")) \
+                if not self._closed and worker.alive else None
         except Exception:   # noqa: BLE001 - as in submit: the query is parsed instead
             log.exception("source %s: relaying query %s failed; running it the ordinary way",
                           self.source_name, frame.reply_address)
