@@ -61,11 +61,13 @@ class Dispatcher:
     def free_worker(self, prefer: WorkerHandle | None = None) -> WorkerHandle | None:
         """The worker that takes a query now, if no query waits before this one: `prefer` (the one that
         compiled the query's name: affinity) whenever it asked for work and its loop turned since it read
-        its last run (not held by synchronous code), else the least busy."""
+        its last run (not held by synchronous code), or it is in the midst of a turn it keeps pace with
+        (see _least_busy); else the least busy."""
         if self._count:
             return None
-        if prefer is not None and prefer.takes(self.per_worker) >= 0 \
-                and prefer.channel.received == prefer.channel.sent:
+        if prefer is not None and prefer.takes(self.per_worker) >= 0 and (
+                prefer.channel.received == prefer.channel.sent
+                or prefer.awaiting and prefer.keeps_pace(time.monotonic())):
             return prefer
         return self._least_busy()
 
