@@ -117,6 +117,7 @@ class SourceLink:
         self._handshake_timeout = handshake_timeout
         self._status = LinkStatus(source_name, on_state, self.backoff)
         self._outbox = Outbox(config.max_pending_bytes)     # bounded in bytes: see outbox.py
+        self._writing_soon = False      # write_soon(): a write_now() comes before this step ends
         self._stopping = False
         self._socket: LinkSocket | None = None
         self.counters = LinkCounters()
@@ -131,12 +132,18 @@ class SourceLink:
         Those queued in one step are written together at its end."""
         self._outbox.append(frame)
         sock = self._socket
-        if sock is not None:
+        if sock is not None and not self._writing_soon:
             sock.schedule_flush()
+
+    def write_soon(self) -> None:
+        """The caller calls write_now() before its step ends (whatever happens): what it queues meanwhile
+        schedules no write for the step's end, which write_now() would only cancel."""
+        self._writing_soon = True
 
     def write_now(self) -> None:
         """Write what is queued at once, in this step, when the socket can take it: a caller that queued
         a burst (a worker's answers) spares them the wait for the step's end."""
+        self._writing_soon = False
         sock = self._socket
         if sock is not None and self._outbox:
             sock.flush()

@@ -33,6 +33,8 @@ class Intake:
         """One read's messages from `worker` (WorkerHandle.serve). Raises what the QueryBook raises for a
         message the worker may not send: the worker broke the protocol."""
         backlog = worker.backlog
+        link = self._link
+        link.write_soon()
         try:
             if not backlog:
                 for i, message in enumerate(messages):
@@ -43,8 +45,8 @@ class Intake:
                         break
             else:       # read before its reading paused: after what waits
                 backlog.extend(messages)
-            self._link.write_now()
         finally:
+            link.write_now()
             self.queries.end_answered()     # after the write: a reply's bookkeeping is off its path
             if worker.over_pace:
                 self.queries.spill(worker)
