@@ -266,10 +266,11 @@ class WorkerHandle:
         if self.awaiting:
             self.awaiting = False
             self.last_turn = now - self.awaiting_since
-            if self.last_turn < PACE or not self.channel.runs_queued:
-                self.flush()
-            else:
-                self.over_pace = True
+            if self.channel.runs_queued:    # (anything else queued while it was awaited went out at once)
+                if self.last_turn < PACE:
+                    self.flush()
+                else:
+                    self.over_pace = True
 
     def broke(self, exc: Exception) -> None:
         """It sent what this side does not accept (its channel's, or the intake's verdict): it is killed."""
