@@ -128,6 +128,31 @@ async def test_runs_held_for_a_worker_whose_turn_turns_slow_go_to_the_other(serv
     assert_ledger_sound(engine)
 
 
+async def test_cpu_bound_queries_beyond_the_workers_wait_their_turn_in_order(server, start_connector):
+    """More CPU-bound queries than workers, each sent again as soon as it is answered: they wait in the
+    connector's queue and each worker takes the next one as it answers, first come first served, so none
+    waits much longer than the others (one handed every waiting query at once and spilled them back would
+    serve some at once and make others wait many times as long)."""
+    _, engine = await start(server, start_connector, workers=2, minWorkers=2)
+    await settled(engine)
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.04:\n    pass\ndone = 1"
+    waits: list[float] = []
+    stop = time.monotonic() + 3.0
+
+    async def caller() -> None:
+        while time.monotonic() < stop:
+            began = time.monotonic()
+            assert (await server.query({"code": spin, "name": "spin"}, timeout=30)).results["done"] == 1
+            waits.append(time.monotonic() - began)
+
+    await asyncio.gather(*(caller() for _ in range(10)))
+    waits.sort()
+    median, p90 = waits[len(waits) // 2], waits[int(len(waits) * 0.9)]
+    # 10 callers on 2 workers at 40 ms a query: about 0.2 s each, in turn
+    assert p90 < 2 * median, (median, p90, len(waits))
+    assert engine.stats().credit_overdrawn == 0
+
+
 async def test_a_wedged_worker_takes_nothing_and_innocent_queries_are_answered_well_before_their_timeout(
         server, start_connector):
     _, engine = await start(server, start_connector, workers=2, minWorkers=2, executionTimeout=10)

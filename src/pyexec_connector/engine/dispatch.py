@@ -94,7 +94,7 @@ class Dispatcher:
                 continue
             if load == worker.replied:     # (every run it holds replied: it read them all)
                 return worker
-            if worker.awaiting:         # in a turn: more for it only while its turns are quick
+            if worker.awaiting or worker.reserved:     # in a turn (or given runs for one): more only while quick
                 if worker.keeps_pace(now):
                     return worker
                 continue
