@@ -216,16 +216,21 @@ class LinkSocket(asyncio.Protocol):
                 or self.ended.done():
             return
         while outbox and not self._write_paused:
-            count = _batch_size(outbox)
+            # all of it when it fits one batch (what it holds in memory bounds its frames' lengths): the usual case
+            count = len(outbox) if len(outbox) <= BATCH_FRAMES and outbox.pending_bytes <= BATCH_BYTES \
+                else _batch_size(outbox)
             try:
-                self.ws.send_texts(itertools.islice(outbox, count))
+                self.ws.send_texts(itertools.islice(outbox, count) if count < len(outbox) else outbox)
             except Exception as exc:    # noqa: BLE001 - a caller may be a worker pipe's data_received: keep it
                 log.exception("source %s: writing to the websocket failed; reconnecting", self._status.source_name)
                 self._end(exc)          # the frames stay queued for the next socket
                 return
+            self._counters.writes += 1
+            if count == len(outbox):
+                outbox.clear()
+                return
             for _ in range(count):
                 outbox.popleft()
-            self._counters.writes += 1
         outbox.update_room()
 
     def close(self, code: int, reason: str, timeout: float | None) -> None:
