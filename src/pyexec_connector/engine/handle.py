@@ -124,14 +124,17 @@ class WorkerHandle:
 
     def takes(self, per_worker: int) -> int:
         """Its load, when it may be sent one more run now (ready, not stalled, with credit, holding fewer
-        than `per_worker` queries); else -1. One call per worker per dispatch decision: properties
-        (state, load, credit) read apart cost as much again."""
+        than `per_worker` queries, and fewer than maxQueriesPerWorker lets it still finish); else -1. One
+        call per worker per dispatch decision: properties (state, load, credit) read apart cost as much again."""
         if self._state is not _S.READY or self.stalled:
             return -1
         reserved = self.reserved
         load = len(self.inflight) + reserved
         channel = self.channel
         if load >= per_worker or channel.granted - channel.sent - reserved <= 0:
+            return -1
+        budget = self.budget        # maxQueriesPerWorker: no more runs than it may still finish
+        if budget.limited and budget.query_limit and budget.queries + load >= budget.query_limit:
             return -1
         return load
 
