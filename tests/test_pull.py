@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from pyexec_connector import errors
 from pyexec_connector.engine import process
 from pyexec_connector.engine.worker import WINDOW
 
@@ -124,6 +125,23 @@ async def test_runs_held_for_a_worker_whose_turn_turns_slow_go_to_the_other(serv
     assert len(set(pids)) == 2 and max(pids.count(p) for p in set(pids)) <= 5, pids
     assert elapsed < 2.0, elapsed        # 8 x 0.3 s on two workers: 1.2 s; all on one: 2.4 s
     assert engine.stats().queries_spilled >= 1
+    await settled(engine)
+    assert_ledger_sound(engine)
+
+
+async def test_runs_held_for_a_worker_that_ends_run_on_its_replacement(server, start_connector):
+    """Queries that come while a worker's quick turn runs are held for it, unwritten: when that turn ends the
+    worker, it never saw them, so they run on the worker that replaces it instead of failing with it."""
+    _, engine = await start(server, start_connector, workers=1, minWorkers=1)
+    await burst(server, {"code": "q = i"}, 20)      # its turns are quick: it keeps pace, runs are held for it
+    await settled(engine)
+    killer = await server.send_query(SOURCE, {"code": "import os, time\ntime.sleep(0.003)\nos._exit(5)"})
+    innocent = [await server.send_query(SOURCE, {"code": "q = i", "presetValues": {"i": i}}) for i in range(10)]
+    ended = await server.replies_for(killer, 60)
+    assert ended.error_code == errors.WORKER_DIED
+    results = await asyncio.gather(*(server.replies_for(a, 60) for a in innocent))
+    assert [(r.status, r.results["q"]) for r in results] == [(200, i) for i in range(10)]
+    assert engine.stats().queries_requeued >= 1     # some were held (not all written before it ended)
     await settled(engine)
     assert_ledger_sound(engine)
 

@@ -43,8 +43,8 @@ ENGINE_FIGURES: tuple[tuple[str, str, bool, Callable[[EngineStats], int | None]]
      False, lambda s: s.credit_overdrawn),
     ("engine_query_processes_ended", "Processes user code started that were still running when their query "
      "ended, ended then (keepChildProcesses: false)", True, lambda s: s.query_processes_ended),
-    ("engine_queries_requeued", "Queries taken back from a silent worker that never read them and given to "
-     "another", True, lambda s: s.queries_requeued),
+    ("engine_queries_requeued", "Queries taken back from a worker that never read them (silent, or ended) "
+     "and given to another", True, lambda s: s.queries_requeued),
     ("engine_queries_spilled", "Runs held for a worker that fell behind its pace, given to another before it "
      "saw them", True, lambda s: s.queries_spilled),
 )

@@ -277,7 +277,7 @@ class ProcessEngine:
                 elif type(event) is WorkerEnded:
                     error = QueryError(errors.WORKER_DIED, "The worker process running the code ended: {0}.",
                                        [event.what]) if not self._closed else _shutting_down()
-                    self.queries.fail(event.worker, error)
+                    self.queries.fail(event.worker, error, requeue_unsent=not self._closed)
                 elif type(event) is NoWorkerStarts:
                     self.dispatcher.fail_waiting(QueryError(errors.WORKER_DIED, "No worker process is available: "
                                                                                 "{0}.", [event.why]))

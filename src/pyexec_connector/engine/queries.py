@@ -188,7 +188,7 @@ class QueryBook:
         self.closed = False
         self.deadlines = Deadlines(self._expire, self.running)
         self.timeouts = 0
-        self.requeued = 0           # runs taken back from a worker that did not read them in time, or declined
+        self.requeued = 0           # runs taken back from a worker that did not read them in time, declined, or ended
         self.spilled = 0            # runs held for a worker behind its pace, given to another before it saw them
         self.acks = LinkAcks()
         self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
@@ -440,8 +440,14 @@ class QueryBook:
             self.dispatcher.dispatch()
 
 
-    def fail(self, worker: WorkerHandle, error: QueryError) -> None:
-        """It ended: the queries it held are answered with `error`."""
+    def fail(self, worker: WorkerHandle, error: QueryError, requeue_unsent: bool = True) -> None:
+        """It ended: the queries it held are answered with `error`, but for the runs held for it and never
+        written (its turn was running): it never saw them, so they go to another worker, first in line."""
+        unsent = worker.channel.take_back_queued() if requeue_unsent and not self.closed else []
+        if unsent:
+            log.info("source %s: %d queries held for worker %d, which ended before it was sent them, go to "
+                     "another worker", self.source_name, len(unsent), worker.index)
+            self.requeue(worker, unsent)
         lost = list(worker.inflight.values())
         worker.inflight.clear()
         for query in lost:
