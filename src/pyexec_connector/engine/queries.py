@@ -194,6 +194,8 @@ class QueryBook:
         self.processes_ended = 0    # processes queries left running, ended by their workers (issue 21)
         self._checking: asyncio.TimerHandle | None = None     # the next _take_back
         self._answered: list[tuple[WorkerHandle, int]] = []     # runs whose reply went out, to end (end_answered)
+        # the loop, kept: on Python 3.11 asyncio.get_running_loop() makes a getpid() system call, per query here
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def running(self) -> Iterator[Query]:
         for worker in self.pool.workers:
@@ -204,7 +206,7 @@ class QueryBook:
                   awaited: bool = False) -> Query:
         """The query becomes the worker's (its death or close() answers it) and its message goes out.
         `awaited`: a task awaits its `future` and settles it; else the book ends it (`_conclude`)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop_now()
         query = Query(qid, channel, loop.create_future() if awaited else None, worker, limit, 0.0, known, message,
                       size)
         self.send(worker, query, flush)
@@ -221,10 +223,16 @@ class QueryBook:
         if flush:
             worker.flush()
         if worker.awaiting and worker.pace_check is None:     # held for it: moved if its turn passes PACE
-            worker.pace_check = asyncio.get_running_loop().call_later(
+            worker.pace_check = self._loop_now().call_later(
                 PACE - (time.monotonic() - worker.awaiting_since), self._check_pace, worker)
         if self._checking is None:
-            self._checking = asyncio.get_running_loop().call_later(TAKE_BOUND + 0.02, self._take_back)
+            self._checking = self._loop_now().call_later(TAKE_BOUND + 0.02, self._take_back)
+
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _check_pace(self, worker: WorkerHandle) -> None:
         """A worker's turn passed PACE: what is held for it goes to whoever is free (spill)."""
