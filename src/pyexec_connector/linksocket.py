@@ -212,7 +212,7 @@ class LinkSocket(asyncio.Protocol):
             self._flush_handle = None
             handle.cancel()
         outbox = self._outbox
-        if not outbox or self._write_paused or not self._status.ready.is_set() or not self.ws.open \
+        if not outbox or self._write_paused or self._status.state is not LinkState.READY or not self.ws.open \
                 or self.ended.done():
             return
         while outbox and not self._write_paused:

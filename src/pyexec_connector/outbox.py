@@ -48,7 +48,8 @@ class Outbox(deque[str]):
     def clear(self) -> None:
         super().clear()
         self.pending_bytes = 0
-        self.update_room()
+        if not self.not_full:
+            self.update_room()
 
     def update_room(self) -> None:
         """Let producers go on once the writer took the outbox under half its limit (called after each

@@ -148,7 +148,7 @@ class ProcessEngine:
         if query is None:
             self._parse(frame, channel)
         elif isinstance(query, Query):
-            self._relayed(query)
+            self.relayed += 1      # the QueryBook ends it (Pipeline.finish): no future, no task
 
     def _parse(self, frame: protocol.QueryFrame, channel: ReplyChannel) -> None:
         self.parsed += 1

@@ -33,6 +33,7 @@ ACK = _LENGTH.pack(1) + b"K"
 # with the length prefix, so that each is one pack (a worker writes one or both with most writes)
 _ANSWERED_FRAME = struct.Struct("!IcQQQ")
 _CREDIT_FRAME = struct.Struct("!IcQQ")
+_RELAY_FRAME = struct.Struct("!IcQIId")
 # Room for a message's own fields around the largest frame a worker may send (maxMessageBytes).
 FRAMING_ALLOWANCE = 64 * 1024
 
@@ -80,11 +81,11 @@ def encode_run(message: Any, take_by: float) -> bytes:
         qid, reply_address, text, raw, _ = message
         address = reply_address.encode("utf-8", "surrogatepass")
         if text is None:
-            return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(raw)),
-                             _RELAY.pack(b"R", qid, len(address), _NO_TEXT, take_by), address, raw))
+            return b"".join((_RELAY_FRAME.pack(_RELAY.size + len(address) + len(raw), b"R", qid, len(address),
+                                               _NO_TEXT, take_by), address, raw))
         code = text.encode("utf-8", "surrogatepass")
-        return b"".join((_LENGTH.pack(_RELAY.size + len(address) + len(code) + len(raw)),
-                         _RELAY.pack(b"R", qid, len(address), len(code), take_by), address, code, raw))
+        return b"".join((_RELAY_FRAME.pack(_RELAY.size + len(address) + len(code) + len(raw), b"R", qid,
+                                           len(address), len(code), take_by), address, code, raw))
     return encode(_new(type(message), (*message[:-1], take_by)))
 
 
