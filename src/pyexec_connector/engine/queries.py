@@ -206,7 +206,7 @@ class QueryBook:
                   awaited: bool = False) -> Query:
         """The query becomes the worker's (its death or close() answers it) and its message goes out.
         `awaited`: a task awaits its `future` and settles it; else the book ends it (`_conclude`)."""
-        loop = self._loop_now()
+        loop = self._loop = self._loop or asyncio.get_running_loop()
         query = Query(qid, channel, loop.create_future() if awaited else None, worker, limit, 0.0, known, message,
                       size)
         self.send(worker, query, flush)
@@ -223,16 +223,10 @@ class QueryBook:
         if flush:
             worker.flush()
         if worker.awaiting and worker.pace_check is None:     # held for it: moved if its turn passes PACE
-            worker.pace_check = self._loop_now().call_later(
+            worker.pace_check = (self._loop or asyncio.get_running_loop()).call_later(
                 PACE - (time.monotonic() - worker.awaiting_since), self._check_pace, worker)
         if self._checking is None:
-            self._checking = self._loop_now().call_later(TAKE_BOUND + 0.02, self._take_back)
-
-    def _loop_now(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+            self._checking = (self._loop or asyncio.get_running_loop()).call_later(TAKE_BOUND + 0.02, self._take_back)
 
     def _check_pace(self, worker: WorkerHandle) -> None:
         """A worker's turn passed PACE: what is held for it goes to whoever is free (spill)."""
@@ -390,11 +384,16 @@ class QueryBook:
         self._answered = []
         for worker, qid in answered:
             try:
-                self._finish(worker, qid, _ANSWERED, None)
+                self._finish(worker, qid, _ANSWERED, None, dispatch=False)
             except Exception:   # noqa: BLE001 - a bug in one end must not cost the others theirs
                 log.exception("source %s: ending query %d failed", self.source_name, qid)
+        try:
+            self.dispatcher.dispatch()      # once for the read's ends: what waits goes to the workers they freed
+        except Exception:   # noqa: BLE001 - as for each end above: the worker's read is not at fault
+            log.exception("source %s: giving waiting queries to workers failed", self.source_name)
 
-    def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None) -> None:
+    def _finish(self, worker: WorkerHandle, qid: int, outcome: Outcome | None, error: QueryError | None,
+                dispatch: bool = True) -> None:
         query = worker.inflight.pop(qid, None)
         if query is not None and query.replied:
             worker.replied -= 1
@@ -408,7 +407,8 @@ class QueryBook:
                     error = QueryError(errors.INTERNAL_ERROR, "The worker cancelled the query.")
                 self._conclude(query, outcome, error)
             self.pool.query_ended(worker)
-        self.dispatcher.dispatch()
+        if dispatch:
+            self.dispatcher.dispatch()
 
     def requeue(self, worker: WorkerHandle, qids: list[int], counted: bool = True) -> None:
         for qid in reversed(qids):      # each goes first in line: their order is kept
